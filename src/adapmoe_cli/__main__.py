@@ -1,0 +1,3 @@
+from adapmoe_cli.cli.app import main
+
+main()

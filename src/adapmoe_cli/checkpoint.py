@@ -1,0 +1,194 @@
+"""Reads a local Hugging Face checkpoint directory (config.json, `*.safetensors`, optional index) without
+loading it: the safetensors headers give every tensor's file, dtype, shape and byte range, so a caller can
+stream one tensor at a time. Validates names and shapes against the config before anything is written."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapmoe_cli.errors import CheckpointError
+from adapmoe_cli.families import ModelFamily, get_family
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+TORCH_DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: files copied along with the weights when present
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    family: ModelFamily
+    tensors: dict[str, TensorInfo]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read with a positioned read (no mmap, so memory is freed when dropped)."""
+        info = self.tensors[name]
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            n = f.readinto(buf)
+        if n != info.nbytes:
+            raise CheckpointError(f"{info.file.name} is truncated: tensor {name} ends past the end of the file")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse the header of one safetensors file (8-byte little-endian length, then JSON) and check every
+    tensor's byte range lies inside the file, so truncation is caught before any data is used."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than its header")
+            (hlen,) = struct.unpack("<Q", raw_len)
+            if hlen > min(size - 8, 100 * 1024 * 1024):
+                raise ValueError("header length is larger than the file")
+            header = json.loads(f.read(hlen))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path.name} is not a valid safetensors file ({e}); re-download it") from None
+    base = 8 + hlen
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            start, end = (int(x) for x in meta["data_offsets"])
+            shape = tuple(int(x) for x in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: unreadable header entry for {name}; re-download it") from None
+        if base + end > size:
+            raise CheckpointError(
+                f"{path.name} is truncated ({size} bytes, tensor {name} needs {base + end}); re-download it"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * torch.tensor([], dtype=dtype).element_size():
+            raise CheckpointError(f"{path.name}: tensor {name} has a byte range that disagrees with its shape")
+        out[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    return out
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index; re-download it") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shard {missing[0]} named in the index is missing; re-download it")
+        return [path / f for f in files]
+    if single.exists():
+        return [single]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        raise CheckpointError(
+            f"{path}: {len(shards)} safetensors shards but no model.safetensors.index.json; "
+            "download the index file too"
+        )
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise CheckpointError(
+            f"{path} holds only pickle weights (*.bin/*.pt), which adapmoe never loads; "
+            "use a checkpoint with safetensors files"
+        )
+    raise CheckpointError(f"{path} has no safetensors weights (model.safetensors or an index)")
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Read config and headers of a checkpoint directory; raise CheckpointError when it cannot be used."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; give the folder that holds config.json")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    family = get_family(config.get("model_type"))
+    tensors: dict[str, TensorInfo] = {}
+    for f in _weight_files(path):
+        tensors.update(read_safetensors_header(f))
+    ckpt = Checkpoint(path, config, family, tensors)
+    validate(ckpt)
+    return ckpt
+
+
+def validate(ckpt: Checkpoint) -> None:
+    """Every expected tensor present with the config's shape, and nothing unexpected."""
+    from adapmoe_cli.skeleton import expected_dense_tensors
+
+    fam, cfg = ckpt.family, ckpt.config
+    shape = fam.moe_shape(cfg)
+    try:
+        expected = expected_dense_tensors(fam, cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {e}") from None
+    part_shapes = fam.expert_part_shapes(cfg)
+    for layer in shape.moe_layers:
+        for e in range(shape.num_experts):
+            for part, s in part_shapes.items():
+                expected[fam.expert_tensor_name(layer, e, part)] = s
+    have = set(ckpt.tensors)
+    missing = sorted(set(expected) - have, key=_natural)
+    extra = sorted(have - set(expected), key=_natural)
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(missing)} tensor(s) missing, e.g. {missing[0]}; the checkpoint is incomplete"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(extra)} unexpected tensor(s), e.g. {extra[0]}; "
+            "does config.json belong to these weights?"
+        )
+    for name, want in expected.items():
+        got = ckpt.tensors[name].shape
+        if tuple(got) != tuple(want):
+            raise CheckpointError(
+                f"{ckpt.path}: {name} has shape {list(got)} but config.json implies {list(want)}"
+            )
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in name.replace(".", " . ").split()]
+
+
+def side_files(path: Path) -> list[Path]:
+    return [path / n for n in SIDE_FILES if (path / n).is_file()]

@@ -1,0 +1,74 @@
+"""Root of the CLI: wires the command modules and turns library errors into one line and an exit code
+(`--debug` or ADAPMOE_DEBUG=1 shows the traceback instead)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from adapmoe_cli import __version__
+from adapmoe_cli.cli import download, info, shard, verify
+from adapmoe_cli.cli.common import err_console
+from adapmoe_cli.errors import AdapmoeError
+
+app = typer.Typer(
+    name="adapmoe",
+    help="Run Mixture-of-Experts language models with experts offloaded to disk (AdapMoE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+for module in (shard, download, info, verify):
+    module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"adapmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["ADAPMOE_DEBUG"] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get("ADAPMOE_DEBUG", "") not in ("", "0") or "--debug" in sys.argv[1:]
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AdapmoeError as e:
+        if _debug():
+            raise
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if _debug():
+            raise
+        err_console.print(
+            f"[red]error:[/] unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+            soft_wrap=True,
+        )
+        sys.exit(1)

@@ -1,0 +1,35 @@
+"""`adapmoe info STORE`: what a store holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adapmoe_cli.cli.common import JsonFlag, console
+from adapmoe_cli.store import Store
+from adapmoe_cli.units import format_bytes
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info", help="Describe an expert store.")(info_cmd)
+
+
+def info_cmd(
+    store: Annotated[Path, typer.Argument(help="Store folder.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Example: adapmoe info ./mixtral-store --json"""
+    data = Store.open(store).info()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        if key.endswith("_bytes"):
+            value = f"{format_bytes(value)} ({value:,} B)"
+        table.add_row(key, str(value))
+    console.print(table)

@@ -1,0 +1,63 @@
+"""Fetches a checkpoint from the Hugging Face hub with huggingface_hub: only what a store needs
+(safetensors, index, config, generation config, tokenizer files; never pickles or `consolidated.*`
+duplicates), into the standard hub cache (HF_HOME), resuming partial files. Honours HF_ENDPOINT,
+HF_TOKEN and HF_HUB_OFFLINE. Nothing else in adapmoe touches the network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from adapmoe_cli.errors import DownloadError
+
+ALLOW = [
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json",
+]
+IGNORE = ["*/*", "*.bin", "*.pt", "*.pth", "consolidated.*", "*.msgpack", "*.h5", "*.onnx", "*.gguf"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text)) and not text.startswith((".", "/")) and ".." not in text
+
+
+def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the hub cache) the files of `repo_id` a store needs; return the folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if not looks_like_repo_id(repo_id):
+        raise DownloadError(f"{repo_id!r} is not a hub model id (expected ORG/NAME, e.g. mistralai/Mixtral-8x7B-v0.1)")
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE)
+    except GatedRepoError:
+        raise DownloadError(
+            f"{repo_id} is gated: accept its licence on the hub, then set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise DownloadError(
+            f"{repo_id} was not found on the hub (or is private: set HF_TOKEN); check the spelling"
+        ) from None
+    except RevisionNotFoundError:
+        raise DownloadError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise DownloadError(
+            f"{repo_id} is not in the local hub cache and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or the network is down)"
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            raise DownloadError(f"{repo_id}: the hub refused the token (401); check HF_TOKEN") from None
+        raise DownloadError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise DownloadError(f"downloading {repo_id} failed: {e}") from None
+    return Path(path)

@@ -1,0 +1,43 @@
+"""Builds transformers' own model for a config without allocating weights (meta device), and lists the
+dense tensors that model expects in hub naming. Knows nothing of files or stores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapmoe_cli.families import ModelFamily
+
+
+def hf_config(config: dict[str, Any]) -> Any:
+    from transformers import CONFIG_MAPPING
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    return CONFIG_MAPPING[model_type](**{k: v for k, v in cfg.items() if k != "transformers_version"})
+
+
+def empty_model(family: ModelFamily, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+    """The causal-LM module with every parameter on the meta device; buffers are rebuilt by the caller
+    (see `engine.materialise_buffers`)."""
+    import transformers
+
+    cls = getattr(transformers, family.causal_lm_class)
+    cfg = hf_config(config)
+    cfg.dtype = dtype
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model.to(dtype=dtype)
+
+
+def expected_dense_tensors(family: ModelFamily, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Hub name → shape of every non-expert tensor a checkpoint of this config must contain."""
+    model = empty_model(family, config)
+    tied = bool(config.get("tie_word_embeddings", False))
+    out: dict[str, tuple[int, ...]] = {}
+    for key, tensor in model.state_dict().items():
+        if family.is_expert_param(key) or (tied and key == "lm_head.weight"):
+            continue
+        out[family.model_to_hub_key(key)] = tuple(tensor.shape)
+    return out

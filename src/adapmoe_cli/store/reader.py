@@ -1,0 +1,106 @@
+"""Reads one expert's bytes into a caller-provided buffer with one positioned read, bypassing the OS page
+cache (O_DIRECT, or `posix_fadvise(DONTNEED)` after the read where O_DIRECT is refused), and turns the
+bytes into tensor views without copying. Knows nothing of caches or threads; one reader per thread."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from adapmoe_cli.checkpoint import TORCH_DTYPE_BY_NAME
+from adapmoe_cli.errors import StoreError
+from adapmoe_cli.store.manifest import ALIGNMENT, ExpertEntry, Store
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Anonymous memory, page aligned as O_DIRECT requires; `nbytes` is rounded up to the alignment."""
+    return mmap.mmap(-1, max(ALIGNMENT, -(-nbytes // ALIGNMENT) * ALIGNMENT))
+
+
+def expert_views(buf: memoryview | mmap.mmap, entry: ExpertEntry) -> dict[str, torch.Tensor]:
+    """Part name → tensor viewing `buf` (no copy). `buf` must outlive the views."""
+    out = {}
+    for t in entry.tensors:
+        dtype = TORCH_DTYPE_BY_NAME[t.dtype]
+        count = t.nbytes // torch.tensor([], dtype=dtype).element_size()
+        out[t.name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=t.offset).view(t.shape)
+    return out
+
+
+class ExpertReader:
+    """Positioned reads of whole experts. `direct=False` reads through the page cache (for tests of the
+    fallback and for file systems that refuse O_DIRECT); `direct` tells which mode is in effect."""
+
+    def __init__(self, store: Store, direct: bool = True):
+        self.store = store
+        self._fds: dict[str, int] = {}
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.bytes_read = 0
+        self.reads = 0
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            path = self.store.path / file
+            if self.direct:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    self.direct = False  # tmpfs and some network file systems refuse O_DIRECT
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise StoreError(f"{path} is missing; the store is incomplete, re-run `adapmoe shard`") from None
+            self._fds[file] = fd
+        return fd
+
+    def read_into(self, layer: int, expert: int, buf: mmap.mmap | memoryview) -> ExpertEntry:
+        """Fill `buf[:entry.length]` with the expert's aligned byte range; return its manifest entry."""
+        entry = self.store.experts[(layer, expert)]
+        fd = self._fd(entry.file)
+        view = memoryview(buf)[: entry.length]
+        try:
+            n = os.preadv(fd, [view], entry.offset)
+        except OSError as e:
+            if not self.direct:
+                raise
+            # some file systems accept O_DIRECT at open but refuse the read: fall back once
+            self.close()
+            self.direct = False
+            fd = self._fd(entry.file)
+            n = os.preadv(fd, [view], entry.offset)
+            del e
+        if n < entry.nbytes:
+            raise StoreError(
+                f"{self.store.path / entry.file} is truncated at expert ({layer}, {expert}); "
+                "run `adapmoe verify` and re-shard"
+            )
+        if not self.direct:
+            os.posix_fadvise(fd, entry.offset, entry.length, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += entry.length
+        self.reads += 1
+        return entry
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ExpertReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to forget cached pages of one file (used before measuring cold reads)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,160 @@
+"""Writes random-weight checkpoints in the Hugging Face hub's exact layout (config.json, sharded
+`model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`, tokenizer files with a chat
+template, generation config). Tests and benchmarks use them where a real model is too big; the
+loading code that reads them is the one real checkpoints go through."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+_TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Mixture of experts models route every token to a few "
+    "experts; the others stay on disk. A cache keeps the experts that are used often in memory, and a "
+    "prefetcher loads the next layer's experts while this layer computes. def main(): return 0\n"
+    "What does the json module do? It encodes and decodes JSON documents. import os, sys, re\n"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a synthetic Mixtral; every field is a parameter so tests cover odd sizes."""
+
+    num_hidden_layers: int = 2
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 320
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+
+    def config(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **asdict(self),
+            "head_dim": self.hidden_size // self.num_attention_heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "router_aux_loss_coef": 0.02,
+            "output_router_logits": False,
+            "torch_dtype": dtype,
+        }
+
+
+def hub_tensor_shapes(spec: TinySpec) -> dict[str, tuple[int, ...]]:
+    """Hub name → shape, in the order the hub's Mixtral files list them."""
+    h, i, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    hd = h // spec.num_attention_heads
+    q, kv = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(spec.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        for e in range(spec.num_local_experts):
+            out[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = (i, h)
+            out[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = (h, i)
+            out[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = (i, h)
+        out[f"{p}.block_sparse_moe.gate.weight"] = (spec.num_local_experts, h)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        out[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        out[f"{p}.self_attn.q_proj.weight"] = (q, h)
+        out[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+    out["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def _random(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if ".gate." in name:  # routers: larger so routing is decisive, as in trained models
+        return torch.randn(shape, generator=gen) * (2.0 / shape[-1] ** 0.5)
+    return torch.randn(shape, generator=gen) * (1.0 / shape[-1] ** 0.5)
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+
+
+def write_checkpoint(
+    out: Path,
+    spec: TinySpec = TinySpec(),
+    dtype: torch.dtype = torch.bfloat16,
+    num_shards: int = 2,
+    seed: int = 0,
+    tokenizer: bool = True,
+) -> Path:
+    """Write a random checkpoint into `out`. With ≥ 2 shards, one expert's w1/w2/w3 straddle a file
+    boundary, as in real Mixtral shards."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dname = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    (out / "config.json").write_text(json.dumps(spec.config(dname), indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, 6], "do_sample": False}, indent=2)
+    )
+    shapes = hub_tensor_shapes(spec)
+    names = list(shapes)
+    # split points: equal byte shares, moved onto the w2 of the expert there, so w1 | w2 w3 straddle
+    sizes = [torch.Size(s).numel() for s in shapes.values()]
+    total, cuts, acc = sum(sizes), [], 0
+    for idx, n in enumerate(sizes):
+        acc += n
+        if len(cuts) < num_shards - 1 and acc >= total * (len(cuts) + 1) / num_shards:
+            j = idx
+            while j < len(names) and not names[j].endswith(".w2.weight"):
+                j += 1
+            cuts.append(min(j, len(names) - 1) if j < len(names) else idx + 1)
+    bounds = [0, *cuts, len(names)]
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total_bytes = {}, 0
+    for k in range(num_shards):
+        fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: _random(n, shapes[n], gen).to(dtype) for n in names[bounds[k] : bounds[k + 1]]}
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = fname
+            total_bytes += t.numel() * t.element_size()
+        del part
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer:
+        write_tokenizer(out, min(spec.vocab_size, 400))
+    return out
