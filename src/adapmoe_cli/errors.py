@@ -24,6 +24,10 @@ class StoreError(AdapmoeError):
     """An expert store that is missing, incomplete, of another format version, or fails verification."""
 
 
+class StoreExistsError(StoreError):
+    """The output folder already holds a different store and `--force` was not given."""
+
+
 class DownloadError(AdapmoeError):
     """A hub download that failed: missing or gated repository, network unreachable, offline mode."""
 

@@ -1,0 +1,116 @@
+"""A multi-turn conversation over an engine: applies the tokenizer's chat template, keeps the KV cache
+between turns (reusing the longest common token prefix), and keeps a transcript with each answer's
+statistics. Knows nothing of terminals; the chat command renders what `send` yields."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.generate import Response, eos_ids, new_kv_cache, stream_generate
+from adapmoe_cli.settings import GenerationSettings
+
+
+def load_tokenizer(engine: Engine) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(engine.store.path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"the store has no usable tokenizer ({e}); re-shard from a checkpoint with one") from None
+
+
+@dataclass
+class Conversation:
+    engine: Engine
+    tokenizer: Any
+    gen: GenerationSettings
+    system: str | None = None
+    raw: bool = False  # plain continuation, no chat template
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    _kv: Any = None
+    _cached: list[int] = field(default_factory=list)  # token ids whose K/V the cache holds
+
+    def __post_init__(self) -> None:
+        if not self.raw and not getattr(self.tokenizer, "chat_template", None):
+            raise UsageError("this model's tokenizer has no chat template; use --raw for plain continuation")
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._kv = new_kv_cache(self.engine)
+        self._cached = []
+
+    def _prompt_ids(self, user: str) -> list[int]:
+        if self.raw:
+            return self._cached + self.tokenizer.encode(user, add_special_tokens=not self._cached)
+        msgs = [*self.template_messages(), {"role": "user", "content": user}]
+        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def send(self, user: str) -> Iterator[Response]:
+        """Stream the answer to `user`. If the caller stops early (Ctrl-C), the KV cache is cut back to
+        what is consistent and the partial answer is kept in the transcript."""
+        full = self._prompt_ids(user)
+        common = 0
+        for a, b in zip(self._cached, full, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(full) - 1)  # feed at least one token
+        _trim(self._kv, common)
+        new = full[common:]
+        max_ctx = int(self.engine.store.config.get("max_position_embeddings", 1 << 30))
+        if len(full) + self.gen.max_new_tokens > max_ctx:
+            raise UsageError(
+                f"the conversation ({len(full)} tokens) plus --max-new-tokens exceeds the model's context of "
+                f"{max_ctx} tokens; /reset to start over"
+            )
+        self._cached = full[:common]
+        last: Response | None = None
+        generated: list[int] = []
+        stops = eos_ids(self.engine, self.tokenizer)
+        try:
+            for resp in stream_generate(self.engine, self.tokenizer, new, self._kv, self.gen,
+                                        history=full[:common], stop_ids=stops):
+                if last is None:
+                    self._cached = list(full)
+                else:
+                    self._cached.append(generated[-1])
+                generated = resp.token_ids
+                last = resp
+                yield resp
+        finally:
+            # the cache holds the prompt and every generated token but the last; a cut-off forward
+            # may have appended to some layers only, so trim them all to the consistent length
+            _trim(self._kv, len(self._cached))
+            text = self.tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
+            entry: dict[str, Any] = {"role": "user", "content": user}
+            self.messages.append(entry)
+            self.messages.append({
+                "role": "assistant", "content": text,
+                "stats": None if last is None else {
+                    "tokens": last.generation_tokens, "tokens_per_s": last.tokens_per_s,
+                    "finish_reason": last.finish_reason or "interrupted",
+                },
+            })
+
+    def transcript(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in self.messages]
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+
+def _trim(kv: Any, keep: int) -> None:
+    """Cut every layer of a transformers cache back to its first `keep` tokens (layers may differ
+    after an interrupted forward)."""
+    for layer in kv.layers:
+        extra = layer.get_seq_length() - keep
+        if extra > 0:
+            layer.crop(-extra)

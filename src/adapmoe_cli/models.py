@@ -1,0 +1,68 @@
+"""Resolves the MODEL argument every command takes into an opened store:
+nothing → the embedded default model (sharded into ADAPMOE_HOME on first use);
+a store folder → itself; a checkpoint folder → sharded into ADAPMOE_HOME on first use;
+a hub id → its store if already made, else downloaded (only here does adapmoe touch the network)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from adapmoe_cli.errors import StoreExistsError, UsageError
+from adapmoe_cli.hub import looks_like_repo_id
+from adapmoe_cli.paths import store_dir_for_checkpoint, store_dir_for_repo, stores_dir
+from adapmoe_cli.store import Store, is_store
+
+Progress = Callable[[int, int], None]
+#: the embedded model is stored in float32: on CPUs without bf16 matmuls it is the fast dtype
+DEFAULT_MODEL_DTYPE = "float32"
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("adapmoe_cli").joinpath("default_model")))
+
+
+def default_text(split: str) -> Path:
+    """The embedded model's held-out text: `calibration` (profiling) or `heldout` (evaluation)."""
+    path = default_model_dir() / f"{split}.txt"
+    if not path.exists():
+        raise UsageError(f"the embedded model ships no {split} text ({path}); reinstall adapmoe")
+    return path
+
+
+def open_model(model: str | None, progress: Progress | None = None) -> Store:
+    from adapmoe_cli.store.writer import shard
+
+    if model is None:
+        src = default_model_dir()
+        if not (src / "config.json").exists():
+            raise UsageError(f"the embedded default model is missing from {src}; reinstall adapmoe")
+        out = stores_dir() / "default-model"
+        source = {"embedded": "adapmoe default model"}
+        try:
+            shard(src, out, dtype=DEFAULT_MODEL_DTYPE, progress=progress, source=source)
+        except StoreExistsError:  # made from an older embedded model: replace it
+            shard(src, out, dtype=DEFAULT_MODEL_DTYPE, force=True, progress=progress, source=source)
+        return Store.open(out)
+    path = Path(model).expanduser()
+    if path.exists():
+        if is_store(path):
+            return Store.open(path)
+        if (path / "config.json").exists():
+            out = store_dir_for_checkpoint(path)
+            shard(path, out, progress=progress)
+            return Store.open(out)
+        raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
+    if looks_like_repo_id(model):
+        if is_store(store_dir_for_repo(model)):
+            return Store.open(store_dir_for_repo(model))
+        from adapmoe_cli.hub import download_checkpoint
+
+        ckpt = download_checkpoint(model)
+        out = store_dir_for_repo(model)
+        shard(ckpt, out, progress=progress, source={"repo_id": model, "revision": "main"})
+        return Store.open(out)
+    raise UsageError(
+        f"{model!r} is not a store, a checkpoint folder or a hub id (ORG/NAME); check the path"
+    )

@@ -1,0 +1,116 @@
+"""A fixed pool of preallocated expert slots with per-layer quotas. Maps (layer, expert) → slot, asks
+each layer's eviction policy for victims, and never allocates after construction: resident expert
+bytes are at most `slots × stride` by construction. Single-threaded: only the compute thread calls it;
+the loader only fills buffers it is handed."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from adapmoe_cli.runtime.policy import EvictionPolicy, make_policy
+
+FREE, LOADING, READY = 0, 1, 2
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        quotas: Mapping[int, int],
+        stride: int,
+        policy: str | Callable[[], EvictionPolicy] = "lru",
+        make_views: Callable[[mmap.mmap], Any] | None = None,
+    ):
+        from adapmoe_cli.store.reader import aligned_buffer
+
+        if any(q < 1 for q in quotas.values()):
+            raise ValueError("every layer needs at least one slot")
+        self.quotas = dict(quotas)
+        self.stride = stride
+        self.buffers: list[mmap.mmap] = []
+        self.views: list[Any] = []
+        self._layer_slots: dict[int, list[int]] = {}
+        for layer, q in self.quotas.items():
+            ids = []
+            for _ in range(q):
+                buf = aligned_buffer(stride)
+                ids.append(len(self.buffers))
+                self.buffers.append(buf)
+                self.views.append(make_views(buf) if make_views else None)
+            self._layer_slots[layer] = ids
+        self._state = [FREE] * len(self.buffers)
+        self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
+        new_policy = (lambda: make_policy(policy)) if isinstance(policy, str) else policy
+        self.policies: dict[int, EvictionPolicy] = {layer: new_policy() for layer in self.quotas}
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.buffers)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.stride
+
+    def slot(self, layer: int, expert: int) -> int | None:
+        return self._slot_of[layer].get(expert)
+
+    def is_ready(self, layer: int, expert: int) -> bool:
+        s = self._slot_of[layer].get(expert)
+        return s is not None and self._state[s] == READY
+
+    def is_loading(self, layer: int, expert: int) -> bool:
+        s = self._slot_of[layer].get(expert)
+        return s is not None and self._state[s] == LOADING
+
+    def resident(self, layer: int) -> list[int]:
+        return [e for e, s in self._slot_of[layer].items() if self._state[s] == READY]
+
+    def reserve(self, layer: int, expert: int, keep: Collection[int] = ()) -> tuple[int, int | None] | None:
+        """A slot for `expert` to be loaded into, marked LOADING: a free one, else the policy's victim
+        among READY experts not in `keep`. Returns (slot, evicted expert or None), or None if none."""
+        assert expert not in self._slot_of[layer], "expert already has a slot"
+        mapping = self._slot_of[layer]
+        used = set(mapping.values())
+        free = next((s for s in self._layer_slots[layer] if s not in used), None)
+        evicted = None
+        if free is None:
+            loading = {e for e, s in mapping.items() if self._state[s] == LOADING}
+            evicted = self.policies[layer].victim(set(keep) | loading)
+            if evicted is None:
+                return None
+            free = mapping.pop(evicted)
+            self.policies[layer].remove(evicted)
+        mapping[expert] = free
+        self._state[free] = LOADING
+        return free, evicted
+
+    def mark_ready(self, layer: int, expert: int) -> None:
+        s = self._slot_of[layer][expert]
+        self._state[s] = READY
+        self.policies[layer].insert(expert)
+
+    def release(self, layer: int, expert: int) -> None:
+        """Give back a slot whose load was cancelled or failed."""
+        s = self._slot_of[layer].pop(expert)
+        self._state[s] = FREE
+        self.policies[layer].remove(expert)
+
+    def touch(self, layer: int, expert: int) -> None:
+        self.policies[layer].touch(expert)
+
+    def close(self) -> None:
+        self.views.clear()
+        for b in self.buffers:
+            try:
+                b.close()
+            except BufferError:
+                pass  # a tensor view still exists; the mapping goes with the last reference
+        self.buffers.clear()
+
+
+def even_quotas(layers: Collection[int], total_slots: int, num_experts: int) -> dict[int, int]:
+    """Split `total_slots` as evenly as possible (earlier layers get the remainder), ≤ num_experts each."""
+    layers = sorted(layers)
+    base, extra = divmod(total_slots, len(layers))
+    return {layer: min(num_experts, base + (1 if i < extra else 0)) for i, layer in enumerate(layers)}

@@ -1,0 +1,156 @@
+"""The engine: builds transformers' model for a store's config with no expert weights (meta device),
+loads the dense weights, swaps every sparse-MoE block for `OffloadedMoE`, and owns the cache, loader
+and statistics behind them. Generation lives in `generate.py`; the engine knows nothing of text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.runtime.loader import Loader
+from adapmoe_cli.runtime.manager import ExpertManager
+from adapmoe_cli.runtime.moe_block import OffloadedMoE
+from adapmoe_cli.runtime.stats import Stats
+from adapmoe_cli.settings import Settings
+from adapmoe_cli.skeleton import empty_model
+from adapmoe_cli.store import Store
+from adapmoe_cli.store.reader import ExpertReader, expert_views
+from adapmoe_cli.units import format_bytes
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Expert slots per MoE layer. `source` says how the total was chosen (for messages)."""
+
+    quotas: dict[int, int]
+    source: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.quotas.values())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cpu")
+    if name == "cuda":
+        raise UsageError(
+            "the CUDA path is not in this build yet (it has not been verified on a GPU); use --device cpu"
+        )
+    return torch.device(name)
+
+
+def plan_budget(store: Store, settings: Settings) -> Budget:
+    """Turn the cache settings into per-layer slot counts (an even split), validating the range."""
+    shape = store.shape
+    n_layers, n_exp = len(shape.moe_layers), shape.num_experts
+    total_experts = n_layers * n_exp
+    c = settings.cache
+    if c.experts is not None:
+        total, source = c.experts, f"--cache-experts {c.experts}"
+    elif c.memory is not None:
+        total = c.memory // store.expert_stride
+        source = f"--memory {format_bytes(c.memory)} = {total} slots of {format_bytes(store.expert_stride)}"
+    else:
+        total = max(n_layers, round(c.fraction * total_experts))
+        source = f"{c.fraction:.0%} of the experts"
+    if total < n_layers:
+        raise UsageError(
+            f"a budget of {total} expert slots is below one per MoE layer ({n_layers} layers, "
+            f"{format_bytes(store.expert_stride)} each); raise --cache-experts/--memory to at least "
+            f"{n_layers} slots ({format_bytes(n_layers * store.expert_stride)})"
+        )
+    if total > total_experts:
+        raise UsageError(
+            f"a budget of {total} expert slots is larger than the model ({total_experts} experts); "
+            f"use at most --cache-experts {total_experts}"
+        )
+    return Budget(even_quotas(shape.moe_layers, total, n_exp), source)
+
+
+def check_memory(store: Store, budget: Budget) -> None:
+    need = budget.total * store.expert_stride + store.dense_bytes
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise UsageError(
+            f"the expert cache ({budget.total} slots) and dense weights need {format_bytes(need)} but only "
+            f"{format_bytes(avail)} of memory is available; lower --cache-experts or --memory"
+        )
+
+
+class Engine:
+    """A ready-to-run offloaded model. Use as a context manager or call `close()`."""
+
+    def __init__(self, store: Store, settings: Settings, budget: Budget | None = None, verify: bool = True):
+        from adapmoe_cli.store.verify import ensure_verified
+
+        self.store = store
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if verify:
+            ensure_verified(store)
+        self.budget = budget or plan_budget(store, settings)
+        check_memory(store, self.budget)
+        self.stats = Stats()
+        layout = next(iter(store.experts.values()))
+        self.cache = ExpertCache(
+            self.budget.quotas, store.expert_stride, policy=settings.cache.policy,
+            make_views=lambda buf: expert_views(buf, layout),
+        )
+        self.manager = ExpertManager(self.cache, Loader(ExpertReader(store)), self.stats)
+        self.model = self._build_model()
+
+    def _build_model(self) -> Any:
+        store, fam = self.store, self.store.family
+        model = empty_model(fam, store.config, dtype=store.dtype)
+        dense = {fam.hub_to_model_key(k): v for k, v in store.load_dense().items()}
+        if store.config.get("tie_word_embeddings") and "lm_head.weight" not in dense:
+            dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+        result = model.load_state_dict(dense, strict=False, assign=True)
+        missing = [k for k in result.missing_keys if not fam.is_expert_param(k)]
+        if missing or result.unexpected_keys:
+            raise StoreError(f"{store.path}: dense weights do not fit the config (e.g. {(missing or result.unexpected_keys)[0]})")
+        _materialise_buffers(model)
+        shape = store.shape
+        layers = list(shape.moe_layers)
+        old = {layer: fam.moe_block(model, layer) for layer in layers}
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            block = OffloadedMoE(
+                layer, old[layer].gate, self.manager, act=old[layer].experts.act_fn, top_k=shape.top_k,
+                routing=fam.routing, next_layer=nxt, next_gate=old[nxt].gate if nxt is not None else None,
+                prefetch=self.settings.prefetch,
+            )
+            fam.set_moe_block(model, layer, block)
+        leftover = [n for n, p in model.named_parameters() if p.is_meta]
+        assert not leftover, f"parameters left on the meta device: {leftover[:3]}"
+        return model.eval().to(self.device)
+
+    @property
+    def blocks(self) -> list[OffloadedMoE]:
+        return [self.store.family.moe_block(self.model, layer) for layer in self.store.shape.moe_layers]
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _materialise_buffers(model: Any) -> None:
+    """Non-persistent buffers (rotary `inv_freq`) were created on meta: rebuild those modules for real."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            config = getattr(module, "config", None) or model.config
+            new = type(module)(config=config)
+            setattr(parent, attr, new)

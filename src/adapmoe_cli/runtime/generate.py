@@ -1,0 +1,166 @@
+"""Generation in three layers over transformers' model and KV cache:
+`generate_step` (a generator of token ids) → `stream_generate` (yields `Response`s with the text delta,
+the token and the counted statistics of that token) → `generate` (collects one answer).
+`chat`, `bench` and `eval` consume the same stream. Knows nothing of terminals."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.stats import Stats
+from adapmoe_cli.settings import GenerationSettings
+
+
+def new_kv_cache(engine: Engine) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=engine.model.config)
+
+
+def _processors(gen: GenerationSettings) -> Any:
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+    if gen.temperature > 0:
+        procs.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k > 0:
+            procs.append(TopKLogitsWarper(gen.top_k))
+        if gen.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen.top_p))
+    return procs
+
+
+@torch.inference_mode()
+def generate_step(
+    engine: Engine,
+    input_ids: list[int],
+    kv_cache: Any,
+    gen: GenerationSettings,
+    history: list[int] | None = None,
+    rng: torch.Generator | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Feed `input_ids` (appended to what `kv_cache` holds), then sample forever; yields (token, logits).
+    The caller stops iterating; the last yielded token has not been fed to the model."""
+    model, procs = engine.model, _processors(gen)
+    seen = torch.tensor([list(history or []) + list(input_ids)], dtype=torch.long)  # [1, N]
+    ids = torch.tensor([input_ids], dtype=torch.long, device=engine.device)  # [1, T]
+    while True:
+        out = model(input_ids=ids, cache=kv_cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()  # [1, V]
+        scores = procs(seen, logits)
+        if gen.temperature > 0:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng).item())
+        else:
+            token = int(scores.argmax(dim=-1).item())
+        yield token, logits
+        seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+        ids = torch.tensor([[token]], dtype=torch.long, device=engine.device)
+
+
+@dataclass
+class Response:
+    text: str  # the new text since the previous response
+    token: int
+    token_ids: list[int]  # generated so far
+    stats: Stats  # counted during this token's forward pass
+    prompt_tokens: int
+    prompt_s: float
+    generation_s: float
+    finish_reason: str | None = None  # "stop" | "length" when this is the last one
+
+    @property
+    def generation_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        # the first token comes out of the prefill; decode speed counts the ones after it
+        n = len(self.token_ids) - 1
+        return n / self.generation_s if n > 0 and self.generation_s > 0 else 0.0
+
+
+@dataclass
+class Detokenizer:
+    """Turns a growing list of ids into text deltas, holding back an incomplete UTF-8 sequence."""
+
+    tokenizer: Any
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
+
+def stream_generate(
+    engine: Engine,
+    tokenizer: Any,
+    input_ids: list[int],
+    kv_cache: Any,
+    gen: GenerationSettings,
+    history: list[int] | None = None,
+    stop_ids: set[int] | None = None,
+) -> Iterator[Response]:
+    rng = torch.Generator().manual_seed(gen.seed)
+    stop = set(stop_ids if stop_ids is not None else eos_ids(engine, tokenizer))
+    detok = Detokenizer(tokenizer)
+    generated: list[int] = []
+    t0 = time.perf_counter()
+    before = engine.stats.copy()
+    prompt_s = 0.0
+    for n, (token, _logits) in enumerate(generate_step(engine, input_ids, kv_cache, gen, history, rng)):
+        now = time.perf_counter()
+        if n == 0:
+            prompt_s = now - t0
+            engine.stats.tokens += len(input_ids)
+        else:
+            engine.stats.tokens += 1
+        delta_stats = engine.stats.delta(before)
+        before = engine.stats.copy()
+        generated.append(token)
+        finish = "stop" if token in stop else ("length" if len(generated) >= gen.max_new_tokens else None)
+        text = "" if token in stop else detok.add(token)
+        yield Response(text, token, list(generated), delta_stats, len(input_ids), prompt_s, now - t0 - prompt_s,
+                       finish)
+        if finish:
+            return
+
+
+def eos_ids(engine: Engine, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = engine.store.path / "generation_config.json"
+    if gen_cfg.exists():
+        import json
+
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def generate(engine: Engine, tokenizer: Any, input_ids: list[int], gen: GenerationSettings) -> Response:
+    last = None
+    for last in stream_generate(engine, tokenizer, input_ids, new_kv_cache(engine), gen):
+        pass
+    assert last is not None
+    return last

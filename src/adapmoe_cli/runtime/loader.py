@@ -1,0 +1,113 @@
+"""The background I/O worker. The compute thread submits (layer, expert, buffer) requests; one worker
+thread reads them with the store reader, demand loads ahead of prefetches, FIFO within each class.
+Requests for the same (layer, expert) are de-duplicated; a queued prefetch can be promoted to demand
+or cancelled before its read starts. The worker touches no cache state: it only fills buffers."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapmoe_cli.store.reader import ExpertReader
+
+DEMAND, PREFETCH = 0, 1
+
+
+@dataclass(eq=False)
+class LoadRequest:
+    layer: int
+    expert: int
+    buffer: Any
+    priority: int
+    done: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    cancelled: bool = False
+    error: BaseException | None = None
+    nbytes: int = 0
+
+
+class Loader:
+    def __init__(self, reader: ExpertReader):
+        self.reader = reader
+        self._heap: list[tuple[int, int, LoadRequest]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._inflight: dict[tuple[int, int], LoadRequest] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="adapmoe-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
+        """Queue a read; an outstanding request for the same expert is returned instead (promoted when
+        this one is a demand)."""
+        with self._cv:
+            req = self._inflight.get((layer, expert))
+            if req is not None:
+                if priority < req.priority and not req.started:
+                    req.priority = priority
+                    heapq.heappush(self._heap, (priority, next(self._seq), req))
+                return req
+            req = LoadRequest(layer, expert, buffer, priority)
+            self._inflight[(layer, expert)] = req
+            heapq.heappush(self._heap, (priority, next(self._seq), req))
+            self._cv.notify()
+            return req
+
+    def promote(self, req: LoadRequest) -> None:
+        with self._cv:
+            if not req.started and req.priority != DEMAND and not req.cancelled:
+                req.priority = DEMAND
+                heapq.heappush(self._heap, (DEMAND, next(self._seq), req))
+                self._cv.notify()
+
+    def cancel(self, req: LoadRequest) -> bool:
+        """Drop a request whose read has not started. True if it was dropped."""
+        with self._cv:
+            if req.started or req.done.is_set():
+                return False
+            req.cancelled = True
+            self._inflight.pop((req.layer, req.expert), None)
+            return True
+
+    def wait(self, req: LoadRequest) -> float:
+        """Block until the read is done; return the seconds waited. Re-raises the read's error."""
+        if req.done.is_set():
+            waited = 0.0
+        else:
+            t0 = time.perf_counter()
+            req.done.wait()
+            waited = time.perf_counter() - t0
+        if req.error is not None:
+            raise req.error
+        return waited
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._heap:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                prio, _, req = heapq.heappop(self._heap)
+                if req.started or req.cancelled or prio != req.priority:
+                    continue  # a stale heap entry (promoted or cancelled)
+                req.started = True
+            try:
+                entry = self.reader.read_into(req.layer, req.expert, req.buffer)
+                req.nbytes = entry.length
+            except BaseException as e:  # handed to the waiting compute thread
+                req.error = e
+            with self._cv:
+                self._inflight.pop((req.layer, req.expert), None)
+            req.done.set()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+        self.reader.close()

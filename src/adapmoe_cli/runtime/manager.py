@@ -1,0 +1,149 @@
+"""Brings the experts a layer needs into the cache and keeps the books. Called by the MoE blocks on the
+compute thread; owns the cache (slots, policies) and talks to the loader (reads). Counts hits, prefetch
+hits, misses, wasted and dropped prefetches and stall time in `Stats` as they happen.
+
+Per layer call (one forward of one MoE layer):
+1. settle loads that finished since the last call, account this layer's prefetches;
+2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one;
+3. for each needed expert in ascending order (transformers' order, so sums match): wait until it is
+   resident (loading it now if step 2 could not), compute, release it for eviction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from adapmoe_cli.runtime.cache import ExpertCache
+from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, Loader, LoadRequest
+from adapmoe_cli.runtime.stats import Stats
+
+ORIGIN_RESIDENT, ORIGIN_PREFETCH, ORIGIN_DEMAND = "resident", "prefetch", "demand"
+
+
+class ExpertManager:
+    def __init__(self, cache: ExpertCache, loader: Loader, stats: Stats | None = None):
+        self.cache = cache
+        self.loader = loader
+        self.stats = stats or Stats()
+        self._pending: dict[tuple[int, int], LoadRequest] = {}
+        self._prefetched: dict[int, dict[int, LoadRequest]] = {}  # layer → expert → request
+        #: observers of each layer call: (layer, needed experts); the profiler and tests record traces
+        self.on_layer: list[Callable[[int, list[int]], None]] = []
+
+    # -- loads -------------------------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Mark finished reads resident (only the compute thread changes cache state)."""
+        for key, req in list(self._pending.items()):
+            if req.done.is_set():
+                self._finish(key, req)
+
+    def _finish(self, key: tuple[int, int], req: LoadRequest) -> None:
+        del self._pending[key]
+        if req.error is not None:
+            self.cache.release(*key)
+            raise req.error
+        self.cache.mark_ready(*key)
+        self.stats.loads += 1
+        self.stats.bytes_read += req.nbytes
+
+    def _load(self, layer: int, expert: int, priority: int, keep: Iterable[int]) -> LoadRequest | None:
+        got = self.cache.reserve(layer, expert, keep=set(keep))
+        if got is None:
+            return None
+        slot, _evicted = got
+        req = self.loader.submit(layer, expert, self.cache.buffers[slot], priority)
+        self._pending[(layer, expert)] = req
+        return req
+
+    def _wait(self, layer: int, expert: int) -> None:
+        req = self._pending.get((layer, expert))
+        if req is None:
+            return
+        self.loader.promote(req)
+        self.stats.stall_s += self.loader.wait(req)
+        self._finish((layer, expert), req)
+
+    # -- prefetch ----------------------------------------------------------------------------------
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Start loading predicted experts of `layer` that are not resident (without evicting each other)."""
+        predicted = sorted(set(experts))
+        mine = self._prefetched.setdefault(layer, {})
+        for e in predicted:
+            if self.cache.slot(layer, e) is not None:
+                continue
+            req = self._load(layer, e, PREFETCH, keep=predicted)
+            if req is None:
+                break
+            mine[e] = req
+            self.stats.prefetches_issued += 1
+
+    # -- one layer ---------------------------------------------------------------------------------
+    def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, Any], None]) -> None:
+        """Make each expert in `needed` (ascending) resident in turn and call `compute(expert, views)`."""
+        self._settle()
+        for fn in self.on_layer:
+            fn(layer, needed)
+        prefetched = self._prefetched.pop(layer, {})
+        need = set(needed)
+        for e, req in prefetched.items():
+            if e in need:
+                continue
+            if self.loader.cancel(req):
+                del self._pending[(layer, e)]
+                self.cache.release(layer, e)
+                self.stats.prefetches_dropped += 1
+            else:
+                self.stats.wasted_prefetches += 1
+        origin: dict[int, str] = {}
+        for e in needed:
+            if e in prefetched:
+                origin[e] = ORIGIN_PREFETCH
+            elif self.cache.slot(layer, e) is not None:
+                origin[e] = ORIGIN_RESIDENT
+            else:
+                origin[e] = ORIGIN_DEMAND
+                self._load(layer, e, DEMAND, keep=need)
+        remaining = set(needed)
+        for e in needed:
+            if self.cache.slot(layer, e) is None:
+                # no slot could be had without evicting a needed expert: take one now
+                origin[e] = ORIGIN_DEMAND
+                req = self._load(layer, e, DEMAND, keep=remaining - {e})
+                if req is None:
+                    for key in [k for k in self._pending if k[0] == layer]:
+                        self._wait(*key)
+                    req = self._load(layer, e, DEMAND, keep={e})
+                    assert req is not None, "a layer with at least one slot can always load"
+            self._wait(layer, e)
+            {ORIGIN_RESIDENT: self._hit, ORIGIN_PREFETCH: self._pf_hit, ORIGIN_DEMAND: self._miss}[origin[e]]()
+            self.cache.touch(layer, e)
+            compute(e, self.cache.views[self.cache.slot(layer, e)])
+            remaining.discard(e)
+
+    def _hit(self) -> None:
+        self.stats.hits += 1
+        self.stats.expert_uses += 1
+
+    def _pf_hit(self) -> None:
+        self.stats.prefetch_hits += 1
+        self.stats.expert_uses += 1
+
+    def _miss(self) -> None:
+        self.stats.misses += 1
+        self.stats.expert_uses += 1
+
+    def drain(self) -> None:
+        """Wait for every outstanding read (used before closing and between measured runs)."""
+        for key in list(self._pending):
+            self._wait(*key)
+        self._prefetched.clear()
+
+    def close(self) -> None:
+        for req in list(self._pending.values()):
+            self.loader.cancel(req)
+        for req in list(self._pending.values()):
+            if req.started:
+                req.done.wait()
+        self._pending.clear()
+        self.loader.close()
+        self.cache.close()
