@@ -114,7 +114,8 @@ class Engine:
         result = model.load_state_dict(dense, strict=False, assign=True)
         missing = [k for k in result.missing_keys if not fam.is_expert_param(k)]
         if missing or result.unexpected_keys:
-            raise StoreError(f"{store.path}: dense weights do not fit the config (e.g. {(missing or result.unexpected_keys)[0]})")
+            bad = (missing or result.unexpected_keys)[0]
+            raise StoreError(f"{store.path}: dense weights do not fit the config (e.g. {bad})")
         _materialise_buffers(model)
         shape = store.shape
         layers = list(shape.moe_layers)

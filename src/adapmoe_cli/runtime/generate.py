@@ -159,8 +159,5 @@ def eos_ids(engine: Engine, tokenizer: Any) -> set[int]:
 
 
 def generate(engine: Engine, tokenizer: Any, input_ids: list[int], gen: GenerationSettings) -> Response:
-    last = None
-    for last in stream_generate(engine, tokenizer, input_ids, new_kv_cache(engine), gen):
-        pass
-    assert last is not None
-    return last
+    responses = list(stream_generate(engine, tokenizer, input_ids, new_kv_cache(engine), gen))
+    return responses[-1]
