@@ -1,0 +1,128 @@
+"""`adapmoe chat` as a user meets it: one-shot and JSON output through the real CLI process, and an
+interactive session in a real pseudo-terminal (pexpect): two turns, /stats, /save, Ctrl-C mid-answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+from adapmoe_cli.synthetic import TinySpec
+
+# slow enough per token (1 slot per layer, no prefetch, 1.5 MiB experts) that Ctrl-C lands mid-answer
+SLOW = TinySpec(num_hidden_layers=4, num_local_experts=8, hidden_size=256, intermediate_size=512,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+
+
+def _run(*args: str, input: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
+                          input=input, env=env, timeout=120)
+
+
+def test_one_shot_json(make_store):
+    store = make_store(TinySpec(), dtype=torch.float32)
+    r = _run("chat", str(store), "--prompt", "What does the json module do?", "-n", "8", "-c", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "token_ids", "stats"}
+    assert 1 <= len(out["token_ids"]) <= 8
+    st = out["stats"]
+    for key in ("tokens", "tokens_per_s", "experts_per_token", "hits", "misses", "prefetch_hits", "bytes_read",
+                "stall_s"):
+        assert key in st
+    assert st["tokens"] == len(out["token_ids"])
+    assert st["experts_per_token"] == pytest.approx(2.0)
+    assert st["misses"] >= 1 and st["bytes_read"] > 0
+
+
+def test_prompt_from_stdin_and_raw(make_store):
+    store = make_store(TinySpec(), dtype=torch.float32)
+    r = _run("chat", str(store), "-n", "5", "--raw", input="def main():\n")
+    assert r.returncode == 0, r.stderr
+    assert "tokens" in r.stderr and "hit rate" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["chat", "no/such/thing/here", "-p", "x"], "is not a store"),
+    (["chat", "STORE", "-p", "x", "-c", "1"], "below one per MoE layer"),
+    (["chat", "STORE", "-p", "x", "-c", "99"], "larger than the model"),
+    (["chat", "STORE", "-p", "x", "--memory", "six gigs"], "cannot parse size"),
+    (["chat", "STORE", "-p", "x", "--device", "tpu"], "unsupported device"),
+    (["chat", "STORE", "-p", "x", "--temperature", "-1"], "temperature"),
+])
+def test_bad_input_is_one_line(make_store, args, needle):
+    store = make_store(TinySpec(), dtype=torch.float32)
+    r = _run(*[str(store) if a == "STORE" else a for a in args])
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupted_store_is_refused_before_the_first_token(make_store, tmp_path):
+    import shutil
+
+    src = make_store(TinySpec(), dtype=torch.float32)
+    store = tmp_path / "store"
+    shutil.copytree(src, store)
+    f = store / "experts" / "layer-001.bin"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = _run("chat", str(store), "-p", "hello", "--json")
+    assert r.returncode != 0
+    assert "failed verification" in r.stderr and "expert (1, 0)" in r.stderr
+    assert r.stdout == ""
+
+
+def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
+    store = make_store(SLOW, dtype=torch.float32)
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, ["-m", "adapmoe_cli", "chat", str(store), "-c", "4", "--no-prefetch",
+                                           "-n", "400"], env=env, encoding="utf-8", timeout=60,
+                          dimensions=(40, 200))
+    try:
+        child.expect("/help for commands")
+        child.expect(">>> ")
+        child.sendline("What does the json module do?")
+        child.expect(r"\d+ tokens · [\d.]+ tok/s · hit rate \d+% · 2\.00 experts/token")
+        child.expect(">>> ")
+        child.sendline("And what about os?")  # second turn, same conversation
+        child.expect(r"tokens · [\d.]+ tok/s")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect("hit rate")
+        child.expect("prefetch +off")
+        child.expect(">>> ")
+        saved = tmp_path / "t.json"
+        child.sendline(f"/save {saved}")
+        child.expect("saved 4 messages")
+        child.expect(">>> ")
+        # a long answer, interrupted: the program stays, the answer stops
+        child.sendline("/reset")
+        child.expect("conversation reset")
+        child.expect(">>> ")
+        child.sendline('"""')
+        child.sendline("Tell me everything")
+        child.sendline("about every module.")
+        child.sendline('"""')
+        child.expect(r'every module\.\r\n(\.\.\. )?"""\r\n')  # the echo of the input ends ...
+        child.expect(r"\S")  # ... and the answer has started streaming
+        child.sendintr()
+        child.expect("stopped")
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    msgs = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[1]["stats"]["tokens"] > 0

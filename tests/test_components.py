@@ -1,0 +1,136 @@
+"""Unit tests of the runtime's pieces on plain data: eviction policies over expert ids, the slot cache,
+the loader's queue (de-duplication, demand before prefetch, promotion, cancellation) and settings."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, Loader
+from adapmoe_cli.runtime.policy import LFU, LRU
+from adapmoe_cli.settings import load_settings
+from adapmoe_cli.store import Store
+from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
+from adapmoe_cli.synthetic import TinySpec
+
+
+def test_lru_evicts_least_recent_and_respects_keep():
+    p = LRU()
+    for e in (1, 2, 3):
+        p.insert(e)
+    p.touch(1)
+    assert p.victim() == 2
+    assert p.victim(keep={2}) == 3
+    assert p.victim(keep={1, 2, 3}) is None
+    p.remove(2)
+    assert list(p.residents()) == [3, 1]
+
+
+def test_lfu_prefers_rarely_used_then_oldest():
+    p = LFU()
+    for e in (1, 2, 3):
+        p.insert(e)
+    for e in (1, 1, 3):
+        p.touch(e)
+    assert p.victim() == 2
+    p.touch(2), p.touch(2)
+    assert p.victim() == 3  # counts 2,2,1
+    p.remove(3)
+    p.insert(3)  # frequency survives eviction
+    assert p.victim() == 3
+
+
+def test_cache_reserve_evicts_within_layer_and_never_grows():
+    cache = ExpertCache({0: 2, 1: 1}, stride=4096)
+    assert cache.num_slots == 3 and cache.capacity_bytes == 3 * 4096
+    s0, ev = cache.reserve(0, 5)
+    assert ev is None
+    cache.mark_ready(0, 5)
+    cache.reserve(0, 6)
+    assert cache.reserve(0, 7, keep={5}) is None  # 6 is still loading and 5 is kept
+    cache.mark_ready(0, 6)
+    cache.touch(0, 5)
+    slot, ev = cache.reserve(0, 7)  # LRU among ready: 6 (5 was touched last)
+    assert ev == 6 and cache.slot(0, 6) is None and cache.is_loading(0, 7)
+    assert cache.reserve(0, 8, keep={5}) is None  # 7 loading, 5 kept
+    cache.release(0, 7)
+    assert cache.slot(0, 7) is None
+    assert cache.reserve(1, 5) is not None  # layers have their own slots
+    assert cache.num_slots == 3
+    del s0, slot
+
+
+def test_even_quotas():
+    assert even_quotas([0, 1, 2], 7, 8) == {0: 3, 1: 2, 2: 2}
+    assert even_quotas([0, 1], 16, 8) == {0: 8, 1: 8}
+
+
+class GatedReader(ExpertReader):
+    """A real reader whose first read waits for a signal, so the queue order behind it can be observed."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.order: list[tuple[int, int]] = []
+
+    def read_into(self, layer, expert, buf):
+        self.started.set()
+        self.gate.wait()
+        self.order.append((layer, expert))
+        return super().read_into(layer, expert, buf)
+
+
+def test_loader_orders_dedupes_promotes_and_cancels(make_store):
+    store = Store.open(make_store(TinySpec(num_local_experts=5, num_hidden_layers=2), dtype=torch.float32))
+    reader = GatedReader(store)
+    loader = Loader(reader)
+    bufs = [aligned_buffer(store.expert_stride) for _ in range(6)]
+    first = loader.submit(0, 0, bufs[0], PREFETCH)
+    assert reader.started.wait(5)
+    b = loader.submit(0, 1, bufs[1], PREFETCH)
+    c = loader.submit(0, 2, bufs[2], PREFETCH)
+    d = loader.submit(1, 0, bufs[3], DEMAND)
+    e = loader.submit(1, 1, bufs[4], PREFETCH)
+    assert loader.submit(0, 1, bufs[5], PREFETCH) is b  # de-duplicated
+    assert loader.submit(1, 1, bufs[5], DEMAND) is e  # ... and promoted by a demand for it
+    loader.promote(c)
+    assert loader.cancel(b) is True
+    assert loader.cancel(first) is False  # already reading
+    reader.gate.set()
+    for r in (first, c, d, e):
+        loader.wait(r)
+    assert reader.order == [(0, 0), (1, 0), (1, 1), (0, 2)]
+    assert not b.done.is_set() and b.cancelled
+    # bytes arrived: the views equal the store's own expert
+    views = expert_views(bufs[3], store.experts[(1, 0)])
+    with ExpertReader(store) as plain:
+        other = aligned_buffer(store.expert_stride)
+        plain.read_into(1, 0, other)
+        for name, t in expert_views(other, store.experts[(1, 0)]).items():
+            assert torch.equal(views[name], t)
+    loader.close()
+
+
+def test_settings_layering(tmp_path: Path):
+    s = load_settings()
+    assert s.prefetch is True and s.cache.policy == "lru"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("cache:\n  memory: 2GiB\nprefetch: false\ngeneration:\n  temperature: 0.5\n")
+    s = load_settings(preset)
+    assert s.cache.memory == 2 * 1024**3 and not s.prefetch and s.generation.temperature == 0.5
+    s = load_settings(preset, {"cache.experts": 12, "prefetch": True})
+    assert s.cache.experts == 12 and s.cache.memory is None and s.prefetch
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache:\n  slots: 3\n")
+    with pytest.raises(UsageError, match="unknown setting cache.slots"):
+        load_settings(bad)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(UsageError, match="temperature"):
+        load_settings(overrides={"generation.temperature": -1})

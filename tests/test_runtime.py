@@ -1,0 +1,179 @@
+"""The offloading runtime against transformers' own MixtralForCausalLM on the same checkpoint: greedy
+tokens equal and logits within 1e-4 in float32, at every budget from one slot per layer to all, with and
+without prefetch, on odd shapes, and over a multi-turn conversation that keeps the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralForCausalLM
+
+from adapmoe_cli.conversation import Conversation, load_tokenizer
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+from adapmoe_cli.settings import GenerationSettings, load_settings
+from adapmoe_cli.store import Store
+from adapmoe_cli.synthetic import TinySpec
+
+SHAPES = {
+    "default": TinySpec(),
+    "odd": TinySpec(num_hidden_layers=3, num_local_experts=5, num_attention_heads=4, num_key_value_heads=1,
+                    hidden_size=48, intermediate_size=80),
+}
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
+
+
+@pytest.fixture(scope="module")
+def reference(make_checkpoint):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = make_checkpoint(SHAPES[name], dtype=torch.float32)
+            cache[name] = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[name]
+
+    return get
+
+
+def _engine(make_store, name: str, slots_per_layer: int | None, prefetch: bool, **kw) -> Engine:
+    spec = SHAPES[name]
+    store = Store.open(make_store(spec, dtype=torch.float32))
+    total = (slots_per_layer or spec.num_local_experts) * spec.num_hidden_layers
+    return Engine(store, load_settings(overrides={"cache.experts": total, "prefetch": prefetch, **kw}))
+
+
+def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    out = []
+    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), GREEDY):
+        out.append(tok)
+        if len(out) == n:
+            return out
+    raise AssertionError("unreachable")
+
+
+def _ref_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+@pytest.mark.parametrize("slots", ["one", "half", "all"])
+def test_greedy_tokens_and_logits_match_transformers(make_store, reference, name, prefetch, slots):
+    spec = SHAPES[name]
+    per_layer = {"one": 1, "half": spec.num_local_experts // 2, "all": spec.num_local_experts}[slots]
+    ref = reference(name)
+    with _engine(make_store, name, per_layer, prefetch) as eng:
+        assert _greedy(eng, PROMPT, 24) == _ref_greedy(ref, PROMPT, 24)
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+            theirs = ref(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        # resident expert memory is exactly the slots it was given, never more
+        assert eng.cache.num_slots == per_layer * spec.num_hidden_layers
+        assert eng.cache.capacity_bytes == eng.cache.num_slots * eng.store.expert_stride
+        s = eng.stats
+        assert s.expert_uses == s.hits + s.prefetch_hits + s.misses
+        assert s.bytes_read == s.loads * eng.store.expert_stride
+        if not prefetch:
+            assert s.prefetches_issued == 0 and s.prefetch_hits == 0
+        if slots == "all":
+            # every expert is loaded at most once when all fit
+            assert s.loads <= spec.num_hidden_layers * spec.num_local_experts
+
+
+def test_prefill_loads_each_needed_expert_once(make_store, reference):
+    """With one slot per layer, a prompt's prefill loads each layer's needed experts once, not per token."""
+    ref = reference("odd")
+    with torch.no_grad():
+        out = ref(torch.tensor([PROMPT]), output_router_logits=True)
+    spec = SHAPES["odd"]
+    distinct = [
+        len(set(torch.topk(logits, spec.num_experts_per_tok, dim=-1).indices.flatten().tolist()))
+        for logits in out.router_logits
+    ]
+    with _engine(make_store, "odd", 1, prefetch=False) as eng, torch.no_grad():
+        eng.model(torch.tensor([PROMPT]))
+        assert eng.stats.loads == sum(distinct)
+        assert eng.stats.misses == sum(distinct)
+        assert eng.stats.expert_activations == len(PROMPT) * spec.num_hidden_layers * spec.num_experts_per_tok
+
+
+def test_prefetch_is_counted_and_used(make_store):
+    """With room for prefetches, some needed experts arrive by prefetch; all issued ones are accounted."""
+    with _engine(make_store, "odd", 3, prefetch=True) as eng:
+        _greedy(eng, PROMPT, 24)
+        eng.manager.drain()
+        s = eng.stats
+        assert s.prefetches_issued > 0
+        assert s.prefetch_hits > 0
+        assert s.prefetch_hits + s.wasted_prefetches + s.prefetches_dropped <= s.prefetches_issued
+
+
+def test_multi_turn_conversation_keeps_kv_cache_and_matches(make_store, make_checkpoint, reference):
+    spec = SHAPES["default"]
+    ref = reference("default")
+    gen = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    with _engine(make_store, "default", 2, prefetch=True) as eng:
+        tok = load_tokenizer(eng)
+        conv = Conversation(eng, tok, gen, system="You are terse.")
+        for turn, user in enumerate(["What does the json module do?", "And os?", "Thanks. One more?"]):
+            msgs = [*conv.template_messages(), {"role": "user", "content": user}]
+            prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+            tokens_before = eng.stats.tokens
+            answer = list(conv.send(user))
+            ours = answer[-1].token_ids
+            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=[2, 6], pad_token_id=0)[0, len(prompt):].tolist()
+            assert ours == expected, f"turn {turn}"
+            fed = answer[0].prompt_tokens
+            if turn > 0:
+                assert fed < len(prompt), "later turns must reuse the cached prefix"
+            assert eng.stats.tokens - tokens_before == fed + len(ours) - 1
+        assert len(conv.messages) == 1 + 2 * 3
+    del spec
+
+
+def test_interrupted_answer_leaves_a_consistent_cache(make_store, reference):
+    """Stopping an answer midway (as Ctrl-C does) keeps the conversation usable and exact."""
+    ref = reference("default")
+    gen = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    with _engine(make_store, "default", 2, prefetch=True) as eng:
+        tok = load_tokenizer(eng)
+        conv = Conversation(eng, tok, gen)
+        stream = conv.send("first question")
+        next(stream), next(stream), next(stream)
+        stream.close()  # what a KeyboardInterrupt in the consumer does to the generator
+        assert conv.messages[-1]["stats"]["finish_reason"] == "interrupted"
+        msgs = [*conv.template_messages(), {"role": "user", "content": "second"}]
+        prompt = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        ours = list(conv.send("second"))[-1].token_ids
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                eos_token_id=[2, 6], pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == expected
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"cache.experts": 1}, "below one per MoE layer"),
+    ({"cache.experts": 9}, "larger than the model"),
+    ({"cache.memory": "1KiB"}, "below one per MoE layer"),
+    ({"device": "tpu"}, "unsupported device"),
+    ({"cache.memory": "lots"}, "cannot parse size"),
+])
+def test_bad_budgets_are_refused(make_store, overrides, match):
+    with pytest.raises(UsageError, match=match):
+        Engine(Store.open(make_store(TinySpec(), dtype=torch.float32)), load_settings(overrides=overrides))
+
+
+def test_memory_budget_turns_into_slots(make_store):
+    store = Store.open(make_store(TinySpec(), dtype=torch.float32))
+    budget = 5 * store.expert_stride + store.expert_stride // 2
+    with Engine(store, load_settings(overrides={"cache.memory": str(budget)})) as eng:
+        assert eng.cache.num_slots == 5
+        assert eng.cache.capacity_bytes <= budget
+        assert sorted(eng.budget.quotas.values()) == [2, 3]
