@@ -12,9 +12,10 @@ import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
-from adapmoe_cli.runtime.moe_block import OffloadedMoE
+from adapmoe_cli.runtime.moe_block import Observers, OffloadedMoE
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.skeleton import empty_model
@@ -86,7 +87,8 @@ def check_memory(store: Store, budget: Budget) -> None:
 class Engine:
     """A ready-to-run offloaded model. Use as a context manager or call `close()`."""
 
-    def __init__(self, store: Store, settings: Settings, budget: Budget | None = None, verify: bool = True):
+    def __init__(self, store: Store, settings: Settings, budget: Budget | None = None, verify: bool = True,
+                 gate: GatePolicy | None = None):
         from adapmoe_cli.store.verify import ensure_verified
 
         self.store = store
@@ -97,6 +99,8 @@ class Engine:
         self.budget = budget or plan_budget(store, settings)
         check_memory(store, self.budget)
         self.stats = Stats()
+        self.gate = gate or GatePolicy.off()
+        self.observers = Observers()
         layout = next(iter(store.experts.values()))
         self.cache = ExpertCache(
             self.budget.quotas, store.expert_stride, policy=settings.cache.policy,
@@ -124,13 +128,17 @@ class Engine:
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             block = OffloadedMoE(
                 layer, old[layer].gate, self.manager, act=old[layer].experts.act_fn, top_k=shape.top_k,
-                routing=fam.routing, next_layer=nxt, next_gate=old[nxt].gate if nxt is not None else None,
-                prefetch=self.settings.prefetch,
+                routing=fam.routing, gate_policy=lambda: self.gate, observers=self.observers, next_layer=nxt,
+                next_gate=old[nxt].gate if nxt is not None else None, prefetch=self.settings.prefetch,
             )
             fam.set_moe_block(model, layer, block)
         leftover = [n for n, p in model.named_parameters() if p.is_meta]
         assert not leftover, f"parameters left on the meta device: {leftover[:3]}"
         return model.eval().to(self.device)
+
+    def use_gate(self, gate: GatePolicy) -> None:
+        """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""
+        self.gate = gate
 
     @property
     def blocks(self) -> list[OffloadedMoE]:

@@ -4,6 +4,9 @@ family's semantics, and the adaptive gate that drops low-weight experts below a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -33,3 +36,34 @@ def adaptive_keep(weights: torch.Tensor, threshold: float | None) -> torch.Tenso
 def renormalise(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     kept = torch.where(keep, weights, torch.zeros_like(weights))
     return kept / kept.sum(dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Per-layer thresholds of the adaptive gate. A layer without a threshold routes plain top-k.
+    `rule` and `scale` say how the thresholds were made (recorded in plans and reports)."""
+
+    thresholds: Mapping[int, float] = field(default_factory=dict)
+    rule: str = "off"
+    scale: float | None = None
+
+    def threshold(self, layer: int) -> float | None:
+        return self.thresholds.get(layer)
+
+    @staticmethod
+    def off() -> GatePolicy:
+        return GatePolicy()
+
+    @staticmethod
+    def top1(layers: Iterable[int]) -> GatePolicy:
+        """Keep only the top-1 expert in `layers` (a threshold no second weight reaches)."""
+        return GatePolicy({layer: 1.0 + 1e-6 for layer in layers}, rule="top1")
+
+
+def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights, ids) [T, k] → (weights renormalised over kept, ids with dropped set to -1, keep mask)."""
+    keep = adaptive_keep(weights, threshold)
+    if threshold is None:
+        return weights, ids, keep
+    return renormalise(weights, keep), ids.masked_fill(~keep, -1), keep

@@ -1,18 +1,40 @@
 """The module swapped into each decoder layer in place of the family's sparse-MoE block. Glue only:
-routes with the original router module (so transformers' router-logit hooks still fire), asks the
-manager to prefetch the next layer's predicted experts, and computes each needed expert from the slot
-the manager hands it. Attention, norms and the KV cache stay transformers'."""
+routes with the original router module (so transformers' router-logit hooks still fire), applies the
+adaptive gate, asks the manager to prefetch the next layer's predicted experts, and computes each needed
+expert from the slot the manager hands it. Attention, norms and the KV cache stay transformers'."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapmoe_cli.runtime.gating import route
+from adapmoe_cli.runtime.gating import GatePolicy, apply_gate, route
 from adapmoe_cli.runtime.manager import ExpertManager
+
+
+@dataclass
+class LayerRecord:
+    """What one MoE layer call saw, handed to observers (the profiler, trace recorders)."""
+
+    layer: int
+    hidden: torch.Tensor  # [T, H] entering the block
+    weights: torch.Tensor  # [T, k] normalised routing weights, descending, before the adaptive gate
+    ids: torch.Tensor  # [T, k]
+    keep: torch.Tensor  # [T, k] bool: what the gate kept
+    output: torch.Tensor  # [T, H] the block's output (in the autograd graph when grad is on)
+    expert_outputs: torch.Tensor | None  # [T, k, H] unweighted expert outputs, when requested
+
+
+@dataclass
+class Observers:
+    """Callbacks shared by all blocks of an engine; `expert_outputs` asks blocks to keep per-expert outputs."""
+
+    callbacks: list[Callable[[LayerRecord], None]] = field(default_factory=list)
+    expert_outputs: bool = False
 
 
 class OffloadedMoE(nn.Module):
@@ -24,6 +46,8 @@ class OffloadedMoE(nn.Module):
         act: Callable[[torch.Tensor], torch.Tensor],
         top_k: int,
         routing: str,
+        gate_policy: Callable[[], GatePolicy],
+        observers: Observers,
         next_layer: int | None = None,
         next_gate: nn.Module | None = None,
         prefetch: bool = True,
@@ -35,35 +59,48 @@ class OffloadedMoE(nn.Module):
         self.act = act
         self.top_k = top_k
         self.routing = routing
+        self.gate_policy = gate_policy
+        self.observers = observers
         self.next_layer = next_layer
-        # the next layer's router weight, held without registering the module twice
+        # the next layer's router, held without registering the module twice
         self._next_gate = [next_gate] if next_gate is not None else []
         self.prefetch_enabled = prefetch and next_gate is not None
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
-        """Experts the next layer's router picks for the hidden state entering this block."""
+        """Experts the next layer would keep, from its router applied to the hidden state entering this
+        block and the next layer's adaptive gate (prefetch follows the gate)."""
         logits = F.linear(x, self._next_gate[0].weight)  # [T, E]
-        _, ids = route(logits, self.top_k, self.routing)
-        return sorted(set(ids.flatten().tolist()))
+        weights, ids = route(logits, self.top_k, self.routing)
+        _, ids, keep = apply_gate(weights, ids, self.gate_policy().threshold(self.next_layer))
+        return sorted(set(ids[keep].tolist()))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, s, h = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [T, H]
         _, weights, ids = self.gate(x)  # [T, k] float32, [T, k]
+        gated_w, gated_ids, keep = apply_gate(weights, ids, self.gate_policy().threshold(self.layer))
         if self.prefetch_enabled and x.shape[0] == 1:
             self.manager.prefetch(self.next_layer, self.predict_next(x))
         out = torch.zeros_like(x)
-        needed = sorted(set(ids.flatten().tolist()))
+        needed = sorted(set(gated_ids[keep].tolist()))
         stats = self.manager.stats
         stats.layer_tokens += x.shape[0]
-        stats.expert_activations += ids.numel()
+        stats.expert_activations += int(keep.sum())
+        record = self.observers.expert_outputs and bool(self.observers.callbacks)
+        expert_out = x.new_zeros((x.shape[0], self.top_k, h)) if record else None
 
         def compute(expert: int, w: dict[str, torch.Tensor]) -> None:
-            token_idx, k_pos = torch.where(ids == expert)
+            token_idx, k_pos = torch.where(gated_ids == expert)
             cur = x[token_idx]  # [t, H]
             hidden = self.act(F.linear(cur, w["w1"])) * F.linear(cur, w["w3"])  # [t, I]
-            y = F.linear(hidden, w["w2"]) * weights[token_idx, k_pos, None]  # [t, H]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+            y = F.linear(hidden, w["w2"])  # [t, H]
+            if expert_out is not None:
+                expert_out[token_idx, k_pos] = y
+            out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
 
         self.manager.run_layer(self.layer, needed, compute)
+        if self.observers.callbacks:
+            rec = LayerRecord(self.layer, x, weights, ids, keep, out, expert_out)
+            for fn in self.observers.callbacks:
+                fn(rec)
         return out.reshape(b, s, h)
