@@ -132,6 +132,8 @@ class Engine:
                 next_gate=old[nxt].gate if nxt is not None else None, prefetch=self.settings.prefetch,
             )
             fam.set_moe_block(model, layer, block)
+        for p in model.parameters():
+            p.requires_grad_(False)  # inference engine; the profiler asks for activation gradients only
         leftover = [n for n, p in model.named_parameters() if p.is_meta]
         assert not leftover, f"parameters left on the meta device: {leftover[:3]}"
         return model.eval().to(self.device)

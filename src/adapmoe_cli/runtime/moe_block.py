@@ -95,7 +95,7 @@ class OffloadedMoE(nn.Module):
             hidden = self.act(F.linear(cur, w["w1"])) * F.linear(cur, w["w3"])  # [t, I]
             y = F.linear(hidden, w["w2"])  # [t, H]
             if expert_out is not None:
-                expert_out[token_idx, k_pos] = y
+                expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
 
         self.manager.run_layer(self.layer, needed, compute)

@@ -1,0 +1,89 @@
+"""Loss and perplexity of text through an engine, with the counted runtime statistics of the pass.
+Texts longer than the window are scored with a sliding window: each window re-reads `window - stride`
+tokens of context and scores only the `stride` new ones. Knows nothing of terminals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.stats import Stats
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    nll_sum: float
+    tokens: int  # tokens scored
+    stats: Stats
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def read_text_tokens(tokenizer: Any, path: Path, min_tokens: int = 2, max_tokens: int | None = None) -> list[int]:
+    """Tokenize a text file (BOS first if the tokenizer adds one). Raises on missing/empty/short text."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"text file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"text file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"text file {path} is empty")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if len(ids) < min_tokens:
+        raise UsageError(f"{path} has only {len(ids)} tokens but {min_tokens} are needed; give a longer text")
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position) of each window over n tokens; every position ≥ 1 scored once."""
+    out, start, scored = [], 0, 1
+    while scored < n:
+        end = min(start + window, n)
+        out.append((start, end, scored))
+        scored = end
+        start = max(0, end - max(1, window - stride)) if end < n else end  # ≥ 1 token of context
+    return out
+
+
+@torch.inference_mode()
+def evaluate(
+    engine: Engine,
+    tokens: list[int],
+    window: int,
+    stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise UsageError("the evaluation stride must be between 1 and the window")
+    before = engine.stats.copy()
+    nll, count = 0.0, 0
+    ids = torch.tensor(tokens, dtype=torch.long)
+    spans = windows(len(tokens), window, stride)
+    for i, (start, end, scored) in enumerate(spans):
+        chunk = ids[start:end].to(engine.device)[None]  # [1, W]
+        logits = engine.model(input_ids=chunk, use_cache=False).logits[0].float()  # [W, V]
+        first = scored - start  # targets from position `scored` on
+        pred = logits[first - 1 : end - start - 1]
+        target = chunk[0, first:]
+        nll += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
+        count += int(target.numel())
+        engine.stats.tokens += end - start
+        if progress:
+            progress(i + 1, len(spans))
+    return EvalResult(nll, count, engine.stats.delta(before))

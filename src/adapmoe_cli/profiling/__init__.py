@@ -1,0 +1,6 @@
+"""`adapmoe profile`: measurements the adaptive gate and the cache planner decide from.
+
+- `trace`: the routing trace (token × layer → top-k ids and weights, and the next-layer prediction)
+  and the statistics computed from it (pure array functions, reused by plan-cache and simulate);
+- `collect`: runs calibration text through an engine and records the trace and the sensitivities;
+- `profile_file`: the versioned on-disk format (JSON statistics + safetensors trace) and its reader."""

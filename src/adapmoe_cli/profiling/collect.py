@@ -1,0 +1,175 @@
+"""Runs calibration text through an engine and measures, per MoE layer, how much the loss cares about
+its lower-weighted experts, while recording the routing trace. The derivation of the estimates is in
+docs/profile.md.
+
+Two methods, recorded in the profile:
+- `gradient` (models whose experts all fit in memory): one forward and backward pass per window with
+  the loss summed over the window; for each token t and layer l, g = ∂L/∂y_l(t) at the MoE output,
+  Δy = y_top1 − y (the change when only the top-1 expert is kept and renormalised). Then
+      F_l          = mean_t ‖g‖²                       the paper's sensitivity
+      predicted_l  = F_l · mean_t w₂²                  the paper's loss model ΔL ≈ F·w²
+      second_l     = ½ mean_t (g·Δy)²                  the Fisher (second-order) term of the derivation
+      first_l      = mean_t g·Δy                       the first-order term
+- `forward` (any model): the loss increase when layer l alone keeps only its top-1 expert, measured by
+  one forward pass over the text per layer; F_l = ΔL_l / mean_t w₂² so that F·w² reproduces it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.evaluation import evaluate
+from adapmoe_cli.profiling.trace import Trace
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.gating import GatePolicy, route
+from adapmoe_cli.runtime.moe_block import LayerRecord
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Sensitivity:
+    method: str
+    fisher: list[float]  # F_l per MoE layer
+    predicted: list[float]  # F_l · mean w2² (the paper's model of the loss increase)
+    second_order: list[float] = field(default_factory=list)
+    first_order: list[float] = field(default_factory=list)
+    mean_w2_sq: list[float] = field(default_factory=list)
+
+
+class _Recorder:
+    """Observer that keeps each layer's routing, prediction and (gradient method) output for one window."""
+
+    def __init__(self, engine: Engine, grads: bool):
+        self.engine = engine
+        self.grads = grads
+        self.layers = list(engine.store.shape.moe_layers)
+        self.records: dict[int, LayerRecord] = {}
+        self.pred: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        fam = engine.store.family
+        self.routers = {layer: fam.moe_block(engine.model, layer).gate for layer in self.layers}
+
+    def __call__(self, rec: LayerRecord) -> None:
+        if self.grads:
+            rec.output.retain_grad()
+        self.records[rec.layer] = rec
+        i = self.layers.index(rec.layer)
+        if i + 1 < len(self.layers):
+            nxt = self.layers[i + 1]
+            logits = F.linear(rec.hidden.detach(), self.routers[nxt].weight)  # [T, E]
+            w, ids = route(logits, rec.ids.shape[1], self.engine.store.family.routing)
+            self.pred[nxt] = (ids, w)
+
+
+def collect(
+    engine: Engine,
+    tokens: list[int],
+    window: int,
+    method: str = "gradient",
+    progress: Progress | None = None,
+) -> tuple[Trace, Sensitivity]:
+    if method not in ("gradient", "forward"):
+        raise UsageError(f"unknown profiling method {method!r}: gradient or forward")
+    shape = engine.store.shape
+    layers, k = list(shape.moe_layers), shape.top_k
+    if k < 2:
+        raise UsageError("the model routes to one expert per token: there is nothing for the adaptive gate to drop")
+    if method == "gradient" and engine.budget.total < len(engine.store.experts):
+        raise UsageError("the gradient method needs every expert in memory; use --method forward")
+    grads = method == "gradient"
+    rec = _Recorder(engine, grads)
+    engine.observers.callbacks.append(rec)
+    engine.observers.expert_outputs = grads
+    embed = engine.model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if grads else None
+    n, L = len(tokens), len(layers)
+    trace = Trace(
+        ids=torch.full((n, L, k), -1, dtype=torch.int16), weights=torch.zeros(n, L, k),
+        pred_ids=torch.full((n, L, k), -1, dtype=torch.int16), pred_weights=torch.zeros(n, L, k),
+        tokens=torch.tensor(tokens, dtype=torch.int32), layers=layers,
+    )
+    sums = {name: torch.zeros(L, dtype=torch.float64) for name in ("g2", "second", "first", "w2sq")}
+    counted = 0
+    ids_all = torch.tensor(tokens, dtype=torch.long)
+    spans = [(s, min(s + window, n)) for s in range(0, n, window)]  # every token routed exactly once
+    try:
+        for j, (start, end) in enumerate(spans):
+            chunk = ids_all[start:end][None]  # [1, W]
+            rec.records.clear()
+            rec.pred.clear()
+            with torch.set_grad_enabled(grads):
+                logits = engine.model(input_ids=chunk, use_cache=False).logits[0].float()  # [W, V]
+                if grads:
+                    loss = F.cross_entropy(logits[:-1], chunk[0, 1:], reduction="sum")
+                    loss.backward()
+            for i, layer in enumerate(layers):
+                r = rec.records[layer]
+                trace.ids[start:end, i] = r.ids.to(torch.int16)
+                trace.weights[start:end, i] = r.weights.detach().float()
+                if layer in rec.pred:
+                    pids, pw = rec.pred[layer]
+                    trace.pred_ids[start:end, i] = pids.to(torch.int16)
+                    trace.pred_weights[start:end, i] = pw.float()
+                w = r.weights.detach().double()  # [T, k]
+                sums["w2sq"][i] += (w[:, 1] ** 2).sum()
+                if grads:
+                    g = r.output.grad.double()  # [T, H]
+                    e = r.expert_outputs.double()  # [T, k, H]
+                    # keep only the top-1: y' = E1, so Δy = E1 - Σ_j w_j E_j
+                    dy = e[:, 0] - (w[:, :, None] * e).sum(1)
+                    gd = (g * dy).sum(-1)
+                    sums["g2"][i] += (g**2).sum()
+                    sums["second"][i] += 0.5 * (gd**2).sum()
+                    sums["first"][i] += gd.sum()
+            counted += end - start
+            if progress:
+                progress(j + 1, len(spans) + (0 if grads else L))
+    finally:
+        engine.observers.callbacks.remove(rec)
+        engine.observers.expert_outputs = False
+        if hook is not None:
+            hook.remove()
+    mean_w2 = (sums["w2sq"] / counted).tolist()
+    if grads:
+        fisher = (sums["g2"] / counted).tolist()
+        sens = Sensitivity(
+            "gradient", fisher, [f * m for f, m in zip(fisher, mean_w2, strict=True)],
+            second_order=(sums["second"] / counted).tolist(), first_order=(sums["first"] / counted).tolist(),
+            mean_w2_sq=mean_w2,
+        )
+    else:
+        drops = drop_losses(engine, tokens, window, progress=progress, offset=len(spans))
+        fisher = [d / m if m > 0 else 0.0 for d, m in zip(drops, mean_w2, strict=True)]
+        sens = Sensitivity("forward", fisher, drops, mean_w2_sq=mean_w2)
+    return trace, sens
+
+
+def drop_losses(engine: Engine, tokens: list[int], window: int, progress: Progress | None = None,
+                offset: int = 0) -> list[float]:
+    """Per MoE layer, the mean loss increase when that layer alone keeps only its top-1 expert."""
+    layers = list(engine.store.shape.moe_layers)
+    saved = engine.gate
+    try:
+        engine.use_gate(GatePolicy.off())
+        base = evaluate(engine, tokens, window).loss
+        out = []
+        for i, layer in enumerate(layers):
+            engine.use_gate(GatePolicy.top1([layer]))
+            out.append(evaluate(engine, tokens, window).loss - base)
+            if progress:
+                progress(offset + i + 1, offset + len(layers))
+        return out
+    finally:
+        engine.use_gate(saved)
+
+
+def describe_method(method: str) -> dict[str, Any]:
+    return {
+        "gradient": {"method": "gradient", "estimate": "F_l = mean ||dL/dy_l||^2 over calibration tokens"},
+        "forward": {"method": "forward", "estimate": "F_l = measured loss increase of top-1-only / mean w2^2"},
+    }[method]

@@ -1,0 +1,83 @@
+"""`profile()`: the library function behind `adapmoe profile`: picks the text, the method and the
+budget, collects, computes the statistics, optionally validates on held-out text, writes the file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapmoe_cli.conversation import load_tokenizer
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.evaluation import read_text_tokens
+from adapmoe_cli.profiling.collect import collect, drop_losses
+from adapmoe_cli.profiling.profile_file import default_path, model_identity, write_profile
+from adapmoe_cli.profiling.trace import layer_stats, spearman
+from adapmoe_cli.runtime.cache import even_quotas
+from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.settings import Settings
+from adapmoe_cli.store import Store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ProfileRequest:
+    text: Path
+    text_label: str
+    tokens: int
+    window: int
+    method: str = "auto"  # auto | gradient | forward
+    validate_text: Path | None = None
+    validate_label: str = ""
+    out: Path | None = None
+
+
+def profile(store: Store, settings: Settings, req: ProfileRequest, progress: Progress | None = None) -> Path:
+    shape = store.shape
+    all_slots = len(store.experts)
+    method = req.method
+    if method == "auto":
+        method = "gradient" if _fits(store, all_slots) else "forward"
+    if method == "gradient":
+        budget = Budget(even_quotas(shape.moe_layers, all_slots, shape.num_experts), "all experts (gradient method)")
+    else:
+        budget = None  # the user's budget
+    if req.window < 2:
+        raise UsageError("--window must be at least 2 tokens")
+    with Engine(store, settings, budget=budget) as engine:
+        tok = load_tokenizer(engine)
+        ids = read_text_tokens(tok, req.text, min_tokens=req.tokens, max_tokens=req.tokens)
+        trace, sens = collect(engine, ids, req.window, method, progress)
+        layers = layer_stats(trace, shape.num_experts)
+        for i, entry in enumerate(layers):
+            entry["sensitivity"] = sens.fisher[i]
+            entry["predicted_drop_loss"] = sens.predicted[i]
+            entry["mean_second_weight_sq"] = sens.mean_w2_sq[i]
+            if sens.second_order:
+                entry["second_order_drop_loss"] = sens.second_order[i]
+                entry["first_order_drop_loss"] = sens.first_order[i]
+        data: dict[str, Any] = {
+            "model": model_identity(store),
+            "method": method,
+            "calibration": {"text": req.text_label, "tokens": len(ids), "window": req.window},
+            "layers": layers,
+        }
+        if req.validate_text is not None:
+            held = read_text_tokens(tok, req.validate_text, min_tokens=req.window, max_tokens=req.tokens)
+            measured = drop_losses(engine, held, req.window)
+            val: dict[str, Any] = {"text": req.validate_label, "tokens": len(held),
+                                   "measured_drop_loss": measured,
+                                   "spearman": {"predicted": spearman(sens.predicted, measured)}}
+            if sens.second_order:
+                val["spearman"]["second_order"] = spearman(sens.second_order, measured)
+                val["spearman"]["first_order"] = spearman(sens.first_order, measured)
+            data["validation"] = val
+    return write_profile(req.out or default_path(store), data, trace)
+
+
+def _fits(store: Store, slots: int) -> bool:
+    import psutil
+
+    return slots * store.expert_stride + store.dense_bytes < 0.5 * psutil.virtual_memory().available
