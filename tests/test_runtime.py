@@ -104,14 +104,15 @@ def test_prefill_loads_each_needed_expert_once(make_store, reference):
 
 
 def test_prefetch_is_counted_and_used(make_store):
-    """With room for prefetches, some needed experts arrive by prefetch; all issued ones are accounted."""
+    """With room for prefetches, some needed experts arrive by prefetch; every issued one is accounted."""
     with _engine(make_store, "odd", 3, prefetch=True) as eng:
         _greedy(eng, PROMPT, 24)
         eng.manager.drain()
         s = eng.stats
         assert s.prefetches_issued > 0
         assert s.prefetch_hits > 0
-        assert s.prefetch_hits + s.wasted_prefetches + s.prefetches_dropped <= s.prefetches_issued
+        # every prefetch is judged once, at the layer it was made for
+        assert s.prefetch_hits + s.wasted_prefetches == s.prefetches_issued
 
 
 def test_multi_turn_conversation_keeps_kv_cache_and_matches(make_store, make_checkpoint, reference):

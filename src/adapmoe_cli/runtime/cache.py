@@ -28,16 +28,16 @@ class ExpertCache:
             raise ValueError("every layer needs at least one slot")
         self.quotas = dict(quotas)
         self.stride = stride
-        self.buffers: list[mmap.mmap] = []
+        self.buffers: list[mmap.mmap | None] = []
         self.views: list[Any] = []
         self._layer_slots: dict[int, list[int]] = {}
         for layer, q in self.quotas.items():
             ids = []
             for _ in range(q):
-                buf = aligned_buffer(stride)
+                buf = aligned_buffer(stride) if stride else None  # stride 0: bookkeeping only (simulator)
                 ids.append(len(self.buffers))
                 self.buffers.append(buf)
-                self.views.append(make_views(buf) if make_views else None)
+                self.views.append(make_views(buf) if make_views and buf is not None else None)
             self._layer_slots[layer] = ids
         self._state = [FREE] * len(self.buffers)
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
@@ -67,31 +67,30 @@ class ExpertCache:
         return [e for e, s in self._slot_of[layer].items() if self._state[s] == READY]
 
     def reserve(self, layer: int, expert: int, keep: Collection[int] = ()) -> tuple[int, int | None] | None:
-        """A slot for `expert` to be loaded into, marked LOADING: a free one, else the policy's victim
-        among READY experts not in `keep`. Returns (slot, evicted expert or None), or None if none."""
+        """A slot for `expert`, marked LOADING: a free one, else the policy's victim among the layer's
+        experts not in `keep` (loading or not: the cache's contents never depend on I/O timing).
+        Returns (slot, evicted expert or None), or None when every expert of the layer is kept."""
         assert expert not in self._slot_of[layer], "expert already has a slot"
         mapping = self._slot_of[layer]
         used = set(mapping.values())
         free = next((s for s in self._layer_slots[layer] if s not in used), None)
         evicted = None
         if free is None:
-            loading = {e for e, s in mapping.items() if self._state[s] == LOADING}
-            evicted = self.policies[layer].victim(set(keep) | loading)
+            evicted = self.policies[layer].victim(set(keep))
             if evicted is None:
                 return None
             free = mapping.pop(evicted)
             self.policies[layer].remove(evicted)
         mapping[expert] = free
         self._state[free] = LOADING
+        self.policies[layer].insert(expert)
         return free, evicted
 
     def mark_ready(self, layer: int, expert: int) -> None:
-        s = self._slot_of[layer][expert]
-        self._state[s] = READY
-        self.policies[layer].insert(expert)
+        self._state[self._slot_of[layer][expert]] = READY
 
     def release(self, layer: int, expert: int) -> None:
-        """Give back a slot whose load was cancelled or failed."""
+        """Give back a slot whose load failed."""
         s = self._slot_of[layer].pop(expert)
         self._state[s] = FREE
         self.policies[layer].remove(expert)
@@ -103,7 +102,8 @@ class ExpertCache:
         self.views.clear()
         for b in self.buffers:
             try:
-                b.close()
+                if b is not None:
+                    b.close()
             except BufferError:
                 pass  # a tensor view still exists; the mapping goes with the last reference
         self.buffers.clear()

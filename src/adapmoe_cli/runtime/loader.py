@@ -14,7 +14,7 @@ from typing import Any
 
 from adapmoe_cli.store.reader import ExpertReader
 
-DEMAND, PREFETCH = 0, 1
+DEMAND, PREFETCH, BACKGROUND = 0, 1, 2  # BACKGROUND: prefetches that turned out not needed
 
 
 @dataclass(eq=False)
@@ -64,13 +64,22 @@ class Loader:
                 heapq.heappush(self._heap, (DEMAND, next(self._seq), req))
                 self._cv.notify()
 
-    def cancel(self, req: LoadRequest) -> bool:
-        """Drop a request whose read has not started. True if it was dropped."""
+    def demote(self, req: LoadRequest) -> None:
+        """Send a queued request behind every demand load and fresh prefetch."""
         with self._cv:
+            if not req.started and not req.cancelled and req.priority < BACKGROUND:
+                req.priority = BACKGROUND
+                heapq.heappush(self._heap, (BACKGROUND, next(self._seq), req))
+
+    def cancel(self, req: LoadRequest) -> bool:
+        """Drop a request: True if its read had not started (nothing is read). A started read runs to the
+        end, but is forgotten for de-duplication, so a later request for the expert gets a new read."""
+        with self._cv:
+            if self._inflight.get((req.layer, req.expert)) is req:
+                del self._inflight[(req.layer, req.expert)]
             if req.started or req.done.is_set():
                 return False
             req.cancelled = True
-            self._inflight.pop((req.layer, req.expert), None)
             return True
 
     def wait(self, req: LoadRequest) -> float:
@@ -102,7 +111,8 @@ class Loader:
             except BaseException as e:  # handed to the waiting compute thread
                 req.error = e
             with self._cv:
-                self._inflight.pop((req.layer, req.expert), None)
+                if self._inflight.get((req.layer, req.expert)) is req:
+                    del self._inflight[(req.layer, req.expert)]
             req.done.set()
 
     def close(self) -> None:
@@ -111,3 +121,31 @@ class Loader:
             self._cv.notify_all()
         self._thread.join(timeout=5)
         self.reader.close()
+
+
+class InstantLoader:
+    """The loader of the trace simulator: every request is complete when submitted and nothing is read
+    (`nbytes` is the slot size). With it, `ExpertManager` replays a trace without a store or threads."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
+        req = LoadRequest(layer, expert, buffer, priority, started=True, nbytes=self.nbytes)
+        req.done.set()
+        return req
+
+    def promote(self, req: LoadRequest) -> None:
+        pass
+
+    def demote(self, req: LoadRequest) -> None:
+        pass
+
+    def cancel(self, req: LoadRequest) -> bool:
+        return False
+
+    def wait(self, req: LoadRequest) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass

@@ -4,7 +4,8 @@ hits, misses, wasted and dropped prefetches and stall time in `Stats` as they ha
 
 Per layer call (one forward of one MoE layer):
 1. settle loads that finished since the last call, account this layer's prefetches;
-2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one;
+2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one
+   (mispredicted prefetches stay cached; their reads, if still queued, move behind everything else);
 3. for each needed expert in ascending order (transformers' order, so sums match): wait until it is
    resident (loading it now if step 2 could not), compute, release it for eviction."""
 
@@ -27,6 +28,7 @@ class ExpertManager:
         self.stats = stats or Stats()
         self._pending: dict[tuple[int, int], LoadRequest] = {}
         self._prefetched: dict[int, dict[int, LoadRequest]] = {}  # layer → expert → request
+        self._abandoned: list[LoadRequest] = []  # useless prefetches whose read had already started
         #: observers of each layer call: (layer, needed experts); the profiler and tests record traces
         self.on_layer: list[Callable[[int, list[int]], None]] = []
 
@@ -36,6 +38,11 @@ class ExpertManager:
         for key, req in list(self._pending.items()):
             if req.done.is_set():
                 self._finish(key, req)
+        for req in [r for r in self._abandoned if r.done.is_set()]:
+            self._abandoned.remove(req)
+            if req.error is None:
+                self.stats.loads += 1
+                self.stats.bytes_read += req.nbytes
 
     def _finish(self, key: tuple[int, int], req: LoadRequest) -> None:
         del self._pending[key]
@@ -50,7 +57,15 @@ class ExpertManager:
         got = self.cache.reserve(layer, expert, keep=set(keep))
         if got is None:
             return None
-        slot, _evicted = got
+        slot, evicted = got
+        if evicted is not None and (layer, evicted) in self._pending:
+            # evicted before its read finished: forget it; a started read completes before the next
+            # read into the same buffer (one I/O worker, one read at a time)
+            old = self._pending.pop((layer, evicted))
+            if self.loader.cancel(old):
+                self.stats.prefetches_dropped += 1
+            else:
+                self._abandoned.append(old)
         req = self.loader.submit(layer, expert, self.cache.buffers[slot], priority)
         self._pending[(layer, expert)] = req
         return req
@@ -86,17 +101,13 @@ class ExpertManager:
         prefetched = self._prefetched.pop(layer, {})
         need = set(needed)
         for e, req in prefetched.items():
-            if e in need:
-                continue
-            if self.loader.cancel(req):
-                del self._pending[(layer, e)]
-                self.cache.release(layer, e)
-                self.stats.prefetches_dropped += 1
-            else:
+            if e not in need:
+                # mispredicted: the expert stays cached; its read, if still queued, goes to the back
                 self.stats.wasted_prefetches += 1
+                self.loader.demote(req)
         origin: dict[int, str] = {}
         for e in needed:
-            if e in prefetched:
+            if e in prefetched and self.cache.slot(layer, e) is not None:
                 origin[e] = ORIGIN_PREFETCH
             elif self.cache.slot(layer, e) is not None:
                 origin[e] = ORIGIN_RESIDENT
@@ -109,10 +120,8 @@ class ExpertManager:
                 # no slot could be had without evicting a needed expert: take one now
                 origin[e] = ORIGIN_DEMAND
                 req = self._load(layer, e, DEMAND, keep=remaining - {e})
-                if req is None:
-                    for key in [k for k in self._pending if k[0] == layer]:
-                        self._wait(*key)
-                    req = self._load(layer, e, DEMAND, keep={e})
+                if req is None:  # every slot holds a needed expert: evict one, to be reloaded later
+                    req = self._load(layer, e, DEMAND, keep=())
                     assert req is not None, "a layer with at least one slot can always load"
             self._wait(layer, e)
             {ORIGIN_RESIDENT: self._hit, ORIGIN_PREFETCH: self._pf_hit, ORIGIN_DEMAND: self._miss}[origin[e]]()
@@ -133,10 +142,12 @@ class ExpertManager:
         self.stats.expert_uses += 1
 
     def drain(self) -> None:
-        """Wait for every outstanding read (used before closing and between measured runs)."""
+        """Wait for every outstanding read and settle it (before closing, between measured runs)."""
         for key in list(self._pending):
             self._wait(*key)
-        self._prefetched.clear()
+        for req in self._abandoned:
+            req.done.wait()
+        self._settle()
 
     def close(self) -> None:
         for req in list(self._pending.values()):

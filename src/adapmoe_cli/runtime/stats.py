@@ -16,8 +16,8 @@ class Stats:
     prefetch_hits: int = 0  # needed and brought in (or in flight) by a prefetch
     misses: int = 0  # needed and loaded on demand
     prefetches_issued: int = 0
-    wasted_prefetches: int = 0  # prefetched for a layer that then did not need it
-    prefetches_dropped: int = 0  # queued prefetches cancelled before their read started
+    wasted_prefetches: int = 0  # prefetched for a layer that then did not need it (it stays cached)
+    prefetches_dropped: int = 0  # queued reads cancelled before they started (their expert was evicted)
     loads: int = 0  # reads completed by the loader
     bytes_read: int = 0
     stall_s: float = 0.0  # time the compute thread waited for loads
