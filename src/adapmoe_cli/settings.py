@@ -56,15 +56,32 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    adaptive: bool = True  # use the plan's adaptive gate (or --gate-scale); False: plain top-k
+    scale: float | None = None  # thresholds from the profile with this scale, overriding the plan's
+    rule: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.scale is not None and self.scale < 0:
+            raise UsageError(f"--gate-scale must be ≥ 0, got {self.scale}")
+
+
+@dataclass(frozen=True)
 class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
     prefetch: bool = True
     device: str = "auto"
+    plan: str = "auto"  # auto: the store's plan.json when it fits the budget; none; or a file
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
+
+    @property
+    def explicit_budget(self) -> bool:
+        return self.cache.experts is not None or self.cache.memory is not None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -93,7 +110,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise UsageError(f"unknown setting {where}{unknown[0]}; known: {', '.join(known)}")
     kwargs = {}
     for name, value in data.items():
-        sub = {"cache": CacheSettings, "generation": GenerationSettings}.get(name) if cls is Settings else None
+        subs = {"cache": CacheSettings, "generation": GenerationSettings, "gate": GateSettings}
+        sub = subs.get(name) if cls is Settings else None
         if sub is not None:
             kwargs[name] = _build(sub, value or {}, f"{name}.")
         elif cls is CacheSettings and name == "memory" and value is not None:
@@ -130,4 +148,4 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
     return _build(Settings, data, "")
 
 
-__all__ = ["CacheSettings", "GenerationSettings", "Settings", "load_settings", "replace"]
+__all__ = ["CacheSettings", "GateSettings", "GenerationSettings", "Settings", "load_settings", "replace"]

@@ -12,17 +12,21 @@ import typer
 from rich.table import Table
 
 from adapmoe_cli.cli.common import (
+    AdaptiveOpt,
     CacheExpertsOpt,
     ConfigOpt,
     DeviceOpt,
+    GateScaleOpt,
     MemoryOpt,
     ModelArg,
+    PlanOpt,
     PolicyOpt,
     PrefetchOpt,
     console,
     err_console,
     open_store,
     runtime_settings,
+    start_engine,
 )
 from adapmoe_cli.conversation import Conversation, load_tokenizer
 from adapmoe_cli.runtime.engine import Engine
@@ -60,6 +64,9 @@ def chat_cmd(
     memory: MemoryOpt = None,
     prefetch: PrefetchOpt = None,
     policy: PolicyOpt = None,
+    plan: PlanOpt = None,
+    adaptive_gate: AdaptiveOpt = None,
+    gate_scale: GateScaleOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -72,7 +79,7 @@ def chat_cmd(
       adapmoe chat ./mixtral-store --memory 12GiB --temperature 0.7
     """
     settings = runtime_settings(
-        config, cache_experts, memory, prefetch, device, policy,
+        config, cache_experts, memory, prefetch, device, policy, plan, adaptive_gate, gate_scale,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
     )
     if prompt is None and not sys.stdin.isatty():
@@ -80,7 +87,7 @@ def chat_cmd(
         if not prompt:
             raise typer.BadParameter("stdin held no prompt", param_hint="stdin")
     store = open_store(model)
-    with Engine(store, settings) as engine:
+    with start_engine(store, settings) as engine:
         conv = Conversation(engine, load_tokenizer(engine), settings.generation, system=system, raw=raw)
         if prompt is not None:
             _one_shot(conv, prompt, as_json)

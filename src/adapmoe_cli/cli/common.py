@@ -20,6 +20,7 @@ from rich.progress import (
 )
 
 if TYPE_CHECKING:
+    from adapmoe_cli.runtime.engine import Engine
     from adapmoe_cli.settings import Settings
     from adapmoe_cli.store import Store
 
@@ -65,6 +66,12 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | au
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML preset over configs/default.yaml.", show_default=False),
 ]
+PlanOpt = Annotated[str | None, typer.Option("--plan", help="Cache plan file (default: the store's plan.json "
+                                            "when it fits the budget; 'none' to ignore it).", show_default=False)]
+AdaptiveOpt = Annotated[bool | None, typer.Option("--adaptive-gate/--no-adaptive-gate",
+                                                  help="Route with the plan's adaptive gate.", show_default=False)]
+GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adaptive-gate scale c (thresholds from "
+                                                    "the profile), overriding the plan's.", show_default=False)]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.", show_default=False)]
 
 
@@ -78,12 +85,25 @@ def open_store(model: str | None) -> Store:
 
 def runtime_settings(config: Path | None, cache_experts: int | None, memory: str | None,
                      prefetch: bool | None, device: str | None, policy: str | None = None,
+                     plan: str | None = None, adaptive: bool | None = None, gate_scale: float | None = None,
                      **generation: object) -> Settings:
     from adapmoe_cli.settings import load_settings
 
     overrides: dict[str, object] = {
         "cache.experts": cache_experts, "cache.memory": memory, "cache.policy": policy,
-        "prefetch": prefetch, "device": device,
+        "prefetch": prefetch, "device": device, "plan": plan, "gate.adaptive": adaptive,
+        "gate.scale": gate_scale,
     }
     overrides.update({f"generation.{k}": v for k, v in generation.items()})
     return load_settings(config, overrides)
+
+
+def start_engine(store: Store, settings: Settings) -> Engine:
+    """The engine with the budget and gate `planning.resolve` picks; its notes go to stderr."""
+    from adapmoe_cli.planning.resolve import resolve
+    from adapmoe_cli.runtime.engine import Engine
+
+    choices = resolve(store, settings)
+    for note in choices.notes:
+        err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    return Engine(store, settings, budget=choices.budget, gate=choices.gate)

@@ -1,0 +1,120 @@
+"""`adapmoe plan-cache [MODEL] --budget (N | SIZE)`: adaptive-gate thresholds and slots per layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adapmoe_cli.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    ModelArg,
+    PolicyOpt,
+    PrefetchOpt,
+    console,
+    err_console,
+    open_store,
+    runtime_settings,
+)
+from adapmoe_cli.conversation import load_tokenizer
+from adapmoe_cli.evaluation import evaluate, read_text_tokens
+from adapmoe_cli.models import default_text
+from adapmoe_cli.planning.gate_rules import RULES
+from adapmoe_cli.planning.run import PlanRequest, make_plan, parse_budget, parse_fraction
+from adapmoe_cli.runtime.cache import even_quotas
+from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.units import format_bytes
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan-cache", help="Choose adaptive-gate thresholds and cache slots per layer.")(plan_cmd)
+
+
+def plan_cmd(
+    model: ModelArg = None,
+    budget: Annotated[str, typer.Option("--budget", "-b", help="Expert slots (e.g. 32) or memory (e.g. 6GiB).")] = "",
+    quality_budget: Annotated[str, typer.Option("--quality-budget", "-q",
+                                                help="Allowed perplexity increase for the gate, e.g. 1%.")] = "1%",
+    gate_scale: Annotated[float | None, typer.Option("--gate-scale", help="Set the gate scale c directly.",
+                                                     show_default=False)] = None,
+    adaptive_gate: Annotated[bool, typer.Option("--adaptive-gate/--no-adaptive-gate",
+                                                help="Plan with the adaptive gate (default) or plain top-k.")] = True,
+    rule: Annotated[str, typer.Option("--rule", help=f"Threshold rule: {' | '.join(RULES)}.")] = "paper",
+    text: Annotated[Path | None, typer.Option("--text", help="Calibration text for the quality search "
+                                              "(default: the embedded calibration split).", show_default=False)] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.")] = 4096,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Profile file (default: STORE/profile.json).",
+                                                 show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Plan file (default: STORE/plan.json).",
+                                             show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    prefetch: PrefetchOpt = None,
+    policy: PolicyOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Examples:
+
+      adapmoe plan-cache --budget 32
+
+      adapmoe plan-cache ./mixtral-store --budget 24GiB --quality-budget 0.5% --json
+    """
+    if not budget:
+        raise typer.BadParameter("give a budget in slots or bytes, e.g. --budget 32 or --budget 6GiB",
+                                 param_hint="--budget")
+    settings = runtime_settings(config, None, None, prefetch, device, policy)
+    store = open_store(model)
+    slots = parse_budget(budget, store)
+    mode = "off" if not adaptive_gate else ("scale" if gate_scale is not None else "quality")
+    req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=rule, scale=gate_scale, profile=profile, out=out,
+                      quality_budget=parse_fraction(quality_budget) if mode == "quality" else 0.01)
+    perplexity = None
+    engine = None
+    try:
+        if mode == "quality":
+            n_all = len(store.experts)
+            full = Budget(even_quotas(store.shape.moe_layers, n_all, store.shape.num_experts), "all")
+            engine = Engine(store, settings, budget=full)
+            ids = read_text_tokens(load_tokenizer(engine), text or default_text("calibration"),
+                                   min_tokens=64, max_tokens=tokens)
+            window = int(min(256, store.config.get("max_position_embeddings", 256)))
+
+            def perplexity(gate):  # noqa: ANN001, ANN202
+                engine.use_gate(gate)
+                return evaluate(engine, ids, window).perplexity
+
+            err_console.print(f"[dim]searching the gate scale on {len(ids)} calibration tokens …[/]")
+        path, data = make_plan(store, settings, req, perplexity)
+    finally:
+        if engine is not None:
+            engine.close()
+    from adapmoe_cli.planning.plan_file import Plan
+
+    plan = Plan(path, data)
+    if as_json:
+        print(json.dumps(plan.public(), indent=2))
+        return
+    render(data, store.expert_stride)
+    console.print(f"wrote {path}")
+
+
+def render(data: dict, stride: int) -> None:
+    t = Table(title=f"cache plan: {data['budget_slots']} slots ({format_bytes(data['budget_slots'] * stride)}), "
+                    f"gate {data['gate_rule']} c={data['gate_scale'] if data['gate_scale'] is not None else '—'}")
+    for col in ("layer", "slots", "threshold", "experts/token", "predicted hit rate", "expected stalls/token"):
+        t.add_column(col, justify="right")
+    for x in data["layers"]:
+        th = "—" if x["threshold"] is None else f"{x['threshold']:.3f}"
+        t.add_row(str(x["layer"]), str(x["slots"]), th, f"{x['uses_per_token']:.2f}",
+                  f"{x['predicted_hit_rate']:.1%}", f"{x['expected_cost']:.3f}")
+    console.print(t)
+    console.print(f"expected stalls per token: {data['total_expected_cost']:.3f} "
+                  f"(even split: {data['even_split_expected_cost']:.3f})")
+    q = data.get("quality_search")
+    if q:
+        console.print(f"quality budget {q['budget']:.2%}: perplexity {q['base_perplexity']:.3f} → "
+                      f"{q['perplexity']:.3f} ({q['increase']:+.2%}) on the calibration text")

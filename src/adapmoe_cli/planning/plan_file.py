@@ -1,0 +1,89 @@
+"""The cache plan on disk (format version 1, JSON): slots per layer for a budget, the adaptive gate's
+thresholds, the cost curves they were chosen from, and the model it was made for. Read by one function
+that refuses other models, other budgets and newer versions with a message."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapmoe_cli import __version__
+from adapmoe_cli.errors import ProfileError
+from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.store import Store
+
+FORMAT = "adapmoe-plan"
+FORMAT_VERSION = 1
+DEFAULT_NAME = "plan.json"
+
+
+def default_path(store: Store) -> Path:
+    return store.path / DEFAULT_NAME
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path | None
+    data: dict[str, Any]
+
+    @property
+    def budget_slots(self) -> int:
+        return int(self.data["budget_slots"])
+
+    @property
+    def quotas(self) -> dict[int, int]:
+        return {int(x["layer"]): int(x["slots"]) for x in self.data["layers"]}
+
+    @property
+    def gate(self) -> GatePolicy:
+        th = {int(x["layer"]): float(x["threshold"]) for x in self.data["layers"] if x.get("threshold") is not None}
+        return GatePolicy(th, rule=self.data.get("gate_rule", "off"), scale=self.data.get("gate_scale"))
+
+    def public(self) -> dict[str, Any]:
+        """The documented `--json` shape."""
+        return {
+            "budget_slots": self.budget_slots,
+            "gate_scale": self.data.get("gate_scale"),
+            "layers": [{k: x[k] for k in ("layer", "slots", "threshold", "cost_curve", "expected_cost")}
+                       for x in self.data["layers"]],
+            "total_expected_cost": self.data["total_expected_cost"],
+        }
+
+
+def write_plan(path: Path, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"adapmoe {__version__}", **data}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_plan(path: Path, store: Store, budget_slots: int | None = None) -> Plan:
+    path = Path(path)
+    if not path.exists():
+        raise ProfileError(f"no plan at {path}; make one with `adapmoe plan-cache --budget …`")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ProfileError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ProfileError(f"{path} is not an adapmoe cache plan")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ProfileError(f"{path} has plan format {version}; this adapmoe reads up to {FORMAT_VERSION}: upgrade")
+    if data.get("model", {}).get("fingerprint") != store.fingerprint:
+        raise ProfileError(f"{path} was made for another model; run `adapmoe plan-cache` on {store.path}")
+    plan = Plan(path, data)
+    if budget_slots is not None and plan.budget_slots != budget_slots:
+        raise ProfileError(
+            f"{path} was made for a budget of {plan.budget_slots} slots, not {budget_slots}; "
+            f"re-run `adapmoe plan-cache --budget {budget_slots}` or drop the budget flag"
+        )
+    if sorted(plan.quotas) != sorted(store.shape.moe_layers):
+        raise ProfileError(f"{path} does not list this model's MoE layers")
+    return plan
