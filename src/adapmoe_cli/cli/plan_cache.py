@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -20,13 +21,9 @@ from adapmoe_cli.cli.common import (
     open_store,
     runtime_settings,
 )
-from adapmoe_cli.conversation import load_tokenizer
-from adapmoe_cli.evaluation import evaluate, read_text_tokens
 from adapmoe_cli.models import default_text
 from adapmoe_cli.planning.gate_rules import RULES
-from adapmoe_cli.planning.run import PlanRequest, make_plan, parse_budget, parse_fraction
-from adapmoe_cli.runtime.cache import even_quotas
-from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.planning.run import PlanRequest, gate_perplexity, make_plan, parse_budget, parse_fraction
 from adapmoe_cli.units import format_bytes
 
 
@@ -72,26 +69,13 @@ def plan_cmd(
     mode = "off" if not adaptive_gate else ("scale" if gate_scale is not None else "quality")
     req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=rule, scale=gate_scale, profile=profile, out=out,
                       quality_budget=parse_fraction(quality_budget) if mode == "quality" else 0.01)
-    perplexity = None
-    engine = None
-    try:
+    with contextlib.ExitStack() as stack:
+        perplexity = None
         if mode == "quality":
-            n_all = len(store.experts)
-            full = Budget(even_quotas(store.shape.moe_layers, n_all, store.shape.num_experts), "all")
-            engine = Engine(store, settings, budget=full)
-            ids = read_text_tokens(load_tokenizer(engine), text or default_text("calibration"),
-                                   min_tokens=64, max_tokens=tokens)
-            window = int(min(256, store.config.get("max_position_embeddings", 256)))
-
-            def perplexity(gate):  # noqa: ANN001, ANN202
-                engine.use_gate(gate)
-                return evaluate(engine, ids, window).perplexity
-
-            err_console.print(f"[dim]searching the gate scale on {len(ids)} calibration tokens …[/]")
+            calib = text or default_text("calibration")
+            perplexity = stack.enter_context(gate_perplexity(store, settings, calib, tokens))
+            err_console.print(f"[dim]searching the gate scale on {tokens} calibration tokens of {calib.name} …[/]")
         path, data = make_plan(store, settings, req, perplexity)
-    finally:
-        if engine is not None:
-            engine.close()
     from adapmoe_cli.planning.plan_file import Plan
 
     plan = Plan(path, data)

@@ -5,7 +5,8 @@ turn the user's words into numbers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,25 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         }
     path = write_plan(req.out or default_path(store), data)
     return path, data
+
+
+@contextlib.contextmanager
+def gate_perplexity(store: Store, settings: Settings, text: Path, tokens: int
+                           ) -> Iterator[Callable[[GatePolicy], float]]:
+    """A function gate → perplexity on `tokens` tokens of `text`, on an engine holding every expert
+    (perplexity does not depend on the cache budget, and a full cache makes each pass fast)."""
+    from adapmoe_cli.conversation import load_tokenizer
+    from adapmoe_cli.evaluation import evaluate, read_text_tokens
+    from adapmoe_cli.runtime.engine import Budget, Engine
+
+    shape = store.shape
+    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
+    with Engine(store, settings, budget=full) as engine:
+        ids = read_text_tokens(load_tokenizer(engine), text, min_tokens=64, max_tokens=tokens)
+        window = int(min(256, store.config.get("max_position_embeddings", 256)))
+
+        def perplexity(gate: GatePolicy) -> float:
+            engine.use_gate(gate)
+            return evaluate(engine, ids, window).perplexity
+
+        yield perplexity

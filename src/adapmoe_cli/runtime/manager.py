@@ -128,6 +128,9 @@ class ExpertManager:
             self.cache.touch(layer, e)
             compute(e, self.cache.views[self.cache.slot(layer, e)])
             remaining.discard(e)
+        if not self.cache.policies[layer].retains:
+            for e in self.cache.resident(layer):
+                self.cache.release(layer, e)
 
     def _hit(self) -> None:
         self.stats.hits += 1
@@ -140,6 +143,12 @@ class ExpertManager:
     def _miss(self) -> None:
         self.stats.misses += 1
         self.stats.expert_uses += 1
+
+    def preload(self, layer: int, experts: Iterable[int]) -> None:
+        """Load experts ahead of use and wait for them (the `resident` benchmark policy)."""
+        for e in experts:
+            if self.cache.slot(layer, e) is None and self._load(layer, e, DEMAND, keep=()) is not None:
+                self._wait(layer, e)
 
     def drain(self) -> None:
         """Wait for every outstanding read and settle it (before closing, between measured runs)."""

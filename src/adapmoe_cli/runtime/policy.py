@@ -12,6 +12,8 @@ from collections.abc import Collection, Iterable
 
 class EvictionPolicy:
     name = "base"
+    #: False: the layer forgets its experts after each call (no cache across tokens)
+    retains = True
 
     def insert(self, expert: int) -> None:
         raise NotImplementedError
@@ -86,7 +88,14 @@ class LFU(EvictionPolicy):
         return self._lru.residents()
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU}
+class NoCache(LRU):
+    """Keep nothing between layer calls: every needed expert is loaded on demand (the naive baseline)."""
+
+    name = "none"
+    retains = False
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "none": NoCache}
 
 
 def make_policy(name: str) -> EvictionPolicy:

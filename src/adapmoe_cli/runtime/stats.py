@@ -25,6 +25,10 @@ class Stats:
     def copy(self) -> Stats:
         return Stats(**asdict(self))
 
+    def add(self, other: Stats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def delta(self, before: Stats) -> Stats:
         return Stats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
 

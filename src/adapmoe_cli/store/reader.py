@@ -104,3 +104,41 @@ def drop_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def read_bandwidth(store: Store, max_bytes: int = 1 << 30, chunk: int = 4 << 20) -> tuple[float, bool]:
+    """Raw sequential read speed of the store's expert files (bytes/s) with O_DIRECT when the file system
+    allows it (else reads through the cache after dropping it). Returns (bytes per second, direct)."""
+    import time
+
+    files = sorted({e.file for e in store.experts.values()})
+    buf = aligned_buffer(chunk)
+    view = memoryview(buf)
+    done, direct, t0 = 0, True, time.perf_counter()
+    try:
+        while done < max_bytes:
+            before = done
+            for name in files:
+                path = store.path / name
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    direct = False
+                    drop_page_cache(path)
+                    fd = os.open(path, os.O_RDONLY)
+                try:
+                    off = 0
+                    while done < max_bytes:
+                        n = os.preadv(fd, [view], off)
+                        if n <= 0:
+                            break
+                        off += n
+                        done += n
+                finally:
+                    os.close(fd)
+            if done == before:
+                break
+    finally:
+        view.release()
+        buf.close()
+    return done / (time.perf_counter() - t0), direct
