@@ -55,8 +55,8 @@ def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
 
 
 def _ref_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=0)
+    model.generation_config.eos_token_id = None  # n raw greedy steps, no stopping (and no eos suppression)
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return ids[0, len(prompt):].tolist()
 
 

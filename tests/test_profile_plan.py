@@ -1,0 +1,226 @@
+"""profile, plan-cache, eval and the adaptive gate on tiny synthetic models: the estimates equal an
+independent computation on transformers' own model, the DP equals brute force, plans round-trip into
+the runtime, and bad input is refused with a message."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, MixtralForCausalLM
+
+from adapmoe_cli.errors import ProfileError, UsageError
+from adapmoe_cli.evaluation import evaluate, read_text_tokens
+from adapmoe_cli.planning.allocate import allocate, total_cost
+from adapmoe_cli.planning.plan_file import read_plan
+from adapmoe_cli.planning.resolve import resolve
+from adapmoe_cli.planning.run import PlanRequest, make_plan, parse_budget, parse_fraction
+from adapmoe_cli.profiling.profile_file import read_profile
+from adapmoe_cli.profiling.run import ProfileRequest, profile
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
+from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+from adapmoe_cli.settings import GenerationSettings, load_settings
+from adapmoe_cli.store import Store
+from adapmoe_cli.synthetic import TinySpec
+
+SPEC = TinySpec(num_hidden_layers=3, num_local_experts=6, hidden_size=48, intermediate_size=64,
+                num_attention_heads=4, num_key_value_heads=2)
+TEXT = ("The json module encodes and decodes JSON. Use json.dumps to turn objects into strings and json.loads "
+        "to parse them back. The os module gives access to the operating system: files, paths, processes. ") * 12
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture
+def store(make_store, tmp_path) -> Store:
+    """A private copy (profiles and plans are written into the store)."""
+    dst = tmp_path / "store"
+    shutil.copytree(make_store(SPEC, dtype=torch.float32), dst)
+    return Store.open(dst)
+
+
+def _profile(store: Store, text: Path, method: str = "gradient", tokens: int = 300) -> dict:
+    req = ProfileRequest(text, "test text", tokens, 64, method=method, validate_text=text, validate_label="same")
+    return read_profile(profile(store, load_settings(), req), store).data
+
+
+def test_gradient_sensitivity_equals_transformers_autograd(store, text_file, make_checkpoint):
+    data = _profile(store, text_file)
+    assert data["method"] == "gradient" and data["format_version"] == 1
+    # independent: transformers' model, hooks on each layer's MoE output, the same summed loss per window
+    ref = MixtralForCausalLM.from_pretrained(make_checkpoint(SPEC, dtype=torch.float32), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(store.path)
+    ids = tok(TEXT)["input_ids"][:300]
+    sums = torch.zeros(SPEC.num_hidden_layers, dtype=torch.float64)
+    outs = {}
+    def keep(i):
+        def hook(module, args, out):
+            out.retain_grad()
+            outs[i] = out
+        return hook
+
+    for i, layer in enumerate(ref.model.layers):
+        layer.mlp.register_forward_hook(keep(i))
+    ref.model.embed_tokens.register_forward_hook(lambda m, a, o: o.requires_grad_(True))
+    for start in range(0, len(ids), 64):
+        chunk = torch.tensor([ids[start:start + 64]])
+        logits = ref(chunk).logits[0]
+        torch.nn.functional.cross_entropy(logits[:-1], chunk[0, 1:], reduction="sum").backward()
+        for i in range(SPEC.num_hidden_layers):
+            sums[i] += (outs[i].grad.double() ** 2).sum()
+    expected = (sums / len(ids)).tolist()
+    got = [x["sensitivity"] for x in data["layers"]]
+    assert got == pytest.approx(expected, rel=1e-4)
+    # the trace: every token and layer routed, predictions for layers ≥ 1
+    trace = read_profile(store.path / "profile.json").trace()
+    assert trace.ids.shape == (300, 3, 2) and int(trace.ids.min()) >= 0
+    assert int(trace.pred_ids[:, 0].max()) == -1 and int(trace.pred_ids[:, 1:].min()) >= 0
+    assert torch.allclose(trace.weights.sum(-1), torch.ones(300, 3))
+    layer = data["layers"][1]
+    assert 0 <= layer["prediction_accuracy"] <= 1
+    assert sum(layer["activation_frequency"]) == pytest.approx(1.0)
+    assert layer["single_expert_ratio"]["0.5"] == pytest.approx(1.0)
+    assert set(data["validation"]["spearman"]) == {"predicted", "second_order", "first_order"}
+
+
+def test_forward_method_reproduces_measured_drop(store, text_file):
+    data = _profile(store, text_file, method="forward")
+    assert data["method"] == "forward"
+    measured = data["validation"]["measured_drop_loss"]  # same text, same windows
+    predicted = [x["predicted_drop_loss"] for x in data["layers"]]
+    assert predicted == pytest.approx(measured, abs=1e-9)
+
+
+def test_profile_bad_input(store, text_file, tmp_path):
+    good = _profile(store, text_file, tokens=200)
+    before = (store.path / "profile.json").read_text()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(UsageError, match="is empty"):
+        profile(store, load_settings(), ProfileRequest(empty, "empty", 100, 64))
+    with pytest.raises(UsageError, match="only .* tokens"):
+        profile(store, load_settings(), ProfileRequest(text_file, "short", 10**6, 64))
+    assert (store.path / "profile.json").read_text() == before  # nothing overwritten
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**good, "format_version": 99}))
+    with pytest.raises(ProfileError, match="upgrade"):
+        read_profile(newer)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**good, "model": {**good["model"], "fingerprint": "x"}}))
+    with pytest.raises(ProfileError, match="another model"):
+        read_profile(other, store)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_dp_allocation_equals_brute_force(seed):
+    rng = random.Random(seed)
+    L, E = rng.randint(1, 4), rng.randint(1, 5)
+    curves = [sorted((rng.random() for _ in range(E)), reverse=rng.random() < 0.7) for _ in range(L)]
+    budget = rng.randint(L, L * E)
+    best = min(
+        (total_cost(curves, s), s) for s in itertools.product(range(1, E + 1), repeat=L) if sum(s) == budget
+    )
+    got = allocate(curves, budget)
+    assert sum(got) == budget and all(1 <= s <= E for s in got)
+    assert total_cost(curves, got) == pytest.approx(best[0])
+
+
+def test_gated_runtime_equals_transformers_with_the_same_gate(make_store, make_checkpoint):
+    """The adaptive gate in prefill and decode: identical tokens to transformers' model whose routers apply
+    the same gate (drop below the threshold, renormalise)."""
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    gate = GatePolicy({0: 0.3, 1: 0.45, 2: 0.2}, rule="test")
+    ref = MixtralForCausalLM.from_pretrained(make_checkpoint(SPEC, dtype=torch.float32), dtype=torch.float32)
+    for i, layer in enumerate(ref.model.layers):
+        router = layer.mlp.gate
+        orig = router.forward
+
+        def gated(x, orig=orig, t=gate.threshold(i)):
+            logits, w, ids = orig(x)
+            w2, ids2, keep = apply_gate(w, ids, t)
+            return logits, torch.where(keep, w2, torch.zeros_like(w2)), torch.where(keep, ids2, ids)
+        router.forward = gated
+    prompt = [1, 17, 42, 99, 7, 250, 31, 64]
+    ref.generation_config.eos_token_id = None  # compare 16 raw greedy steps, no stopping
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    gen = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
+    with Engine(store, load_settings(overrides={"cache.experts": 6}), gate=gate) as eng:
+        got = []
+        for t, _ in generate_step(eng, prompt, new_kv_cache(eng), gen):
+            got.append(t)
+            if len(got) == 16:
+                break
+        assert got == expected
+        assert eng.stats.experts_per_token < 2.0
+    with Engine(store, load_settings(), gate=GatePolicy.top1(range(3))) as eng, torch.no_grad():
+        eng.model(torch.tensor([prompt]))
+        assert eng.stats.experts_per_token == 1.0
+
+
+def test_plan_cache_and_runtime_use_it(store, text_file):
+    _profile(store, text_file, tokens=300)
+    settings = load_settings()
+    slots = parse_budget("9", store)
+    path, data = make_plan(store, settings, PlanRequest(budget_slots=slots, gate_mode="scale", scale=0.05))
+    plan = read_plan(path, store, slots)
+    assert sum(plan.quotas.values()) == 9 and all(1 <= q <= 6 for q in plan.quotas.values())
+    assert data["total_expected_cost"] <= data["even_split_expected_cost"] + 1e-12
+    for x in data["layers"]:
+        assert len(x["cost_curve"]) == 6 and x["expected_cost"] == x["cost_curve"][x["slots"] - 1]
+        assert x["threshold"] == pytest.approx(min((0.05 / next(
+            p["sensitivity"] for p in read_profile(store.path / "profile.json").layers if p["layer"] == x["layer"]
+        )) ** 0.5, 0.5 + 1e-6))
+    assert set(plan.public()) == {"budget_slots", "gate_scale", "layers", "total_expected_cost"}
+    choice = resolve(store, settings)  # the store's plan is used by default ...
+    assert choice.budget.quotas == plan.quotas and choice.gate.thresholds == plan.gate.thresholds
+    choice = resolve(store, load_settings(overrides={"gate.adaptive": False}))
+    assert choice.gate.thresholds == {}
+    other = resolve(store, load_settings(overrides={"cache.experts": 6}))  # ... unless the budget differs
+    assert other.plan is None and other.notes and sum(other.budget.quotas.values()) == 6
+    with pytest.raises(ProfileError, match="budget of 9"):
+        read_plan(path, store, 6)
+    with pytest.raises(UsageError, match="below one per MoE layer"):
+        parse_budget("2", store)
+    with pytest.raises(UsageError, match="larger than the model"):
+        parse_budget("1GiB", store)
+    for bad in ("0%", "-1%", "80%", "lots"):
+        with pytest.raises(UsageError):
+            parse_fraction(bad)
+
+
+def test_plan_without_profile_says_which_command(store):
+    with pytest.raises(ProfileError, match="adapmoe profile"):
+        make_plan(store, load_settings(), PlanRequest(budget_slots=6, gate_mode="off"))
+
+
+def test_eval_perplexity_equals_transformers(make_store, make_checkpoint, text_file):
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    ref = MixtralForCausalLM.from_pretrained(make_checkpoint(SPEC, dtype=torch.float32), dtype=torch.float32)
+    with Engine(store, load_settings(overrides={"cache.experts": 5})) as eng:
+        tok = AutoTokenizer.from_pretrained(store.path)
+        ids = read_text_tokens(tok, text_file, max_tokens=200)
+        res = evaluate(eng, ids, window=64, stride=32)
+    nll, n, start, scored = 0.0, 0, 0, 1
+    with torch.no_grad():
+        while scored < len(ids):  # the sliding window, written out independently
+            end = min(start + 64, len(ids))
+            logits = ref(torch.tensor([ids[start:end]])).logits[0]
+            tgt = torch.tensor(ids[scored:end])
+            nll += float(torch.nn.functional.cross_entropy(logits[scored - start - 1:end - start - 1], tgt,
+                                                           reduction="sum"))
+            n += len(tgt)
+            scored, start = end, end - 32
+    assert res.tokens == n == len(ids) - 1
+    assert res.loss == pytest.approx(nll / n, rel=1e-6)
