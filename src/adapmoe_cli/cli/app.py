@@ -7,6 +7,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from adapmoe_cli import __version__
 from adapmoe_cli.cli import bench, chat, download, evaluate, info, plan_cache, profile, shard, verify
@@ -44,13 +45,29 @@ def _debug() -> bool:
     return os.environ.get("ADAPMOE_DEBUG", "") not in ("", "0") or "--debug" in sys.argv[1:]
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Usage errors are ClickExceptions; typer >= 0.2x raises those of its vendored copy of click."""
+    import click
+
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        return (click.ClickException,)
+    return (click.ClickException, ClickException)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode click *returns* the code of a `typer.Exit(n)` (and 130 for Ctrl-C)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                err_console.print("interrupted")
+            sys.exit(code)
     except AdapmoeError as e:
         if _debug():
             raise
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # paths may hold [...]
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -60,15 +77,13 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(e.exit_code)
         if _debug():
             raise
         err_console.print(
-            f"[red]error:[/] unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+            f"[red]error:[/] unexpected {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
             soft_wrap=True,
         )
         sys.exit(1)

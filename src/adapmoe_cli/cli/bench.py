@@ -41,6 +41,11 @@ def bench_cmd(
                                                   show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also run budgets from 10% to 100% of the experts.")] = False,
+    text: Annotated[Path | None, typer.Option("--text", help="Held-out text for perplexity (default: the embedded "
+                                              "held-out split).", show_default=False)] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for profiling and the gate's "
+                                                     "quality search (default: the embedded calibration split).",
+                                                     show_default=False)] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -58,7 +63,8 @@ def bench_cmd(
     texts = read_prompts(prompts) if prompts else default_prompts()
     store = open_store(model)
     slots = parse_budget(budget, store) if budget else len(store.experts) // 2
-    ensure_profile(store, settings)
+    calib_text = calibration or default_text("calibration")
+    ensure_profile(store, settings, calib_text)
     with contextlib.ExitStack() as stack:
         from adapmoe_cli.conversation import Conversation, load_tokenizer
         from adapmoe_cli.runtime.engine import Engine
@@ -66,8 +72,8 @@ def bench_cmd(
         with Engine(store, settings) as eng:
             tok = load_tokenizer(eng)
             prompt_ids = [Conversation(eng, tok, settings.generation)._prompt_ids(t) for t in texts]
-        calib = stack.enter_context(gate_perplexity(store, settings, default_text("calibration"), 4096))
-        held = stack.enter_context(gate_perplexity(store, settings, default_text("heldout"), 8192))
+        calib = stack.enter_context(gate_perplexity(store, settings, calib_text, 4096))
+        held = stack.enter_context(gate_perplexity(store, settings, text or default_text("heldout"), 8192))
         results = [_one_budget(store, settings, names, slots, prompt_ids, tokens, repeat, qb, calib, held)]
         if sweep:
             total = len(store.experts)
@@ -98,13 +104,17 @@ def _argv() -> list[str]:
     return args[args.index("bench") + 1:] if "bench" in args else args
 
 
-def ensure_profile(store: Store, settings: Settings) -> None:
+def ensure_profile(store: Store, settings: Settings, text: Path) -> None:
     if default_profile(store).exists():
         return
+    from adapmoe_cli.conversation import load_tokenizer
     from adapmoe_cli.profiling.run import ProfileRequest, profile
+    from adapmoe_cli.runtime.engine import Engine
 
     err_console.print("[dim]no profile in the store yet: running `adapmoe profile` first …[/]")
-    profile(store, settings, ProfileRequest(default_text("calibration"), "embedded calibration split", 8192, 256))
+    with Engine(store, settings) as eng:  # profile as many tokens as the text holds, up to 8192
+        n = min(8192, len(load_tokenizer(eng)(text.read_text())["input_ids"]))
+    profile(store, settings, ProfileRequest(text, str(text), n, 256))
 
 
 def _one_budget(store: Store, settings: Settings, names: list[str], slots: int, prompt_ids: list[list[int]],
@@ -148,7 +158,7 @@ def render(r: dict[str, Any]) -> None:
                   f"{p['hit_rate']:.1%}", pf, f"{p['bytes_read_per_token'] / 1024:.0f}",
                   f"{p['stall_s_per_token'] * 1e3:.2f}", "∞" if floor is None else f"{floor:.0f}",
                   f"{p['perplexity']:.3f}")
-    console.print(t)
+    console.print(t, width=max(console.width, 150))
     console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
                   f"page cache {r['page_cache']}")
     for name, why in r.get("skipped", {}).items():

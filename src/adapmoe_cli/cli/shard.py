@@ -31,10 +31,13 @@ def shard_cmd(
     with byte_progress("sharding") as progress:
         res = shard(src, out, dtype=dtype, force=force, progress=progress)
     if res.reused:
-        console.print(f"{res.store} already holds this store; nothing to do (pass --force to rebuild)")
+        console.print(
+            f"{res.store} already holds this store; nothing to do (pass --force to rebuild)", soft_wrap=True
+        )
         return
     rate = res.bytes_written / max(res.seconds, 1e-9)
     console.print(
         f"wrote {res.store}: {format_bytes(res.bytes_written)} in {res.seconds:.1f} s "
-        f"({format_bytes(rate)}/s)"
+        f"({format_bytes(rate)}/s)",
+        soft_wrap=True,  # one line, whatever the path's length
     )

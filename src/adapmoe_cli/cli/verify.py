@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from adapmoe_cli.cli.common import byte_progress, console, err_console
 from adapmoe_cli.store import Store
@@ -24,9 +25,9 @@ def verify_cmd(store: Annotated[Path, typer.Argument(help="Store folder.")]) -> 
         rep = verify(s, progress=progress)
     if rep.ok:
         console.print(f"ok: {len(s.experts)} experts and {len(s.dense_files)} dense files, "
-                      f"{format_bytes(rep.bytes_checked)} checked in {rep.seconds:.1f} s")
+                      f"{format_bytes(rep.bytes_checked)} checked in {rep.seconds:.1f} s", soft_wrap=True)
         return
     for p in rep.problems:
-        err_console.print(f"[red]bad:[/] {p}")
+        err_console.print(f"[red]bad:[/] {escape(p)}", soft_wrap=True)
     err_console.print(f"[red]error:[/] {len(rep.problems)} problem(s); re-run `adapmoe shard --force`")
     raise typer.Exit(1)

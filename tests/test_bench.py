@@ -1,0 +1,76 @@
+"""`adapmoe bench` end to end on a tiny store (numbers are not asserted, only what was counted and the
+shape of the output), and its bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adapmoe_cli.synthetic import TinySpec
+
+TEXT = ("Python modules: json encodes and decodes JSON; os talks to the operating system; re matches regular "
+        "expressions; pathlib handles paths. ") * 40
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture
+def setup(make_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(make_store(TinySpec(num_hidden_layers=2, num_local_experts=4), dtype=torch.float32), store)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    return store, text
+
+
+def test_bench_runs_every_policy_and_writes_json_and_chart(setup, tmp_path):
+    store, text = setup
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = _run("bench", str(store), "--text", str(text), "--calibration", str(text), "--tokens", "4", "--repeat", "2",
+             "--policies", "naive,lru,lru+prefetch,lfu,planned,adapmoe,resident", "--json", str(out),
+             "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"naive", "lru", "lru+prefetch", "lfu", "planned", "adapmoe", "resident"}
+    assert data["disk_read_bytes_per_s"] > 0 and "O_DIRECT" in data["page_cache"]
+    for name, p in data["policies"].items():
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "experts_per_token", "hit_rate",
+                    "stall_s_per_token", "bytes_read_per_token", "perplexity"):
+            assert isinstance(p[key], float), (name, key)
+        assert p["repeats"] == 2
+        c = p["counts"]
+        assert c["hits"] + c["prefetch_hits"] + c["misses"] == c["expert_uses"]
+    pol = data["policies"]
+    assert pol["naive"]["hit_rate"] == 0.0  # nothing kept across tokens
+    assert pol["resident"]["counts"]["misses"] == 0 and pol["resident"]["bytes_read_per_token"] == 0
+    assert pol["lru"]["counts"]["prefetches_issued"] == 0 < pol["lru+prefetch"]["counts"]["prefetches_issued"]
+    assert pol["adapmoe"]["experts_per_token"] <= pol["lru"]["experts_per_token"]
+    assert pol["lru"]["perplexity"] == pol["lru+prefetch"]["perplexity"] == pol["resident"]["perplexity"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (store / "profile.json").exists()  # made on first use
+    assert "decode tok/s" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--policies", "lru,fastest"], "unknown policy fastest; known: naive"),
+    (["--prompts", "EMPTY"], "holds no prompts"),
+    (["--budget", "1"], "below one per MoE layer"),
+    (["--quality-budget", "0%"], "quality budget"),
+])
+def test_bench_bad_input(setup, tmp_path, args, needle):
+    store, text = setup
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    r = _run("bench", str(store), "--text", str(text), "--calibration", str(text), *args)
+    assert r.returncode != 0
+    assert needle in r.stderr and "Traceback" not in r.stderr
