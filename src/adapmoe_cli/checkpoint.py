@@ -73,6 +73,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if hlen > min(size - 8, 100 * 1024 * 1024):
                 raise ValueError("header length is larger than the file")
             header = json.loads(f.read(hlen))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path.name} is not a valid safetensors file ({e}); re-download it") from None
     base = 8 + hlen

@@ -101,7 +101,7 @@ def _status(resp: Response | None) -> str:
     return f"{resp.generation_tokens} tokens · {resp.tokens_per_s:.1f} tok/s"
 
 
-def _turn_line(first: Response | None, last: Response | None, turn: Stats) -> str:
+def _turn_line(last: Response | None, turn: Stats) -> str:
     return (
         f"{_status(last)} · hit rate {turn.hit_rate:.0%} · {turn.experts_per_token:.2f} experts/token · "
         f"stall {turn.stall_s:.2f} s · read {format_bytes(turn.bytes_read)}"
@@ -140,7 +140,7 @@ def _one_shot(conv: Conversation, prompt: str, as_json: bool) -> None:
         }))
     else:
         sys.stdout.write("\n")
-        err_console.print(f"[dim]{_turn_line(None, last, turn)}[/]")
+        err_console.print(f"[dim]{_turn_line(last, turn)}[/]")
 
 
 def _read_input() -> str | None:
@@ -184,19 +184,27 @@ def _stats_table(engine: Engine) -> Table:
         ("cache", f"{engine.budget.total} slots ({engine.budget.source}), "
                   f"{format_bytes(engine.cache.capacity_bytes)}"),
         ("prefetch", "on" if engine.settings.prefetch else "off"),
+        ("adaptive gate", _gate_text(engine)),
     ]
     for k, v in rows:
         t.add_row(k, str(v))
     return t
 
 
+def _gate_text(engine: Engine) -> str:
+    g = engine.gate
+    if not g.thresholds:
+        return f"off (top-{engine.store.shape.top_k})"
+    return f"{g.rule}" + (f" c={g.scale:.3g}" if g.scale is not None else "")
+
+
 def _interactive(conv: Conversation) -> None:
     eng = conv.engine
     console.print(
         f"[bold]adapmoe chat[/] · {eng.store.family.model_type} from {eng.store.path} · "
-        f"{eng.budget.total}/{len(eng.store.experts)} experts cached · prefetch "
-        f"{'on' if eng.settings.prefetch else 'off'}\n[dim]/help for commands, Ctrl-C stops an answer, "
-        "/exit quits[/]"
+        f"{eng.budget.total}/{len(eng.store.experts)} experts cached ({eng.budget.source}) · prefetch "
+        f"{'on' if eng.settings.prefetch else 'off'} · gate {_gate_text(eng)}\n"
+        "[dim]/help for commands, Ctrl-C stops an answer, /exit quits[/]"
     )
     while True:
         try:
@@ -249,4 +257,4 @@ def _answer(conv: Conversation, text: str) -> None:
     turn = conv.engine.stats.delta(before)
     sys.stdout.write("\n")
     note = " · [yellow]stopped[/]" if interrupted else ""
-    console.print(f"[dim]{_turn_line(None, last, turn)}[/]{note}")
+    console.print(f"[dim]{_turn_line(last, turn)}[/]{note}")

@@ -9,7 +9,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from adapmoe_cli.errors import StoreError
 from adapmoe_cli.store.manifest import Store

@@ -27,7 +27,7 @@ from adapmoe_cli.checkpoint import (
     open_checkpoint,
     side_files,
 )
-from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.errors import StoreError, StoreExistsError, UsageError
 from adapmoe_cli.store.manifest import ALIGNMENT, FORMAT, FORMAT_VERSION, MANIFEST, Store, is_store
 
 DENSE_CHUNK_BYTES = 256 * 1024 * 1024
@@ -80,13 +80,29 @@ def fingerprint(ckpt: Checkpoint, dtype: torch.dtype) -> str:
         "config": ckpt.config,
         "dtype": str(dtype),
         "tensors": sorted((t.name, list(t.shape), str(t.dtype), t.nbytes) for t in ckpt.tensors.values()),
-        "side": sorted((p.name, p.stat().st_size) for p in side_files(ckpt.path)),
+        "side": sorted((p.name, _sha256_file(p)) for p in side_files(ckpt.path)),
+        # weights with the same shapes (a fine-tune, a re-download) differ in their bytes: sample each file
+        "samples": sorted((f.name, _sample_digest(f)) for f in {t.file for t in ckpt.tensors.values()}),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
+def _sample_digest(path: Path, span: int = 1 << 20) -> str:
+    """sha256 of the first and last `span` bytes and the size: cheap, and any retrained weights show."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, size - span))
+        h.update(f.read(span))
+    h.update(str(size).encode())
+    return h.hexdigest()
+
+
 def _remove_stale_partials(out: Path) -> None:
-    for p in out.parent.glob(f".{out.name}.partial-*"):
+    """Remove what killed runs left: half-written stores and replaced stores not yet deleted."""
+    leftovers = [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]
+    for p in leftovers:
         try:
             pid = int(p.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
@@ -111,7 +127,7 @@ def _check_target(out: Path, fp: str, force: bool) -> bool:
         if same and not force:
             return True
         if not force:
-            raise StoreError(f"{out} already holds a different store; pass --force to replace it")
+            raise StoreExistsError(f"{out} already holds a different store; pass --force to replace it")
         return False
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -155,7 +171,12 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:  # put the previous store back rather than leave none
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
