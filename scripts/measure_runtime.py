@@ -58,13 +58,15 @@ def child_runtime(store: str, slots: int, prefetch: bool, tokens: int) -> dict:
     return out
 
 
-def child_transformers(ckpt: str, tokens: int) -> dict:
+def child_transformers(ckpt: str, tokens: int, impl: str) -> dict:
     import torch
     from transformers import MixtralForCausalLM
 
     torch.manual_seed(0)
     prompt = torch.randint(3, 300, (PROMPT_LEN,)).tolist()
     model = MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    if impl != "default":
+        model.set_experts_implementation(impl)
     ids = torch.tensor([prompt])
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
@@ -100,7 +102,7 @@ def main() -> None:
         if kind == "runtime":
             print(json.dumps(child_runtime(rest[0], int(rest[1]), rest[2] == "1", int(rest[3]))))
         else:
-            print(json.dumps(child_transformers(rest[0], int(rest[1]))))
+            print(json.dumps(child_transformers(rest[0], int(rest[1]), rest[2])))
         return
 
     import torch
@@ -130,23 +132,25 @@ def main() -> None:
                             ("full", experts, 1)):
         print(f"running {name} …", flush=True)
         res[name] = run_child("runtime", str(store_dir), str(slots), str(pf), str(a.tokens))
-    print("running transformers generate …", flush=True)
-    res["transformers"] = run_child("transformers", str(ckpt), str(a.tokens))
+    for impl in ("default", "eager"):
+        print(f"running transformers generate ({impl} experts) …", flush=True)
+        res[f"transformers-{impl}"] = run_child("transformers", str(ckpt), str(a.tokens), impl)
     (a.workdir / "results.json").write_text(json.dumps(res, indent=2))
 
     mib = 2**20
     print(f"\n{'config':24} {'decode tok/s':>12} {'hit rate':>9} {'stall share':>11} {'peak RSS MiB':>12} "
           f"{'limit MiB':>10}")
     for name in ("quarter+prefetch", "quarter+prefetch#2", "quarter-no-prefetch", "quarter-no-prefetch#2", "full",
-                 "transformers"):
+                 "transformers-default", "transformers-eager"):
         r = res[name]
         s = r.get("stats", {})
         limit = (r["dense_bytes"] + r["budget_bytes"]) / mib + 300 if "dense_bytes" in r else float("nan")
         share = s.get("stall_s", 0) / r["decode_s"] if s else float("nan")
         print(f"{name:24} {r['decode_tok_s']:12.2f} {s.get('hit_rate', float('nan')):9.2f} {share:11.2f} "
               f"{r['peak_rss_bytes'] / mib:12.0f} {limit:10.0f}")
-    ratio = res["full"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
-    print(f"\nfull budget: runtime / transformers decode speed = {ratio:.3f} (overhead {1 - ratio:+.1%})")
+    for impl in ("default", "eager"):
+        ratio = res["full"]["decode_tok_s"] / res[f"transformers-{impl}"]["decode_tok_s"]
+        print(f"full budget: runtime / transformers generate ({impl} experts) decode speed = {ratio:.3f}")
     if not a.keep:
         shutil.rmtree(a.workdir, ignore_errors=True)
 

@@ -1,0 +1,54 @@
+"""The embedded default model: shipped in the package in the hub's layout, sharded into ADAPMOE_HOME on
+first use through the same loader a real Mixtral takes, and able to answer offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from adapmoe_cli.checkpoint import open_checkpoint
+from adapmoe_cli.models import default_model_dir, default_text, open_model
+
+
+def test_shipped_checkpoint_is_a_trained_mixtral_in_hub_layout():
+    src = default_model_dir()
+    ckpt = open_checkpoint(src)  # validates every tensor name and shape against the config
+    cfg = ckpt.config
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    assert cfg["num_hidden_layers"] >= 6 and cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert size <= 25 * 1024 * 1024
+    assert any(t.dtype == torch.bfloat16 for t in ckpt.tensors.values())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "MODEL_CARD.md",
+                 "quality_report.json", "calibration.txt", "heldout.txt"):
+        assert (src / name).exists(), name
+    report = json.loads((src / "quality_report.json").read_text())
+    # genuinely trained: far better than a unigram model and than the same words shuffled
+    assert report["heldout_perplexity"] < 0.5 * report["unigram_perplexity"]
+    assert report["heldout_perplexity"] < 0.5 * report["shuffled_words_perplexity"]
+    # specialised routers: entropy below uniform in every layer
+    for layer in report["routing"]:
+        assert layer["router_entropy"] < 0.95 * math.log(8)
+
+
+def test_default_model_loads_through_the_store_and_generates(tmp_path):
+    store = open_model(None)
+    assert store.path.parent.parent == tmp_path / "adapmoe-home"
+    assert store.dtype_name == "float32" and len(store.experts) == 8 * store.config["num_hidden_layers"]
+    assert open_model(None).path == store.path  # second use: the same store, not re-sharded
+    assert default_text("calibration").stat().st_size > 10_000 and default_text("heldout").stat().st_size > 10_000
+
+
+def test_chat_with_no_model_answers_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ADAPMOE_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "adapmoe_cli", "chat", "--prompt", "What does the json module do?",
+                        "--json", "-n", "24"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) >= 1 and out["text"].strip()
+    assert out["stats"]["experts_per_token"] > 0
