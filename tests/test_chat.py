@@ -86,7 +86,7 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     store = make_store(SLOW, dtype=torch.float32)
     env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
     child = pexpect.spawn(sys.executable, ["-m", "adapmoe_cli", "chat", str(store), "-c", "4", "--no-prefetch",
-                                           "-n", "400"], env=env, encoding="utf-8", timeout=60,
+                                           "-n", "120"], env=env, encoding="utf-8", timeout=180,
                           dimensions=(40, 200))
     try:
         child.expect("/help for commands")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from adapmoe_cli import __version__
-from adapmoe_cli.cli import bench, chat, download, evaluate, info, plan_cache, profile, shard, verify
+from adapmoe_cli.cli import bench, chat, download, evaluate, info, plan_cache, profile, shard, simulate, verify
 from adapmoe_cli.cli.common import err_console
 from adapmoe_cli.errors import AdapmoeError
 
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, profile, plan_cache, evaluate, bench, shard, download, info, verify):
+for module in (chat, profile, plan_cache, evaluate, bench, simulate, shard, download, info, verify):
     module.register(app)
 
 

@@ -1,0 +1,185 @@
+"""`adapmoe simulate TRACE_OR_MODEL --hardware NAME|FILE --budget (N | SIZE)`: replay a routing trace
+through the runtime's policies on simulated hardware, with the limits (Belady, oracle prefetch, I/O
+floor) beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from adapmoe_cli.cli.common import ConfigOpt, console, err_console
+from adapmoe_cli.simulate.run import DEFAULT_POLICIES, POLICIES, SimRequest, parse_budget, parse_policies, simulate
+from adapmoe_cli.units import format_bytes
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate", help="Replay a routing trace on simulated hardware, with the limits drawn in.")(
+        simulate_cmd)
+
+
+def simulate_cmd(
+    target: Annotated[str, typer.Argument(metavar="TRACE_OR_MODEL", help="A store / checkpoint / hub id with a "
+                                          "profile, a profile.json, a *.trace.safetensors, or an h39s text file.")],
+    hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware (this-machine, "
+                                          "laptop-nvme, rtx4090-pcie4, a6000-pcie4, apple-m2-max) or a YAML file."
+                                          )] = "this-machine",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="Expert slots (e.g. 64) or memory (e.g. 6GiB) of "
+                                        "the target model; default: half the experts.", show_default=False)] = "",
+    model_config: Annotated[str | None, typer.Option("--model-config", help="Project onto a published model "
+                                                     "(mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b) or a YAML file.",
+                                                     show_default=False)] = None,
+    bits: Annotated[float | None, typer.Option("--bits", help="Expert quantisation of the --model-config (2, 4, 16).",
+                                               show_default=False)] = None,
+    policies: Annotated[str, typer.Option("--policies", help=f"Comma-separated, from: {', '.join(POLICIES)} "
+                                          "(belady and oracle are always added).")] = ",".join(DEFAULT_POLICIES),
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the results as JSON to FILE ('-': stdout).",
+                                                 show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also simulate budgets from 10% to 100% of the experts.")
+                     ] = False,
+    trace_format: Annotated[str, typer.Option("--trace-format", help="adapmoe | h39s.")] = "adapmoe",
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Measure this machine on the given store first "
+                                            "(writes this-machine under ADAPMOE_HOME).")] = False,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Plan file whose adaptive gate adapmoe uses.",
+                                              show_default=False)] = None,
+    gate_scale: Annotated[float | None, typer.Option("--gate-scale", help="adapmoe's gate scale c, thresholds "
+                                                     "from the profile.", show_default=False)] = None,
+    rule: Annotated[str, typer.Option("--rule", help="Threshold rule for --gate-scale.")] = "paper",
+    config: ConfigOpt = None,
+) -> None:
+    """Examples:
+
+      adapmoe simulate ../shared/data/traces/mixtral-8x7b-instruct-h39s/active_experts.txt --trace-format h39s
+      --model-config mixtral-8x7b --bits 4 --hardware rtx4090-pcie4 --budget 64 --plot mixtral.png
+
+      adapmoe simulate ./my-store --calibrate --budget 12 --json sim.json
+    """
+    from adapmoe_cli.simulate.hardware import load_hardware
+    from adapmoe_cli.simulate.sources import resolve
+
+    names = parse_policies(policies)
+    if calibrate:
+        _calibrate(target, trace_format, config)
+        if not _has_trace(target, trace_format):
+            console.print("calibration written; no profile in the store yet, so nothing to simulate "
+                          f"(run `adapmoe profile {target}` first)")
+            return
+    src = resolve(target, trace_format, model_config, bits, plan, gate_scale, rule)
+    hw = load_hardware(hardware)
+    slots = parse_budget(budget, src.model) if budget else src.model.total_experts // 2
+    req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep)
+    with err_console.status("simulating") as status:
+        result = simulate(src.trace, hw, src.model, req, progress=lambda n: status.update(f"simulating {n}"))
+    result["notes"] = [*src.notes, *result["notes"]]
+    if hw.calibrated is False:
+        result["notes"].append("hardware this-machine is the uncalibrated template: run with --calibrate on a store")
+    if json_out == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2))
+            console.print(f"wrote {json_out}")
+    if plot:
+        draw(result, plot)
+        if json_out != "-":
+            console.print(f"wrote {plot}")
+
+
+def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
+    from adapmoe_cli.cli.common import open_store, runtime_settings
+    from adapmoe_cli.simulate.calibrate import calibrate as run_calibration
+
+    if trace_format != "adapmoe" or Path(target).is_file():
+        raise typer.BadParameter("--calibrate times the engine on a store: give a MODEL (store, checkpoint or hub id)",
+                                 param_hint="--calibrate")
+    store = open_store(target)
+    with err_console.status("calibrating") as status:
+        hw, path = run_calibration(store, runtime_settings(config, None, None, None, None),
+                                   progress=lambda m: status.update(f"calibrating: {m}"))
+    err_console.print(f"wrote {path}: disk {hw.link_bandwidth / 1e9:.2f} GB/s, read latency "
+                      f"{hw.link_latency_s * 1e6:.0f} us, memory {hw.memory_bandwidth / 1e9:.1f} GB/s")
+
+
+def _has_trace(target: str, trace_format: str) -> bool:
+    from adapmoe_cli.models import open_model
+    from adapmoe_cli.profiling.profile_file import default_path
+
+    return trace_format != "adapmoe" or Path(target).is_file() or default_path(open_model(target)).exists()
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def render(r: dict[str, Any]) -> None:
+    m, hw = r["model"], r["hardware"]
+    t = Table(title=f"adapmoe simulate · {m['name']} on {hw['name']} · {r['budget_slots']}/{r['total_experts']} "
+                    f"expert slots ({format_bytes(r['budget_slots'] * m['expert_bytes'])}) · "
+                    f"{r['trace']['decode_tokens']} decode tokens")
+    for c in ("policy", "decode tok/s", "stall ms/tok", "hit rate", "hits", "prefetch hits", "misses",
+              "experts/tok", "read/tok"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for name, p in r["policies"].items():
+        label = f"[italic]{name} (limit)[/]" if name in ("belady", "oracle") else name
+        t.add_row(label, f"{p['decode_tokens_per_s']:.2f}", f"{p['stall_s_per_token'] * 1e3:.1f}",
+                  f"{p['hit_rate']:.1%}", str(p["hits"]), str(p["prefetch_hits"]), str(p["misses"]),
+                  f"{p['experts_per_token']:.2f}", format_bytes(p["bytes_read_per_token"]))
+    console.print(t)
+    lim = r["limits"]
+    console.print(f"limits: I/O floor {_f(lim['io_floor_tokens_per_s'], '.2f')} tok/s (bytes Belady must read / "
+                  f"{hw['link_bandwidth'] / 1e9:.1f} GB/s), compute floor "
+                  f"{lim['compute_floor_tokens_per_s']:.1f} tok/s (every expert resident)")
+    c = r["compute"]
+    console.print(f"per token: expert {c['expert_s'] * 1e3:.3f} ms, dense/layer {c['dense_layer_s'] * 1e3:.3f} ms, "
+                  f"transfer of one expert {c['transfer_s'] * 1e3:.2f} ms")
+    for point in r.get("sweep", []):
+        row = ", ".join(f"{n} {v:.2f}" for n, v in point["policies"].items())
+        console.print(f"sweep {point['budget_slots']:>5} slots ({point['fraction']:.0%}): {row}")
+    for note in r.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+def draw(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pol, lim = r["policies"], r["limits"]
+    names = list(pol)
+    wide = "sweep" in r
+    fig, axes = plt.subplots(1, 2 if wide else 1, figsize=(13 if wide else 7.5, 4.5), squeeze=False)
+    ax = axes[0][0]
+    vals = [pol[n]["decode_tokens_per_s"] for n in names]
+    colors = ["#999999" if n in ("belady", "oracle") else "#4c72b0" for n in names]
+    ax.bar(names, vals, color=colors)
+    if lim["io_floor_tokens_per_s"]:
+        ax.axhline(lim["io_floor_tokens_per_s"], color="#c44e52", ls="--",
+                   label="I/O limit: bytes Belady must read / link")
+    ax.axhline(lim["compute_floor_tokens_per_s"], color="#55a868", ls=":", label="compute limit: every expert resident")
+    ax.set_yscale("log")
+    ax.set_ylabel("simulated decode tokens/s")
+    ax.set_title(f"{r['model']['name']} · {r['hardware']['name']} · {r['budget_slots']}/{r['total_experts']} slots",
+                 fontsize=9)
+    ax.tick_params(axis="x", rotation=25)
+    ax.legend(fontsize=8)
+    if wide:
+        ax2 = axes[0][1]
+        pts = r["sweep"]
+        for name in pts[0]["policies"]:
+            ax2.plot([p["fraction"] for p in pts], [p["policies"][name] for p in pts], marker="o", label=name,
+                     ls="--" if name in ("belady", "oracle") else "-")
+        ax2.axhline(lim["compute_floor_tokens_per_s"], color="#55a868", ls=":", label="compute limit")
+        ax2.set_xlabel("cache budget (share of all experts)")
+        ax2.set_ylabel("simulated decode tokens/s")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+        ax2.set_title("budget sweep", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

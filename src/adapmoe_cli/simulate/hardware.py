@@ -1,0 +1,126 @@
+"""Hardware descriptions for the simulator: the link experts cross on a miss (bandwidth, per-read
+latency, channels) and the memory the compute reads them from (effective bandwidth, per-call overheads).
+One YAML file per machine in `configs/hardware/`, plus `this-machine` as measured by `--calibrate`
+under ADAPMOE_HOME (the shipped file of that name is an uncalibrated template). Knows nothing of models."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.paths import home
+
+THIS_MACHINE = "this-machine"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Numbers in SI units (bytes per second, seconds). `link_bandwidth` is the whole link's: with
+    `channels` transfers in flight, each runs at `link_bandwidth / channels`."""
+
+    name: str
+    description: str
+    link_bandwidth: float  # bytes/s, slow tier → fast tier (disk → RAM, or host RAM → GPU)
+    link_latency_s: float  # fixed cost of one expert transfer
+    memory_bandwidth: float  # bytes/s the compute effectively streams weights at (decode is memory bound)
+    channels: int = 1
+    expert_overhead_s: float = 0.0  # per expert call (kernel launches, dispatch)
+    layer_overhead_s: float = 0.0  # per layer's dense part (attention, norms, router)
+    sources: tuple[str, ...] = ()
+    calibrated: bool | None = None  # None: a published machine; False: the uncalibrated template
+    path: str = ""
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.link_bandwidth <= 0 or self.memory_bandwidth <= 0:
+            raise UsageError(f"hardware {self.name!r}: bandwidths must be positive")
+        if self.channels < 1:
+            raise UsageError(f"hardware {self.name!r}: channels must be at least 1")
+        if self.link_latency_s < 0 or self.expert_overhead_s < 0 or self.layer_overhead_s < 0:
+            raise UsageError(f"hardware {self.name!r}: latencies and overheads must be ≥ 0")
+
+    def transfer_s(self, nbytes: int) -> float:
+        """One expert over one channel."""
+        return self.link_latency_s + nbytes * self.channels / self.link_bandwidth
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sources"] = list(self.sources)
+        return d
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("adapmoe_cli").joinpath("configs", "hardware")))
+
+
+def calibrated_path() -> Path:
+    return home() / "hardware" / f"{THIS_MACHINE}.yaml"
+
+
+def known() -> list[str]:
+    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
+
+
+def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
+    """The YAML keys use human units: GB/s (10⁹ bytes/s) and microseconds."""
+    try:
+        return Hardware(
+            name=str(d["name"]), description=str(d.get("description", "")),
+            link_bandwidth=float(d["link_GBps"]) * 1e9, link_latency_s=float(d.get("link_latency_us", 0)) * 1e-6,
+            memory_bandwidth=float(d["memory_GBps"]) * 1e9, channels=int(d.get("channels", 1)),
+            expert_overhead_s=float(d.get("expert_overhead_us", 0)) * 1e-6,
+            layer_overhead_s=float(d.get("layer_overhead_us", 0)) * 1e-6,
+            sources=tuple(str(s) for s in d.get("sources", ())),
+            calibrated=d.get("calibrated"), path=path, measured=dict(d.get("measured", {})),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"hardware file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md"
+                         ) from None
+
+
+def to_dict(hw: Hardware) -> dict[str, Any]:
+    return {
+        "name": hw.name, "description": hw.description, "calibrated": hw.calibrated,
+        "link_GBps": hw.link_bandwidth / 1e9, "link_latency_us": hw.link_latency_s * 1e6, "channels": hw.channels,
+        "memory_GBps": hw.memory_bandwidth / 1e9, "expert_overhead_us": hw.expert_overhead_s * 1e6,
+        "layer_overhead_us": hw.layer_overhead_s * 1e6, "sources": list(hw.sources), "measured": hw.measured,
+    }
+
+
+def read_file(path: Path) -> Hardware:
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read hardware file {path} ({e})") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"hardware file {path} is not a YAML mapping")
+    return from_dict(d, str(path))
+
+
+def load_hardware(name_or_file: str) -> Hardware:
+    """A shipped name, `this-machine` (the calibrated file when there is one), or a YAML file."""
+    if name_or_file == THIS_MACHINE and calibrated_path().exists():
+        return read_file(calibrated_path())
+    p = Path(name_or_file).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise UsageError(f"hardware file {p} does not exist")
+        return read_file(p)
+    shipped = shipped_dir() / f"{name_or_file}.yaml"
+    if not shipped.exists():
+        raise UsageError(f"unknown hardware {name_or_file!r}: choose one of {', '.join(known())} or give a YAML file")
+    return read_file(shipped)
+
+
+def write_calibrated(hw: Hardware) -> Path:
+    path = calibrated_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(hw), sort_keys=False, allow_unicode=True))
+    tmp.replace(path)
+    return path

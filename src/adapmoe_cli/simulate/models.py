@@ -1,0 +1,116 @@
+"""Model shapes for the simulator, in bytes: what one expert weighs (with its quantisation), what one
+layer's dense part weighs, and the output head read once per token. Either a published configuration
+(`configs/models/*.yaml`, with a `bits` field for the experts' quantisation) or the trace's own model,
+read from its store. Knows nothing of hardware or of traces."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.store import Store
+
+SCALE_BYTES = 4  # an fp16 scale and an fp16 zero point per quantisation group (HQQ / GPTQ-like layouts)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int  # MoE layers
+    num_experts: int
+    top_k: int
+    expert_bytes: int  # one expert as cached and transferred
+    dense_bytes_per_layer: int  # attention, norms, router: read once per token per layer
+    head_bytes: int  # output head, read once per token
+    bits: float | None = None  # expert quantisation; None: the store's own dtype
+    source: str = ""
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.num_experts, self.top_k, self.expert_bytes) < 1:
+            raise UsageError(f"model {self.name!r}: layers, experts, top-k and expert bytes must be positive")
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_layers * self.num_experts
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sources"] = list(self.sources)
+        return d
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("adapmoe_cli").joinpath("configs", "models")))
+
+
+def known() -> list[str]:
+    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
+
+
+def expert_bytes(hidden: int, intermediate: int, bits: float, group_size: int = 64, parts: int = 3) -> int:
+    """Gate, up and down projections of one SwiGLU expert; below 16 bits, plus a scale and zero per group."""
+    params = parts * hidden * intermediate
+    scales = 0 if bits >= 16 else (params // group_size) * SCALE_BYTES
+    return int(params * bits / 8) + scales
+
+
+def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") -> ModelSpec:
+    """A published configuration: hidden/intermediate sizes, heads, vocabulary → bytes."""
+    try:
+        h, inter = int(d["hidden_size"]), int(d["moe_intermediate_size"] if "moe_intermediate_size" in d
+                                              else d["intermediate_size"])
+        heads, kv = int(d["num_attention_heads"]), int(d.get("num_key_value_heads", d["num_attention_heads"]))
+        head_dim = int(d.get("head_dim", h // heads))
+        n_exp, dense_bits = int(d["num_experts"]), float(d.get("dense_bits", 16))
+        b = float(bits if bits is not None else d.get("bits", 16))
+        # q and o are heads×head_dim wide, k and v kv_heads×head_dim; the router is E×H; two norms
+        attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+        dense = int((attn + h * n_exp + 2 * h) * dense_bits / 8)
+        return ModelSpec(
+            name=str(d["name"]) + ("" if b == 16 else f"@{b:g}bit"), num_layers=int(d["num_layers"]),
+            num_experts=n_exp, top_k=int(d["top_k"]),
+            expert_bytes=expert_bytes(h, inter, b, int(d.get("group_size", 64))),
+            dense_bytes_per_layer=dense, head_bytes=int(int(d["vocab_size"]) * h * dense_bits / 8), bits=b,
+            source=path or str(d["name"]), sources=tuple(str(s) for s in d.get("sources", ())),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md") from None
+
+
+def load_model(name_or_file: str, bits: float | None = None) -> ModelSpec:
+    if bits is not None and not 1 <= bits <= 32:
+        raise UsageError(f"--bits must be between 1 and 32, got {bits}")
+    p = Path(name_or_file).expanduser()
+    if not (p.suffix in (".yaml", ".yml") or p.exists()):
+        p = shipped_dir() / f"{name_or_file}.yaml"
+        if not p.exists():
+            raise UsageError(f"unknown model config {name_or_file!r}: choose one of {', '.join(known())} "
+                             "or give a YAML file")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read model config {p} ({e})") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"model config {p} is not a YAML mapping")
+    return from_config(d, bits, str(p))
+
+
+def from_store(store: Store) -> ModelSpec:
+    """The store's own model: an expert is what a cache slot holds and a read moves (its aligned length);
+    the dense part per layer is the dense weights less embeddings and head, over the layers."""
+    shape, cfg = store.shape, store.config
+    elem = store.dtype.itemsize if hasattr(store.dtype, "itemsize") else 2
+    vocab_h = int(cfg.get("vocab_size", 0)) * shape.hidden_size * elem
+    tied = bool(cfg.get("tie_word_embeddings"))
+    per_layer = max(0, store.dense_bytes - vocab_h * (1 if tied else 2)) // shape.num_layers
+    return ModelSpec(
+        name=f"{store.family.model_type} store ({store.path.name})", num_layers=len(shape.moe_layers),
+        num_experts=shape.num_experts, top_k=shape.top_k, expert_bytes=store.expert_stride,
+        dense_bytes_per_layer=per_layer, head_bytes=vocab_h, bits=None, source=str(store.path),
+    )

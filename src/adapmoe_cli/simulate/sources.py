@@ -1,0 +1,125 @@
+"""Turns the user's TRACE_OR_MODEL and flags into what `simulate()` takes: the trace (projected onto the
+target model), the target model in bytes, and adapmoe's gate, with notes saying where each came from.
+Reads files (h39s text, a trace file, a profile, a store, a plan); decides nothing about timing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapmoe_cli.errors import ProfileError, UsageError
+from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.profiling.trace import Trace
+from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.simulate.models import ModelSpec, from_store, load_model
+from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s
+from adapmoe_cli.store import Store, is_store
+
+H39S_DEFAULT_MODEL = "mixtral-8x7b"  # the h39s/mlsys trace was recorded on Mixtral-8x7B-Instruct
+
+
+@dataclass(frozen=True)
+class Sources:
+    trace: SimTrace
+    model: ModelSpec
+    gate: GatePolicy
+    store: Store | None
+    notes: tuple[str, ...]
+
+
+def h39s_layers(path: Path) -> int | None:
+    """The layer count an h39s file implies: the number of leading prefill lines (wider than the rest)."""
+    try:
+        lines = [ln for ln in Path(path).read_text().split() if ln.strip()]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    width = [len(ln.split(",")) for ln in lines]
+    if width[0] <= width[-1]:
+        return None
+    n = 0
+    while n < len(width) and width[n] == width[0]:
+        n += 1
+    return n
+
+
+def _gate(store: Store | None, profile_layers: list[dict] | None, plan: Path | None, gate_scale: float | None,
+          rule: str, notes: list[str]) -> GatePolicy:
+    from adapmoe_cli.planning.plan_file import default_path, read_plan
+
+    if gate_scale is not None:
+        if profile_layers is None:
+            raise UsageError("--gate-scale needs a profile (give a store or its profile.json)")
+        return gate_rules.gate(rule, gate_scale, profile_layers)
+    if plan is not None:
+        if store is None:
+            raise UsageError("--plan needs the store it was made for as TRACE_OR_MODEL")
+        return read_plan(plan, store).gate
+    if store is not None and default_path(store).exists():
+        try:
+            g = read_plan(default_path(store), store).gate
+            notes.append(f"adapmoe: gate from {default_path(store)} (rule {g.rule}, scale {g.scale})")
+            return g
+        except ProfileError as e:
+            notes.append(f"adapmoe: not using the store's plan ({e})")
+    return GatePolicy.off()
+
+
+def resolve(target: str, trace_format: str = "adapmoe", model_config: str | None = None, bits: float | None = None,
+            plan: Path | None = None, gate_scale: float | None = None, rule: str = "paper") -> Sources:
+    if trace_format not in FORMATS:
+        raise UsageError(f"unknown trace format {trace_format!r}: choose one of {', '.join(FORMATS)}")
+    if bits is not None and model_config is None and trace_format != "h39s":
+        raise UsageError("--bits projects onto a published model: give --model-config too")
+    notes: list[str] = []
+    store: Store | None = None
+    if trace_format == "h39s":
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise UsageError(f"no h39s trace at {path}")
+        if model_config is None:
+            notes.append(f"h39s trace: assuming it was recorded on {H39S_DEFAULT_MODEL} (override with --model-config)")
+        model = load_model(model_config or H39S_DEFAULT_MODEL, bits)
+        st = read_h39s(path, num_layers=h39s_layers(path) or model.num_layers)
+        gate = GatePolicy.off()
+    else:
+        st, store, profile_layers = _adapmoe_trace(target)
+        model = load_model(model_config, bits) if model_config else None
+        if model is None:
+            if store is None:
+                raise UsageError("a bare trace file does not say its model: give --model-config")
+            model = from_store(store)
+        gate = _gate(store, profile_layers, plan, gate_scale, rule, notes)
+    st = project(st, model.num_layers, model.num_experts, model.name)
+    return Sources(st, model, gate, store, tuple(notes))
+
+
+def _adapmoe_trace(target: str) -> tuple[SimTrace, Store | None, list[dict] | None]:
+    """A `*.trace.safetensors` file, a `profile.json`, or a MODEL (store, checkpoint, hub id) with a profile."""
+    from adapmoe_cli.profiling.profile_file import default_path, read_profile
+
+    path = Path(target).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            trace = Trace.from_tensors(load_file(str(path)))
+        except (KeyError, OSError, ValueError) as e:
+            raise UsageError(f"{path} is not an adapmoe routing trace ({e})") from None
+        store = Store.open(path.parent) if is_store(path.parent) else None
+        n = store.shape.num_experts if store else int(trace.ids.max()) + 1
+        return from_trace(trace, n, str(path)), store, None
+    if path.is_file() and path.suffix == ".json":
+        store = Store.open(path.parent) if is_store(path.parent) else None
+        prof = read_profile(path, store)
+        n = store.shape.num_experts if store else int(prof.data["model"]["num_experts"])
+        return from_trace(prof.trace(), n, str(path)), store, prof.layers
+    from adapmoe_cli.models import open_model
+
+    store = open_model(target)
+    pp = default_path(store)
+    if not pp.exists():
+        raise ProfileError(f"{store.path} has no routing trace yet: run `adapmoe profile {target}` first")
+    prof = read_profile(pp, store)
+    return from_trace(prof.trace(), store.shape.num_experts, str(pp)), store, prof.layers

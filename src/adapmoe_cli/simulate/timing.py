@@ -1,0 +1,166 @@
+"""The timing model: a simulated loader with the runtime loader's interface (`submit`, `promote`,
+`demote`, `cancel`, `wait`, `close`) on a simulated clock, and the compute times of one token.
+
+Link: each transfer costs `latency + bytes / (bandwidth / channels)` on one of `channels` channels;
+queued requests start in priority order (demand, prefetch, demoted), FIFO within a class, as soon as a
+channel is free; a started transfer is never preempted. Compute advances the same clock (dense part of
+a layer, then each needed expert as it becomes resident), so loads overlap compute and `wait` returns
+the simulated seconds the compute stalled. Decode is memory bound: a part's compute time is its bytes
+over the effective memory bandwidth plus a per-call overhead. Derivation and sources in docs/simulate.md."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from adapmoe_cli.runtime.loader import BACKGROUND, DEMAND, LoadRequest
+from adapmoe_cli.simulate.hardware import Hardware
+from adapmoe_cli.simulate.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class ComputeTimes:
+    """Seconds of compute per decode token: each layer's dense part, each expert call, the output head."""
+
+    dense_layer_s: float
+    expert_s: float
+    head_s: float
+
+    @staticmethod
+    def of(hw: Hardware, model: ModelSpec) -> ComputeTimes:
+        bw = hw.memory_bandwidth
+        return ComputeTimes(dense_layer_s=model.dense_bytes_per_layer / bw + hw.layer_overhead_s,
+                            expert_s=model.expert_bytes / bw + hw.expert_overhead_s,
+                            head_s=model.head_bytes / bw)
+
+    def token_s(self, layers: int, experts_per_token: float) -> float:
+        """A token with every expert resident (the compute floor)."""
+        return self.head_s + layers * (self.dense_layer_s + experts_per_token * self.expert_s)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class SimLoader:
+    """Drop-in for `runtime.loader.Loader` whose reads take simulated time. Single-threaded: the state
+    of the link is brought up to `clock.now` lazily, at each call and at `sync()`."""
+
+    def __init__(self, hw: Hardware, nbytes: int, clock: Clock):
+        self.clock = clock
+        self.nbytes = nbytes
+        self.duration = hw.transfer_s(nbytes)
+        self._free_at = [0.0] * hw.channels
+        self._heap: list[tuple[int, int, LoadRequest]] = []
+        self._seq = itertools.count()
+        self._inflight: dict[tuple[int, int], LoadRequest] = {}
+        self._finish: dict[int, float] = {}  # id(request) → finish time, for started requests
+        self._running: list[tuple[float, int, LoadRequest]] = []  # started, not yet done (heap by finish)
+        self._queued_since = 0.0  # the queue's content is what it is since this time
+        self.transfers = 0  # transfers started
+
+    # -- the link ----------------------------------------------------------------------------------
+    def _start_next(self, limit: float) -> LoadRequest | None:
+        """Start the queue's first request if a channel frees up by `limit`; None otherwise."""
+        while self._heap:
+            prio, _, req = self._heap[0]
+            if req.started or req.cancelled or prio != req.priority:
+                heapq.heappop(self._heap)  # stale entry (promoted, demoted or cancelled)
+                continue
+            c = min(range(len(self._free_at)), key=self._free_at.__getitem__)
+            start = max(self._free_at[c], self._queued_since)
+            if start > limit:
+                return None
+            heapq.heappop(self._heap)
+            req.started = True
+            end = start + self.duration
+            self._free_at[c] = end
+            self._finish[id(req)] = end
+            heapq.heappush(self._running, (end, next(self._seq), req))
+            self.transfers += 1
+            return req
+        return None
+
+    def _complete(self, upto: float) -> None:
+        while self._running and self._running[0][0] <= upto:
+            _, _, req = heapq.heappop(self._running)
+            req.nbytes = self.nbytes
+            if self._inflight.get((req.layer, req.expert)) is req:
+                del self._inflight[(req.layer, req.expert)]
+            req.done.set()
+
+    def sync(self) -> None:
+        """Run the link up to the compute clock; later queue changes happen at `clock.now`."""
+        now = self.clock.now
+        while self._start_next(now) is not None:
+            pass
+        self._complete(now)
+        self._queued_since = max(self._queued_since, now)
+
+    def compute(self, seconds: float) -> None:
+        """The compute thread works for `seconds` while the link keeps transferring."""
+        self.clock.now += seconds
+        self.sync()
+
+    # -- the loader interface ----------------------------------------------------------------------
+    def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
+        self.sync()
+        req = self._inflight.get((layer, expert))
+        if req is not None:
+            if priority < req.priority and not req.started:
+                req.priority = priority
+                heapq.heappush(self._heap, (priority, next(self._seq), req))
+            return req
+        req = LoadRequest(layer, expert, buffer, priority)
+        self._inflight[(layer, expert)] = req
+        heapq.heappush(self._heap, (priority, next(self._seq), req))
+        self.sync()
+        return req
+
+    def promote(self, req: LoadRequest) -> None:
+        self.sync()
+        if not req.started and req.priority != DEMAND and not req.cancelled:
+            req.priority = DEMAND
+            heapq.heappush(self._heap, (DEMAND, next(self._seq), req))
+        self.sync()
+
+    def demote(self, req: LoadRequest) -> None:
+        self.sync()
+        if not req.started and not req.cancelled and req.priority < BACKGROUND:
+            req.priority = BACKGROUND
+            heapq.heappush(self._heap, (BACKGROUND, next(self._seq), req))
+
+    def cancel(self, req: LoadRequest) -> bool:
+        self.sync()
+        if self._inflight.get((req.layer, req.expert)) is req:
+            del self._inflight[(req.layer, req.expert)]
+        if req.started or req.done.is_set():
+            return False
+        req.cancelled = True
+        return True
+
+    def wait(self, req: LoadRequest) -> float:
+        """Advance the clock to the end of `req`'s transfer (starting it when channels free up); return
+        the simulated seconds the compute stalled."""
+        self.sync()
+        while not req.started:
+            if self._start_next(math.inf) is None:
+                raise AssertionError("waiting on a request that is not queued")
+        end = self._finish[id(req)]
+        waited = max(0.0, end - self.clock.now)
+        self.clock.now += waited
+        self.sync()
+        return waited
+
+    def flush(self) -> None:
+        """Finish every transfer (so that nothing is left pending when the manager closes)."""
+        while self._start_next(math.inf) is not None:
+            pass
+        self._complete(math.inf)
+
+    def close(self) -> None:
+        self.flush()

@@ -1,0 +1,323 @@
+"""`adapmoe simulate`: the simulated loader's queueing rules, exact replay of the runtime's own counted
+run, Belady's hit rates on the real Mixtral trace (h39s README), the ordering of limits and policies,
+projection onto published models, hardware and model files, calibration, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapmoe_cli.errors import UsageError
+from adapmoe_cli.planning.replay import prepare
+from adapmoe_cli.profiling.trace import Trace
+from adapmoe_cli.runtime.gating import GatePolicy, route
+from adapmoe_cli.runtime.loader import DEMAND, PREFETCH
+from adapmoe_cli.simulate import hardware, models
+from adapmoe_cli.simulate.hardware import Hardware
+from adapmoe_cli.simulate.limits import Belady
+from adapmoe_cli.simulate.run import SimRequest, drive, parse_policies, simulate
+from adapmoe_cli.simulate.timing import Clock, SimLoader
+from adapmoe_cli.simulate.traces import SimTrace, from_trace, project, read_h39s
+from adapmoe_cli.synthetic import TinySpec
+
+H39S = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces" / "mixtral-8x7b-instruct-h39s" / \
+    "active_experts.txt"
+# 1 GB/s, 1 ms per read of 1 MB, compute 1 GB/s: round numbers for hand-checked timings
+HW = Hardware(name="test", description="", link_bandwidth=1e9, link_latency_s=0.0, memory_bandwidth=1e9)
+
+
+# -- the simulated loader --------------------------------------------------------------------------
+def _loader(channels: int = 1) -> tuple[SimLoader, Clock]:
+    clock = Clock()
+    hw = Hardware("t", "", link_bandwidth=1e9, link_latency_s=0.0, memory_bandwidth=1e9, channels=channels)
+    return SimLoader(hw, 1_000_000, clock), clock  # 1 MB over 1 GB/s shared by the channels
+
+
+def test_demand_goes_ahead_of_queued_prefetches_but_never_preempts():
+    ld, clock = _loader()
+    p1 = ld.submit(0, 1, None, PREFETCH)  # starts at once: 0–1 ms
+    p2 = ld.submit(0, 2, None, PREFETCH)  # queued
+    d = ld.submit(0, 3, None, DEMAND)  # jumps ahead of p2, not of p1
+    assert ld.wait(d) == pytest.approx(2e-3)
+    assert p1.done.is_set() and p2.started and not p2.done.is_set()  # p2 starts when d ends
+    assert ld.wait(p2) == pytest.approx(1e-3)
+    assert clock.now == pytest.approx(3e-3)
+
+
+def test_loads_overlap_compute_and_channels_run_in_parallel():
+    ld, clock = _loader()
+    req = ld.submit(0, 0, None, PREFETCH)
+    ld.compute(0.6e-3)
+    assert ld.wait(req) == pytest.approx(0.4e-3)  # only the part not hidden behind compute
+    ld2, _ = _loader(channels=2)  # same total bandwidth, two transfers at half speed each
+    a, b = ld2.submit(0, 0, None, DEMAND), ld2.submit(0, 1, None, DEMAND)
+    assert ld2.wait(a) == pytest.approx(2e-3) and ld2.wait(b) == pytest.approx(0.0)
+
+
+def test_cancel_and_demote():
+    ld, _ = _loader()
+    ld.submit(0, 0, None, DEMAND)  # 0–1 ms
+    queued = ld.submit(0, 1, None, PREFETCH)
+    late = ld.submit(0, 2, None, PREFETCH)
+    dropped = ld.submit(0, 3, None, PREFETCH)
+    ld.demote(queued)  # behind `late` now
+    assert ld.cancel(dropped) is True and dropped.cancelled  # not started: nothing is read
+    assert ld.wait(late) == pytest.approx(2e-3)  # 1–2 ms
+    assert ld.wait(queued) == pytest.approx(1e-3)  # 2–3 ms, then nothing (the cancelled one never runs)
+    assert ld.cancel(queued) is False  # finished
+    assert ld.transfers == 3
+
+
+# -- exact replay of the runtime's own run ---------------------------------------------------------
+def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, tokens: int = 20):
+    from adapmoe_cli.runtime.engine import Engine
+    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+    from adapmoe_cli.settings import GenerationSettings, load_settings
+    from adapmoe_cli.store import Store
+
+    store = Store.open(store_path)
+    shape = store.shape
+    L, k = len(shape.moe_layers), shape.top_k
+    with Engine(store, load_settings(overrides={"cache.experts": slots, "prefetch": prefetch}), gate=gate) as eng:
+        routers = {layer: store.family.moe_block(eng.model, layer).gate for layer in shape.moe_layers}
+        recs, step = [], [0]
+        eng.observers.callbacks.append(lambda r: recs.append((step[0], r.layer, r.ids.clone(), r.weights.clone(),
+                                                              r.hidden.detach().clone())))
+        gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
+        for n, _ in enumerate(generate_step(eng, [1, 5, 7, 9, 11, 40], new_kv_cache(eng), gen)):
+            if n == 0:
+                after_prefill = eng.stats.copy()
+            step[0] += 1
+            if n + 1 == tokens:
+                break
+        total, decode, quotas = eng.stats.copy(), eng.stats.delta(after_prefill), dict(eng.budget.quotas)
+    by_step: dict[int, dict[int, tuple]] = {}
+    for s, layer, ids, w, h in recs:
+        by_step.setdefault(s, {})[layer] = (ids, w, h)
+    rows = sum(v[0][0].shape[0] for v in by_step.values())
+    tr = Trace(torch.full((rows, L, k), -1, dtype=torch.int16), torch.zeros(rows, L, k),
+               torch.full((rows, L, k), -1, dtype=torch.int16), torch.zeros(rows, L, k),
+               torch.zeros(rows, dtype=torch.int32), list(shape.moe_layers))
+    steps, r = [], 0
+    for s in sorted(by_step):
+        T = by_step[s][0][0].shape[0]
+        for i in range(L):
+            ids, w, h = by_step[s][i]
+            tr.ids[r:r + T, i], tr.weights[r:r + T, i] = ids.to(torch.int16), w
+            if i + 1 < L:  # what the block predicts: router l+1 on the hidden state entering block l
+                pw, pi = route(F.linear(h, routers[i + 1].weight), k, store.family.routing)
+                tr.pred_ids[r:r + T, i + 1], tr.pred_weights[r:r + T, i + 1] = pi.to(torch.int16), pw
+        steps += [s] * T
+        r += T
+    st = from_trace(tr, shape.num_experts, "recorded", steps=steps, prefill_steps=1)
+    return st, quotas, total, decode
+
+
+@pytest.mark.parametrize("slots,prefetch,gated", [(8, False, False), (8, True, False), (12, True, False),
+                                                  (16, True, True)], ids=["lru", "lru+prefetch", "12-slots", "gated"])
+def test_replaying_the_runtimes_run_reproduces_its_counts(make_store, slots, prefetch, gated):
+    spec = TinySpec(num_local_experts=8, num_hidden_layers=4)
+    gate = GatePolicy({layer: 0.3 for layer in range(4)}, rule="global", scale=0.3) if gated else GatePolicy.off()
+    st, quotas, total, decode = _record_run(make_store(spec, dtype=torch.float32), slots, prefetch, gate)
+    routing = prepare(st.trace, gate, st.steps)
+    model = models.ModelSpec("tiny", 4, 8, 2, expert_bytes=1_000_000, dense_bytes_per_layer=100_000, head_bytes=0)
+    for prefill_steps, want in ((0, total), (1, decode)):
+        run = drive(routing, quotas, HW, model, "lru", prefetch=prefetch, prefill_steps=prefill_steps)
+        got = (run.hits, run.misses, run.prefetch_hits, run.expert_activations)
+        assert got == (want.hits, want.misses, want.prefetch_hits, want.expert_activations)
+    if prefetch:
+        assert total.prefetch_hits > 0
+
+
+# -- Belady on the real Mixtral trace --------------------------------------------------------------
+@pytest.mark.skipif(not H39S.exists(), reason=f"the h39s Mixtral trace is not beside the repository ({H39S})")
+def test_belady_hit_rates_on_the_mixtral_trace_match_its_readme():
+    st = read_h39s(H39S, prefill=False)  # the README's numbers: decode tokens from a cold cache
+    assert (st.num_layers, st.decode_steps, st.num_experts) == (32, 773, 8) and not st.has_weights
+    routing = prepare(st.trace, GatePolicy.off(), st.steps)
+    model = models.load_model("mixtral-8x7b", bits=4)
+    for slots, want in ((3, 0.573), (4, 0.720), (5, 0.822), (6, 0.897)):
+        run = drive(routing, {layer: slots for layer in range(32)}, HW, model, "belady")
+        assert round(run.hits / run.expert_uses, 3) == want
+        lru = drive(routing, {layer: slots for layer in range(32)}, HW, model, "lru")
+        assert run.misses <= lru.misses
+
+
+def test_belady_evicts_the_farthest_next_use_and_never_a_kept_one():
+    p = Belady([(0, 1), (2,), (1,), (0,)])
+    for e in (0, 1, 2):
+        p.insert(e)
+    p.now = 1
+    assert p.victim() == 0  # next uses: 0 → 3, 1 → 2, 2 → 1
+    assert p.victim(keep={0}) == 1
+    p.now = 4
+    assert p.victim() == 0  # nothing ahead: the oldest goes first
+
+
+# -- limits and policies on a trace with predictions -----------------------------------------------
+def _synthetic(tokens: int = 240, layers: int = 6, experts: int = 8, seed: int = 0) -> SimTrace:
+    """Routing with temporal locality and skewed popularity; predictions right 80% of the time."""
+    g = torch.Generator().manual_seed(seed)
+    tr = Trace(torch.zeros(tokens, layers, 2, dtype=torch.int16), torch.zeros(tokens, layers, 2),
+               torch.full((tokens, layers, 2), -1, dtype=torch.int16), torch.zeros(tokens, layers, 2),
+               torch.zeros(tokens, dtype=torch.int32), list(range(layers)))
+    pop = torch.softmax(torch.randn(layers, experts, generator=g) * 1.5, -1)
+    for t in range(tokens):
+        for i in range(layers):
+            if t and torch.rand(1, generator=g).item() < 0.5:
+                ids = tr.ids[t - 1, i].long()
+            else:
+                ids = torch.multinomial(pop[i], 2, generator=g)
+            w1 = 0.5 + 0.45 * torch.rand(1, generator=g).item()
+            tr.ids[t, i], tr.weights[t, i] = ids.to(torch.int16), torch.tensor([w1, 1 - w1])
+            if i:
+                right = torch.rand(1, generator=g).item() < 0.8
+                tr.pred_ids[t, i] = ids if right else torch.multinomial(pop[i], 2, generator=g)
+                tr.pred_weights[t, i] = tr.weights[t, i]
+    return from_trace(tr, experts, "synthetic")
+
+
+def test_limits_and_plan_are_ordered():
+    st = _synthetic()
+    model = models.ModelSpec("syn", 6, 8, 2, expert_bytes=4_000_000, dense_bytes_per_layer=1_000_000, head_bytes=0)
+    names = parse_policies("naive,lru,lru+prefetch,lfu,planned,adapmoe,resident")
+    assert names[-2:] == ["belady", "oracle"]
+    gate = GatePolicy({i: 0.3 for i in range(6)}, rule="global", scale=0.3)
+    r = simulate(st, HW, model, SimRequest(18, names, gate=gate, sweep=True))
+    p = r["policies"]
+    assert p["belady"]["misses"] <= p["lru"]["misses"]
+    assert p["oracle"]["stall_s_per_token"] <= p["lru+prefetch"]["stall_s_per_token"]
+    assert p["planned"]["misses"] <= p["lru+prefetch"]["misses"]  # the DP minimises these very counts
+    assert p["adapmoe"]["experts_per_token"] < p["lru"]["experts_per_token"] == 2.0
+    assert p["resident"]["misses"] == 0 and p["resident"]["stall_s_per_token"] == 0.0
+    assert p["naive"]["hits"] == 0
+    ungated = [x["decode_tokens_per_s"] for n, x in p.items() if n != "adapmoe"]  # the gate computes fewer experts
+    assert max(ungated) == p["resident"]["decode_tokens_per_s"]
+    assert 0 < r["limits"]["io_floor_s_per_token"] <= p["belady"]["decode_s_per_token"]
+    for x in p.values():
+        assert set(x) >= {"hits", "misses", "prefetch_hits", "stall_s_per_token", "decode_tokens_per_s"}
+    assert [pt["budget_slots"] for pt in r["sweep"]] == [6, 12, 24, 36, 48]
+    full = r["sweep"][-1]["stall_s_per_token"]
+    assert full["lru"] == 0.0 or full["lru"] < p["lru"]["stall_s_per_token"]
+
+
+# -- projection, hardware and model files ----------------------------------------------------------
+def test_projection_tiles_layers_and_refuses_more_experts():
+    st = _synthetic(tokens=10, layers=4)
+    big = models.load_model("mixtral-8x22b", bits=4)
+    pr = project(st, big.num_layers, big.num_experts, big.name)
+    assert pr.num_layers == 56 and torch.equal(pr.trace.ids[:, 4], st.trace.ids[:, 0])
+    assert any("tiled" in n for n in pr.notes)
+    qwen = models.load_model("qwen3-30b-a3b")
+    with pytest.raises(UsageError, match="cannot be projected honestly"):
+        project(st, qwen.num_layers, qwen.num_experts, qwen.name)
+
+
+def test_shipped_files_load_with_sources():
+    assert set(hardware.known()) >= {"this-machine", "laptop-nvme", "rtx4090-pcie4", "a6000-pcie4", "apple-m2-max"}
+    for name in hardware.known():
+        hw = hardware.load_hardware(name)
+        assert hw.sources and hw.link_bandwidth > 0
+    assert hardware.load_hardware("this-machine").calibrated is False  # the template, until calibrated
+    with pytest.raises(UsageError, match="rtx4090-pcie4"):
+        hardware.load_hardware("cray-1")
+    m16, m4 = models.load_model("mixtral-8x7b"), models.load_model("mixtral-8x7b", bits=4)
+    assert m16.expert_bytes == 3 * 4096 * 14336 * 2
+    assert m4.expert_bytes == 3 * 4096 * 14336 // 2 + 3 * 4096 * 14336 // 64 * 4  # plus fp16 scale+zero per 64
+    q = models.load_model("qwen3-30b-a3b")
+    assert (q.num_layers, q.num_experts, q.top_k, q.expert_bytes) == (48, 128, 8, 3 * 2048 * 768 * 2)
+    with pytest.raises(UsageError, match="mixtral-8x7b"):
+        models.load_model("gpt-5")
+
+
+def test_calibration_writes_this_machine_under_home(make_store):
+    from adapmoe_cli.settings import load_settings
+    from adapmoe_cli.simulate.calibrate import calibrate
+    from adapmoe_cli.store import Store
+
+    store = Store.open(make_store(TinySpec(), dtype=torch.float32))
+    hw, path = calibrate(store, load_settings(), max_read_bytes=4 << 20, tokens=2)
+    assert Path(path) == hardware.calibrated_path() and Path(path).exists()
+    loaded = hardware.load_hardware("this-machine")
+    assert loaded.calibrated is True and loaded.link_bandwidth > 0 and loaded.memory_bandwidth > 0
+    assert loaded.measured["expert_compute_s"] > 0 and loaded.measured["decode_token_s_all_resident"] > 0
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _h39s_file(tmp_path: Path, steps: int = 12) -> Path:
+    """A small file in the h39s format (32 prefill lines of all 8 experts, then `steps` decode steps)."""
+    g = torch.Generator().manual_seed(1)
+    lines = ["0,1,2,3,4,5,6,7"] * 32
+    for _ in range(steps * 32):
+        lines.append(",".join(str(e) for e in sorted(torch.randperm(8, generator=g)[:2].tolist())))
+    path = tmp_path / "active_experts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_simulate_command_writes_json_and_chart(tmp_path, monkeypatch, capsys):
+    from tests.test_cli_store import run_cli
+
+    trace = _h39s_file(tmp_path)
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(trace), "--trace-format", "h39s",
+                                "--model-config", "mixtral-8x7b", "--bits", "4", "--hardware", "rtx4090-pcie4",
+                                "--budget", "64", "--json", str(out), "--plot", str(png), "--sweep",
+                                "--policies", "naive,lru,lru+prefetch,planned,adapmoe,resident")
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["budget_slots"] == 64 and data["hardware"]["name"] == "rtx4090-pcie4"
+    assert data["model"]["num_layers"] == 32 and data["model"]["bits"] == 4
+    assert {"belady", "oracle", "lru", "adapmoe"} <= set(data["policies"])
+    assert isinstance(data["policies"]["lru"]["decode_tokens_per_s"], float)
+    assert any("no routing weights" in n for n in data["notes"]) and any("prefetch nothing" in n for n in data["notes"])
+    assert len(data["sweep"]) == 5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "adapmoe simulate" in stdout and "I/O floor" in stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--hardware", "cray-1"], "unknown hardware 'cray-1': choose one of a6000-pcie4"),
+    (["--policies", "lru,magic"], "unknown policy magic; known: naive"),
+    (["--model-config", "qwen3-30b-a3b"], "cannot be projected honestly"),
+    (["--budget", "8"], "below one per MoE layer"),
+])
+def test_simulate_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, match):
+    from tests.test_cli_store import run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_h39s_file(tmp_path, steps=2)), "--trace-format",
+                           "h39s", *args)
+    assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_simulate_on_a_store_uses_its_profile(make_store, tmp_path, monkeypatch, capsys):
+    """The trace's own model: bytes from the store, the trace from its profile (written here directly)."""
+    from adapmoe_cli.profiling.profile_file import model_identity, write_profile
+    from adapmoe_cli.store import Store
+    from tests.test_cli_store import run_cli
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(make_store(TinySpec(num_hidden_layers=6, num_local_experts=8), dtype=torch.float32), store_dir)
+    store = Store.open(store_dir)
+    st = _synthetic(tokens=40)
+    write_profile(store_dir / "profile.json", {"model": model_identity(store), "layers": []}, st.trace)
+    code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(store_dir), "--hardware", "laptop-nvme",
+                                "--budget", "18", "--json", "-")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["model"]["expert_bytes"] == store.expert_stride and data["trace"]["has_predictions"]
+    assert data["policies"]["lru+prefetch"]["prefetch_hits"] > 0
+
+
+def test_calibrate_from_the_command_without_a_profile(make_store, monkeypatch, capsys):
+    from tests.test_cli_store import run_cli
+
+    store = make_store(TinySpec(), dtype=torch.float32)
+    code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(store), "--calibrate")
+    assert code == 0, err
+    assert hardware.calibrated_path().exists() and "nothing to simulate" in stdout
