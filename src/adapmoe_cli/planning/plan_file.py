@@ -4,8 +4,6 @@ that refuses other models, other budgets and newer versions with a message."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
+from adapmoe_cli.versioned import read_versioned, write_atomic
 
 FORMAT = "adapmoe-plan"
 FORMAT_VERSION = 1
@@ -54,28 +53,13 @@ class Plan:
 
 
 def write_plan(path: Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"adapmoe {__version__}", **data}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, doc)
 
 
 def read_plan(path: Path, store: Store, budget_slots: int | None = None) -> Plan:
     path = Path(path)
-    if not path.exists():
-        raise ProfileError(f"no plan at {path}; make one with `adapmoe plan-cache --budget …`")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ProfileError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ProfileError(f"{path} is not an adapmoe cache plan")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ProfileError(f"{path} has plan format {version}; this adapmoe reads up to {FORMAT_VERSION}: upgrade")
+    data = read_versioned(path, FORMAT, FORMAT_VERSION, ProfileError, "cache plan", "adapmoe plan-cache --budget …")
     if data.get("model", {}).get("fingerprint") != store.fingerprint:
         raise ProfileError(f"{path} was made for another model; run `adapmoe plan-cache` on {store.path}")
     plan = Plan(path, data)

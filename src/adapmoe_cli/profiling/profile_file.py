@@ -15,6 +15,7 @@ from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.store import Store
+from adapmoe_cli.versioned import read_versioned
 
 FORMAT = "adapmoe-profile"
 FORMAT_VERSION = 1
@@ -84,17 +85,7 @@ class Profile:
 def read_profile(path: Path, store: Store | None = None) -> Profile:
     """Load a profile; refuse one of another format version or (when `store` is given) another model."""
     path = Path(path)
-    if not path.exists():
-        raise ProfileError(f"no profile at {path}; make one with `adapmoe profile`")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ProfileError(f"{path} is not valid JSON ({e}); re-run `adapmoe profile`") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ProfileError(f"{path} is not an adapmoe profile")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ProfileError(f"{path} has profile format {version}; this adapmoe reads up to {FORMAT_VERSION}: upgrade")
+    data = read_versioned(path, FORMAT, FORMAT_VERSION, ProfileError, "profile", "adapmoe profile")
     if store is not None and data.get("model", {}).get("fingerprint") != store.fingerprint:
         raise ProfileError(
             f"{path} was made for another model ({data.get('model', {}).get('model_type')}, different weights); "

@@ -10,7 +10,6 @@ Layout of a store directory:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from adapmoe_cli.errors import StoreError
 from adapmoe_cli.families import ModelFamily, MoEShape, get_family
+from adapmoe_cli.versioned import read_versioned
 
 FORMAT = "adapmoe-store"
 FORMAT_VERSION = 1
@@ -105,18 +105,7 @@ class Store:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise StoreError(f"{path} is not an adapmoe store (no {MANIFEST}); make one with `adapmoe shard`")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except ValueError as e:
-            raise StoreError(f"{mpath} is not valid JSON ({e}); re-run `adapmoe shard --force`") from None
-        if manifest.get("format") != FORMAT:
-            raise StoreError(f"{mpath} is not an adapmoe store manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreError(
-                f"{path} was written by a newer adapmoe (store format {version}, this one reads up to "
-                f"{FORMAT_VERSION}); upgrade adapmoe or re-shard"
-            )
+        manifest = read_versioned(mpath, FORMAT, FORMAT_VERSION, StoreError, "store", "adapmoe shard --force")
         try:
             return Store(path, manifest)
         except (KeyError, TypeError, ValueError) as e:

@@ -1,0 +1,138 @@
+"""`adapmoe download` end to end against a local hub (tests/hub_server.py), run as a subprocess so that
+HF_ENDPOINT / HF_TOKEN / HF_HUB_OFFLINE take effect as huggingface_hub reads them at import. Never
+touches the internet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from adapmoe_cli.synthetic import TinySpec
+from tests.hub_server import HubServer
+
+REPO = "tiny/moe"
+GATED = "tiny/gated"
+BIG = "tiny/big"
+DECOYS = ["pytorch_model.bin", "consolidated.00.pth", "original/model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory: pytest.TempPathFactory, make_checkpoint: Callable[..., Path]) -> Path:
+    folder = tmp_path_factory.mktemp("hub") / "repo"
+    shutil.copytree(make_checkpoint(), folder)
+    (folder / "original").mkdir()
+    for name in DECOYS:
+        (folder / name).write_bytes(b"decoy" * 100)
+    return folder
+
+
+@pytest.fixture
+def hub(hub_folder: Path) -> Iterator[HubServer]:
+    with HubServer() as server:
+        server.add(REPO, hub_folder)
+        server.add(GATED, hub_folder, token="good-token")
+        yield server
+
+
+def run(hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
+    full.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
+                HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", **env)
+    return subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
+                          env=full, timeout=60)
+
+
+def fetched(hub: HubServer, repo: str) -> set[str]:
+    prefix = f"/{repo}/resolve/"
+    return {p.split("/", 5)[-1] for p in hub.state.files(repo) if p.startswith(prefix)}
+
+
+def test_download_creates_verifiable_store_without_decoys(hub: HubServer, tmp_path: Path, hub_folder: Path) -> None:
+    out = tmp_path / "store"
+    r = run(hub, "download", REPO, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got = fetched(hub, REPO)
+    assert not got & set(DECOYS)
+    assert {"config.json", "model.safetensors.index.json"} <= got
+    assert any(f.endswith(".safetensors") for f in got)
+    v = run(hub, "verify", str(out))
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_default_store_goes_under_adapmoe_home(hub: HubServer) -> None:
+    r = run(hub, "download", REPO)
+    assert r.returncode == 0, r.stderr
+    stores = Path(os.environ["ADAPMOE_HOME"]) / "stores"
+    assert stores.is_dir() and any(stores.iterdir())
+
+
+def test_resume_after_cut_off_uses_range(hub: HubServer, tmp_path: Path,
+                                         make_checkpoint: Callable[..., Path]) -> None:
+    # huggingface_hub 2.4 resumes within the same call (RemoteProtocolError → Range request), but only from
+    # whole 10 MiB chunks it has written (DOWNLOAD_CHUNK_SIZE), and deletes its per-process `.incomplete`
+    # on failure, so nothing carries over between runs. Hence a single shard of ~25 MB cut at half.
+    ckpt = make_checkpoint(TinySpec(hidden_size=256, intermediate_size=2048), shards=1)
+    hub.add(BIG, ckpt)
+    big = next(ckpt.glob("*.safetensors"))
+    size = big.stat().st_size
+    assert size // 2 > 10 * 1024 * 1024
+    hub.state.cut_off.add(f"{BIG}/{big.name}")
+    out = tmp_path / "store"
+    r = run(hub, "download", BIG, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    gets = [q for q in hub.state.requests if q.method == "GET" and q.path.endswith("/" + big.name)]
+    assert len(gets) == 2
+    assert gets[0].range is None and gets[0].bytes_sent == size // 2
+    assert gets[1].range is not None
+    start = int(gets[1].range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < start <= size // 2
+    assert gets[1].bytes_sent == size - start  # resumed, not re-downloaded from zero
+    assert run(hub, "verify", str(out)).returncode == 0
+
+
+def test_gated_without_token_is_one_line_error(hub: HubServer, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    r = run(hub, "download", GATED, "--out", str(out))
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    assert "gated" in text and "HF_TOKEN" in text and "Traceback" not in text
+    assert not out.exists()
+
+
+def test_gated_with_token_downloads(hub: HubServer, tmp_path: Path) -> None:
+    r = run(hub, "download", GATED, "--out", str(tmp_path / "store"), HF_TOKEN="good-token")
+    assert r.returncode == 0, r.stderr
+    assert all(q.authorization == "Bearer good-token" for q in hub.state.requests)
+
+
+def test_bad_token_is_reported(hub: HubServer, tmp_path: Path) -> None:
+    r = run(hub, "download", REPO, "--out", str(tmp_path / "store"), HF_TOKEN="wrong")
+    assert r.returncode != 0
+    assert "HF_TOKEN" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_missing_repo(hub: HubServer, tmp_path: Path) -> None:
+    r = run(hub, "download", "tiny/nope", "--out", str(tmp_path / "store"))
+    assert r.returncode != 0
+    assert "not found" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_offline_with_empty_cache(hub: HubServer, tmp_path: Path) -> None:
+    r = run(hub, "download", REPO, "--out", str(tmp_path / "store"), HF_HUB_OFFLINE="1")
+    assert r.returncode != 0
+    assert "HF_HUB_OFFLINE" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert hub.state.requests == []
+
+
+def test_offline_after_download_uses_cache(hub: HubServer, tmp_path: Path) -> None:
+    assert run(hub, "download", REPO, "--out", str(tmp_path / "a")).returncode == 0
+    hub.state.requests.clear()
+    r = run(hub, "download", REPO, "--out", str(tmp_path / "b"), HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    assert hub.state.requests == []
