@@ -1,0 +1,159 @@
+"""Measure the adaptive gate's threshold rules and the cache plan on a model (default: the embedded one).
+
+    python scripts/measure_gating.py [MODEL] [--out docs/gating] [--tokens 8192] [--decode-tokens 2048]
+
+1. For each rule (paper: sqrt(c/F_l); global: one threshold; weighted: sqrt(c/S_l)), a sweep of the scale:
+   experts per token and perplexity on the held-out split (not the calibration split).
+2. For each rule, the quality-budget search (1 %) on the calibration split, then its held-out result.
+3. For a budget of half the experts: the plan's expected stalls against an even split's, and the stalls
+   counted by the runtime when it decodes held-out text one token at a time with each.
+Writes OUT.json, OUT.png and prints markdown tables. Needs `adapmoe profile` to have run on the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from adapmoe_cli.conversation import load_tokenizer
+from adapmoe_cli.evaluation import evaluate, read_text_tokens
+from adapmoe_cli.models import default_text, open_model
+from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.planning.plan_file import Plan
+from adapmoe_cli.planning.run import PlanRequest, gate_perplexity, make_plan
+from adapmoe_cli.profiling.profile_file import default_path, read_profile
+from adapmoe_cli.runtime.cache import even_quotas
+from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.generate import new_kv_cache
+from adapmoe_cli.runtime.stats import Stats
+from adapmoe_cli.settings import load_settings
+
+RULES = ("paper", "global", "weighted")
+
+
+def sweep(engine: Engine, prof_layers: list[dict], held: list[int], window: int, points: int) -> dict:
+    base = evaluate(engine, held, window)
+    out = {"base": {"perplexity": base.perplexity, "experts_per_token": base.stats.experts_per_token}}
+    for rule in RULES:
+        hi = gate_rules.max_scale(rule, prof_layers)
+        rows = []
+        for i in range(1, points + 1):
+            # thresholds grow like sqrt(c): space the scales so thresholds are evenly spread
+            c = hi * (i / points) ** (1 if rule == "global" else 2)
+            engine.use_gate(gate_rules.gate(rule, c, prof_layers))
+            r = evaluate(engine, held, window)
+            rows.append({"scale": c, "perplexity": r.perplexity, "experts_per_token": r.stats.experts_per_token})
+            print(f"{rule:8} c={c:.4g}  ppl {r.perplexity:.3f}  experts/token {r.stats.experts_per_token:.3f}",
+                  flush=True)
+        out[rule] = rows
+    engine.use_gate(GatePolicy.off())
+    return out
+
+
+def decode_stalls(engine: Engine, tokens: list[int], ctx: int) -> Stats:
+    """Feed held-out tokens one at a time (teacher forcing) and count what the runtime counts."""
+    before = engine.stats.copy()
+    with torch.inference_mode():
+        for start in range(0, len(tokens), ctx):
+            kv = new_kv_cache(engine)
+            for t in tokens[start:start + ctx]:
+                engine.model(input_ids=torch.tensor([[t]]), cache=kv, use_cache=True)
+    engine.manager.drain()
+    return engine.stats.delta(before)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--out", type=Path, default=Path("docs/gating"))
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    ap.add_argument("--decode-tokens", type=int, default=2048, help="held-out tokens decoded one at a time")
+    ap.add_argument("--points", type=int, default=8)
+    ap.add_argument("--quality-budget", type=float, default=0.01)
+    a = ap.parse_args()
+    store = open_model(a.model)
+    settings = load_settings()
+    prof = read_profile(default_path(store), store)
+    window = int(min(256, store.config.get("max_position_embeddings", 256)))
+    shape = store.shape
+    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all")
+    result: dict = {"model": str(store.path), "profile_method": prof.data["method"]}
+    with Engine(store, settings, budget=full) as eng:
+        tok = load_tokenizer(eng)
+        held = read_text_tokens(tok, default_text("heldout"), max_tokens=a.tokens)
+        result["heldout_tokens"] = len(held)
+        result["sweep"] = sweep(eng, prof.layers, held, window, a.points)
+        base_ppl = result["sweep"]["base"]["perplexity"]
+        searches = {}
+        with gate_perplexity(store, settings, default_text("calibration"), 4096) as calib_ppl:
+            for rule in RULES:
+                s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_ppl)
+                eng.use_gate(gate_rules.gate(rule, s.scale, prof.layers))
+                r = evaluate(eng, held, window)
+                searches[rule] = {"scale": s.scale, "calibration_increase": s.increase,
+                                  "heldout_perplexity": r.perplexity, "heldout_increase": r.perplexity / base_ppl - 1,
+                                  "experts_per_token": r.stats.experts_per_token,
+                                  "experts_saved": 1 - r.stats.experts_per_token / shape.top_k,
+                                  "thresholds": gate_rules.thresholds(rule, s.scale, prof.layers)}
+                print(f"search {rule}: c={s.scale:.4g} held-out {searches[rule]['heldout_increase']:+.2%} "
+                      f"experts/token {r.stats.experts_per_token:.3f}", flush=True)
+        eng.use_gate(GatePolicy.off())
+        result["quality_budget"] = {"budget": a.quality_budget, "rules": searches}
+        decode_ids = held[: a.decode_tokens]
+
+    # 3. plan vs even split at half the experts, with the best rule's gate
+    best = min(searches, key=lambda r: (searches[r]["heldout_increase"] > a.quality_budget,
+                                        searches[r]["experts_per_token"]))
+    half = len(store.experts) // 2
+    plan_out = a.out.with_name(a.out.name + "-plan.json")
+    _, data = make_plan(store, settings, PlanRequest(budget_slots=half, gate_mode="scale", rule=best,
+                                                     scale=searches[best]["scale"], out=plan_out))
+    plan = Plan(plan_out, data)
+    rows = {}
+    for name, quotas in (("plan", plan.quotas), ("even", even_quotas(shape.moe_layers, half, shape.num_experts))):
+        with Engine(store, settings, budget=Budget(quotas, name), gate=plan.gate) as eng:
+            st = decode_stalls(eng, decode_ids, window)
+        expected = sum(x["cost_curve"][quotas[x["layer"]] - 1] for x in data["layers"])
+        rows[name] = {"slots": [quotas[layer] for layer in shape.moe_layers], "expected_stalls_per_token": expected,
+                      "counted_stalls_per_token": st.misses / len(decode_ids), "hit_rate": st.hit_rate,
+                      "experts_per_token": st.experts_per_token}
+        print(f"{name}: expected {expected:.3f} stalls/token, counted {st.misses / len(decode_ids):.3f}", flush=True)
+    result["plan_vs_even"] = {"budget_slots": half, "rule": best, "decode_tokens": len(decode_ids), **rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    draw(result, a.out.with_suffix(".png"), shape.top_k)
+    print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.png')}")
+
+
+def draw(result: dict, path: Path, top_k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = result["sweep"]
+    base = sw["base"]["perplexity"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rule in RULES:
+        xs = [r["experts_per_token"] for r in sw[rule]]
+        ys = [100 * (r["perplexity"] / base - 1) for r in sw[rule]]
+        ax.plot(xs, ys, marker="o", label=rule)
+        q = result["quality_budget"]["rules"][rule]
+        ax.scatter([q["experts_per_token"]], [100 * q["heldout_increase"]], marker="*", s=160, zorder=5)
+    ax.axhline(100 * result["quality_budget"]["budget"], color="grey", ls="--", lw=1, label="quality budget")
+    ax.set_xlabel(f"activated experts per token (top-{top_k} = {top_k})")
+    ax.set_ylabel("held-out perplexity increase (%)")
+    ax.set_title("adaptive gate: rules compared (stars: 1% search on the calibration split)")
+    ax.set_ylim(bottom=-0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
