@@ -36,12 +36,13 @@ class Repo:
 class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut_off: set[str] = field(default_factory=set)  # "repo/file": first GET sends half the bytes, then closes
+    broken: set[str] = field(default_factory=set)  # "repo/file": every GET sends half the bytes, then closes
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def files(self, repo_id: str) -> list[str]:
-        return [r.path for r in self.requests if r.method == "GET" and "/resolve/" in r.path
-                and r.path.startswith(f"/{repo_id}/")]
+        """Paths of every HEAD or GET on a file of `repo_id`."""
+        return [r.path for r in self.requests if "/resolve/" in r.path and r.path.startswith(f"/{repo_id}/")]
 
 
 def _etag(path: Path) -> str:
@@ -154,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         key = f"{repo_id}/{filename}"
-        cut = not head and key in self.server.state.cut_off
+        cut = not head and (key in self.server.state.cut_off or key in self.server.state.broken)
         if cut:
             self.server.state.cut_off.discard(key)
             self.send_header("Connection", "close")
