@@ -225,3 +225,25 @@ def test_eval_perplexity_equals_transformers(make_store, make_checkpoint, text_f
             scored, start = end, end - 32
     assert res.tokens == n == len(ids) - 1
     assert res.loss == pytest.approx(nll / n, rel=1e-6)
+
+
+def test_eval_cli_json_and_quality_budget(store, text_file):
+    import os
+    import subprocess
+    import sys
+
+    _profile(store, text_file, validate=False)
+    args = [sys.executable, "-m", "adapmoe_cli", "eval", str(store.path), "--text", str(text_file), "--tokens", "150",
+            "--window", "64", "--plan", "none", "--json"]
+    plain = subprocess.run(args, capture_output=True, text=True, env=os.environ, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    p = json.loads(plain.stdout)
+    assert {"perplexity", "experts_per_token", "tokens", "single_expert_ratio"} <= set(p)
+    assert p["experts_per_token"] == 2.0 and p["tokens"] == 149
+    gated = subprocess.run([*args, "--quality-budget", "5%", "--calibration", str(text_file)], capture_output=True,
+                           text=True, env=os.environ, timeout=300)
+    assert gated.returncode == 0, gated.stderr
+    g = json.loads(gated.stdout)
+    assert g["gate"]["scale"] is not None and g["experts_per_token"] <= 2.0
+    bad = subprocess.run([*args, "--quality-budget", "0%"], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert bad.returncode != 0 and "quality budget" in bad.stderr and "Traceback" not in bad.stderr

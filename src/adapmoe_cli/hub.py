@@ -2,7 +2,8 @@
 (safetensors, index, config, generation config, tokenizer files; never pickles or `consolidated.*`
 duplicates), into the standard hub cache (HF_HOME). huggingface_hub 2.4 resumes a dropped connection
 within the same run (Range request from the last whole 10 MiB chunk) and keeps finished files in the
-cache, so a rerun after a failure fetches only what is missing (partial files are not kept). Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE. Nothing else in adapmoe touches the network."""
+cache, so a rerun after a failure fetches only what is missing (partial files are not kept).
+Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE. Nothing else in adapmoe touches the network."""
 
 from __future__ import annotations
 

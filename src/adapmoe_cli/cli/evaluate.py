@@ -29,6 +29,22 @@ from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.evaluation import evaluate, read_text_tokens
 from adapmoe_cli.models import default_text
 from adapmoe_cli.runtime.moe_block import LayerRecord
+from adapmoe_cli.settings import Settings, replace
+from adapmoe_cli.store import Store
+
+
+def search_scale(store: Store, settings: Settings, quality_budget: str, calibration: Path | None) -> float:
+    """The largest gate scale whose calibration perplexity stays within the budget (bisection)."""
+    from adapmoe_cli.planning import gate_rules
+    from adapmoe_cli.planning.run import gate_perplexity, parse_fraction
+    from adapmoe_cli.profiling.profile_file import default_path, read_profile
+
+    budget = parse_fraction(quality_budget)
+    layers = read_profile(default_path(store), store).layers
+    with gate_perplexity(store, settings, calibration or default_text("calibration"), 4096) as perplexity:
+        found = gate_rules.find_scale(settings.gate.rule, layers, budget, perplexity)
+    err_console.print(f"[dim]gate scale {found.scale:.4g}: calibration perplexity {found.increase:+.2%}[/]")
+    return found.scale
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +64,15 @@ def eval_cmd(
     plan: PlanOpt = None,
     adaptive_gate: AdaptiveOpt = None,
     gate_scale: GateScaleOpt = None,
+    quality_budget: Annotated[str | None, typer.Option("--quality-budget", "-q", help="Search the largest gate "
+                                                       "scale within this perplexity increase on the calibration "
+                                                       "split (e.g. 1%), then evaluate with it.",
+                                                       show_default=False)] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for the --quality-budget search "
+                                                     "(default: the embedded calibration split).",
+                                                     show_default=False)] = None,
+    rule: Annotated[str | None, typer.Option("--rule", help="Threshold rule for --gate-scale/--quality-budget.",
+                                             show_default=False)] = None,
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
     device: DeviceOpt = None,
@@ -57,10 +82,19 @@ def eval_cmd(
 
       adapmoe eval --json
 
+      adapmoe eval --quality-budget 1% --json
+
       adapmoe eval ./mixtral-store --text wiki.txt --gate-scale 0.002 -c 96
     """
+    if quality_budget is not None and gate_scale is not None:
+        raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts, memory, None, device, None, plan, adaptive_gate, gate_scale)
+    if rule is not None:
+        settings = replace(settings, gate=replace(settings.gate, rule=rule))
     store = open_store(model)
+    if quality_budget is not None:
+        settings = replace(settings, gate=replace(settings.gate, scale=search_scale(store, settings, quality_budget,
+                                                                                   calibration)))
     max_ctx = int(store.config.get("max_position_embeddings", window))
     window = min(window, max_ctx)
     with start_engine(store, settings) as engine:
