@@ -174,7 +174,8 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
     _profile(store, text_file, validate=False)
     settings = load_settings()
     slots = parse_budget("9", store)
-    path, data = make_plan(store, settings, PlanRequest(budget_slots=slots, gate_mode="scale", scale=0.05))
+    req = PlanRequest(budget_slots=slots, gate_mode="scale", rule="paper", scale=0.05)
+    path, data = make_plan(store, settings, req)
     plan = read_plan(path, store, slots)
     assert sum(plan.quotas.values()) == 9 and all(1 <= q <= 6 for q in plan.quotas.values())
     assert data["total_expected_cost"] <= data["even_split_expected_cost"] + 1e-12
@@ -247,3 +248,21 @@ def test_eval_cli_json_and_quality_budget(store, text_file):
     assert g["gate"]["scale"] is not None and g["experts_per_token"] <= 2.0
     bad = subprocess.run([*args, "--quality-budget", "0%"], capture_output=True, text=True, env=os.environ, timeout=300)
     assert bad.returncode != 0 and "quality budget" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gate_rules_and_auto():
+    from adapmoe_cli.planning import gate_rules
+
+    grad = [{"layer": 0, "sensitivity": 4.0, "second_order_drop_loss": 0.02, "mean_second_weight_sq": 0.01},
+            {"layer": 1, "sensitivity": 1.0, "second_order_drop_loss": 0.08, "mean_second_weight_sq": 0.02}]
+    fwd = [{k: v for k, v in x.items() if k != "second_order_drop_loss"} for x in grad]
+    assert gate_rules.thresholds("paper", 0.04, grad) == pytest.approx({0: 0.1, 1: 0.2})
+    assert gate_rules.thresholds("weighted", 0.08, grad) == pytest.approx({0: 0.2, 1: 0.02**0.5})  # S = 2, 4
+    assert gate_rules.thresholds("global", 0.3, grad) == {0: 0.3, 1: 0.3}
+    assert gate_rules.gate("auto", 0.08, grad).rule == "weighted"
+    assert gate_rules.gate("auto", 0.04, fwd).rule == "paper"
+    with pytest.raises(ProfileError, match="gradient method"):
+        gate_rules.thresholds("weighted", 0.1, fwd)
+    # bisection finds the largest scale within the budget of a monotone perplexity
+    found = gate_rules.find_scale("global", grad, 0.01, lambda g: 10.0 * (1 + (g.threshold(0) or 0.0) / 10))
+    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.increase <= 0.01

@@ -43,7 +43,7 @@ def read_text_tokens(tokenizer: Any, path: Path, min_tokens: int = 2, max_tokens
         raise UsageError(f"text file {path} is not UTF-8 text") from None
     if not text.strip():
         raise UsageError(f"text file {path} is empty")
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     if len(ids) < min_tokens:
         raise UsageError(f"{path} has only {len(ids)} tokens but {min_tokens} are needed; give a longer text")
     return ids[:max_tokens] if max_tokens else ids

@@ -59,7 +59,7 @@ class GenerationSettings:
 class GateSettings:
     adaptive: bool = True  # use the plan's adaptive gate (or --gate-scale); False: plain top-k
     scale: float | None = None  # thresholds from the profile with this scale, overriding the plan's
-    rule: str = "paper"
+    rule: str = "auto"
 
     def __post_init__(self) -> None:
         if self.scale is not None and self.scale < 0:

@@ -40,7 +40,7 @@ def plan_cmd(
                                                      show_default=False)] = None,
     adaptive_gate: Annotated[bool, typer.Option("--adaptive-gate/--no-adaptive-gate",
                                                 help="Plan with the adaptive gate (default) or plain top-k.")] = True,
-    rule: Annotated[str, typer.Option("--rule", help=f"Threshold rule: {' | '.join(RULES)}.")] = "paper",
+    rule: Annotated[str, typer.Option("--rule", help=f"Threshold rule: {' | '.join(RULES)}.")] = "auto",
     text: Annotated[Path | None, typer.Option("--text", help="Calibration text for the quality search "
                                               "(default: the embedded calibration split).", show_default=False)] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.")] = 4096,

@@ -4,6 +4,7 @@ with normalised weight below T_l is dropped):
 
 - `paper`    T_l = sqrt(c / F_l), F_l the profile's sensitivity (AdapMoE, Zhong et al. 2024);
 - `global`   T_l = c for every layer (one threshold on the weight, the plain baseline);
+- `auto`     `weighted` when the profile was made with gradients, else `paper` (the default);
 - `weighted` T_l = sqrt(c / S_l), S_l = ½ E[(g·Δy)²] / E[w₂²]: the sensitivity weighted by what dropping
              actually changes in the output (the derivation's second-order term, docs/profile.md).
 
@@ -19,8 +20,16 @@ from dataclasses import dataclass
 from adapmoe_cli.errors import ProfileError, UsageError
 from adapmoe_cli.runtime.gating import GatePolicy
 
-RULES = ("paper", "global", "weighted")
+RULES = ("auto", "paper", "global", "weighted")
 MAX_THRESHOLD = 0.5 + 1e-6  # with top-2, a second weight is at most 0.5: this drops every second expert
+
+
+def resolve_rule(rule: str, profile_layers: list[dict]) -> str:
+    """`auto`: `weighted` when the profile has the gradient terms it needs (it ranked layers best on the
+    embedded model, docs/gating.md), else `paper`."""
+    if rule != "auto":
+        return rule
+    return "weighted" if "second_order_drop_loss" in profile_layers[0] else "paper"
 
 
 def _layer_sensitivity(profile_layers: list[dict], rule: str) -> list[float]:
@@ -35,6 +44,7 @@ def _layer_sensitivity(profile_layers: list[dict], rule: str) -> list[float]:
 
 
 def thresholds(rule: str, scale: float, profile_layers: list[dict]) -> dict[int, float]:
+    rule = resolve_rule(rule, profile_layers)
     if scale < 0:
         raise UsageError(f"the gate scale must be ≥ 0, got {scale}")
     layers = [int(x["layer"]) for x in profile_layers]
@@ -49,11 +59,13 @@ def thresholds(rule: str, scale: float, profile_layers: list[dict]) -> dict[int,
 
 
 def gate(rule: str, scale: float, profile_layers: list[dict]) -> GatePolicy:
+    rule = resolve_rule(rule, profile_layers)
     return GatePolicy(thresholds(rule, scale, profile_layers), rule=rule, scale=scale)
 
 
 def max_scale(rule: str, profile_layers: list[dict]) -> float:
     """The smallest scale at which every layer drops every second expert."""
+    rule = resolve_rule(rule, profile_layers)
     if rule == "global":
         return MAX_THRESHOLD
     sens = [f for f in _layer_sensitivity(profile_layers, rule) if f > 0]
@@ -75,6 +87,7 @@ class ScaleSearch:
 def find_scale(rule: str, profile_layers: list[dict], budget: float, perplexity: Callable[[GatePolicy], float],
                iterations: int = 14) -> ScaleSearch:
     """Largest scale whose perplexity stays within (1 + budget) × the ungated perplexity, by bisection."""
+    rule = resolve_rule(rule, profile_layers)
     if not 0 < budget <= 1:
         raise UsageError(f"the quality budget must be between 0 and 100%, got {budget:.4%}")
     base = perplexity(GatePolicy.off())

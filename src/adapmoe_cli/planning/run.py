@@ -54,7 +54,7 @@ def parse_fraction(text: str) -> float:
 class PlanRequest:
     budget_slots: int
     gate_mode: str  # "quality" | "scale" | "off"
-    rule: str = "paper"
+    rule: str = "auto"
     quality_budget: float = 0.01
     scale: float | None = None
     calibration: list[int] | None = None  # token ids for the quality search
