@@ -86,7 +86,7 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     store = make_store(SLOW, dtype=torch.float32)
     env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
     child = pexpect.spawn(sys.executable, ["-m", "adapmoe_cli", "chat", str(store), "-c", "4", "--no-prefetch",
-                                           "-n", "120"], env=env, encoding="utf-8", timeout=180,
+                                           "-n", "300"], env=env, encoding="utf-8", timeout=180,
                           dimensions=(40, 200))
     try:
         child.expect("/help for commands")
@@ -94,7 +94,12 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
         child.sendline("What does the json module do?")
         child.expect(r"\d+ tokens · [\d.]+ tok/s · hit rate \d+% · 2\.00 experts/token")
         child.expect(">>> ")
-        child.sendline("And what about os?")  # second turn, same conversation
+        child.sendline('"""')  # second turn, same conversation, typed as a multi-line block
+        for line in ("And what about", "the os module?"):
+            child.expect(r"\.\.\. ")
+            child.sendline(line)
+        child.expect(r"\.\.\. ")
+        child.sendline('"""')
         child.expect(r"tokens · [\d.]+ tok/s")
         child.expect(">>> ")
         child.sendline("/stats")
@@ -109,12 +114,9 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
         child.sendline("/reset")
         child.expect("conversation reset")
         child.expect(">>> ")
-        child.sendline('"""')
-        child.sendline("Tell me everything")
-        child.sendline("about every module.")
-        child.sendline('"""')
-        child.expect(r'every module\.\r\n(\.\.\. )?"""\r\n')  # the echo of the input ends ...
-        child.expect(r"\S")  # ... and the answer has started streaming
+        child.sendline("Tell me everything about every module.")
+        child.expect(r"every module\.\r\n")  # the terminal's echo of the input ...
+        child.expect(r"\S")  # ... then the answer's first characters: it is streaming
         child.sendintr()
         child.expect("stopped")
         child.expect(">>> ")
@@ -126,3 +128,4 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     msgs = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
     assert msgs[1]["stats"]["tokens"] > 0
+    assert msgs[2]["content"] == "And what about\nthe os module?"
