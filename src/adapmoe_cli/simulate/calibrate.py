@@ -108,7 +108,7 @@ def expert_compute_s(store: Store) -> float:
     return _best(run, 20)
 
 
-def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20, tokens: int = 16,
+def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20, tokens: int = 96,
               progress: Progress | None = None) -> tuple[Hardware, str]:
     """Measure, write `this-machine`, return it and the path written."""
     from adapmoe_cli.store.reader import read_bandwidth
