@@ -4,6 +4,7 @@ prompt on stdin) answers once, `--json` prints one object."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,6 +200,8 @@ def _gate_text(engine: Engine) -> str:
 
 
 def _interactive(conv: Conversation) -> None:
+    # Ctrl-C must stop an answer even when a parent started us with SIGINT ignored (background jobs are)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     eng = conv.engine
     console.print(
         f"[bold]adapmoe chat[/] · {eng.store.family.model_type} from {eng.store.path} · "
