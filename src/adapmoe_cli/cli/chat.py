@@ -195,7 +195,8 @@ def _stats_table(engine: Engine) -> Table:
 def _gate_text(engine: Engine) -> str:
     g = engine.gate
     if not g.thresholds:
-        return f"off (top-{engine.store.shape.top_k})"
+        return (f"off (top-{engine.store.shape.top_k}; `adapmoe profile` then `adapmoe plan-cache --budget N` "
+                "turn it on)")
     return f"{g.rule}" + (f" c={g.scale:.3g}" if g.scale is not None else "")
 
 
