@@ -30,57 +30,104 @@ class LoadRequest:
     nbytes: int = 0
 
 
+class RequestQueue:
+    """The loader's queue, without threads or I/O: demand before prefetch before demoted, FIFO within a
+    class; one outstanding request per (layer, expert); promotion, demotion and cancellation leave stale
+    heap entries that are skipped. `Loader` drives it from its I/O thread, the simulator's loader from a
+    simulated clock, so both order reads the same way. Callers hold whatever lock they need."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, LoadRequest]] = []
+        self._seq = itertools.count()
+        self._inflight: dict[tuple[int, int], LoadRequest] = {}
+
+    def _push(self, req: LoadRequest, priority: int) -> None:
+        req.priority = priority
+        heapq.heappush(self._heap, (priority, next(self._seq), req))
+
+    def add(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
+        """Queue a read; an outstanding request for the same expert is returned instead (raised to
+        `priority` if that is more urgent and it has not started)."""
+        req = self._inflight.get((layer, expert))
+        if req is not None:
+            if priority < req.priority and not req.started:
+                self._push(req, priority)
+            return req
+        req = LoadRequest(layer, expert, buffer, priority)
+        self._inflight[(layer, expert)] = req
+        self._push(req, priority)
+        return req
+
+    def promote(self, req: LoadRequest) -> None:
+        if not req.started and not req.cancelled and req.priority != DEMAND:
+            self._push(req, DEMAND)
+
+    def demote(self, req: LoadRequest) -> None:
+        if not req.started and not req.cancelled and req.priority < BACKGROUND:
+            self._push(req, BACKGROUND)
+
+    def cancel(self, req: LoadRequest) -> bool:
+        """True if the request had not started (it never will); a started one is only forgotten for
+        de-duplication, so a later request for the expert gets a new read."""
+        self.forget(req)
+        if req.started or req.done.is_set():
+            return False
+        req.cancelled = True
+        return True
+
+    def forget(self, req: LoadRequest) -> None:
+        if self._inflight.get((req.layer, req.expert)) is req:
+            del self._inflight[(req.layer, req.expert)]
+
+    def peek(self) -> LoadRequest | None:
+        """The next request to start, dropping stale entries; None when nothing is queued."""
+        while self._heap:
+            prio, _, req = self._heap[0]
+            if not (req.started or req.cancelled or prio != req.priority):
+                return req
+            heapq.heappop(self._heap)
+        return None
+
+    def pop(self) -> LoadRequest | None:
+        """Take the next request and mark it started."""
+        req = self.peek()
+        if req is not None:
+            heapq.heappop(self._heap)
+            req.started = True
+        return req
+
+
 class Loader:
     def __init__(self, reader: ExpertReader):
         self.reader = reader
-        self._heap: list[tuple[int, int, LoadRequest]] = []
-        self._seq = itertools.count()
+        self._queue = RequestQueue()
         self._cv = threading.Condition()
-        self._inflight: dict[tuple[int, int], LoadRequest] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="adapmoe-loader", daemon=True)
         self._thread.start()
 
     def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
-        """Queue a read; an outstanding request for the same expert is returned instead (promoted when
-        this one is a demand)."""
+        """Queue a read (see `RequestQueue.add`)."""
         with self._cv:
-            req = self._inflight.get((layer, expert))
-            if req is not None:
-                if priority < req.priority and not req.started:
-                    req.priority = priority
-                    heapq.heappush(self._heap, (priority, next(self._seq), req))
-                return req
-            req = LoadRequest(layer, expert, buffer, priority)
-            self._inflight[(layer, expert)] = req
-            heapq.heappush(self._heap, (priority, next(self._seq), req))
+            req = self._queue.add(layer, expert, buffer, priority)
             self._cv.notify()
             return req
 
     def promote(self, req: LoadRequest) -> None:
         with self._cv:
-            if not req.started and req.priority != DEMAND and not req.cancelled:
-                req.priority = DEMAND
-                heapq.heappush(self._heap, (DEMAND, next(self._seq), req))
-                self._cv.notify()
+            self._queue.promote(req)
+            self._cv.notify()
 
     def demote(self, req: LoadRequest) -> None:
         """Send a queued request behind every demand load and fresh prefetch."""
         with self._cv:
-            if not req.started and not req.cancelled and req.priority < BACKGROUND:
-                req.priority = BACKGROUND
-                heapq.heappush(self._heap, (BACKGROUND, next(self._seq), req))
+            self._queue.demote(req)
 
     def cancel(self, req: LoadRequest) -> bool:
         """Drop a request: True if its read had not started (nothing is read). A started read runs to the
         end, but is forgotten for de-duplication, so a later request for the expert gets a new read."""
         with self._cv:
-            if self._inflight.get((req.layer, req.expert)) is req:
-                del self._inflight[(req.layer, req.expert)]
-            if req.started or req.done.is_set():
-                return False
-            req.cancelled = True
-            return True
+            return self._queue.cancel(req)
 
     def wait(self, req: LoadRequest) -> float:
         """Block until the read is done; return the seconds waited. Re-raises the read's error."""
@@ -97,22 +144,19 @@ class Loader:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._heap:
+                req = self._queue.pop()
+                while req is None and not self._closed:
                     self._cv.wait()
+                    req = self._queue.pop()
                 if self._closed:
                     return
-                prio, _, req = heapq.heappop(self._heap)
-                if req.started or req.cancelled or prio != req.priority:
-                    continue  # a stale heap entry (promoted or cancelled)
-                req.started = True
             try:
                 entry = self.reader.read_into(req.layer, req.expert, req.buffer)
                 req.nbytes = entry.length
             except BaseException as e:  # handed to the waiting compute thread
                 req.error = e
             with self._cv:
-                if self._inflight.get((req.layer, req.expert)) is req:
-                    del self._inflight[(req.layer, req.expert)]
+                self._queue.forget(req)
             req.done.set()
 
     def close(self) -> None:

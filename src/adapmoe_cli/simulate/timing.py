@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from adapmoe_cli.runtime.loader import BACKGROUND, DEMAND, LoadRequest
+from adapmoe_cli.runtime.loader import LoadRequest, RequestQueue
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.models import ModelSpec
 
@@ -55,9 +55,8 @@ class SimLoader:
         self.nbytes = nbytes
         self.duration = hw.transfer_s(nbytes)
         self._free_at = [0.0] * hw.channels
-        self._heap: list[tuple[int, int, LoadRequest]] = []
+        self._queue = RequestQueue()
         self._seq = itertools.count()
-        self._inflight: dict[tuple[int, int], LoadRequest] = {}
         self._finish: dict[int, float] = {}  # id(request) → finish time, for started requests
         self._running: list[tuple[float, int, LoadRequest]] = []  # started, not yet done (heap by finish)
         self._queued_since = 0.0  # the queue's content is what it is since this time
@@ -66,31 +65,26 @@ class SimLoader:
     # -- the link ----------------------------------------------------------------------------------
     def _start_next(self, limit: float) -> LoadRequest | None:
         """Start the queue's first request if a channel frees up by `limit`; None otherwise."""
-        while self._heap:
-            prio, _, req = self._heap[0]
-            if req.started or req.cancelled or prio != req.priority:
-                heapq.heappop(self._heap)  # stale entry (promoted, demoted or cancelled)
-                continue
-            c = min(range(len(self._free_at)), key=self._free_at.__getitem__)
-            start = max(self._free_at[c], self._queued_since)
-            if start > limit:
-                return None
-            heapq.heappop(self._heap)
-            req.started = True
-            end = start + self.duration
-            self._free_at[c] = end
-            self._finish[id(req)] = end
-            heapq.heappush(self._running, (end, next(self._seq), req))
-            self.transfers += 1
-            return req
-        return None
+        req = self._queue.peek()
+        if req is None:
+            return None
+        c = min(range(len(self._free_at)), key=self._free_at.__getitem__)
+        start = max(self._free_at[c], self._queued_since)
+        if start > limit:
+            return None
+        self._queue.pop()
+        end = start + self.duration
+        self._free_at[c] = end
+        self._finish[id(req)] = end
+        heapq.heappush(self._running, (end, next(self._seq), req))
+        self.transfers += 1
+        return req
 
     def _complete(self, upto: float) -> None:
         while self._running and self._running[0][0] <= upto:
             _, _, req = heapq.heappop(self._running)
             req.nbytes = self.nbytes
-            if self._inflight.get((req.layer, req.expert)) is req:
-                del self._inflight[(req.layer, req.expert)]
+            self._queue.forget(req)
             req.done.set()
 
     def sync(self) -> None:
@@ -109,39 +103,22 @@ class SimLoader:
     # -- the loader interface ----------------------------------------------------------------------
     def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
         self.sync()
-        req = self._inflight.get((layer, expert))
-        if req is not None:
-            if priority < req.priority and not req.started:
-                req.priority = priority
-                heapq.heappush(self._heap, (priority, next(self._seq), req))
-            return req
-        req = LoadRequest(layer, expert, buffer, priority)
-        self._inflight[(layer, expert)] = req
-        heapq.heappush(self._heap, (priority, next(self._seq), req))
+        req = self._queue.add(layer, expert, buffer, priority)
         self.sync()
         return req
 
     def promote(self, req: LoadRequest) -> None:
         self.sync()
-        if not req.started and req.priority != DEMAND and not req.cancelled:
-            req.priority = DEMAND
-            heapq.heappush(self._heap, (DEMAND, next(self._seq), req))
+        self._queue.promote(req)
         self.sync()
 
     def demote(self, req: LoadRequest) -> None:
         self.sync()
-        if not req.started and not req.cancelled and req.priority < BACKGROUND:
-            req.priority = BACKGROUND
-            heapq.heappush(self._heap, (BACKGROUND, next(self._seq), req))
+        self._queue.demote(req)
 
     def cancel(self, req: LoadRequest) -> bool:
         self.sync()
-        if self._inflight.get((req.layer, req.expert)) is req:
-            del self._inflight[(req.layer, req.expert)]
-        if req.started or req.done.is_set():
-            return False
-        req.cancelled = True
-        return True
+        return self._queue.cancel(req)
 
     def wait(self, req: LoadRequest) -> float:
         """Advance the clock to the end of `req`'s transfer (starting it when channels free up); return
