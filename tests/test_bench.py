@@ -60,6 +60,38 @@ def test_bench_runs_every_policy_and_writes_json_and_chart(setup, tmp_path):
     assert "decode tok/s" in r.stdout
 
 
+def test_bench_simulate_replays_its_own_run_with_equal_counts(setup, tmp_path):
+    """`--simulate` records the bench's own routing and replays each policy's setup: every counted hit,
+    miss and prefetch hit equals the measured run's; resident and naive are added as its calibration."""
+    store, text = setup
+    out = tmp_path / "b.json"
+    r = _run("bench", str(store), "--text", str(text), "--calibration", str(text), "--tokens", "5", "--repeat", "2",
+             "--budget", "4", "--policies", "lru,lru+prefetch,adapmoe", "--simulate", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    sim = data["simulated"]
+    assert set(sim["policies"]) == set(data["policies"]) == {"naive", "lru", "lru+prefetch", "adapmoe", "resident"}
+    for name, p in sim["policies"].items():
+        counts = data["policies"][name]["counts"]
+        assert p["counts_match"], name
+        assert (p["hits"] * 2, p["misses"] * 2, p["prefetch_hits"] * 2) == (
+            counts["hits"], counts["misses"], counts["prefetch_hits"]), name
+        assert p["tokens"] == 5 * data["prompts"]
+        assert p["decode_tokens_per_s"] > 0 and p["calibration_point"] == (name in ("resident", "naive"))
+    assert sim["policies"]["naive"]["misses"] > sim["policies"]["lru"]["misses"] > 0  # the runs did load experts
+    assert sim["policies"]["lru+prefetch"]["prefetch_hits"] > 0
+    hw = sim["hardware"]
+    fastest = {n: max(p["runs"], key=lambda r: r["decode_tokens_per_s"]) for n, p in data["policies"].items()}
+    assert hw["calibrated"] and hw["measured"]["disk_bytes_per_s"] == data["disk_read_bytes_per_s"]
+    assert hw["measured"]["decode_token_s_all_resident"] == pytest.approx(
+        1 / fastest["resident"]["decode_tokens_per_s"])
+    naive = fastest["naive"]
+    assert naive["misses"] == 2 * 2 * naive["decode_tokens"]  # top-2 in both layers, every token
+    assert hw["measured"]["load_s"] == pytest.approx(naive["stall_s_per_token"] * naive["decode_tokens"]
+                                                     / naive["misses"])
+    assert "simulated (this run's routing" in r.stdout and "counts equal" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--policies", "lru,fastest"], "unknown policy fastest; known: naive"),
     (["--prompts", "EMPTY"], "holds no prompts"),

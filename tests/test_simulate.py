@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.trace import Trace
-from adapmoe_cli.runtime.gating import GatePolicy, route
+from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import DEMAND, PREFETCH
 from adapmoe_cli.simulate import hardware, models
 from adapmoe_cli.simulate.hardware import Hardware
@@ -59,6 +58,37 @@ def test_loads_overlap_compute_and_channels_run_in_parallel():
     assert ld2.wait(a) == pytest.approx(2e-3) and ld2.wait(b) == pytest.approx(0.0)
 
 
+def test_loads_cost_the_compute_after_the_wait_and_reads_slow_the_compute_beside_them():
+    clock = Clock()
+    hw = Hardware("t", "", link_bandwidth=1e9, link_latency_s=0.0, memory_bandwidth=1e9,
+                  load_overhead_s=0.1e-3, interference_s=0.05e-3)
+    ld = SimLoader(hw, 1_000_000, clock)
+    a = ld.submit(0, 0, None, PREFETCH)  # 0–1 ms, finishing while the compute runs
+    ld.compute(2e-3)
+    assert clock.now == pytest.approx(2.05e-3)  # 2 ms of compute + one read beside it
+    c = ld.submit(0, 2, None, PREFETCH)  # starts at 2.05 ms
+    assert ld.wait(a) == 0.0 and clock.now == pytest.approx(2.15e-3)  # no stall; the first use costs 0.1 ms …
+    assert ld.wait(a) == 0.0 and clock.now == pytest.approx(2.15e-3)  # … once per load
+    assert ld.wait(c) == pytest.approx(1e-3)  # … and the link paused meanwhile: c ends at 3.15, not 3.05 ms
+    assert clock.now == pytest.approx(3.25e-3)
+    b = ld.submit(0, 1, None, DEMAND)  # 3.25–4.25 ms while the compute waits: no interference
+    assert ld.wait(b) == pytest.approx(1e-3) and clock.now == pytest.approx(4.35e-3)
+
+
+def test_a_transfer_after_an_idle_link_pays_the_wake_up():
+    clock = Clock()
+    hw = Hardware("t", "", link_bandwidth=1e9, link_latency_s=0.0, memory_bandwidth=1e9, link_wakeup_s=0.3e-3,
+                  link_idle_s=1e-3)
+    ld = SimLoader(hw, 1_000_000, clock)
+    ld.compute(2e-3)
+    assert ld.wait(ld.submit(0, 0, None, DEMAND)) == pytest.approx(1.3e-3)  # idle since 0: wakes up first
+    assert ld.wait(ld.submit(0, 1, None, DEMAND)) == pytest.approx(1e-3)  # back to back
+    ld.compute(0.5e-3)
+    assert ld.wait(ld.submit(0, 2, None, DEMAND)) == pytest.approx(1e-3)  # idle 0.5 ms: below the threshold
+    ld.compute(1e-3)
+    assert ld.wait(ld.submit(0, 3, None, DEMAND)) == pytest.approx(1.3e-3)
+
+
 def test_cancel_and_demote():
     ld, _ = _loader()
     ld.submit(0, 0, None, DEMAND)  # 0–1 ms
@@ -75,46 +105,26 @@ def test_cancel_and_demote():
 
 # -- exact replay of the runtime's own run ---------------------------------------------------------
 def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, tokens: int = 20):
+    from adapmoe_cli.profiling.record import RoutingRecorder
     from adapmoe_cli.runtime.engine import Engine
     from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
     from adapmoe_cli.settings import GenerationSettings, load_settings
     from adapmoe_cli.store import Store
 
     store = Store.open(store_path)
-    shape = store.shape
-    L, k = len(shape.moe_layers), shape.top_k
     with Engine(store, load_settings(overrides={"cache.experts": slots, "prefetch": prefetch}), gate=gate) as eng:
-        routers = {layer: store.family.moe_block(eng.model, layer).gate for layer in shape.moe_layers}
-        recs, step = [], [0]
-        eng.observers.callbacks.append(lambda r: recs.append((step[0], r.layer, r.ids.clone(), r.weights.clone(),
-                                                              r.hidden.detach().clone())))
+        rec = RoutingRecorder(eng)
+        eng.observers.callbacks.append(rec)
         gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
         for n, _ in enumerate(generate_step(eng, [1, 5, 7, 9, 11, 40], new_kv_cache(eng), gen)):
             if n == 0:
                 after_prefill = eng.stats.copy()
-            step[0] += 1
             if n + 1 == tokens:
                 break
         total, decode, quotas = eng.stats.copy(), eng.stats.delta(after_prefill), dict(eng.budget.quotas)
-    by_step: dict[int, dict[int, tuple]] = {}
-    for s, layer, ids, w, h in recs:
-        by_step.setdefault(s, {})[layer] = (ids, w, h)
-    rows = sum(v[0][0].shape[0] for v in by_step.values())
-    tr = Trace(torch.full((rows, L, k), -1, dtype=torch.int16), torch.zeros(rows, L, k),
-               torch.full((rows, L, k), -1, dtype=torch.int16), torch.zeros(rows, L, k),
-               torch.zeros(rows, dtype=torch.int32), list(shape.moe_layers))
-    steps, r = [], 0
-    for s in sorted(by_step):
-        T = by_step[s][0][0].shape[0]
-        for i in range(L):
-            ids, w, h = by_step[s][i]
-            tr.ids[r:r + T, i], tr.weights[r:r + T, i] = ids.to(torch.int16), w
-            if i + 1 < L:  # what the block predicts: router l+1 on the hidden state entering block l
-                pw, pi = route(F.linear(h, routers[i + 1].weight), k, store.family.routing)
-                tr.pred_ids[r:r + T, i + 1], tr.pred_weights[r:r + T, i + 1] = pi.to(torch.int16), pw
-        steps += [s] * T
-        r += T
-    st = from_trace(tr, shape.num_experts, "recorded", steps=steps, prefill_steps=1)
+    tr, steps = rec.trace()
+    assert steps[:6] == [0] * 6 and steps[6:] == list(range(1, tokens))  # the prompt pass, then one row per step
+    st = from_trace(tr, store.shape.num_experts, "recorded", steps=steps, prompt_steps=frozenset({0}))
     return st, quotas, total, decode
 
 
@@ -126,8 +136,8 @@ def test_replaying_the_runtimes_run_reproduces_its_counts(make_store, slots, pre
     st, quotas, total, decode = _record_run(make_store(spec, dtype=torch.float32), slots, prefetch, gate)
     routing = prepare(st.trace, gate, st.steps)
     model = models.ModelSpec("tiny", 4, 8, 2, expert_bytes=1_000_000, dense_bytes_per_layer=100_000, head_bytes=0)
-    for prefill_steps, want in ((0, total), (1, decode)):
-        run = drive(routing, quotas, HW, model, "lru", prefetch=prefetch, prefill_steps=prefill_steps)
+    for untimed, want in ((frozenset(), total), (frozenset({0}), decode)):
+        run = drive(routing, quotas, HW, model, "lru", prefetch=prefetch, untimed=untimed)
         got = (run.hits, run.misses, run.prefetch_hits, run.expert_activations)
         assert got == (want.hits, want.misses, want.prefetch_hits, want.expert_activations)
     if prefetch:
@@ -246,6 +256,9 @@ def test_calibration_writes_this_machine_under_home(make_store):
     loaded = hardware.load_hardware("this-machine")
     assert loaded.calibrated is True and loaded.link_bandwidth > 0 and loaded.memory_bandwidth > 0
     assert loaded.measured["expert_compute_s"] > 0 and loaded.measured["decode_token_s_all_resident"] > 0
+    # on demand, every token loads its top-k experts in every MoE layer (counted by the engine)
+    assert loaded.measured["loads_per_token_on_demand"] == 2 * TinySpec().num_hidden_layers
+    assert loaded.measured["load_s"] > 0 and loaded.load_overhead_s >= 0 and loaded.interference_s >= 0
 
 
 # -- the command -----------------------------------------------------------------------------------

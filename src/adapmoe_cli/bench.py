@@ -87,10 +87,15 @@ class Setup:
     spec: PolicySpec
 
 
-def run_once(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> RunResult:
+def run_once(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
+             observe: Callable[[Engine], Callable[[Any], None]] | None = None) -> RunResult:
+    """One cold-cache run over the prompts. `observe(engine)` gives a `LayerRecord` callback that then
+    sees every MoE layer call (recording the routing)."""
     gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
     res = RunResult()
     with Engine(store, setup.settings, budget=setup.budget, gate=setup.gate, verify=False) as eng:
+        if observe is not None:
+            eng.observers.callbacks.append(observe(eng))
         if setup.spec.preload:
             for layer in store.shape.moe_layers:
                 eng.manager.preload(layer, range(store.shape.num_experts))
@@ -144,6 +149,9 @@ def summarise(runs: list[RunResult], bandwidth: float, top_k: int) -> dict[str, 
         "io_floor_tokens_per_s": 1 / floor_s if floor_s else None,
         "counts": vars(s),
         "repeats": len(runs),
+        "runs": [{"decode_tokens_per_s": r.decode_tps, "decode_tokens": r.decode_tokens,
+                  "stall_s_per_token": r.stats.stall_s / r.decode_tokens if r.decode_tokens else 0.0,
+                  "misses": r.stats.misses} for r in runs],
     }
 
 
@@ -190,9 +198,10 @@ def setups(store: Store, settings: Settings, names: list[str], budget_slots: int
     return out, skipped
 
 
-def run_bench(store: Store, settings: Settings, names: list[str], budget_slots: int, prompts: list[list[int]],
-              tokens: int, repeats: int, plan_for: Callable[[bool], tuple[dict[int, int], GatePolicy]],
-              perplexity: Callable[[GatePolicy], float], progress: Progress | None = None) -> dict[str, Any]:
+def run_bench(store: Store, plan: dict[str, Setup], skipped: dict[str, str], budget_slots: int,
+              prompts: list[list[int]], tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict."""
     from adapmoe_cli.store.reader import ExpertReader, read_bandwidth
 
     if not prompts:
@@ -201,7 +210,6 @@ def run_bench(store: Store, settings: Settings, names: list[str], budget_slots: 
         probe._fd(next(iter(store.experts.values())).file)
         direct = probe.direct
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
-    plan, skipped = setups(store, settings, names, budget_slots, plan_for)
     runs: dict[str, list[RunResult]] = {n: [] for n in plan}
     total = repeats * len(plan)
     done = 0

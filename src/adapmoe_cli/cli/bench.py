@@ -11,7 +11,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from adapmoe_cli.bench import DEFAULT_POLICIES, POLICIES, default_prompts, parse_policies, read_prompts, run_bench
+from adapmoe_cli.bench import (
+    DEFAULT_POLICIES,
+    POLICIES,
+    default_prompts,
+    parse_policies,
+    read_prompts,
+    run_bench,
+    setups,
+)
 from adapmoe_cli.cli.common import ConfigOpt, DeviceOpt, ModelArg, console, err_console, open_store, runtime_settings
 from adapmoe_cli.models import default_text
 from adapmoe_cli.planning.plan_file import Plan
@@ -41,6 +49,9 @@ def bench_cmd(
                                                   show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also run budgets from 10% to 100% of the experts.")] = False,
+    simulate: Annotated[bool, typer.Option("--simulate", help="Also replay this run's own routing in the simulator, "
+                                           "calibrated from this run, and show simulated next to measured.")
+                        ] = False,
     text: Annotated[Path | None, typer.Option("--text", help="Held-out text for perplexity (default: the embedded "
                                               "held-out split).", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for profiling and the gate's "
@@ -54,10 +65,14 @@ def bench_cmd(
       adapmoe bench --json bench.json --plot bench.png
 
       adapmoe bench ./mixtral-store --budget 24GiB --policies lru+prefetch,adapmoe --tokens 64 --repeat 5
+
+      adapmoe bench --simulate --repeat 5
     """
     if tokens < 2 or repeat < 1:
         raise typer.BadParameter("--tokens must be ≥ 2 and --repeat ≥ 1")
     names = parse_policies(policies)
+    if simulate:  # the runtime's two ends calibrate the simulator
+        names += [n for n in ("naive", "resident") if n not in names]
     qb = parse_fraction(quality_budget)
     settings = runtime_settings(config, None, None, None, device)
     texts = read_prompts(prompts) if prompts else default_prompts()
@@ -74,7 +89,7 @@ def bench_cmd(
             prompt_ids = [Conversation(eng, tok, settings.generation)._prompt_ids(t) for t in texts]
         calib = stack.enter_context(gate_perplexity(store, settings, calib_text, 4096))
         held = stack.enter_context(gate_perplexity(store, settings, text or default_text("heldout"), 8192))
-        results = [_one_budget(store, settings, names, slots, prompt_ids, tokens, repeat, qb, calib, held)]
+        results = [_one_budget(store, settings, names, slots, prompt_ids, tokens, repeat, qb, calib, held, simulate)]
         if sweep:
             total = len(store.experts)
             for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
@@ -118,7 +133,7 @@ def ensure_profile(store: Store, settings: Settings, text: Path) -> None:
 
 
 def _one_budget(store: Store, settings: Settings, names: list[str], slots: int, prompt_ids: list[list[int]],
-                tokens: int, repeat: int, qb: float, calib: Any, held: Any) -> dict[str, Any]:
+                tokens: int, repeat: int, qb: float, calib: Any, held: Any, simulate: bool = False) -> dict[str, Any]:
     plans: dict[bool, tuple[dict[int, int], GatePolicy]] = {}
 
     def plan_for(gated: bool) -> tuple[dict[int, int], GatePolicy]:
@@ -134,8 +149,15 @@ def _one_budget(store: Store, settings: Settings, names: list[str], slots: int, 
     with Progress(TextColumn("bench {task.fields[policy]:>14}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("bench", total=None, policy="")
-        return run_bench(store, settings, names, slots, prompt_ids, tokens, repeat, plan_for, held,
-                         progress=lambda name, d, t: bar.update(task, completed=d, total=t, policy=name))
+        plan, skipped = setups(store, settings, names, slots, plan_for)
+        result = run_bench(store, plan, skipped, slots, prompt_ids, tokens, repeat, held,
+                           progress=lambda name, d, t: bar.update(task, completed=d, total=t, policy=name))
+        if simulate:
+            from adapmoe_cli.simulate.check import simulate_bench
+
+            result["simulated"] = simulate_bench(store, plan, prompt_ids, tokens, result,
+                                                 progress=lambda m: bar.update(task, policy=m[:14]))
+        return result
 
 
 def _pm(p: dict, key: str) -> str:
@@ -163,6 +185,33 @@ def render(r: dict[str, Any]) -> None:
                   f"page cache {r['page_cache']}")
     for name, why in r.get("skipped", {}).items():
         console.print(f"[yellow]skipped {name}:[/] {why}")
+    if "simulated" in r:
+        render_simulated(r["simulated"])
+
+
+def render_simulated(sim: dict[str, Any]) -> None:
+    t = Table(title="simulated (this run's routing, this machine calibrated from this run) vs measured")
+    for c in ("policy", "measured tok/s: fastest (median)", "simulated tok/s", "error vs fastest (median)",
+              "stall ms/tok meas./sim.", "counts equal"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for name, p in sim["policies"].items():
+        err = f"{p['error']:+.1%} ({p['error_vs_median']:+.1%})"
+        t.add_row(name, f"{p['measured_decode_tokens_per_s']:.1f} ({p['measured_median']:.1f})",
+                  f"{p['decode_tokens_per_s']:.1f}", err + (" calibration" if p["calibration_point"] else ""),
+                  f"{p['measured_stall_s_per_token'] * 1e3:.2f} / {p['stall_s_per_token'] * 1e3:.2f}",
+                  "yes" if p["counts_match"] else "[red]no[/]")
+    console.print(t, width=max(console.width, 120))
+    hw = sim["hardware"]
+    worst = sim["max_error"]
+    verdict = ("—" if worst is None else
+               f"largest error {worst:.1%} ({'within' if sim['within_tolerance'] else 'outside'} "
+               f"{sim['tolerance']:.0%})")
+    console.print(f"calibrated with {' and '.join(sim['calibrated_with'])} (fastest repeats): one load "
+                  f"{hw['measured']['load_s'] * 1e3:.2f} ms (+{hw['link_wakeup_s'] * 1e6:.0f} us after idle) + "
+                  f"{hw['load_overhead_s'] * 1e6:.0f} us of compute-thread time, a read beside the compute "
+                  f"{hw['interference_s'] * 1e6:.0f} us, prediction "
+                  f"{hw['predict_overhead_s'] * 1e6:.0f} us/layer, dense {hw['measured']['dense_layer_s'] * 1e3:.2f} "
+                  f"ms/layer; the other policies are predicted: {verdict}")
 
 
 def draw(r: dict[str, Any], path: Path) -> None:

@@ -101,8 +101,11 @@ def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
     with err_console.status("calibrating") as status:
         hw, path = run_calibration(store, runtime_settings(config, None, None, None, None),
                                    progress=lambda m: status.update(f"calibrating: {m}"))
-    err_console.print(f"wrote {path}: disk {hw.link_bandwidth / 1e9:.2f} GB/s, read latency "
-                      f"{hw.link_latency_s * 1e6:.0f} us, memory {hw.memory_bandwidth / 1e9:.1f} GB/s")
+    m = hw.measured
+    err_console.print(f"wrote {path}: disk {m['disk_bytes_per_s'] / 1e9:.2f} GB/s, one load {m['load_s'] * 1e3:.2f} ms "
+                      f"(+{hw.link_wakeup_s * 1e6:.0f} us after idle) + {hw.load_overhead_s * 1e6:.0f} us of compute, "
+                      f"a read beside the compute {hw.interference_s * 1e6:.0f} us, memory "
+                      f"{hw.memory_bandwidth / 1e9:.1f} GB/s")
 
 
 def _has_trace(target: str, trace_format: str) -> bool:

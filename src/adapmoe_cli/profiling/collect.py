@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.evaluation import evaluate
+from adapmoe_cli.profiling.record import NextLayerPredictor
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.gating import GatePolicy, route
+from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.moe_block import LayerRecord
 
 Progress = Callable[[int, int], None]
@@ -46,23 +47,18 @@ class _Recorder:
     """Observer that keeps each layer's routing, prediction and (gradient method) output for one window."""
 
     def __init__(self, engine: Engine, grads: bool):
-        self.engine = engine
         self.grads = grads
-        self.layers = list(engine.store.shape.moe_layers)
+        self.predict = NextLayerPredictor(engine)
         self.records: dict[int, LayerRecord] = {}
         self.pred: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        fam = engine.store.family
-        self.routers = {layer: fam.moe_block(engine.model, layer).gate for layer in self.layers}
 
     def __call__(self, rec: LayerRecord) -> None:
         if self.grads:
             rec.output.retain_grad()
         self.records[rec.layer] = rec
-        i = self.layers.index(rec.layer)
-        if i + 1 < len(self.layers):
-            nxt = self.layers[i + 1]
-            logits = F.linear(rec.hidden.detach(), self.routers[nxt].weight)  # [T, E]
-            w, ids = route(logits, rec.ids.shape[1], self.engine.store.family.routing)
+        pred = self.predict(rec)
+        if pred is not None:
+            nxt, ids, w = pred
             self.pred[nxt] = (ids, w)
 
 

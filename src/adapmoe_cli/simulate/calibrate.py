@@ -1,14 +1,20 @@
-"""`calibrate()`: measures this machine for the simulator and writes `this-machine` under ADAPMOE_HOME:
-disk bandwidth with O_DIRECT (`store.reader.read_bandwidth`), the latency of one expert read, the
-memory bandwidth a matrix-vector product reaches, and, by timing the real engine on the given store,
-the compute time of one expert and of one layer's dense part per decode token. The per-call overheads
-are what the measured times hold beyond their bytes over the memory bandwidth."""
+"""`calibrate()`: measures this machine for the simulator and writes `this-machine` under ADAPMOE_HOME.
+
+The runtime is timed at its two ends on the given store (`decode_times`): every expert resident (the
+compute of a token), and nothing cached across tokens (every needed expert loaded on demand: the time a
+load takes as the runtime sees it, and what each load costs the compute thread besides its wait). Micro-
+measurements add the disk's O_DIRECT bandwidth (`store.reader.read_bandwidth`), the memory bandwidth a
+matrix-vector product reaches, one expert's compute from a real slot, and the block's next-layer
+prediction. The overheads written are what the measured times hold beyond bytes over bandwidth, so the
+same file projects other models' sizes. `bench --simulate` builds the same description from the bench's
+own `resident` and `naive` runs instead (`simulate.check`)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,22 +38,83 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def read_latency(store: Store, bandwidth: float, reads: int = 32) -> float:
-    """Mean time of single-expert O_DIRECT reads beyond their bytes over the sequential bandwidth."""
-    from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
+@dataclass(frozen=True)
+class DecodeTimes:
+    """Seconds per decode token of the runtime at its two ends (fastest of interleaved runs)."""
 
-    keys = sorted(store.experts)
-    keys = [keys[(i * 7919) % len(keys)] for i in range(min(reads, len(keys)))]  # spread over the files
-    buf = aligned_buffer(store.expert_stride)
-    try:
-        with ExpertReader(store) as reader:
-            t0 = time.perf_counter()
-            for layer, expert in keys:
-                reader.read_into(layer, expert, buf)
-            per_read = (time.perf_counter() - t0) / len(keys)
-    finally:
-        buf.close()
-    return max(0.0, per_read - store.expert_stride / bandwidth)
+    resident_token_s: float | None  # every expert resident; None when they do not fit in memory
+    demand_token_s: float  # nothing cached across tokens: every needed expert loaded on demand
+    demand_stall_s: float  # of which the compute thread waited for loads
+    demand_loads: float  # loads per token
+
+    @property
+    def load_s(self) -> float:
+        """One expert load as the compute thread waits for it."""
+        return self.demand_stall_s / self.demand_loads
+
+    @property
+    def load_overhead_s(self) -> float | None:
+        """What each load costs the compute thread beyond its wait (bookkeeping, wake-up, cold memory)."""
+        if self.resident_token_s is None:
+            return None
+        return max(0.0, (self.demand_token_s - self.demand_stall_s - self.resident_token_s) / self.demand_loads)
+
+
+def _fits(store: Store) -> bool:
+    import psutil
+
+    return len(store.experts) * store.expert_stride + store.dense_bytes <= 0.5 * psutil.virtual_memory().available
+
+
+def _decode(store: Store, settings: Settings, policy: str | None, tokens: int) -> tuple[float, float, int]:
+    """(seconds per token, stall seconds per token, loads) of the engine decoding `tokens` tokens after a
+    warm-up token: every expert resident when `policy` is None, else top-k slots per layer under `policy`."""
+    from adapmoe_cli.runtime.cache import even_quotas
+    from adapmoe_cli.runtime.engine import Budget, Engine
+    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+    from adapmoe_cli.settings import GenerationSettings, replace
+
+    shape = store.shape
+    if policy is None:
+        budget = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
+    else:
+        budget = Budget({layer: shape.top_k for layer in shape.moe_layers}, "top-k per layer")
+        settings = replace(settings, cache=replace(settings.cache, policy=policy, experts=None, memory=None))
+    gen = GenerationSettings(max_new_tokens=tokens + 2, temperature=0.0, repetition_penalty=1.0)
+    with Engine(store, settings, budget=budget, verify=False) as eng:
+        if policy is None:
+            for layer in shape.moe_layers:
+                eng.manager.preload(layer, range(shape.num_experts))
+        for n, _ in enumerate(generate_step(eng, [1, 2, 3, 4], new_kv_cache(eng), gen)):
+            if n == 1:  # after the prefill and one warm-up token
+                t0, before = time.perf_counter(), eng.stats.copy()
+            if n == tokens + 1:
+                d = eng.stats.delta(before)
+                return (time.perf_counter() - t0) / tokens, d.stall_s / tokens, d.misses
+    raise AssertionError("generation stopped early")
+
+
+def decode_times(store: Store, settings: Settings, tokens: int = 48, rounds: int = 3,
+                 max_demand_bytes: int = 2 << 30) -> DecodeTimes:
+    """Time the real engine decoding with every expert resident and with top-k slots and no eviction
+    policy (`bench`'s naive), alternately, `rounds` times each, prefetch off; keep each end's fastest
+    round (the least disturbed by the rest of the machine). The on-demand decode reads about
+    `max_demand_bytes` per round at most (at least 2 tokens), so large models calibrate in seconds."""
+    from adapmoe_cli.settings import replace
+
+    shape = store.shape
+    plain = replace(settings, prefetch=False)
+    fits = _fits(store)
+    per_token = len(shape.moe_layers) * shape.top_k * store.expert_stride
+    demand_tokens = max(2, min(tokens, max_demand_bytes // per_token))
+    resident, demand = [], []
+    for _ in range(rounds):
+        if fits:
+            resident.append(_decode(store, plain, None, tokens))
+        demand.append(_decode(store, plain, "none", demand_tokens))
+    fastest = min(demand)
+    return DecodeTimes(resident_token_s=min(resident)[0] if fits else None, demand_token_s=fastest[0],
+                       demand_stall_s=fastest[1], demand_loads=fastest[2] / demand_tokens)
 
 
 def memory_bandwidth(dtype: torch.dtype, nbytes: int = 128 << 20) -> float:
@@ -58,35 +125,6 @@ def memory_bandwidth(dtype: torch.dtype, nbytes: int = 128 << 20) -> float:
     x = torch.randn(1, cols).to(dtype)
     F.linear(x, w)  # warm-up
     return w.numel() * w.element_size() / _best(lambda: F.linear(x, w), 5)
-
-
-def _decode_token_s(store: Store, settings: Settings, tokens: int) -> float | None:
-    """Median seconds per decode token of the real engine with every expert resident; None when they do not fit."""
-    import psutil
-
-    from adapmoe_cli.runtime.cache import even_quotas
-    from adapmoe_cli.runtime.engine import Budget, Engine
-    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-    from adapmoe_cli.settings import GenerationSettings
-
-    shape = store.shape
-    if len(store.experts) * store.expert_stride + store.dense_bytes > 0.5 * psutil.virtual_memory().available:
-        return None
-    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
-    gen = GenerationSettings(max_new_tokens=tokens + 2, temperature=0.0, repetition_penalty=1.0)
-    with Engine(store, settings, budget=full, verify=False) as eng:
-        for layer in shape.moe_layers:
-            eng.manager.preload(layer, range(shape.num_experts))
-        times: list[float] = []
-        t0 = time.perf_counter()
-        for n, _ in enumerate(generate_step(eng, [1, 2, 3, 4], new_kv_cache(eng), gen)):
-            t1 = time.perf_counter()
-            if n >= 2:  # after the prefill and one warm-up token
-                times.append(t1 - t0)
-            if len(times) == tokens:
-                return statistics.median(times)  # robust to other processes' spikes
-            t0 = t1
-    return None
 
 
 def expert_compute_s(store: Store) -> float:
@@ -108,7 +146,164 @@ def expert_compute_s(store: Store) -> float:
     return _best(run, 20)
 
 
-def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20, tokens: int = 96,
+def predict_overhead_s(store: Store, settings: Settings, tokens: int = 32, rounds: int = 5) -> float:
+    """What prefetching adds per layer before any load: the block's next-layer prediction and the
+    manager's prefetch call, measured in place as the median of paired differences between decodes with
+    every expert resident, prefetch on and off (so nothing is ever loaded). 0 when the store does not fit."""
+    from adapmoe_cli.settings import replace
+
+    shape = store.shape
+    if len(shape.moe_layers) < 2 or not _fits(store):
+        return 0.0
+    diffs = []
+    for _ in range(rounds):
+        off = _decode(store, replace(settings, prefetch=False), None, tokens)[0]
+        on = _decode(store, replace(settings, prefetch=True), None, tokens)[0]
+        diffs.append(on - off)
+    return max(0.0, statistics.median(diffs) / (len(shape.moe_layers) - 1))
+
+
+def _read_beside(store: Store, keys: list[tuple[int, int]], gap_s: float, stop: Any, reads: list[int]) -> None:
+    """Read one expert after another through a loader of its own, `gap_s` apart, until `stop` is set."""
+    from adapmoe_cli.runtime.loader import DEMAND, Loader
+    from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
+
+    buf = aligned_buffer(store.expert_stride)
+    loader = Loader(ExpertReader(store))
+    try:
+        while not stop.is_set():
+            loader.wait(loader.submit(*keys[reads[0] % len(keys)], buf, DEMAND))
+            reads[0] += 1
+            time.sleep(gap_s)
+    finally:
+        loader.close()
+        buf.close()
+
+
+def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
+    """What a load costs beyond a back-to-back one when it follows a token's compute (the I/O thread and
+    its CPU have gone idle while the engine's threads computed): the difference of the medians of single
+    loads through the runtime's loader, back to back and after each token of a decode with every expert
+    resident. 0 when the store does not fit."""
+    from adapmoe_cli.runtime.cache import even_quotas
+    from adapmoe_cli.runtime.engine import Budget, Engine
+    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+    from adapmoe_cli.runtime.loader import DEMAND, Loader
+    from adapmoe_cli.settings import GenerationSettings, replace
+    from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
+
+    if not _fits(store):
+        return 0.0
+    shape = store.shape
+    keys = sorted(store.experts)
+    buf = aligned_buffer(store.expert_stride)
+    loader = Loader(ExpertReader(store))
+
+    def load(i: int) -> float:
+        t0 = time.perf_counter()
+        loader.wait(loader.submit(*keys[(i * 7919) % len(keys)], buf, DEMAND))
+        return time.perf_counter() - t0
+
+    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
+    gen = GenerationSettings(max_new_tokens=loads + 2, temperature=0.0, repetition_penalty=1.0)
+    try:
+        load(0)  # the thread is up, the files are open
+        back_to_back = [load(i) for i in range(loads)]
+        after_compute: list[float] = []
+        with Engine(store, replace(settings, prefetch=False), budget=full, verify=False) as eng:
+            for layer in shape.moe_layers:
+                eng.manager.preload(layer, range(shape.num_experts))
+            for n, _ in enumerate(generate_step(eng, [1, 2, 3, 4], new_kv_cache(eng), gen)):
+                if n >= 1:
+                    after_compute.append(load(n))
+                if len(after_compute) == loads:
+                    break
+    finally:
+        loader.close()
+        buf.close()
+    return max(0.0, statistics.median(after_compute) - statistics.median(back_to_back))
+
+
+def interference_s(store: Store, settings: Settings, tokens: int = 48, rounds: int = 6, gap_s: float = 1e-3
+                   ) -> float:
+    """Compute time lost per expert read running beside it: decodes with every expert resident, alone and
+    while a second loader reads one expert every `gap_s` (prefetch-like spacing), paired and interleaved;
+    the median over rounds of the slowdown per read. 0 when the store does not fit."""
+    import threading
+
+    from adapmoe_cli.settings import replace
+
+    if not _fits(store):
+        return 0.0
+    plain = replace(settings, prefetch=False)
+    keys = sorted(store.experts)
+    per_read = []
+    for _ in range(rounds):
+        alone = _decode(store, plain, None, tokens)[0]
+        stop, reads = threading.Event(), [0]
+        th = threading.Thread(target=_read_beside, args=(store, keys, gap_s, stop, reads), daemon=True)
+        t0 = time.perf_counter()
+        th.start()
+        beside = _decode(store, plain, None, tokens)[0]
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        reads_per_token = reads[0] / elapsed * beside
+        if reads_per_token > 0:
+            per_read.append((beside - alone) / reads_per_token)
+    return max(0.0, statistics.median(per_read)) if per_read else 0.0
+
+
+def measured_hardware(store: Store, settings: Settings, disk: float, direct: bool, times: DecodeTimes, how: str,
+                      progress: Progress | None = None) -> Hardware:
+    """`this-machine` from the disk bandwidth and the runtime's decode times at its two ends (`how` says
+    where they came from), plus memory bandwidth, one expert's compute and the block's prediction,
+    measured here and now. Without a resident time the dense part is estimated from its bytes."""
+    say = progress or (lambda _msg: None)
+    say("memory bandwidth")
+    mem = memory_bandwidth(store.dtype)
+    say("expert compute")
+    expert_s = expert_compute_s(store)
+    say("next-layer prediction")
+    predict_s = predict_overhead_s(store, settings)
+    say("reads beside compute")
+    interfere_s = interference_s(store, settings)
+    say("a load after idle compute")
+    wakeup_s = link_wakeup_s(store, settings)
+    model = from_store(store)
+    head_s = model.head_bytes / mem
+    moe = len(store.shape.moe_layers)
+    if times.resident_token_s is not None:
+        dense_s = max(0.0, (times.resident_token_s - head_s - moe * store.shape.top_k * expert_s) / moe)
+    else:
+        dense_s = model.dense_bytes_per_layer / mem
+    # a load as the runtime waits for it = latency + bytes / bandwidth; a load faster than the sequential
+    # measurement (disk noise) lowers the bandwidth's share rather than making the latency negative
+    link = max(disk, model.expert_bytes / times.load_s)
+    latency = max(0.0, times.load_s - model.expert_bytes / disk)
+    return Hardware(
+        name=THIS_MACHINE, description=f"measured on {store.path.name} ({store.dtype_name})",
+        link_bandwidth=link, link_latency_s=latency, memory_bandwidth=mem, channels=1,
+        expert_overhead_s=max(0.0, expert_s - model.expert_bytes / mem),
+        layer_overhead_s=max(0.0, dense_s - model.dense_bytes_per_layer / mem),
+        load_overhead_s=times.load_overhead_s or 0.0, predict_overhead_s=predict_s, interference_s=interfere_s,
+        link_wakeup_s=wakeup_s,
+        sources=(how + "; a matrix-vector product over 128 MiB, one expert's maths from a real slot, decodes with "
+                 "prefetch on and off, alone and beside a loader reading every 1 ms, and single loads back to back and "
+                 "after each token of a decode",),
+        calibrated=True,
+        measured={"store": str(store.path.resolve()), "o_direct": direct, "disk_bytes_per_s": disk,
+                  "load_s": times.load_s, "memory_bytes_per_s": mem, "expert_bytes": model.expert_bytes,
+                  "expert_compute_s": expert_s, "predict_s": predict_s, "interference_s": interfere_s,
+                  "link_wakeup_s": wakeup_s,
+                  "decode_token_s_all_resident": times.resident_token_s,
+                  "decode_token_s_on_demand": times.demand_token_s, "stall_s_on_demand": times.demand_stall_s,
+                  "loads_per_token_on_demand": times.demand_loads, "load_overhead_s": times.load_overhead_s,
+                  "dense_layer_s": dense_s, "torch_threads": torch.get_num_threads()},
+    )
+
+
+def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20, tokens: int = 48,
               progress: Progress | None = None) -> tuple[Hardware, str]:
     """Measure, write `this-machine`, return it and the path written."""
     from adapmoe_cli.store.reader import read_bandwidth
@@ -116,34 +311,9 @@ def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20,
     say = progress or (lambda _msg: None)
     say("disk bandwidth (O_DIRECT)")
     disk, direct = read_bandwidth(store, max_bytes=max_read_bytes)
-    say("read latency")
-    latency = read_latency(store, disk)
-    say("memory bandwidth")
-    mem = memory_bandwidth(store.dtype)
-    say("expert compute")
-    expert_s = expert_compute_s(store)
-    say("decode with every expert resident")
-    token_s = _decode_token_s(store, settings, tokens)
-    model = from_store(store)
-    head_s = model.head_bytes / mem
-    if token_s is not None:
-        moe = len(store.shape.moe_layers)
-        dense_s = max(0.0, (token_s - head_s - moe * store.shape.top_k * expert_s) / moe)
-    else:
-        dense_s = model.dense_bytes_per_layer / mem
-    hw = Hardware(
-        name=THIS_MACHINE, description=f"measured on {store.path.name} ({store.dtype_name})",
-        link_bandwidth=disk, link_latency_s=latency, memory_bandwidth=mem, channels=1,
-        expert_overhead_s=max(0.0, expert_s - model.expert_bytes / mem),
-        layer_overhead_s=max(0.0, dense_s - model.dense_bytes_per_layer / mem),
-        sources=("adapmoe simulate --calibrate: store.reader.read_bandwidth (O_DIRECT sequential reads), timed "
-                 "single-expert reads, a matrix-vector product over 128 MiB, the engine's decode with every expert "
-                 "resident",),
-        calibrated=True,
-        measured={"store": str(store.path.resolve()), "o_direct": direct, "disk_bytes_per_s": disk,
-                  "read_latency_s": latency, "memory_bytes_per_s": mem, "expert_bytes": model.expert_bytes,
-                  "expert_compute_s": expert_s,
-                  "decode_token_s_all_resident": token_s, "dense_layer_s": dense_s,
-                  "torch_threads": torch.get_num_threads()},
-    )
+    say("decode: every expert resident, and every expert loaded on demand")
+    times = decode_times(store, settings, tokens)
+    hw = measured_hardware(store, settings, disk, direct, times, "adapmoe simulate --calibrate: "
+                           "store.reader.read_bandwidth (O_DIRECT sequential reads), the engine's decode with every "
+                           "expert resident and with every expert loaded on demand", say)
     return hw, str(write_calibrated(hw))

@@ -31,6 +31,15 @@ class Hardware:
     channels: int = 1
     expert_overhead_s: float = 0.0  # per expert call (kernel launches, dispatch)
     layer_overhead_s: float = 0.0  # per layer's dense part (attention, norms, router)
+    load_overhead_s: float = 0.0  # compute-thread time per expert load (bookkeeping, wake-up, cold memory)
+    predict_overhead_s: float = 0.0  # per layer when prefetching: the next layer's router on this layer's input
+    # compute time lost per transfer that completes while the compute runs (the CPU that drives the read
+    # is the one that computes: syscalls, interrupts, the loader thread's wake-up); ~0 for DMA to a GPU
+    interference_s: float = 0.0
+    # a transfer that starts after the link has been idle `link_idle_s` or longer costs `link_wakeup_s`
+    # more (an idle I/O thread and vCPU must wake up); 0 on the shipped machines
+    link_wakeup_s: float = 0.0
+    link_idle_s: float = 1e-3
     sources: tuple[str, ...] = ()
     calibrated: bool | None = None  # None: a published machine; False: the uncalibrated template
     path: str = ""
@@ -41,7 +50,8 @@ class Hardware:
             raise UsageError(f"hardware {self.name!r}: bandwidths must be positive")
         if self.channels < 1:
             raise UsageError(f"hardware {self.name!r}: channels must be at least 1")
-        if self.link_latency_s < 0 or self.expert_overhead_s < 0 or self.layer_overhead_s < 0:
+        if min(self.link_latency_s, self.expert_overhead_s, self.layer_overhead_s, self.load_overhead_s,
+               self.predict_overhead_s, self.interference_s, self.link_wakeup_s, self.link_idle_s) < 0:
             raise UsageError(f"hardware {self.name!r}: latencies and overheads must be ≥ 0")
 
     def transfer_s(self, nbytes: int) -> float:
@@ -75,6 +85,11 @@ def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
             memory_bandwidth=float(d["memory_GBps"]) * 1e9, channels=int(d.get("channels", 1)),
             expert_overhead_s=float(d.get("expert_overhead_us", 0)) * 1e-6,
             layer_overhead_s=float(d.get("layer_overhead_us", 0)) * 1e-6,
+            load_overhead_s=float(d.get("load_overhead_us", 0)) * 1e-6,
+            predict_overhead_s=float(d.get("predict_overhead_us", 0)) * 1e-6,
+            interference_s=float(d.get("interference_us", 0)) * 1e-6,
+            link_wakeup_s=float(d.get("link_wakeup_us", 0)) * 1e-6,
+            link_idle_s=float(d.get("link_idle_us", 1000)) * 1e-6,
             sources=tuple(str(s) for s in d.get("sources", ())),
             calibrated=d.get("calibrated"), path=path, measured=dict(d.get("measured", {})),
         )
@@ -88,7 +103,10 @@ def to_dict(hw: Hardware) -> dict[str, Any]:
         "name": hw.name, "description": hw.description, "calibrated": hw.calibrated,
         "link_GBps": hw.link_bandwidth / 1e9, "link_latency_us": hw.link_latency_s * 1e6, "channels": hw.channels,
         "memory_GBps": hw.memory_bandwidth / 1e9, "expert_overhead_us": hw.expert_overhead_s * 1e6,
-        "layer_overhead_us": hw.layer_overhead_s * 1e6, "sources": list(hw.sources), "measured": hw.measured,
+        "layer_overhead_us": hw.layer_overhead_s * 1e6, "load_overhead_us": hw.load_overhead_s * 1e6,
+        "predict_overhead_us": hw.predict_overhead_s * 1e6, "interference_us": hw.interference_s * 1e6,
+        "link_wakeup_us": hw.link_wakeup_s * 1e6, "link_idle_us": hw.link_idle_s * 1e6,
+        "sources": list(hw.sources), "measured": hw.measured,
     }
 
 

@@ -18,6 +18,7 @@ from adapmoe_cli.planning.replay import Routing, prepare
 from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.manager import ExpertManager
+from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.limits import Belady, io_floor_s, layer_futures, oracle_routing
 from adapmoe_cli.simulate.models import ModelSpec
@@ -93,8 +94,9 @@ class PolicyRun:
 
 
 def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSpec, eviction: str = "lru",
-          prefetch: bool = False, preload: bool = False, prefill_steps: int = 0) -> PolicyRun:
-    """Replay `routing` through a fresh manager on the simulated clock; numbers of steps ≥ prefill_steps."""
+          prefetch: bool = False, preload: bool = False, untimed: frozenset[int] = frozenset()) -> PolicyRun:
+    """Replay `routing` through a fresh manager on the simulated clock. Numbers and time count the steps
+    not in `untimed` (prompt passes), as the bench counts decode steps only."""
     clock = Clock()
     loader = SimLoader(hw, model.expert_bytes, clock)
     cache = ExpertCache(quotas, stride=0, policy="lru" if eviction == "belady" else eviction)
@@ -111,15 +113,15 @@ def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSp
     def compute(expert: int, views: object) -> None:
         loader.compute(times.expert_s)
 
-    before, t0, n0 = stats.copy(), clock.now, 0
+    counted, elapsed, transfers, tokens = Stats(), 0.0, 0, 0
     for step, need_row in enumerate(routing.needed):
-        if step == prefill_steps:
-            before, t0, n0 = stats.copy(), clock.now, loader.transfers
+        before, t0, n0 = stats.copy(), clock.now, loader.transfers
         n = routing.rows[step]
         for i, layer in enumerate(layers):
             loader.compute(times.dense_layer_s)  # attention and router of this layer
             nxt = routing.predicted[step][i + 1] if i + 1 < len(layers) else None
             if prefetch and nxt is not None:
+                loader.compute(times.predict_s)  # the next layer's router on this layer's input
                 if belady:
                     belady[layers[i + 1]].now = step
                 manager.prefetch(layers[i + 1], nxt)
@@ -130,10 +132,14 @@ def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSp
             manager.run_layer(layer, list(need_row[i]), compute)
         loader.compute(times.head_s)
         stats.tokens += n
-    d = stats.delta(before)
+        if step not in untimed:
+            counted.add(stats.delta(before))
+            elapsed += clock.now - t0
+            transfers += loader.transfers - n0
+            tokens += n
+    d = counted
     run = PolicyRun(d.hits, d.misses, d.prefetch_hits, d.prefetches_issued, d.wasted_prefetches, d.expert_uses,
-                    d.expert_activations, d.layer_tokens, loader.transfers - n0, d.stall_s, clock.now - t0,
-                    sum(routing.rows[prefill_steps:]))
+                    d.expert_activations, d.layer_tokens, transfers, d.stall_s, elapsed, tokens)
     loader.flush()
     manager.close()
     return run
@@ -196,7 +202,7 @@ def _run_policy(name: str, planner: _Planner, budget: int, hw: Hardware, model: 
     if spec.prefetch == "oracle":
         routing = oracle_routing(routing)
     run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetch != "none", preload=spec.preload,
-                prefill_steps=st.prefill_steps)
+                untimed=st.prompt_steps)
     entry = _entry(run, model, quotas, spec.description)
     if name == "belady":
         floor = io_floor_s(run.misses, run.tokens, model.expert_bytes, hw.link_bandwidth)
@@ -246,16 +252,17 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
         "io_floor_s_per_token": pol["belady"]["io_floor_s_per_token"] if "belady" in pol else None,
         "io_floor_tokens_per_s": pol["belady"]["io_floor_tokens_per_s"] if "belady" in pol else None,
         "compute_floor_tokens_per_s": 1 / times.token_s(model.num_layers, _experts_per_token(planner.routing[False],
-                                                                                            st.prefill_steps)),
+                                                                                            st.prompt_steps)),
     }
     if req.sweep:
         out["sweep"] = sweep(planner, req.policies, hw, model, progress)
     return out
 
 
-def _experts_per_token(routing: Routing, prefill_steps: int) -> float:
-    acts = sum(sum(a) for a in routing.activations[prefill_steps:])
-    return acts / (sum(routing.rows[prefill_steps:]) * len(routing.layers))
+def _experts_per_token(routing: Routing, prompt_steps: frozenset[int]) -> float:
+    steps = [s for s in range(len(routing.rows)) if s not in prompt_steps]
+    acts = sum(sum(routing.activations[s]) for s in steps)
+    return acts / (sum(routing.rows[s] for s in steps) * len(routing.layers))
 
 
 def sweep(planner: _Planner, names: list[str], hw: Hardware, model: ModelSpec,

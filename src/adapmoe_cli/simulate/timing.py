@@ -3,16 +3,20 @@
 
 Link: each transfer costs `latency + bytes / (bandwidth / channels)` on one of `channels` channels;
 queued requests start in priority order (demand, prefetch, demoted), FIFO within a class, as soon as a
-channel is free; a started transfer is never preempted. Compute advances the same clock (dense part of
-a layer, then each needed expert as it becomes resident), so loads overlap compute and `wait` returns
-the simulated seconds the compute stalled. Decode is memory bound: a part's compute time is its bytes
-over the effective memory bandwidth plus a per-call overhead. Derivation and sources in docs/simulate.md."""
+channel is free (an idle channel first pays `link_wakeup`); a started transfer is never preempted.
+Compute advances the same clock (dense part of a layer, then each needed expert as it becomes
+resident), so loads overlap compute and `wait` returns the simulated seconds the compute stalled.
+Decode is memory bound: a part's compute time is its bytes over the effective memory bandwidth plus a
+per-call overhead. Where one CPU both computes and drives the reads, loading also costs the compute:
+`load_overhead` per load waited on (the link pauses meanwhile) and `interference` per transfer that
+finishes while the compute runs. Derivation and sources in docs/simulate.md."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +27,20 @@ from adapmoe_cli.simulate.models import ModelSpec
 
 @dataclass(frozen=True)
 class ComputeTimes:
-    """Seconds of compute per decode token: each layer's dense part, each expert call, the output head."""
+    """Seconds of compute per decode token: each layer's dense part, each expert call, the output head,
+    and (when prefetching) each layer's prediction of the next layer's experts."""
 
     dense_layer_s: float
     expert_s: float
     head_s: float
+    predict_s: float = 0.0
 
     @staticmethod
     def of(hw: Hardware, model: ModelSpec) -> ComputeTimes:
         bw = hw.memory_bandwidth
         return ComputeTimes(dense_layer_s=model.dense_bytes_per_layer / bw + hw.layer_overhead_s,
                             expert_s=model.expert_bytes / bw + hw.expert_overhead_s,
-                            head_s=model.head_bytes / bw)
+                            head_s=model.head_bytes / bw, predict_s=hw.predict_overhead_s)
 
     def token_s(self, layers: int, experts_per_token: float) -> float:
         """A token with every expert resident (the compute floor)."""
@@ -54,6 +60,10 @@ class SimLoader:
         self.clock = clock
         self.nbytes = nbytes
         self.duration = hw.transfer_s(nbytes)
+        self.load_overhead = hw.load_overhead_s
+        self.interference = hw.interference_s
+        self.wakeup, self.idle = hw.link_wakeup_s, hw.link_idle_s
+        self._used: weakref.WeakSet[LoadRequest] = weakref.WeakSet()  # loads the compute has waited on
         self._free_at = [0.0] * hw.channels
         self._queue = RequestQueue()
         self._seq = itertools.count()
@@ -74,31 +84,43 @@ class SimLoader:
             return None
         self._queue.pop()
         end = start + self.duration
+        if self.wakeup and start - self._free_at[c] >= self.idle:
+            end += self.wakeup  # the channel sat idle: its reader has to wake up first
         self._free_at[c] = end
         self._finish[id(req)] = end
         heapq.heappush(self._running, (end, next(self._seq), req))
         self.transfers += 1
         return req
 
-    def _complete(self, upto: float) -> None:
+    def _complete(self, upto: float) -> int:
+        """Finish the transfers that end by `upto`; how many."""
+        n = 0
         while self._running and self._running[0][0] <= upto:
             _, _, req = heapq.heappop(self._running)
             req.nbytes = self.nbytes
             self._queue.forget(req)
             req.done.set()
+            n += 1
+        return n
 
-    def sync(self) -> None:
-        """Run the link up to the compute clock; later queue changes happen at `clock.now`."""
+    def sync(self) -> int:
+        """Run the link up to the compute clock; later queue changes happen at `clock.now`. Returns the
+        transfers that finished."""
         now = self.clock.now
         while self._start_next(now) is not None:
             pass
-        self._complete(now)
+        done = self._complete(now)
         self._queued_since = max(self._queued_since, now)
+        return done
 
     def compute(self, seconds: float) -> None:
-        """The compute thread works for `seconds` while the link keeps transferring."""
+        """The compute thread works for `seconds` while the link keeps transferring; each transfer that
+        finishes meanwhile takes `interference` more compute time."""
         self.clock.now += seconds
-        self.sync()
+        done = self.sync()
+        while done and self.interference:
+            self.clock.now += done * self.interference
+            done = self.sync()
 
     # -- the loader interface ----------------------------------------------------------------------
     def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest:
@@ -122,7 +144,9 @@ class SimLoader:
 
     def wait(self, req: LoadRequest) -> float:
         """Advance the clock to the end of `req`'s transfer (starting it when channels free up); return
-        the simulated seconds the compute stalled."""
+        the simulated seconds the compute stalled. The first wait on a load then costs the compute
+        `load_overhead` more (bookkeeping, wake-up, the first touch of the loaded bytes), not a stall,
+        during which the link pauses."""
         self.sync()
         while not req.started:
             if self._start_next(math.inf) is None:
@@ -130,8 +154,25 @@ class SimLoader:
         end = self._finish[id(req)]
         waited = max(0.0, end - self.clock.now)
         self.clock.now += waited
-        self.sync()
+        self.sync()  # what finished during the stall is done before any pause
+        if req not in self._used:
+            self._used.add(req)
+            self._pause(self.load_overhead)
+            self.sync()
         return waited
+
+    def _pause(self, seconds: float) -> None:
+        """The compute thread works `seconds` on a load's behalf and the link makes no progress meanwhile
+        (measured on this machine: the second of two demand loads waits a whole transfer after the first)."""
+        if seconds <= 0:
+            return
+        now = self.clock.now
+        self._running = [(end + seconds, seq, req) for end, seq, req in self._running]  # order kept: still a heap
+        for end, _, req in self._running:
+            self._finish[id(req)] = end
+        self._free_at = [f + seconds if f > now else f for f in self._free_at]
+        self._queued_since = max(self._queued_since, now + seconds)
+        self.clock.now = now + seconds
 
     def flush(self) -> None:
         """Finish every transfer (so that nothing is left pending when the manager closes)."""

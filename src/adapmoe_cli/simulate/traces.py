@@ -22,7 +22,7 @@ class SimTrace:
 
     trace: Trace
     steps: list[int]
-    prefill_steps: int  # leading steps that are prompt passes (excluded from decode numbers)
+    prompt_steps: frozenset[int]  # positions of steps that are prompt passes (excluded from decode numbers)
     num_experts: int
     has_weights: bool = True
     has_predictions: bool = True
@@ -35,7 +35,7 @@ class SimTrace:
 
     @property
     def decode_steps(self) -> int:
-        return len(set(self.steps)) - self.prefill_steps
+        return len(set(self.steps)) - len(self.prompt_steps)
 
 
 def _empty(n: int, layers: int, k: int) -> Trace:
@@ -83,16 +83,17 @@ def read_h39s(path: Path, num_layers: int = 32, prefill: bool = True) -> SimTrac
     notes = ["h39s trace: sorted expert ids only (no routing weights, no top-1 order, no next-layer predictions)"]
     if has_prefill and not prefill:
         notes.append("prefill dropped: the decode starts from a cold cache")
-    return SimTrace(tr, steps, 1 if pre_rows else 0, int(tr.ids.max()) + 1, has_weights=False,
+    return SimTrace(tr, steps, frozenset({0} if pre_rows else ()), int(tr.ids.max()) + 1, has_weights=False,
                     has_predictions=False, source=str(path), notes=tuple(notes))
 
 
 def from_trace(trace: Trace, num_experts: int, source: str, steps: list[int] | None = None,
-               prefill_steps: int = 0) -> SimTrace:
-    """The project's own trace. A profile's rows are calibration tokens: each is one (decode-like) step."""
+               prompt_steps: frozenset[int] = frozenset()) -> SimTrace:
+    """The project's own trace. A profile's rows are calibration tokens: each is one (decode-like) step;
+    a recorded run's (`profiling.record`) are grouped by `steps`, its prompt passes named by position."""
     has_pred = bool((trace.pred_ids >= 0).any())
     notes = () if has_pred else ("the trace holds no predictions: prefetching falls back to none",)
-    return SimTrace(trace, steps if steps is not None else list(range(trace.num_tokens)), prefill_steps,
+    return SimTrace(trace, steps if steps is not None else list(range(trace.num_tokens)), prompt_steps,
                     num_experts, has_weights=True, has_predictions=has_pred, source=source, notes=notes)
 
 
@@ -117,5 +118,5 @@ def project(st: SimTrace, num_layers: int, num_experts: int, model_name: str) ->
     note = (f"the trace has {L} layers and {model_name} {num_layers}: layers tiled (layer j replays trace layer "
             f"j mod {L})" if num_layers > L else
             f"the trace has {L} layers and {model_name} {num_layers}: only its first {num_layers} layers are used")
-    return SimTrace(tr, st.steps, st.prefill_steps, st.num_experts, st.has_weights, st.has_predictions,
+    return SimTrace(tr, st.steps, st.prompt_steps, st.num_experts, st.has_weights, st.has_predictions,
                     st.source, (*st.notes, note))
