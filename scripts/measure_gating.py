@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
+from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
-from adapmoe_cli.evaluation import evaluate, read_text_tokens
-from adapmoe_cli.models import default_text, open_model
+from adapmoe_cli.model_arg import default_text, open_model
+from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.plan_file import Plan
-from adapmoe_cli.planning.run import PlanRequest, gate_perplexity, make_plan
+from adapmoe_cli.planning.planner import PlanRequest, make_plan
+from adapmoe_cli.planning.quality import gate_perplexity
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
-from adapmoe_cli.runtime.cache import even_quotas
-from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import new_kv_cache
 from adapmoe_cli.runtime.stats import Stats
@@ -80,10 +81,9 @@ def main() -> None:
     prof = read_profile(default_path(store), store)
     window = int(min(256, store.config.get("max_position_embeddings", 256)))
     shape = store.shape
-    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all")
     result: dict = {"model": str(store.path), "profile_method": prof.data["method"]}
-    with Engine(store, settings, budget=full) as eng:
-        tok = load_tokenizer(eng)
+    with Engine(store, settings, budgets.all_experts(store.cache_shape)) as eng:
+        tok = load_tokenizer(store)
         held = read_text_tokens(tok, default_text("heldout"), max_tokens=a.tokens)
         result["heldout_tokens"] = len(held)
         result["sweep"] = sweep(eng, prof.layers, held, window, a.points)
@@ -108,21 +108,22 @@ def main() -> None:
     # 3. plan vs even split at half the experts, with the best rule's gate
     best = min(searches, key=lambda r: (searches[r]["heldout_increase"] > a.quality_budget,
                                         searches[r]["experts_per_token"]))
-    half = len(store.experts) // 2
+    half = budgets.resolve(budgets.BudgetRequest(fraction=0.5), store.cache_shape)
     plan_out = a.out.with_name(a.out.name + "-plan.json")
-    _, data = make_plan(store, settings, PlanRequest(budget_slots=half, gate_mode="scale", rule=best,
+    _, data = make_plan(store, settings, PlanRequest(budget_slots=half.total, gate_mode="scale", rule=best,
                                                      scale=searches[best]["scale"], out=plan_out))
     plan = Plan(plan_out, data)
     rows = {}
-    for name, quotas in (("plan", plan.quotas), ("even", even_quotas(shape.moe_layers, half, shape.num_experts))):
-        with Engine(store, settings, budget=Budget(quotas, name), gate=plan.gate) as eng:
+    for name, budget in (("plan", budgets.planned(store.cache_shape, plan.quotas, "plan")), ("even", half)):
+        quotas = budget.quotas
+        with Engine(store, settings, budget, gate=plan.gate) as eng:
             st = decode_stalls(eng, decode_ids, window)
         expected = sum(x["cost_curve"][quotas[x["layer"]] - 1] for x in data["layers"])
         rows[name] = {"slots": [quotas[layer] for layer in shape.moe_layers], "expected_stalls_per_token": expected,
                       "counted_stalls_per_token": st.misses / len(decode_ids), "hit_rate": st.hit_rate,
                       "experts_per_token": st.experts_per_token}
         print(f"{name}: expected {expected:.3f} stalls/token, counted {st.misses / len(decode_ids):.3f}", flush=True)
-    result["plan_vs_even"] = {"budget_slots": half, "rule": best, "decode_tokens": len(decode_ids), **rows}
+    result["plan_vs_even"] = {"budget_slots": half.total, "rule": best, "decode_tokens": len(decode_ids), **rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     draw(result, a.out.with_suffix(".png"), shape.top_k)

@@ -25,36 +25,26 @@ PROMPT_LEN = 16
 def child_runtime(store: str, slots: int, prefetch: bool, tokens: int) -> dict:
     import torch
 
+    from adapmoe_cli import budget as budgets
     from adapmoe_cli.runtime.engine import Engine
-    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-    from adapmoe_cli.settings import GenerationSettings, load_settings
+    from adapmoe_cli.runtime.measure import timed_decode
+    from adapmoe_cli.settings import load_settings
     from adapmoe_cli.store import Store
 
     torch.manual_seed(0)
     prompt = torch.randint(3, 300, (PROMPT_LEN,)).tolist()
-    gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
     st = Store.open(Path(store))
-    with Engine(st, load_settings(overrides={"cache.experts": slots, "prefetch": prefetch})) as eng:
+    settings = load_settings(overrides={"prefetch": prefetch})
+    with Engine(st, settings, budgets.resolve(budgets.BudgetRequest(slots=slots), st.cache_shape)) as eng:
         runs = []
         for _ in range(2 if slots == len(st.experts) else 1):  # full budget: warm the cache first
-            kv = new_kv_cache(eng)
-            t0 = time.perf_counter()
-            n = 0
-            for _tok, _ in generate_step(eng, prompt, kv, gen):
-                if n == 0:
-                    t1 = time.perf_counter()
-                    before = eng.stats.copy()
-                n += 1
-                if n == tokens + 1:
-                    break
-            t2 = time.perf_counter()
-            d = eng.stats.delta(before)
-            runs.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": tokens,
-                         "decode_tok_s": tokens / (t2 - t1), "stats": d.as_dict()})
+            r = timed_decode(eng, prompt, tokens)
+            runs.append({"prefill_s": r.prefill_s, "decode_s": r.decode_s, "decode_tokens": tokens,
+                         "decode_tok_s": r.decode_tps, "stats": r.stats.as_dict()})
         out = runs[-1]
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["dense_bytes"] = st.dense_bytes
-    out["budget_bytes"] = slots * st.expert_stride
+    out["budget_bytes"] = slots * st.slot_bytes
     return out
 
 
@@ -123,9 +113,9 @@ def main() -> None:
     st = Store.open(store_dir)
     experts = len(st.experts)
     quarter = experts // 4
-    print(f"store: {experts} experts × {st.expert_bytes / 2**20:.1f} MiB = "
-          f"{experts * st.expert_bytes / 2**30:.2f} GiB experts, dense {st.dense_bytes / 2**20:.0f} MiB", flush=True)
-    res: dict = {"experts": experts, "expert_bytes": st.expert_bytes, "dense_bytes": st.dense_bytes,
+    print(f"store: {experts} experts × {st.slot_bytes / 2**20:.1f} MiB = {experts * st.slot_bytes / 2**30:.2f} GiB "
+          f"experts, dense {st.dense_bytes / 2**20:.0f} MiB", flush=True)
+    res: dict = {"experts": experts, "expert_slot_bytes": st.slot_bytes, "dense_bytes": st.dense_bytes,
                  "tokens": a.tokens, "machine": {"cpus": __import__("os").cpu_count()}}
     for name, slots, pf in (("quarter+prefetch", quarter, 1), ("quarter-no-prefetch", quarter, 0),
                             ("quarter+prefetch#2", quarter, 1), ("quarter-no-prefetch#2", quarter, 0),

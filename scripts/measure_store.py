@@ -110,7 +110,7 @@ def read_with_reader(store_path: Path, layer: int | None) -> dict[str, Any]:
     store = Store.open(store_path)
     keys = sorted(k for k in store.experts if layer is None or k[0] == layer)
     _drop_cache(sorted({store.path / store.experts[k].file for k in keys}))
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store, direct=True) as reader:
         t0 = time.perf_counter()
         for la, e in keys:

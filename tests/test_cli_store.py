@@ -278,16 +278,18 @@ def test_info_json_and_table(make_store: Callable[..., Path], monkeypatch: pytes
     expert = 3 * spec.hidden_size * spec.intermediate_size * 4  # float32; every part a 4096 multiple
     dense_files = json.loads((path / "manifest.json").read_text())["dense"]
     dense = sum((path / f["file"]).stat().st_size for f in dense_files)
-    assert {k: data[k] for k in ("model_type", "num_layers", "num_experts", "experts_per_token", "expert_bytes",
-                                 "dense_bytes", "total_bytes", "dtype")} == {
+    assert {k: data[k] for k in ("model_type", "num_layers", "num_experts", "experts_per_token",
+                                 "expert_payload_bytes", "expert_slot_bytes", "dense_bytes", "total_bytes",
+                                 "dtype")} == {
         "model_type": "mixtral", "num_layers": spec.num_hidden_layers, "num_experts": spec.num_local_experts,
-        "experts_per_token": spec.num_experts_per_tok, "expert_bytes": expert, "dense_bytes": dense,
+        "experts_per_token": spec.num_experts_per_tok, "expert_payload_bytes": expert, "expert_slot_bytes": expert,
+        "dense_bytes": dense,
         "total_bytes": dense + spec.num_hidden_layers * spec.num_local_experts * expert, "dtype": "float32",
     }
     code, stdout, _ = run_cli(monkeypatch, capsys, "info", str(path))
     assert code == 0
     assert re.search(r"^\s*model_type\s+mixtral\s*$", stdout, re.M)
-    assert re.search(rf"^\s*expert_bytes\s+.*\({expert:,} B\)\s*$", stdout, re.M)
+    assert re.search(rf"^\s*expert_payload_bytes\s+.*\({expert:,} B\)\s*$", stdout, re.M)
     assert re.search(r"^\s*dtype\s+float32\s*$", stdout, re.M)
 
 

@@ -1,5 +1,6 @@
 """Unit tests of the runtime's pieces on plain data: eviction policies over expert ids, the slot cache,
-the loader's queue (de-duplication, demand before prefetch, promotion, cancellation) and settings."""
+the loader's queue (de-duplication, demand before prefetch, promotion, cancellation), the budget, the
+policy registry and settings."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapmoe_cli import budget as budgets
+from adapmoe_cli.budget import BudgetRequest, CacheShape, even_quotas
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.policies import POLICIES, parse_policies, policy_budget
+from adapmoe_cli.runtime.cache import ExpertCache
+from adapmoe_cli.runtime.eviction import LFU, LRU
 from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, Loader
-from adapmoe_cli.runtime.policy import LFU, LRU
 from adapmoe_cli.settings import load_settings
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
@@ -90,7 +94,7 @@ def test_loader_orders_dedupes_promotes_and_cancels(make_store):
     store = Store.open(make_store(TinySpec(num_local_experts=5, num_hidden_layers=2), dtype=torch.float32))
     reader = GatedReader(store)
     loader = Loader(reader)
-    bufs = [aligned_buffer(store.expert_stride) for _ in range(6)]
+    bufs = [aligned_buffer(store.slot_bytes) for _ in range(6)]
     first = loader.submit(0, 0, bufs[0], PREFETCH)
     assert reader.started.wait(5)
     b = loader.submit(0, 1, bufs[1], PREFETCH)
@@ -110,7 +114,7 @@ def test_loader_orders_dedupes_promotes_and_cancels(make_store):
     # bytes arrived: the views equal the store's own expert
     views = expert_views(bufs[3], store.experts[(1, 0)])
     with ExpertReader(store) as plain:
-        other = aligned_buffer(store.expert_stride)
+        other = aligned_buffer(store.slot_bytes)
         plain.read_into(1, 0, other)
         for name, t in expert_views(other, store.experts[(1, 0)]).items():
             assert torch.equal(views[name], t)
@@ -121,11 +125,12 @@ def test_settings_layering(tmp_path: Path):
     s = load_settings()
     assert s.prefetch is True and s.cache.policy == "lru"
     preset = tmp_path / "p.yaml"
-    preset.write_text("cache:\n  memory: 2GiB\nprefetch: false\ngeneration:\n  temperature: 0.5\n")
+    assert s.cache.budget == BudgetRequest(fraction=0.5)  # configs/default.yaml: half the experts
+    preset.write_text("cache:\n  budget: 2GiB\nprefetch: false\ngeneration:\n  temperature: 0.5\n")
     s = load_settings(preset)
-    assert s.cache.memory == 2 * 1024**3 and not s.prefetch and s.generation.temperature == 0.5
-    s = load_settings(preset, {"cache.experts": 12, "prefetch": True})
-    assert s.cache.experts == 12 and s.cache.memory is None and s.prefetch
+    assert s.cache.budget == BudgetRequest(bytes=2 * 1024**3) and not s.prefetch and s.generation.temperature == 0.5
+    s = load_settings(preset, {"cache.budget": 12, "prefetch": True})
+    assert s.cache.budget == BudgetRequest(slots=12) and s.prefetch
     bad = tmp_path / "bad.yaml"
     bad.write_text("cache:\n  slots: 3\n")
     with pytest.raises(UsageError, match="unknown setting cache.slots"):
@@ -134,3 +139,75 @@ def test_settings_layering(tmp_path: Path):
         load_settings(tmp_path / "missing.yaml")
     with pytest.raises(UsageError, match="temperature"):
         load_settings(overrides={"generation.temperature": -1})
+
+
+SHAPE = CacheShape(layers=(0, 1, 2, 3), num_experts=8, top_k=2, slot_bytes=1 << 20)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("12", BudgetRequest(slots=12)), (" 12 ", BudgetRequest(slots=12)), ("25%", BudgetRequest(fraction=0.25)),
+    ("6MiB", BudgetRequest(bytes=6 << 20)), ("2G", BudgetRequest(bytes=2 << 30)),
+])
+def test_budget_words(text: str, want: BudgetRequest):
+    assert BudgetRequest.parse(text) == want
+
+
+@pytest.mark.parametrize(("req", "slots"), [
+    (BudgetRequest(slots=12), 12), (BudgetRequest(bytes=(12 << 20) + 5), 12), (BudgetRequest(fraction=0.25), 8),
+    (BudgetRequest(), 16), (BudgetRequest(fraction=0.01), 4),  # a share never gives less than one slot a layer
+])
+def test_budget_slots_from_each_kind_of_request(req: BudgetRequest, slots: int):
+    budget = budgets.resolve(req, SHAPE)
+    assert budget.total == slots and budget.bytes == slots << 20
+    assert budget.quotas == even_quotas(SHAPE.layers, slots, 8)
+
+
+@pytest.mark.parametrize(("req", "message"), [
+    (BudgetRequest(slots=3), "below one per MoE layer"), (BudgetRequest(slots=33), "larger than the model"),
+    (BudgetRequest(bytes=3 << 20), "below one per MoE layer"),
+])
+def test_budget_range_is_checked_with_one_message(req: BudgetRequest, message: str):
+    with pytest.raises(UsageError, match=message):
+        budgets.resolve(req, SHAPE)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0.5", "cannot read the budget"), ("lots", "cannot parse size"), ("0%", "above 0%"), ("150%", "at most 100%"),
+    ("0", "at least 1 slot"),
+])
+def test_budget_words_refused(text: str, message: str):
+    with pytest.raises(UsageError, match=message):
+        BudgetRequest.parse(text)
+
+
+def test_plans_are_validated():
+    assert budgets.planned(SHAPE, {0: 1, 1: 8, 2: 2, 3: 3}, "plan").total == 14
+    with pytest.raises(UsageError, match="MoE layers"):
+        budgets.planned(SHAPE, {0: 1, 1: 8}, "plan")
+    with pytest.raises(UsageError, match="more than 8"):
+        budgets.planned(SHAPE, {0: 1, 1: 9, 2: 2, 3: 3}, "plan")
+
+
+def test_every_policy_gets_its_slots_from_one_function():
+    plan = {0: 1, 1: 5, 2: 3, 3: 3}
+    asked: list[bool] = []
+
+    def plan_for(gated: bool) -> dict[int, int]:
+        asked.append(gated)
+        return plan
+
+    got = {n: dict(policy_budget(p, SHAPE, 12, plan_for).quotas) for n, p in POLICIES.items()}
+    assert got["naive"] == {layer: 2 for layer in SHAPE.layers}
+    assert got["resident"] == {layer: 8 for layer in SHAPE.layers}
+    assert got["planned"] == got["adapmoe"] == plan and asked == [False, True]
+    for name in ("lru", "lru+prefetch", "lfu", "belady", "oracle"):
+        assert got[name] == {layer: 3 for layer in SHAPE.layers}
+
+
+def test_policy_names_runtime_and_limits():
+    assert parse_policies("lru, adapmoe") == ["lru", "adapmoe"]
+    assert parse_policies("lru", limits=True) == ["lru", "belady", "oracle"]
+    with pytest.raises(UsageError, match="unknown policy belady"):
+        parse_policies("lru,belady")  # the runtime cannot know the future
+    with pytest.raises(UsageError, match="unknown policy nope"):
+        parse_policies("nope", limits=True)

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from adapmoe_cli.checkpoint import open_checkpoint
-from adapmoe_cli.models import default_model_dir, default_text, open_model
+from adapmoe_cli.model_arg import default_model_dir, default_text, open_model
 
 
 def test_shipped_checkpoint_is_a_trained_mixtral_in_hub_layout():

@@ -15,19 +15,20 @@ import torch
 from transformers import AutoTokenizer, MixtralForCausalLM
 
 from adapmoe_cli.errors import ProfileError, UsageError
-from adapmoe_cli.evaluation import evaluate, read_text_tokens
+from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.plan_file import read_plan
+from adapmoe_cli.planning.planner import PlanRequest, make_plan
 from adapmoe_cli.planning.resolve import resolve
-from adapmoe_cli.planning.run import PlanRequest, make_plan, parse_budget, parse_fraction
 from adapmoe_cli.profiling.profile_file import read_profile
-from adapmoe_cli.profiling.run import ProfileRequest, profile
-from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
 from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
 from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings, load_settings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
+from adapmoe_cli.units import parse_fraction
+from tests.helpers import runtime_engine
 
 SPEC = TinySpec(num_hidden_layers=3, num_local_experts=6, hidden_size=48, intermediate_size=64,
                 num_attention_heads=4, num_key_value_heads=2)
@@ -53,7 +54,7 @@ def store(make_store, tmp_path) -> Store:
 def _profile(store: Store, text: Path, method: str = "gradient", tokens: int = 192, validate: bool = True) -> dict:
     req = ProfileRequest(text, "test text", tokens, 64, method=method, validate_text=text if validate else None,
                          validate_label="same")
-    return read_profile(profile(store, load_settings(), req), store).data
+    return read_profile(make_profile(store, load_settings(), req), store).data
 
 
 def test_gradient_sensitivity_equals_transformers_autograd(store, text_file, make_checkpoint):
@@ -109,9 +110,9 @@ def test_profile_bad_input(store, text_file, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(UsageError, match="is empty"):
-        profile(store, load_settings(), ProfileRequest(empty, "empty", 100, 64))
+        make_profile(store, load_settings(), ProfileRequest(empty, "empty", 100, 64))
     with pytest.raises(UsageError, match="only .* tokens"):
-        profile(store, load_settings(), ProfileRequest(text_file, "short", 10**6, 64))
+        make_profile(store, load_settings(), ProfileRequest(text_file, "short", 10**6, 64))
     assert (store.path / "profile.json").read_text() == before  # nothing overwritten
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps({**good, "format_version": 99}))
@@ -157,7 +158,7 @@ def test_gated_runtime_equals_transformers_with_the_same_gate(make_store, make_c
     expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                             pad_token_id=0)[0, len(prompt):].tolist()
     gen = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
-    with Engine(store, load_settings(overrides={"cache.experts": 6}), gate=gate) as eng:
+    with runtime_engine(store, {"cache.budget": 6}, gate=gate) as eng:
         got = []
         for t, _ in generate_step(eng, prompt, new_kv_cache(eng), gen):
             got.append(t)
@@ -165,7 +166,7 @@ def test_gated_runtime_equals_transformers_with_the_same_gate(make_store, make_c
                 break
         assert got == expected
         assert eng.stats.experts_per_token < 2.0
-    with Engine(store, load_settings(), gate=GatePolicy.top1(range(3))) as eng, torch.no_grad():
+    with runtime_engine(store, gate=GatePolicy.top1(range(3))) as eng, torch.no_grad():
         eng.model(torch.tensor([prompt]))
         assert eng.stats.experts_per_token == 1.0
 
@@ -173,7 +174,7 @@ def test_gated_runtime_equals_transformers_with_the_same_gate(make_store, make_c
 def test_plan_cache_and_runtime_use_it(store, text_file):
     _profile(store, text_file, validate=False)
     settings = load_settings()
-    slots = parse_budget("9", store)
+    slots = 9
     req = PlanRequest(budget_slots=slots, gate_mode="scale", rule="paper", scale=0.05)
     path, data = make_plan(store, settings, req)
     plan = read_plan(path, store, slots)
@@ -189,14 +190,14 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
     assert choice.budget.quotas == plan.quotas and choice.gate.thresholds == plan.gate.thresholds
     choice = resolve(store, load_settings(overrides={"gate.adaptive": False}))
     assert choice.gate.thresholds == {}
-    other = resolve(store, load_settings(overrides={"cache.experts": 6}))  # ... unless the budget differs
+    other = resolve(store, load_settings(overrides={"cache.budget": 6}))  # ... unless the budget differs
     assert other.plan is None and other.notes and sum(other.budget.quotas.values()) == 6
     with pytest.raises(ProfileError, match="budget of 9"):
         read_plan(path, store, 6)
     with pytest.raises(UsageError, match="below one per MoE layer"):
-        parse_budget("2", store)
+        resolve(store, load_settings(overrides={"cache.budget": 2}))
     with pytest.raises(UsageError, match="larger than the model"):
-        parse_budget("1GiB", store)
+        resolve(store, load_settings(overrides={"cache.budget": "1GiB"}))
     for bad in ("0%", "-1%", "80%", "lots"):
         with pytest.raises(UsageError):
             parse_fraction(bad)
@@ -210,7 +211,7 @@ def test_plan_without_profile_says_which_command(store):
 def test_eval_perplexity_equals_transformers(make_store, make_checkpoint, text_file):
     store = Store.open(make_store(SPEC, dtype=torch.float32))
     ref = MixtralForCausalLM.from_pretrained(make_checkpoint(SPEC, dtype=torch.float32), dtype=torch.float32)
-    with Engine(store, load_settings(overrides={"cache.experts": 5})) as eng:
+    with runtime_engine(store, {"cache.budget": 5}) as eng:
         tok = AutoTokenizer.from_pretrained(store.path)
         ids = read_text_tokens(tok, text_file, max_tokens=200)
         res = evaluate(eng, ids, window=64, stride=32)

@@ -1,20 +1,22 @@
-"""The offloading runtime against transformers' own MixtralForCausalLM on the same checkpoint: greedy
-tokens equal and logits within 1e-4 in float32, at every budget from one slot per layer to all, with and
-without prefetch, on odd shapes, and over a multi-turn conversation that keeps the KV cache."""
+"""The offloading runtime against transformers' own model for the same checkpoint (`AutoModelForCausalLM`,
+whatever the family): greedy tokens equal and logits within 1e-4 in float32, at every budget from one
+slot per layer to all, with and without prefetch, on odd shapes, and over a multi-turn conversation that
+keeps the KV cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MixtralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from adapmoe_cli.conversation import Conversation, load_tokenizer
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-from adapmoe_cli.settings import GenerationSettings, load_settings
+from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
+from tests.helpers import runtime_engine
 
 SHAPES = {
     "default": TinySpec(),
@@ -32,7 +34,7 @@ def reference(make_checkpoint):
     def get(name):
         if name not in cache:
             path = make_checkpoint(SHAPES[name], dtype=torch.float32)
-            cache[name] = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return cache[name]
 
     return get
@@ -42,7 +44,7 @@ def _engine(make_store, name: str, slots_per_layer: int | None, prefetch: bool, 
     spec = SHAPES[name]
     store = Store.open(make_store(spec, dtype=torch.float32))
     total = (slots_per_layer or spec.num_local_experts) * spec.num_hidden_layers
-    return Engine(store, load_settings(overrides={"cache.experts": total, "prefetch": prefetch, **kw}))
+    return runtime_engine(store, {"cache.budget": total, "prefetch": prefetch, **kw})
 
 
 def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
@@ -75,10 +77,10 @@ def test_greedy_tokens_and_logits_match_transformers(make_store, reference, name
         assert (ours - theirs).abs().max().item() <= 1e-4
         # resident expert memory is exactly the slots it was given, never more
         assert eng.cache.num_slots == per_layer * spec.num_hidden_layers
-        assert eng.cache.capacity_bytes == eng.cache.num_slots * eng.store.expert_stride
+        assert eng.cache.capacity_bytes == eng.cache.num_slots * eng.store.slot_bytes
         s = eng.stats
         assert s.expert_uses == s.hits + s.prefetch_hits + s.misses
-        assert s.bytes_read == s.loads * eng.store.expert_stride
+        assert s.bytes_read == s.loads * eng.store.slot_bytes
         if not prefetch:
             assert s.prefetches_issued == 0 and s.prefetch_hits == 0
         if slots == "all":
@@ -120,7 +122,7 @@ def test_multi_turn_conversation_keeps_kv_cache_and_matches(make_store, make_che
     ref = reference("default")
     gen = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
     with _engine(make_store, "default", 2, prefetch=True) as eng:
-        tok = load_tokenizer(eng)
+        tok = load_tokenizer(eng.store)
         conv = Conversation(eng, tok, gen, system="You are terse.")
         for turn, user in enumerate(["What does the json module do?", "And os?", "Thanks. One more?"]):
             msgs = [*conv.template_messages(), {"role": "user", "content": user}]
@@ -145,7 +147,7 @@ def test_interrupted_answer_leaves_a_consistent_cache(make_store, reference):
     ref = reference("default")
     gen = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
     with _engine(make_store, "default", 2, prefetch=True) as eng:
-        tok = load_tokenizer(eng)
+        tok = load_tokenizer(eng.store)
         conv = Conversation(eng, tok, gen)
         stream = conv.send("first question")
         next(stream), next(stream), next(stream)
@@ -160,21 +162,21 @@ def test_interrupted_answer_leaves_a_consistent_cache(make_store, reference):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"cache.experts": 1}, "below one per MoE layer"),
-    ({"cache.experts": 9}, "larger than the model"),
-    ({"cache.memory": "1KiB"}, "below one per MoE layer"),
+    ({"cache.budget": 1}, "below one per MoE layer"),
+    ({"cache.budget": 9}, "larger than the model"),
+    ({"cache.budget": "1KiB"}, "below one per MoE layer"),
     ({"device": "tpu"}, "unsupported device"),
-    ({"cache.memory": "lots"}, "cannot parse size"),
+    ({"cache.budget": "lots"}, "cannot parse size"),
 ])
 def test_bad_budgets_are_refused(make_store, overrides, match):
     with pytest.raises(UsageError, match=match):
-        Engine(Store.open(make_store(TinySpec(), dtype=torch.float32)), load_settings(overrides=overrides))
+        runtime_engine(Store.open(make_store(TinySpec(), dtype=torch.float32)), overrides)
 
 
 def test_memory_budget_turns_into_slots(make_store):
     store = Store.open(make_store(TinySpec(), dtype=torch.float32))
-    budget = 5 * store.expert_stride + store.expert_stride // 2
-    with Engine(store, load_settings(overrides={"cache.memory": str(budget)})) as eng:
+    budget = 5 * store.slot_bytes + store.slot_bytes // 2
+    with runtime_engine(store, {"cache.budget": f"{budget}B"}) as eng:
         assert eng.cache.num_slots == 5
         assert eng.cache.capacity_bytes <= budget
         assert sorted(eng.budget.quotas.values()) == [2, 3]

@@ -13,19 +13,20 @@ import torch
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.replay import prepare
+from adapmoe_cli.policies import parse_policies
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import DEMAND, PREFETCH
-from adapmoe_cli.simulate import hardware, models
+from adapmoe_cli.simulate import hardware
+from adapmoe_cli.simulate import model_spec as models
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.limits import Belady
-from adapmoe_cli.simulate.run import SimRequest, drive, parse_policies, simulate
+from adapmoe_cli.simulate.simulator import SimRequest, drive, simulate
 from adapmoe_cli.simulate.timing import Clock, SimLoader
-from adapmoe_cli.simulate.traces import SimTrace, from_trace, project, read_h39s
+from adapmoe_cli.simulate.traces import SimTrace, from_trace, project, read_h39s, shipped_trace
 from adapmoe_cli.synthetic import TinySpec
 
-H39S = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces" / "mixtral-8x7b-instruct-h39s" / \
-    "active_experts.txt"
+H39S = shipped_trace("mixtral-8x7b-instruct-h39s")  # ships with the package, with its licence
 # 1 GB/s, 1 ms per read of 1 MB, compute 1 GB/s: round numbers for hand-checked timings
 HW = Hardware(name="test", description="", link_bandwidth=1e9, link_latency_s=0.0, memory_bandwidth=1e9)
 
@@ -106,13 +107,13 @@ def test_cancel_and_demote():
 # -- exact replay of the runtime's own run ---------------------------------------------------------
 def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, tokens: int = 20):
     from adapmoe_cli.profiling.record import RoutingRecorder
-    from adapmoe_cli.runtime.engine import Engine
     from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-    from adapmoe_cli.settings import GenerationSettings, load_settings
+    from adapmoe_cli.settings import GenerationSettings
     from adapmoe_cli.store import Store
+    from tests.helpers import runtime_engine
 
     store = Store.open(store_path)
-    with Engine(store, load_settings(overrides={"cache.experts": slots, "prefetch": prefetch}), gate=gate) as eng:
+    with runtime_engine(store, {"cache.budget": slots, "prefetch": prefetch}, gate=gate) as eng:
         rec = RoutingRecorder(eng)
         eng.observers.callbacks.append(rec)
         gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
@@ -135,7 +136,7 @@ def test_replaying_the_runtimes_run_reproduces_its_counts(make_store, slots, pre
     gate = GatePolicy({layer: 0.3 for layer in range(4)}, rule="global", scale=0.3) if gated else GatePolicy.off()
     st, quotas, total, decode = _record_run(make_store(spec, dtype=torch.float32), slots, prefetch, gate)
     routing = prepare(st.trace, gate, st.steps)
-    model = models.ModelSpec("tiny", 4, 8, 2, expert_bytes=1_000_000, dense_bytes_per_layer=100_000, head_bytes=0)
+    model = models.ModelSpec("tiny", 4, 8, 2, slot_bytes=1_000_000, dense_bytes_per_layer=100_000, head_bytes=0)
     for untimed, want in ((frozenset(), total), (frozenset({0}), decode)):
         run = drive(routing, quotas, HW, model, "lru", prefetch=prefetch, untimed=untimed)
         got = (run.hits, run.misses, run.prefetch_hits, run.expert_activations)
@@ -145,7 +146,6 @@ def test_replaying_the_runtimes_run_reproduces_its_counts(make_store, slots, pre
 
 
 # -- Belady on the real Mixtral trace --------------------------------------------------------------
-@pytest.mark.skipif(not H39S.exists(), reason=f"the h39s Mixtral trace is not beside the repository ({H39S})")
 def test_belady_hit_rates_on_the_mixtral_trace_match_its_readme():
     st = read_h39s(H39S, prefill=False)  # the README's numbers: decode tokens from a cold cache
     assert (st.num_layers, st.decode_steps, st.num_experts) == (32, 773, 8) and not st.has_weights
@@ -194,8 +194,8 @@ def _synthetic(tokens: int = 240, layers: int = 6, experts: int = 8, seed: int =
 
 def test_limits_and_plan_are_ordered():
     st = _synthetic()
-    model = models.ModelSpec("syn", 6, 8, 2, expert_bytes=4_000_000, dense_bytes_per_layer=1_000_000, head_bytes=0)
-    names = parse_policies("naive,lru,lru+prefetch,lfu,planned,adapmoe,resident")
+    model = models.ModelSpec("syn", 6, 8, 2, slot_bytes=4_000_000, dense_bytes_per_layer=1_000_000, head_bytes=0)
+    names = parse_policies("naive,lru,lru+prefetch,lfu,planned,adapmoe,resident", limits=True)
     assert names[-2:] == ["belady", "oracle"]
     gate = GatePolicy({i: 0.3 for i in range(6)}, rule="global", scale=0.3)
     r = simulate(st, HW, model, SimRequest(18, names, gate=gate, sweep=True))
@@ -237,10 +237,10 @@ def test_shipped_files_load_with_sources():
     with pytest.raises(UsageError, match="rtx4090-pcie4"):
         hardware.load_hardware("cray-1")
     m16, m4 = models.load_model("mixtral-8x7b"), models.load_model("mixtral-8x7b", bits=4)
-    assert m16.expert_bytes == 3 * 4096 * 14336 * 2
-    assert m4.expert_bytes == 3 * 4096 * 14336 // 2 + 3 * 4096 * 14336 // 64 * 4  # plus fp16 scale+zero per 64
+    assert m16.slot_bytes == 3 * 4096 * 14336 * 2
+    assert m4.slot_bytes == 3 * 4096 * 14336 // 2 + 3 * 4096 * 14336 // 64 * 4  # plus fp16 scale+zero per 64
     q = models.load_model("qwen3-30b-a3b")
-    assert (q.num_layers, q.num_experts, q.top_k, q.expert_bytes) == (48, 128, 8, 3 * 2048 * 768 * 2)
+    assert (q.num_layers, q.num_experts, q.top_k, q.slot_bytes) == (48, 128, 8, 3 * 2048 * 768 * 2)
     with pytest.raises(UsageError, match="mixtral-8x7b"):
         models.load_model("gpt-5")
 
@@ -280,7 +280,7 @@ def test_simulate_command_writes_json_and_chart(tmp_path, monkeypatch, capsys):
     out, png = tmp_path / "sim.json", tmp_path / "sim.png"
     code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(trace), "--trace-format", "h39s",
                                 "--model-config", "mixtral-8x7b", "--bits", "4", "--hardware", "rtx4090-pcie4",
-                                "--budget", "64", "--json", str(out), "--plot", str(png), "--sweep",
+                                "--budget", "64", "--out", str(out), "--plot", str(png), "--sweep",
                                 "--policies", "naive,lru,lru+prefetch,planned,adapmoe,resident")
     assert code == 0, err
     data = json.loads(out.read_text())
@@ -320,10 +320,10 @@ def test_simulate_on_a_store_uses_its_profile(make_store, tmp_path, monkeypatch,
     st = _synthetic(tokens=40)
     write_profile(store_dir / "profile.json", {"model": model_identity(store), "layers": []}, st.trace)
     code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(store_dir), "--hardware", "laptop-nvme",
-                                "--budget", "18", "--json", "-")
+                                "--budget", "18", "--json")
     assert code == 0, err
     data = json.loads(stdout)
-    assert data["model"]["expert_bytes"] == store.expert_stride and data["trace"]["has_predictions"]
+    assert data["model"]["slot_bytes"] == store.slot_bytes and data["trace"]["has_predictions"]
     assert data["policies"]["lru+prefetch"]["prefetch_hits"] > 0
 
 

@@ -264,7 +264,7 @@ def _record_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
 
 def _read_all_and_compare(reader: ExpertReader, store: Store, src: dict[str, torch.Tensor]) -> None:
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
     for (layer, expert), entry in sorted(store.experts.items()):
         assert reader.read_into(layer, expert, buf) == entry
@@ -338,7 +338,7 @@ def test_reader_reports_a_missing_expert_file(make_store: Callable[..., Path], t
     path = shutil.copytree(make_store(), tmp_path / "store")
     (path / "experts" / "layer-001.bin").unlink()
     store = Store.open(path)
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store) as reader, pytest.raises(StoreError, match="layer-001.bin is missing"):
         reader.read_into(1, 0, buf)
 
@@ -395,7 +395,12 @@ def test_info_numbers(make_store: Callable[..., Path]):
     store = Store.open(make_store(spec))
     info = store.info()
     weight_bytes = 3 * spec.hidden_size * spec.intermediate_size * 2  # bf16; parts are 4096-multiples here
-    assert info["expert_bytes"] == weight_bytes
+    assert info["expert_payload_bytes"] == info["expert_slot_bytes"] == weight_bytes
+    # parts that are not 4096-multiples: each starts aligned; the payload ends with the last part, a slot
+    # (one read) is rounded up to the alignment
+    odd = Store.open(make_store(TinySpec(hidden_size=48, intermediate_size=40))).info()
+    part = 48 * 40 * 2
+    assert odd["expert_payload_bytes"] == 2 * 4096 + part and odd["expert_slot_bytes"] == 3 * 4096
     dense = sum((store.path / f.file).stat().st_size for f in store.dense_files)
     assert info["dense_bytes"] == dense
     assert info["total_bytes"] == dense + spec.num_hidden_layers * spec.num_local_experts * weight_bytes

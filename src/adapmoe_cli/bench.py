@@ -1,126 +1,123 @@
-"""`run_bench()`: the designs side by side on one model, one budget, one machine, in one run.
+"""`run_bench()`: the designs side by side on one model, one budget, one machine, in one run — the library
+function behind `adapmoe bench`.
 
-Each policy is a named configuration of the one runtime (slots, split, eviction, prefetch, gate); no
-policy has a code path of its own. Repeats are interleaved across policies so drift hits all alike; every
-run starts from a cold cache, and experts come from disk through O_DIRECT reads (page cache bypassed).
-Perplexity depends only on the gate, so it is measured once per distinct gate on held-out text."""
+Each policy is a named configuration of the one runtime (`policies.py`); no policy has a code path of
+its own. Repeats are interleaved across policies so drift hits all alike; every run starts from a cold
+cache, and experts come from disk through O_DIRECT reads (page cache bypassed). Perplexity depends only
+on the gate, so it is measured once per distinct gate on held-out text. The store is profiled first
+when it has no profile (adapmoe's gate and the DP plans need one); the plans are kept under STORE/bench."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapmoe_cli import budget as budgets
+from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.runtime.cache import even_quotas
-from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.model_arg import default_text
+from adapmoe_cli.planning.plan_file import Plan, bench_path
+from adapmoe_cli.planning.planner import PlanRequest, make_plan
+from adapmoe_cli.planning.quality import gate_perplexity
+from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, policy_budget
+from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+from adapmoe_cli.runtime.measure import DecodeTiming, Setup, run_setup
 from adapmoe_cli.runtime.stats import Stats
-from adapmoe_cli.settings import GenerationSettings, Settings, replace
+from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
+
+#: what the progress callback hears: (what runs now, runs done, runs in all)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
-class PolicySpec:
-    name: str
-    description: str
-    slots: str = "budget"  # budget | topk (per layer) | all
-    split: str = "even"  # even | plan
-    eviction: str = "lru"
-    prefetch: bool = False
-    gate: bool = False
-    preload: bool = False
+class BenchRequest:
+    policies: tuple[str, ...] = BENCH_DEFAULT
+    prompts: tuple[str, ...] = ()  # user messages (chat template applied); empty: the default prompts
+    tokens: int = 32  # decoded per prompt
+    repeat: int = 3
+    quality_budget: float = 0.01  # adapmoe's gate
+    sweep: bool = False
+    simulate: bool = False
+    text: Path | None = None  # held-out text for perplexity (default: the embedded held-out split)
+    calibration: Path | None = None  # profiling and the quality search (default: the embedded calibration split)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 2 or self.repeat < 1:
+            raise UsageError("--tokens must be ≥ 2 and --repeat ≥ 1")
 
 
-POLICIES: dict[str, PolicySpec] = {p.name: p for p in (
-    PolicySpec("naive", "no cache across tokens: every needed expert is loaded on demand", slots="topk",
-               eviction="none"),
-    PolicySpec("lru", "per-layer LRU, even split, no prefetch"),
-    PolicySpec("lru+prefetch", "mixtral-offloading: per-layer LRU, even split, next-layer prefetch of the top-k",
-               prefetch=True),
-    PolicySpec("lfu", "per-layer LFU, even split, no prefetch", eviction="lfu"),
-    PolicySpec("planned", "LRU with the DP slot plan and prefetch, no adaptive gate", split="plan", prefetch=True),
-    PolicySpec("adapmoe", "adaptive gate at the quality budget, gate-aware prefetch, DP slot plan", split="plan",
-               prefetch=True, gate=True),
-    PolicySpec("resident", "every expert in memory (upper bound)", slots="all", preload=True),
-)}
-DEFAULT_POLICIES = ("naive", "lru", "lru+prefetch", "adapmoe", "resident")
-
-
-def parse_policies(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(POLICIES)}")
-    return names
+def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Everything `adapmoe bench` measures, as one result dict (the sweep under `sweep`, the simulator's
+    check under `simulated`)."""
+    say = progress or (lambda _what, _done, _total: None)
+    names = list(req.policies)
+    if req.simulate:  # the runtime's two ends calibrate the simulator
+        names += [n for n in ("naive", "resident") if n not in names]
+    shape = store.cache_shape
+    slots, _ = budgets.total_slots(settings.cache.budget, shape)
+    calib_text = req.calibration or default_text("calibration")
+    say("profiling the store", 0, 0)
+    ensure_profile(store, settings, calib_text, str(calib_text))
+    tok = load_tokenizer(store)
+    prompt_ids = [chat_ids(tok, [{"role": "user", "content": t}]) for t in (req.prompts or default_prompts())]
+    with contextlib.ExitStack() as stack:
+        calib = stack.enter_context(gate_perplexity(store, settings, calib_text))
+        held = stack.enter_context(gate_perplexity(store, settings, req.text or default_text("heldout"), 8192))
+        bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
+        result = bench.at(names, slots, simulate=req.simulate)
+        if req.sweep:
+            swept = [n for n in names if POLICIES[n].slots == "budget"]
+            points = [result] + [bench.at(swept, s) for s in budgets.sweep_totals(shape) if s != slots]
+            result["sweep"] = sorted(
+                ({"budget_slots": r["budget_slots"],
+                  "policies": {n: p["decode_tokens_per_s"] for n, p in r["policies"].items()}} for r in points),
+                key=lambda r: r["budget_slots"])
+    return result
 
 
 @dataclass
-class RunResult:
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    stats: Stats = field(default_factory=Stats)  # decode steps only
+class _Bench:
+    """One bench run's shared state: prompts, the two perplexity functions and the plans made so far."""
 
-    @property
-    def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What a policy runs with: slots per layer, gate, and runtime settings."""
-
-    budget: Budget
-    gate: GatePolicy
+    store: Store
     settings: Settings
-    spec: PolicySpec
+    req: BenchRequest
+    prompts: list[list[int]]
+    calibration: Callable[[GatePolicy], float]
+    heldout: Callable[[GatePolicy], float]
+    say: Progress
+    plans: dict[tuple[int, bool], Plan] = field(default_factory=dict)
+
+    def plan(self, slots: int, gated: bool) -> Plan:
+        """The DP plan for `slots` with (adapmoe) or without (planned) the gate at the quality budget."""
+        if (slots, gated) not in self.plans:
+            req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off",
+                              quality_budget=self.req.quality_budget, rule=self.settings.gate.rule,
+                              out=bench_path(self.store, slots, gated))
+            self.plans[(slots, gated)] = Plan(*make_plan(self.store, self.settings, req,
+                                                         self.calibration if gated else None))
+        return self.plans[(slots, gated)]
+
+    def at(self, names: list[str], slots: int, simulate: bool = False) -> dict[str, Any]:
+        plan, skipped = setups(self.store, self.settings, names, slots, lambda gated: self.plan(slots, gated))
+        result = measure(self.store, plan, skipped, slots, self.prompts, self.req.tokens, self.req.repeat,
+                         self.heldout, self.say)
+        if simulate:
+            from adapmoe_cli.simulate.check import simulate_bench
+
+            result["simulated"] = simulate_bench(self.store, plan, self.prompts, self.req.tokens, result,
+                                                 progress=lambda m: self.say(m, 0, 0))
+        return result
 
 
-def run_once(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
-             observe: Callable[[Engine], Callable[[Any], None]] | None = None) -> RunResult:
-    """One cold-cache run over the prompts. `observe(engine)` gives a `LayerRecord` callback that then
-    sees every MoE layer call (recording the routing)."""
-    gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)
-    res = RunResult()
-    with Engine(store, setup.settings, budget=setup.budget, gate=setup.gate, verify=False) as eng:
-        if observe is not None:
-            eng.observers.callbacks.append(observe(eng))
-        if setup.spec.preload:
-            for layer in store.shape.moe_layers:
-                eng.manager.preload(layer, range(store.shape.num_experts))
-        for prompt in prompts:
-            kv = new_kv_cache(eng)
-            t0 = time.perf_counter()
-            n = 0
-            for _tok, _ in generate_step(eng, prompt, kv, gen):
-                if n == 0:
-                    t1 = time.perf_counter()
-                    before = eng.stats.copy()
-                n += 1
-                if n > tokens:
-                    break
-            t2 = time.perf_counter()
-            eng.manager.drain()
-            res.prefill_tokens += len(prompt)
-            res.prefill_s += t1 - t0
-            res.decode_tokens += tokens
-            res.decode_s += t2 - t1
-            res.stats.add(eng.stats.delta(before))
-    return res
-
-
-def summarise(runs: list[RunResult], bandwidth: float, top_k: int) -> dict[str, Any]:
+def summarise(runs: list[DecodeTiming], bandwidth: float, top_k: int) -> dict[str, Any]:
     dec = [r.decode_tps for r in runs]
     pre = [r.prefill_tps for r in runs]
     s = Stats()
@@ -166,61 +163,54 @@ def machine_info() -> dict[str, Any]:
             "memory_bytes": psutil.virtual_memory().total, "processor": platform.processor() or platform.machine()}
 
 
-Progress = Callable[[str, int, int], None]
-
-
-def setups(store: Store, settings: Settings, names: list[str], budget_slots: int,
-           plan_for: Callable[[bool], tuple[dict[int, int], GatePolicy]]) -> tuple[dict[str, Setup], dict[str, str]]:
-    """Build each policy's setup; policies that cannot run here are skipped with a note."""
-    import psutil
-
-    shape = store.shape
+def setups(store: Store, settings: Settings, names: list[str], total: int, plan: Callable[[bool], Plan]
+           ) -> tuple[dict[str, Setup], dict[str, str]]:
+    """Each policy's setup at a budget of `total` slots (`plan(gated)`: the DP plan for the policies that
+    split by one); a policy that cannot run here is skipped with a note."""
+    shape = store.cache_shape
     out, skipped = {}, {}
     for name in names:
-        spec = POLICIES[name]
-        st = replace(settings, prefetch=spec.prefetch,
-                     cache=replace(settings.cache, policy=spec.eviction, experts=None, memory=None))
-        gate = GatePolicy.off()
-        if spec.slots == "all":
-            need = len(store.experts) * store.expert_stride + store.dense_bytes
-            if need > 0.8 * psutil.virtual_memory().available:
-                skipped[name] = f"needs {need / 2**30:.1f} GiB, more than 80% of the available memory"
-                continue
-            budget = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
-        elif spec.slots == "topk":
-            budget = Budget({layer: shape.top_k for layer in shape.moe_layers}, "top-k per layer")
-        elif spec.split == "plan":
-            quotas, gate = plan_for(spec.gate)
-            budget = Budget(quotas, "DP plan")
-        else:
-            budget = Budget(even_quotas(shape.moe_layers, budget_slots, shape.num_experts), "even split")
-        out[name] = Setup(budget, gate, st, spec)
+        policy = POLICIES[name]
+        if policy.slots == "all" and not budgets.fits(shape, store.dense_bytes):
+            need = shape.total_experts * shape.slot_bytes + store.dense_bytes
+            skipped[name] = (f"needs {need / 2**30:.1f} GiB, more than {budgets.RESIDENT_SHARE:.0%} of the "
+                             "available memory")
+            continue
+        budget = policy_budget(policy, shape, total, lambda gated: plan(gated).quotas)
+        gate = plan(True).gate if policy.gate else GatePolicy.off()
+        runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction))
+        out[name] = Setup(budget, gate, runtime, policy.preload)
     return out, skipped
 
 
-def run_bench(store: Store, plan: dict[str, Setup], skipped: dict[str, str], budget_slots: int,
-              prompts: list[list[int]], tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
-              progress: Progress | None = None) -> dict[str, Any]:
+def direct_io(store: Store) -> bool:
+    from adapmoe_cli.store.reader import ExpertReader
+
+    with ExpertReader(store) as probe:
+        return probe.direct_io_works()
+
+
+def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
+            tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
+            progress: Progress | None = None) -> dict[str, Any]:
     """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict."""
-    from adapmoe_cli.store.reader import ExpertReader, read_bandwidth
+    from adapmoe_cli.store.reader import read_bandwidth
 
     if not prompts:
         raise UsageError("no prompts to run")
-    with ExpertReader(store) as probe:
-        probe._fd(next(iter(store.experts.values())).file)
-        direct = probe.direct
+    direct = direct_io(store)
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
-    runs: dict[str, list[RunResult]] = {n: [] for n in plan}
-    total = repeats * len(plan)
+    runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
+    count = repeats * len(plan)
     done = 0
     for _ in range(repeats):
         for name, setup in plan.items():
             if progress:
-                progress(name, done, total)
-            runs[name].append(run_once(store, setup, prompts, tokens))
+                progress(name, done, count)
+            runs[name].append(run_setup(store, setup, prompts, tokens))
             done += 1
     if progress:
-        progress("perplexity", done, total)
+        progress("perplexity", done, count)
     ppl: dict[tuple, float] = {}
     result: dict[str, Any] = {
         "machine": machine_info(),
@@ -228,7 +218,7 @@ def run_bench(store: Store, plan: dict[str, Setup], skipped: dict[str, str], bud
         "page_cache": ("bypassed: experts are read with O_DIRECT" if direct else
                        "O_DIRECT refused by the file system: pages dropped with posix_fadvise(DONTNEED) after reads"),
         "bandwidth_measured_with": "O_DIRECT sequential reads of the expert files" if bw_direct else "buffered reads",
-        "budget_slots": budget_slots,
+        "budget_slots": total,
         "total_experts": len(store.experts),
         "tokens": tokens, "prompts": len(prompts), "repeats": repeats,
         "policies": {},
@@ -240,7 +230,7 @@ def run_bench(store: Store, plan: dict[str, Setup], skipped: dict[str, str], bud
             ppl[key] = perplexity(setup.gate)
         entry = summarise(runs[name], bandwidth, store.shape.top_k)
         entry["perplexity"] = ppl[key]
-        entry["description"] = setup.spec.description
+        entry["description"] = POLICIES[name].description
         entry["slots"] = setup.budget.total
         entry["slots_per_layer"] = [setup.budget.quotas[layer] for layer in store.shape.moe_layers]
         entry["gate"] = {"rule": setup.gate.rule, "scale": setup.gate.scale}

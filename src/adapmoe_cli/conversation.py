@@ -12,15 +12,24 @@ from adapmoe_cli.errors import UsageError
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.generate import Response, eos_ids, new_kv_cache, stream_generate
 from adapmoe_cli.settings import GenerationSettings
+from adapmoe_cli.store import Store
 
 
-def load_tokenizer(engine: Engine) -> Any:
+def load_tokenizer(store: Store) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(engine.store.path))
+        return AutoTokenizer.from_pretrained(str(store.path))
     except (OSError, ValueError) as e:
         raise UsageError(f"the store has no usable tokenizer ({e}); re-shard from a checkpoint with one") from None
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to `messages`, ending with the assistant's turn about to start."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 @dataclass
@@ -47,11 +56,7 @@ class Conversation:
     def _prompt_ids(self, user: str) -> list[int]:
         if self.raw:
             return self._cached + self.tokenizer.encode(user, add_special_tokens=not self._cached)
-        msgs = [*self.template_messages(), {"role": "user", "content": user}]
-        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_ids(self.tokenizer, [*self.template_messages(), {"role": "user", "content": user}])
 
     def send(self, user: str) -> Iterator[Response]:
         """Stream the answer to `user`. If the caller stops early (Ctrl-C), the KV cache is cut back to

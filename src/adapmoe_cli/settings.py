@@ -1,6 +1,6 @@
 """Settings: one frozen, validated object built once from `configs/default.yaml`, an optional preset
 (`--config FILE`) and command-line flags, in that order. Derived numbers (slots from a memory size) are
-computed from it by the engine, never passed alongside."""
+computed from it once, by `budget.resolve`, never passed alongside."""
 
 from __future__ import annotations
 
@@ -11,26 +11,16 @@ from typing import Any
 
 import yaml
 
+from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.units import parse_size
 
 DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    experts: int | None = None
-    memory: int | None = None  # bytes
-    fraction: float = 0.5
+    budget: BudgetRequest = field(default_factory=BudgetRequest)  # interpreted by budget.py
     policy: str = "lru"
-
-    def __post_init__(self) -> None:
-        if self.experts is not None and self.memory is not None:
-            raise UsageError("give either --cache-experts or --memory, not both")
-        if self.experts is not None and self.experts < 1:
-            raise UsageError(f"--cache-experts must be at least 1 per MoE layer, got {self.experts}")
-        if not 0 < self.fraction <= 1:
-            raise UsageError(f"cache.fraction must be in (0, 1], got {self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -79,10 +69,6 @@ class Settings:
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
 
-    @property
-    def explicit_budget(self) -> bool:
-        return self.cache.experts is not None or self.cache.memory is not None
-
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
@@ -114,8 +100,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         sub = subs.get(name) if cls is Settings else None
         if sub is not None:
             kwargs[name] = _build(sub, value or {}, f"{name}.")
-        elif cls is CacheSettings and name == "memory" and value is not None:
-            kwargs[name] = parse_size(str(value))
+        elif cls is CacheSettings and name == "budget" and not isinstance(value, BudgetRequest):
+            kwargs[name] = BudgetRequest() if value is None else BudgetRequest.parse(value)
         else:
             kwargs[name] = value
     try:
@@ -141,10 +127,6 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    if (overrides or {}).get("cache.experts") is not None:
-        data["cache"]["memory"] = None
-    if (overrides or {}).get("cache.memory") is not None:
-        data["cache"]["experts"] = None
     return _build(Settings, data, "")
 
 

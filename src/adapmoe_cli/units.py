@@ -1,4 +1,4 @@
-"""Parsing and formatting of byte sizes (`6GiB`, `512MB`, `1.5G`)."""
+"""Parsing and formatting of byte sizes (`6GiB`, `512MB`, `1.5G`) and of percentages (`1%`)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_fraction(text: str) -> float:
+    """`1%` → 0.01, `0.01` → 0.01 (a quality budget). Refuses ≤ 0 and absurd values (> 50%)."""
+    t = str(text).strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"cannot read quality budget {text!r}: use a percentage like 1%") from None
+    if not 0 < value <= 0.5:
+        raise UsageError(f"quality budget {text!r} must be above 0% and at most 50%")
+    return value

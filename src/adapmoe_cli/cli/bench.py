@@ -1,9 +1,8 @@
-"""`adapmoe bench [MODEL] --budget (N | SIZE)`: the designs side by side, measured in one run."""
+"""`adapmoe bench [MODEL] --budget (N | SIZE | SHARE)`: the designs side by side, measured in one run."""
 
 from __future__ import annotations
 
-import contextlib
-import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,23 +10,23 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from adapmoe_cli.bench import (
-    DEFAULT_POLICIES,
-    POLICIES,
-    default_prompts,
-    parse_policies,
-    read_prompts,
-    run_bench,
-    setups,
+from adapmoe_cli.bench import BenchRequest, read_prompts
+from adapmoe_cli.bench import run as run_bench
+from adapmoe_cli.cli.common import (
+    BudgetOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonFlag,
+    ModelArg,
+    QualityBudgetOpt,
+    console,
+    emit,
+    err_console,
+    open_store,
+    runtime_settings,
 )
-from adapmoe_cli.cli.common import ConfigOpt, DeviceOpt, ModelArg, console, err_console, open_store, runtime_settings
-from adapmoe_cli.models import default_text
-from adapmoe_cli.planning.plan_file import Plan
-from adapmoe_cli.planning.run import PlanRequest, gate_perplexity, make_plan, parse_budget, parse_fraction
-from adapmoe_cli.profiling.profile_file import default_path as default_profile
-from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.settings import Settings
-from adapmoe_cli.store import Store
+from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, parse_policies
+from adapmoe_cli.units import parse_fraction
 
 
 def register(app: typer.Typer) -> None:
@@ -36,17 +35,18 @@ def register(app: typer.Typer) -> None:
 
 def bench_cmd(
     model: ModelArg = None,
-    budget: Annotated[str, typer.Option("--budget", "-b", help="Expert slots (e.g. 32) or memory (e.g. 6GiB); "
-                                        "default: half the experts.", show_default=False)] = "",
-    policies: Annotated[str, typer.Option("--policies", help=f"Comma-separated, from: {', '.join(POLICIES)}.")
-                        ] = ",".join(DEFAULT_POLICIES),
+    budget: BudgetOpt = None,
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated, from: "
+                                          f"{', '.join(n for n, p in POLICIES.items() if not p.is_limit)}.")
+                        ] = ",".join(BENCH_DEFAULT),
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line.",
                                                  show_default=False)] = None,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens to decode per prompt.")] = 32,
     repeat: Annotated[int, typer.Option("--repeat", "-r", help="Repeats per policy (interleaved).")] = 3,
-    quality_budget: Annotated[str, typer.Option("--quality-budget", "-q", help="adapmoe's gate budget.")] = "1%",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.",
-                                                  show_default=False)] = None,
+    quality_budget: Annotated[str, QualityBudgetOpt("adapmoe's gate budget (default 1%).")] = "1%",
+    as_json: JsonFlag = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
+                                             show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also run budgets from 10% to 100% of the experts.")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="Also replay this run's own routing in the simulator, "
@@ -62,102 +62,36 @@ def bench_cmd(
 ) -> None:
     """Examples:
 
-      adapmoe bench --json bench.json --plot bench.png
+      adapmoe bench --out bench.json --plot bench.png
 
       adapmoe bench ./mixtral-store --budget 24GiB --policies lru+prefetch,adapmoe --tokens 64 --repeat 5
 
-      adapmoe bench --simulate --repeat 5
+      adapmoe bench --simulate --repeat 5 --json > bench.json
     """
-    if tokens < 2 or repeat < 1:
-        raise typer.BadParameter("--tokens must be ≥ 2 and --repeat ≥ 1")
-    names = parse_policies(policies)
-    if simulate:  # the runtime's two ends calibrate the simulator
-        names += [n for n in ("naive", "resident") if n not in names]
-    qb = parse_fraction(quality_budget)
-    settings = runtime_settings(config, None, None, None, device)
-    texts = read_prompts(prompts) if prompts else default_prompts()
+    settings = runtime_settings(config, budget=budget, device=device)
+    texts = tuple(read_prompts(prompts)) if prompts else ()
+    req = BenchRequest(policies=tuple(parse_policies(policies)), prompts=texts, tokens=tokens, repeat=repeat,
+                       quality_budget=parse_fraction(quality_budget), sweep=sweep,
+                       simulate=simulate, text=text, calibration=calibration)
     store = open_store(model)
-    slots = parse_budget(budget, store) if budget else len(store.experts) // 2
-    calib_text = calibration or default_text("calibration")
-    ensure_profile(store, settings, calib_text)
-    with contextlib.ExitStack() as stack:
-        from adapmoe_cli.conversation import Conversation, load_tokenizer
-        from adapmoe_cli.runtime.engine import Engine
+    with Progress(TextColumn("bench {task.fields[what]:>14}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("bench", total=None, what="")
 
-        with Engine(store, settings) as eng:
-            tok = load_tokenizer(eng)
-            prompt_ids = [Conversation(eng, tok, settings.generation)._prompt_ids(t) for t in texts]
-        calib = stack.enter_context(gate_perplexity(store, settings, calib_text, 4096))
-        held = stack.enter_context(gate_perplexity(store, settings, text or default_text("heldout"), 8192))
-        results = [_one_budget(store, settings, names, slots, prompt_ids, tokens, repeat, qb, calib, held, simulate)]
-        if sweep:
-            total = len(store.experts)
-            for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
-                s = max(len(store.shape.moe_layers), round(frac * total))
-                if s != slots:
-                    swept = [n for n in names if n not in ("resident", "naive")]
-                    results.append(_one_budget(store, settings, swept, s, prompt_ids, tokens, repeat, qb, calib, held))
-    main = results[0]
-    main["command"] = "adapmoe bench " + " ".join(_argv())
-    if sweep:
-        points = [{"budget_slots": r["budget_slots"],
-                   "policies": {n: p["decode_tokens_per_s"] for n, p in r["policies"].items()}} for r in results]
-        main["sweep"] = sorted(points, key=lambda r: r["budget_slots"])
-    render(main)
-    if json_out:
-        json_out.write_text(json.dumps(main, indent=2))
-        console.print(f"wrote {json_out}")
-    if plot:
-        draw(main, plot)
-        console.print(f"wrote {plot}")
+        def progress(what: str, done: int, total: int) -> None:
+            if total:
+                bar.update(task, completed=done, total=total, what=what[:14])
+            else:
+                bar.update(task, what=what[:14])
+
+        result = run_bench(store, settings, req, progress)
+    result["command"] = "adapmoe bench " + " ".join(_argv())
+    emit(result, as_json, render, out, plot, draw)
 
 
 def _argv() -> list[str]:
-    import sys
-
     args = sys.argv[1:]
     return args[args.index("bench") + 1:] if "bench" in args else args
-
-
-def ensure_profile(store: Store, settings: Settings, text: Path) -> None:
-    if default_profile(store).exists():
-        return
-    from adapmoe_cli.conversation import load_tokenizer
-    from adapmoe_cli.profiling.run import ProfileRequest, profile
-    from adapmoe_cli.runtime.engine import Engine
-
-    err_console.print("[dim]no profile in the store yet: running `adapmoe profile` first …[/]")
-    with Engine(store, settings) as eng:  # profile as many tokens as the text holds, up to 8192
-        n = min(8192, len(load_tokenizer(eng)(text.read_text())["input_ids"]))
-    profile(store, settings, ProfileRequest(text, str(text), n, 256))
-
-
-def _one_budget(store: Store, settings: Settings, names: list[str], slots: int, prompt_ids: list[list[int]],
-                tokens: int, repeat: int, qb: float, calib: Any, held: Any, simulate: bool = False) -> dict[str, Any]:
-    plans: dict[bool, tuple[dict[int, int], GatePolicy]] = {}
-
-    def plan_for(gated: bool) -> tuple[dict[int, int], GatePolicy]:
-        if gated not in plans:
-            out = store.path / "bench" / f"plan-{slots}-{'gated' if gated else 'topk'}.json"
-            req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off", quality_budget=qb,
-                              rule=settings.gate.rule, out=out)
-            path, data = make_plan(store, settings, req, calib if gated else None)
-            plan = Plan(path, data)
-            plans[gated] = (plan.quotas, plan.gate)
-        return plans[gated]
-
-    with Progress(TextColumn("bench {task.fields[policy]:>14}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("bench", total=None, policy="")
-        plan, skipped = setups(store, settings, names, slots, plan_for)
-        result = run_bench(store, plan, skipped, slots, prompt_ids, tokens, repeat, held,
-                           progress=lambda name, d, t: bar.update(task, completed=d, total=t, policy=name))
-        if simulate:
-            from adapmoe_cli.simulate.check import simulate_bench
-
-            result["simulated"] = simulate_bench(store, plan, prompt_ids, tokens, result,
-                                                 progress=lambda m: bar.update(task, policy=m[:14]))
-        return result
 
 
 def _pm(p: dict, key: str) -> str:

@@ -18,6 +18,7 @@ from adapmoe_cli.cli.common import (
     ConfigOpt,
     DeviceOpt,
     GateScaleOpt,
+    JsonFlag,
     MemoryOpt,
     ModelArg,
     PlanOpt,
@@ -25,11 +26,12 @@ from adapmoe_cli.cli.common import (
     PrefetchOpt,
     console,
     err_console,
+    note,
     open_store,
     runtime_settings,
-    start_engine,
 )
 from adapmoe_cli.conversation import Conversation, load_tokenizer
+from adapmoe_cli.planning.resolve import open_engine
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.generate import Response
 from adapmoe_cli.runtime.stats import Stats
@@ -54,7 +56,7 @@ def chat_cmd(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this once and exit.")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: plain continuation.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One-shot: print one JSON object.")] = False,
+    as_json: JsonFlag = False,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", show_default=False)] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.",
                                                       show_default=False)] = None,
@@ -80,16 +82,20 @@ def chat_cmd(
       adapmoe chat ./mixtral-store --memory 12GiB --temperature 0.7
     """
     settings = runtime_settings(
-        config, cache_experts, memory, prefetch, device, policy, plan, adaptive_gate, gate_scale,
+        config, cache_experts=cache_experts, memory=memory, prefetch=prefetch, device=device, policy=policy,
+        plan=plan, adaptive=adaptive_gate, gate_scale=gate_scale,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
     )
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise typer.BadParameter("stdin held no prompt", param_hint="stdin")
+    if as_json and prompt is None:
+        raise typer.BadParameter("answers one prompt as JSON: give --prompt or a prompt on stdin",
+                                 param_hint="--json")
     store = open_store(model)
-    with start_engine(store, settings) as engine:
-        conv = Conversation(engine, load_tokenizer(engine), settings.generation, system=system, raw=raw)
+    with open_engine(store, settings, note=note) as engine:
+        conv = Conversation(engine, load_tokenizer(store), settings.generation, system=system, raw=raw)
         if prompt is not None:
             _one_shot(conv, prompt, as_json)
         else:

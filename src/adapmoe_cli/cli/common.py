@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,14 +21,15 @@ from rich.progress import (
 )
 
 if TYPE_CHECKING:
-    from adapmoe_cli.runtime.engine import Engine
     from adapmoe_cli.settings import Settings
     from adapmoe_cli.store import Store
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+# `--json` is the same flag everywhere: one JSON object on stdout instead of the table (progress and notes
+# go to stderr); `--out FILE` names the file a command writes (its result, plan or profile)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")]
 
 
 @contextlib.contextmanager
@@ -58,6 +60,11 @@ MemoryOpt = Annotated[
     str | None, typer.Option("--memory", "-m", help="Memory for expert slots, e.g. 6GiB (instead of -c).",
                              show_default=False),
 ]
+BudgetOpt = Annotated[
+    str | None, typer.Option("--budget", "-b", help="Expert slots (32), memory for them (6GiB) or a share of all "
+                             "experts (50%); default: the config's cache.budget (half the experts).",
+                             show_default=False),
+]
 PrefetchOpt = Annotated[
     bool | None, typer.Option("--prefetch/--no-prefetch", help="Prefetch the next layer's predicted experts.",
                               show_default=False),
@@ -73,37 +80,62 @@ AdaptiveOpt = Annotated[bool | None, typer.Option("--adaptive-gate/--no-adaptive
 GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adaptive-gate scale c (thresholds from "
                                                     "the profile), overriding the plan's.", show_default=False)]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.", show_default=False)]
+RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
+                                             "weighted (docs/gating.md).", show_default=False)]
+
+
+def QualityBudgetOpt(help: str) -> typer.models.OptionInfo:  # noqa: N802 (used like the aliases above)
+    return typer.Option("--quality-budget", "-q", help=help, show_default=False)
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], None], out: Path | None = None,
+         plot: Path | None = None, draw: Callable[[Any, Path], None] | None = None) -> None:
+    """The one way a command hands back its result: one JSON object on stdout (`--json`) or the table,
+    the same JSON in `--out FILE`, and a chart in `--plot FILE`; what was written is said on stderr."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+        err_console.print(f"wrote {out}")
+    if plot is not None and draw is not None:
+        draw(result, plot)
+        err_console.print(f"wrote {plot}")
+
+
+def note(text: str) -> None:
+    """Where the library's notes (which plan, which gate, what was skipped) go: one line on stderr."""
+    err_console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
 def open_store(model: str | None) -> Store:
     """Resolve MODEL (sharding or downloading on first use, with a progress bar)."""
-    from adapmoe_cli.models import open_model
+    from adapmoe_cli.model_arg import open_model
 
     with byte_progress("preparing the store") as progress:
         return open_model(model, progress=progress)
 
 
-def runtime_settings(config: Path | None, cache_experts: int | None, memory: str | None,
-                     prefetch: bool | None, device: str | None, policy: str | None = None,
-                     plan: str | None = None, adaptive: bool | None = None, gate_scale: float | None = None,
-                     **generation: object) -> Settings:
+def runtime_settings(config: Path | None, *, cache_experts: int | None = None, memory: str | None = None,
+                     budget: str | None = None, prefetch: bool | None = None, device: str | None = None,
+                     policy: str | None = None, plan: str | None = None, adaptive: bool | None = None,
+                     gate_scale: float | None = None, rule: str | None = None, **generation: object) -> Settings:
+    """Settings from the config file and the flags given (None: not given)."""
+    from adapmoe_cli.budget import BudgetRequest
+    from adapmoe_cli.errors import UsageError
     from adapmoe_cli.settings import load_settings
 
+    given = [(f, v) for f, v in (("--cache-experts", cache_experts), ("--memory", memory), ("--budget", budget))
+             if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"give the expert budget once: {given[0][0]} or {given[1][0]}, not both")
+    request = (BudgetRequest(slots=cache_experts) if cache_experts is not None else
+               BudgetRequest.of_size(memory) if memory is not None else
+               BudgetRequest.parse(budget) if budget is not None else None)
     overrides: dict[str, object] = {
-        "cache.experts": cache_experts, "cache.memory": memory, "cache.policy": policy,
-        "prefetch": prefetch, "device": device, "plan": plan, "gate.adaptive": adaptive,
-        "gate.scale": gate_scale,
+        "cache.budget": request, "cache.policy": policy, "prefetch": prefetch, "device": device, "plan": plan,
+        "gate.adaptive": adaptive, "gate.scale": gate_scale, "gate.rule": rule,
     }
     overrides.update({f"generation.{k}": v for k, v in generation.items()})
     return load_settings(config, overrides)
-
-
-def start_engine(store: Store, settings: Settings) -> Engine:
-    """The engine with the budget and gate `planning.resolve` picks; its notes go to stderr."""
-    from adapmoe_cli.planning.resolve import resolve
-    from adapmoe_cli.runtime.engine import Engine
-
-    choices = resolve(store, settings)
-    for note in choices.notes:
-        err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    return Engine(store, settings, budget=choices.budget, gate=choices.gate)

@@ -1,8 +1,7 @@
-"""`adapmoe plan-cache [MODEL] --budget (N | SIZE)`: adaptive-gate thresholds and slots per layer."""
+"""`adapmoe plan-cache [MODEL] [--budget (N | SIZE | SHARE)]`: adaptive-gate thresholds and slots per layer."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -10,21 +9,26 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from adapmoe_cli.budget import total_slots
 from adapmoe_cli.cli.common import (
+    BudgetOpt,
     ConfigOpt,
     DeviceOpt,
+    JsonFlag,
     ModelArg,
     PolicyOpt,
     PrefetchOpt,
+    QualityBudgetOpt,
+    RuleOpt,
     console,
     err_console,
     open_store,
     runtime_settings,
 )
-from adapmoe_cli.models import default_text
-from adapmoe_cli.planning.gate_rules import RULES
-from adapmoe_cli.planning.run import PlanRequest, gate_perplexity, make_plan, parse_budget, parse_fraction
-from adapmoe_cli.units import format_bytes
+from adapmoe_cli.planning.plan_file import Plan
+from adapmoe_cli.planning.planner import PlanRequest, make_plan
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS
+from adapmoe_cli.units import format_bytes, parse_fraction
 
 
 def register(app: typer.Typer) -> None:
@@ -33,22 +37,23 @@ def register(app: typer.Typer) -> None:
 
 def plan_cmd(
     model: ModelArg = None,
-    budget: Annotated[str, typer.Option("--budget", "-b", help="Expert slots (e.g. 32) or memory (e.g. 6GiB).")] = "",
-    quality_budget: Annotated[str, typer.Option("--quality-budget", "-q",
-                                                help="Allowed perplexity increase for the gate, e.g. 1%.")] = "1%",
+    budget: BudgetOpt = None,
+    quality_budget: Annotated[str, QualityBudgetOpt("Allowed perplexity increase for the gate, e.g. 1% "
+                                                     "(default 1%).")] = "1%",
     gate_scale: Annotated[float | None, typer.Option("--gate-scale", help="Set the gate scale c directly.",
                                                      show_default=False)] = None,
     adaptive_gate: Annotated[bool, typer.Option("--adaptive-gate/--no-adaptive-gate",
                                                 help="Plan with the adaptive gate (default) or plain top-k.")] = True,
-    rule: Annotated[str, typer.Option("--rule", help=f"Threshold rule: {' | '.join(RULES)}.")] = "auto",
+    rule: RuleOpt = None,
     text: Annotated[Path | None, typer.Option("--text", help="Calibration text for the quality search "
                                               "(default: the embedded calibration split).", show_default=False)] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.")
+                      ] = CALIBRATION_TOKENS,
     profile: Annotated[Path | None, typer.Option("--profile", help="Profile file (default: STORE/profile.json).",
                                                  show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Plan file (default: STORE/plan.json).",
+    out: Annotated[Path | None, typer.Option("--out", help="Plan file to write (default: STORE/plan.json).",
                                              show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    as_json: JsonFlag = False,
     prefetch: PrefetchOpt = None,
     policy: PolicyOpt = None,
     device: DeviceOpt = None,
@@ -60,30 +65,21 @@ def plan_cmd(
 
       adapmoe plan-cache ./mixtral-store --budget 24GiB --quality-budget 0.5% --json
     """
-    if not budget:
-        raise typer.BadParameter("give a budget in slots or bytes, e.g. --budget 32 or --budget 6GiB",
-                                 param_hint="--budget")
-    settings = runtime_settings(config, None, None, prefetch, device, policy)
+    settings = runtime_settings(config, budget=budget, prefetch=prefetch, device=device, policy=policy, rule=rule)
     store = open_store(model)
-    slots = parse_budget(budget, store)
+    slots, _ = total_slots(settings.cache.budget, store.cache_shape)
     mode = "off" if not adaptive_gate else ("scale" if gate_scale is not None else "quality")
-    req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=rule, scale=gate_scale, profile=profile, out=out,
-                      quality_budget=parse_fraction(quality_budget) if mode == "quality" else 0.01)
-    with contextlib.ExitStack() as stack:
-        perplexity = None
-        if mode == "quality":
-            calib = text or default_text("calibration")
-            perplexity = stack.enter_context(gate_perplexity(store, settings, calib, tokens))
-            err_console.print(f"[dim]searching the gate scale on {tokens} calibration tokens of {calib.name} …[/]")
-        path, data = make_plan(store, settings, req, perplexity)
-    from adapmoe_cli.planning.plan_file import Plan
-
-    plan = Plan(path, data)
+    req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=settings.gate.rule, scale=gate_scale, profile=profile,
+                      out=out, quality_budget=parse_fraction(quality_budget) if mode == "quality" else 0.01,
+                      calibration=text, calibration_tokens=tokens)
+    if mode == "quality":
+        err_console.print(f"[dim]searching the gate scale on {tokens} calibration tokens …[/]")
+    plan = Plan(*make_plan(store, settings, req))
     if as_json:
         print(json.dumps(plan.public(), indent=2))
         return
-    render(data, store.expert_stride)
-    console.print(f"wrote {path}")
+    render(plan.data, store.slot_bytes)
+    console.print(f"wrote {plan.path}")
 
 
 def render(data: dict, stride: int) -> None:

@@ -20,9 +20,9 @@ from adapmoe_cli.cli.common import (
     open_store,
     runtime_settings,
 )
-from adapmoe_cli.models import default_text
+from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.profiling.profile_file import read_profile
-from adapmoe_cli.profiling.run import ProfileRequest, profile
+from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +53,7 @@ def profile_cmd(
     """
     if tokens < 2:
         raise typer.BadParameter("must be at least 2", param_hint="--tokens")
-    settings = runtime_settings(config, cache_experts, memory, None, device)
+    settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device)
     calib = text or default_text("calibration")
     label = str(text) if text else "embedded calibration split (Python documentation)"
     req = ProfileRequest(
@@ -65,7 +65,7 @@ def profile_cmd(
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("profile", total=None)
-        path = profile(store, settings, req, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        path = make_profile(store, settings, req, progress=lambda d, t: bar.update(task, completed=d, total=t))
     prof = read_profile(path)
     render(prof.data)
     console.print(f"wrote {path}")

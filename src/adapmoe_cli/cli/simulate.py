@@ -4,15 +4,17 @@ floor) beside them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from adapmoe_cli.cli.common import ConfigOpt, console, err_console
-from adapmoe_cli.simulate.run import DEFAULT_POLICIES, POLICIES, SimRequest, parse_budget, parse_policies, simulate
+from adapmoe_cli.budget import BudgetRequest, total_slots
+from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, console, emit, err_console
+from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
+from adapmoe_cli.simulate.simulator import SimRequest, simulate
+from adapmoe_cli.simulate.traces import SHIPPED
 from adapmoe_cli.units import format_bytes
 
 
@@ -23,21 +25,22 @@ def register(app: typer.Typer) -> None:
 
 def simulate_cmd(
     target: Annotated[str, typer.Argument(metavar="TRACE_OR_MODEL", help="A store / checkpoint / hub id with a "
-                                          "profile, a profile.json, a *.trace.safetensors, or an h39s text file.")],
+                                          "profile, a profile.json, a *.trace.safetensors, an h39s text file, or a "
+                                          f"trace shipped with adapmoe ({', '.join(SHIPPED)}).")],
     hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware (this-machine, "
                                           "laptop-nvme, rtx4090-pcie4, a6000-pcie4, apple-m2-max) or a YAML file."
                                           )] = "this-machine",
-    budget: Annotated[str, typer.Option("--budget", "-b", help="Expert slots (e.g. 64) or memory (e.g. 6GiB) of "
-                                        "the target model; default: half the experts.", show_default=False)] = "",
+    budget: BudgetOpt = None,
     model_config: Annotated[str | None, typer.Option("--model-config", help="Project onto a published model "
                                                      "(mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b) or a YAML file.",
                                                      show_default=False)] = None,
     bits: Annotated[float | None, typer.Option("--bits", help="Expert quantisation of the --model-config (2, 4, 16).",
                                                show_default=False)] = None,
     policies: Annotated[str, typer.Option("--policies", help=f"Comma-separated, from: {', '.join(POLICIES)} "
-                                          "(belady and oracle are always added).")] = ",".join(DEFAULT_POLICIES),
-    json_out: Annotated[str | None, typer.Option("--json", help="Write the results as JSON to FILE ('-': stdout).",
-                                                 show_default=False)] = None,
+                                          f"({' and '.join(LIMITS)} are always added).")] = ",".join(SIMULATE_DEFAULT),
+    as_json: JsonFlag = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
+                                             show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also simulate budgets from 10% to 100% of the experts.")
                      ] = False,
@@ -53,15 +56,14 @@ def simulate_cmd(
 ) -> None:
     """Examples:
 
-      adapmoe simulate ../shared/data/traces/mixtral-8x7b-instruct-h39s/active_experts.txt --trace-format h39s
-      --model-config mixtral-8x7b --bits 4 --hardware rtx4090-pcie4 --budget 64 --plot mixtral.png
+      adapmoe simulate mixtral-8x7b-instruct-h39s --bits 4 --hardware rtx4090-pcie4 --budget 64 --plot mixtral.png
 
       adapmoe simulate ./my-store --calibrate --budget 12 --json sim.json
     """
     from adapmoe_cli.simulate.hardware import load_hardware
-    from adapmoe_cli.simulate.sources import resolve
+    from adapmoe_cli.simulate.inputs import resolve
 
-    names = parse_policies(policies)
+    names = parse_policies(policies, limits=True)
     if calibrate:
         _calibrate(target, trace_format, config)
         if not _has_trace(target, trace_format):
@@ -70,24 +72,14 @@ def simulate_cmd(
             return
     src = resolve(target, trace_format, model_config, bits, plan, gate_scale, rule)
     hw = load_hardware(hardware)
-    slots = parse_budget(budget, src.model) if budget else src.model.total_experts // 2
+    slots, _ = total_slots(BudgetRequest.parse(budget) if budget else BudgetRequest(), src.model.cache_shape)
     req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep)
     with err_console.status("simulating") as status:
         result = simulate(src.trace, hw, src.model, req, progress=lambda n: status.update(f"simulating {n}"))
     result["notes"] = [*src.notes, *result["notes"]]
     if hw.calibrated is False:
         result["notes"].append("hardware this-machine is the uncalibrated template: run with --calibrate on a store")
-    if json_out == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        render(result)
-        if json_out:
-            Path(json_out).write_text(json.dumps(result, indent=2))
-            console.print(f"wrote {json_out}")
-    if plot:
-        draw(result, plot)
-        if json_out != "-":
-            console.print(f"wrote {plot}")
+    emit(result, as_json, render, out, plot, draw)
 
 
 def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
@@ -99,7 +91,7 @@ def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
                                  param_hint="--calibrate")
     store = open_store(target)
     with err_console.status("calibrating") as status:
-        hw, path = run_calibration(store, runtime_settings(config, None, None, None, None),
+        hw, path = run_calibration(store, runtime_settings(config),
                                    progress=lambda m: status.update(f"calibrating: {m}"))
     m = hw.measured
     err_console.print(f"wrote {path}: disk {m['disk_bytes_per_s'] / 1e9:.2f} GB/s, one load {m['load_s'] * 1e3:.2f} ms "
@@ -109,7 +101,7 @@ def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
 
 
 def _has_trace(target: str, trace_format: str) -> bool:
-    from adapmoe_cli.models import open_model
+    from adapmoe_cli.model_arg import open_model
     from adapmoe_cli.profiling.profile_file import default_path
 
     return trace_format != "adapmoe" or Path(target).is_file() or default_path(open_model(target)).exists()
@@ -122,7 +114,7 @@ def _f(x: float | None, fmt: str) -> str:
 def render(r: dict[str, Any]) -> None:
     m, hw = r["model"], r["hardware"]
     t = Table(title=f"adapmoe simulate · {m['name']} on {hw['name']} · {r['budget_slots']}/{r['total_experts']} "
-                    f"expert slots ({format_bytes(r['budget_slots'] * m['expert_bytes'])}) · "
+                    f"expert slots ({format_bytes(r['budget_slots'] * m['slot_bytes'])}) · "
                     f"{r['trace']['decode_tokens']} decode tokens")
     for c in ("policy", "decode tok/s", "stall ms/tok", "hit rate", "hits", "prefetch hits", "misses",
               "experts/tok", "read/tok"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapmoe_cli.planning.replay import Routing, replay
+from adapmoe_cli.planning.replay import Routing, replay_misses
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetc
     curves = [[0.0] * num_experts for _ in range(L)]
     tokens = sum(routing.rows)
     for s in range(1, num_experts + 1):
-        res = replay(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch)
+        misses = replay_misses(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch)
         for i in range(L):
-            curves[i][s - 1] = res.misses_per_layer[i] / tokens
+            curves[i][s - 1] = misses[i] / tokens
     uses = [sum(len(step[i]) for step in routing.needed) / tokens for i in range(L)]
     return CostCurves(list(routing.layers), curves, uses)

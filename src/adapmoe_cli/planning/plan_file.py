@@ -23,6 +23,11 @@ def default_path(store: Store) -> Path:
     return store.path / DEFAULT_NAME
 
 
+def bench_path(store: Store, slots: int, gated: bool) -> Path:
+    """Where `bench` keeps the plans it makes for its policies (never the store's own plan.json)."""
+    return store.path / "bench" / f"plan-{slots}-{'gated' if gated else 'topk'}.json"
+
+
 @dataclass(frozen=True)
 class Plan:
     path: Path | None

@@ -1,7 +1,8 @@
-"""Replays a routing trace through the runtime's own `ExpertManager`, `ExpertCache` and eviction policy,
-with an instant loader (no I/O, no threads): the counts of hits, misses and prefetch hits are those the
-runtime would count for the same routing, budget and gate. Steps group trace rows processed in one
-forward (one row per decode step; a prompt's rows together)."""
+"""Replays a routing trace through the runtime's own `ExpertManager`, `ExpertCache` and eviction policy —
+the one replay loop, shared by the planner (instant loader: no I/O, no threads, no clock) and the
+simulator (simulated loader and clock, through `ReplayHooks`): the counts of hits, misses and prefetch
+hits are those the runtime would count for the same routing, budget and gate. Steps group trace rows
+processed in one forward (one row per decode step; a prompt's rows together)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
 from adapmoe_cli.runtime.loader import InstantLoader
 from adapmoe_cli.runtime.manager import ExpertManager
-from adapmoe_cli.runtime.stats import Stats
 
 
 @dataclass(frozen=True)
@@ -62,36 +62,57 @@ def prepare(trace: Trace, gate: GatePolicy, steps: list[int] | None = None) -> R
     return Routing(needed, acts, predicted, rows, list(trace.layers))
 
 
-@dataclass
-class ReplayResult:
-    stats: Stats
-    misses_per_layer: list[int]
-    steps: int
-    tokens: int
+class ReplayHooks:
+    """What a replay does around the manager's calls, at each point where the runtime computes something.
+    The planner's does nothing; the simulator's advances its clock (simulate/simulator.py)."""
+
+    def layer(self, step: int, i: int) -> None:
+        """Layer i starts: its dense part (attention, router)."""
+
+    def predict(self, step: int, i: int) -> None:
+        """Layer i's experts are about to be prefetched (layer i's router on layer i-1's input)."""
+
+    def experts(self, step: int, i: int) -> None:
+        """Layer i's experts are about to be made resident and computed."""
+
+    def compute(self, expert: int, views: object) -> None:
+        """One needed expert, resident now, is computed."""
+
+    def step_end(self, step: int) -> None:
+        """The step's forward pass ends (the output head); its tokens are counted."""
 
 
-def replay(routing: Routing, quotas: dict[int, int], policy: str = "lru", prefetch: bool = True,
-           stride: int = 0) -> ReplayResult:
-    """Run the routing through a fresh manager with the given per-layer slot quotas."""
-    cache = ExpertCache(quotas, stride=0, policy=policy)
-    manager = ExpertManager(cache, InstantLoader(stride))
-    stats = manager.stats
-    layers = routing.layers
+def replay(routing: Routing, manager: ExpertManager, prefetch: bool = True, hooks: ReplayHooks | None = None
+           ) -> list[int]:
+    """Run `routing` through `manager` as the MoE blocks would: per step and layer, prefetch the next
+    layer's prediction, then the layer's needed experts. Counts go to `manager.stats` (the manager counts
+    as it does in the runtime); returns the demand loads (misses) of each layer."""
+    hooks = hooks or ReplayHooks()
+    stats, layers = manager.stats, routing.layers
     misses = [0] * len(layers)
-
-    def noop(expert: int, views: object) -> None:
-        pass
-
     for step, need_row in enumerate(routing.needed):
         n = routing.rows[step]
         for i, layer in enumerate(layers):
+            hooks.layer(step, i)
             nxt = routing.predicted[step][i + 1] if i + 1 < len(layers) else None
             if prefetch and nxt is not None:
+                hooks.predict(step, i + 1)
                 manager.prefetch(layers[i + 1], nxt)
-            stats.layer_tokens += n
-            stats.expert_activations += routing.activations[step][i]
+            hooks.experts(step, i)
             before = stats.misses
-            manager.run_layer(layer, list(need_row[i]), noop)
+            manager.run_layer(layer, list(need_row[i]), hooks.compute, tokens=n,
+                              activations=routing.activations[step][i])
             misses[i] += stats.misses - before
         stats.tokens += n
-    return ReplayResult(stats, misses, len(routing.needed), sum(routing.rows))
+        hooks.step_end(step)
+    return misses
+
+
+def replay_misses(routing: Routing, quotas: dict[int, int], policy: str = "lru", prefetch: bool = True
+                  ) -> list[int]:
+    """Demand loads per layer of `routing` through a fresh manager with an instant loader and these slots."""
+    manager = ExpertManager(ExpertCache(quotas, stride=0, policy=policy), InstantLoader(0))
+    try:
+        return replay(routing, manager, prefetch)
+    finally:
+        manager.close()

@@ -1,17 +1,21 @@
-"""Turns settings and what the store holds (plan, profile) into the runtime's two decisions: slots per
-layer (`Budget`) and the adaptive gate (`GatePolicy`), with a note saying where each came from."""
+"""Turns settings and what the store holds (plan, profile) into the runtime's two decisions — slots per
+layer (`Budget`) and the adaptive gate (`GatePolicy`) — with notes saying where each came from, and
+opens the engine with them (`open_engine`: what chat, eval and serve start from)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapmoe_cli import budget as budgets
+from adapmoe_cli.budget import Budget
 from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.plan_file import Plan, default_path, read_plan
 from adapmoe_cli.profiling.profile_file import default_path as default_profile
 from adapmoe_cli.profiling.profile_file import read_profile
-from adapmoe_cli.runtime.engine import Budget, plan_budget
+from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
@@ -26,8 +30,12 @@ class RuntimeChoices:
 
 
 def resolve(store: Store, settings: Settings) -> RuntimeChoices:
+    """The settings' budget, split by the plan (`--plan FILE`, or the store's plan.json when it was made
+    for that budget; with no explicit budget, the plan's own), and the gate (plan, `--gate-scale`, off)."""
     notes: list[str] = []
-    explicit = plan_budget(store, settings).total if settings.explicit_budget else None
+    shape = store.cache_shape
+    budget = budgets.resolve(settings.cache.budget, shape)
+    explicit = budget.total if settings.cache.budget.explicit else None
     plan = None
     if settings.plan not in ("auto", "none"):
         plan = read_plan(Path(settings.plan), store, explicit)
@@ -36,15 +44,22 @@ def resolve(store: Store, settings: Settings) -> RuntimeChoices:
             plan = read_plan(default_path(store), store, explicit)
         except ProfileError as e:
             notes.append(f"not using the store's plan: {e}")
+    gate = GatePolicy.off()
     if plan is not None:
-        budget = Budget(plan.quotas, f"plan {plan.path}")
+        budget = budgets.planned(shape, plan.quotas, f"plan {plan.path}")
         gate = plan.gate
-    else:
-        budget = plan_budget(store, settings)
-        gate = GatePolicy.off()
     if settings.gate.scale is not None:
         prof = read_profile(default_profile(store), store)
         gate = gate_rules.gate(settings.gate.rule, settings.gate.scale, prof.layers)
     if not settings.gate.adaptive:
         gate = GatePolicy.off()
     return RuntimeChoices(budget, gate, plan, tuple(notes))
+
+
+def open_engine(store: Store, settings: Settings, note: Callable[[str], None] | None = None) -> Engine:
+    """The engine with the budget and gate `resolve` picks; `note` hears where they came from."""
+    choices = resolve(store, settings)
+    for text in choices.notes:
+        if note is not None:
+            note(text)
+    return Engine(store, settings, choices.budget, gate=choices.gate)

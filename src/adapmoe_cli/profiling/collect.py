@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.evaluation import evaluate
+from adapmoe_cli.perplexity import evaluate
 from adapmoe_cli.profiling.record import NextLayerPredictor
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.engine import Engine
@@ -163,9 +162,3 @@ def drop_losses(engine: Engine, tokens: list[int], window: int, progress: Progre
     finally:
         engine.use_gate(saved)
 
-
-def describe_method(method: str) -> dict[str, Any]:
-    return {
-        "gradient": {"method": "gradient", "estimate": "F_l = mean ||dL/dy_l||^2 over calibration tokens"},
-        "forward": {"method": "forward", "estimate": "F_l = measured loss increase of top-1-only / mean w2^2"},
-    }[method]

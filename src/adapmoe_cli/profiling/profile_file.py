@@ -67,10 +67,6 @@ class Profile:
     def layers(self) -> list[dict[str, Any]]:
         return self.data["layers"]
 
-    @property
-    def sensitivities(self) -> list[float]:
-        return [float(x["sensitivity"]) for x in self.layers]
-
     def trace(self) -> Trace:
         from safetensors.torch import load_file
 

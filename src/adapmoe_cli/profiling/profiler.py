@@ -1,5 +1,6 @@
-"""`profile()`: the library function behind `adapmoe profile`: picks the text, the method and the
-budget, collects, computes the statistics, optionally validates on held-out text, writes the file."""
+"""`make_profile()`: the library function behind `adapmoe profile`: picks the text, the method and the
+budget, collects, computes the statistics, optionally validates on held-out text, writes the file.
+`ensure_profile()`: the same with defaults, for commands that need a profile the store lacks."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.evaluation import read_text_tokens
+from adapmoe_cli.perplexity import read_text_tokens
 from adapmoe_cli.profiling.collect import collect, drop_losses
 from adapmoe_cli.profiling.profile_file import default_path, model_identity, write_profile
 from adapmoe_cli.profiling.trace import layer_stats, spearman
-from adapmoe_cli.runtime.cache import even_quotas
-from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
 
@@ -26,29 +27,28 @@ Progress = Callable[[int, int], None]
 class ProfileRequest:
     text: Path
     text_label: str
-    tokens: int
+    tokens: int  # calibration tokens to use …
     window: int
     method: str = "auto"  # auto | gradient | forward
+    min_tokens: int | None = None  # … or as many as the text holds, if at least this many (None: all of them)
     validate_text: Path | None = None
     validate_label: str = ""
     out: Path | None = None
 
 
-def profile(store: Store, settings: Settings, req: ProfileRequest, progress: Progress | None = None) -> Path:
+def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress: Progress | None = None) -> Path:
     shape = store.shape
-    all_slots = len(store.experts)
     method = req.method
     if method == "auto":
-        method = "gradient" if _fits(store, all_slots) else "forward"
-    if method == "gradient":
-        budget = Budget(even_quotas(shape.moe_layers, all_slots, shape.num_experts), "all experts (gradient method)")
-    else:
-        budget = None  # the user's budget
+        method = "gradient" if budgets.fits(store.cache_shape, store.dense_bytes) else "forward"
+    # the gradient method needs every expert resident; the forward method runs in the user's budget
+    budget = (budgets.all_experts(store.cache_shape) if method == "gradient"
+              else budgets.resolve(settings.cache.budget, store.cache_shape))
     if req.window < 2:
         raise UsageError("--window must be at least 2 tokens")
-    with Engine(store, settings, budget=budget) as engine:
-        tok = load_tokenizer(engine)
-        ids = read_text_tokens(tok, req.text, min_tokens=req.tokens, max_tokens=req.tokens)
+    with Engine(store, settings, budget) as engine:
+        tok = load_tokenizer(store)
+        ids = read_text_tokens(tok, req.text, min_tokens=req.min_tokens or req.tokens, max_tokens=req.tokens)
         trace, sens = collect(engine, ids, req.window, method, progress)
         layers = layer_stats(trace, shape.num_experts)
         for i, entry in enumerate(layers):
@@ -77,7 +77,11 @@ def profile(store: Store, settings: Settings, req: ProfileRequest, progress: Pro
     return write_profile(req.out or default_path(store), data, trace)
 
 
-def _fits(store: Store, slots: int) -> bool:
-    import psutil
 
-    return slots * store.expert_stride + store.dense_bytes < 0.5 * psutil.virtual_memory().available
+def ensure_profile(store: Store, settings: Settings, text: Path, label: str, progress: Progress | None = None
+                   ) -> Path | None:
+    """Profile the store with `text` (up to 8192 tokens, windows of 256) if it has no profile yet; the
+    path written, or None when there was one."""
+    if default_path(store).exists():
+        return None
+    return make_profile(store, settings, ProfileRequest(text, label, 8192, 256, min_tokens=256), progress)

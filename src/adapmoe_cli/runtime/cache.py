@@ -9,7 +9,7 @@ import mmap
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from adapmoe_cli.runtime.policy import EvictionPolicy, make_policy
+from adapmoe_cli.runtime.eviction import EvictionPolicy, make_policy
 
 FREE, LOADING, READY = 0, 1, 2
 
@@ -108,9 +108,3 @@ class ExpertCache:
                 pass  # a tensor view still exists; the mapping goes with the last reference
         self.buffers.clear()
 
-
-def even_quotas(layers: Collection[int], total_slots: int, num_experts: int) -> dict[int, int]:
-    """Split `total_slots` as evenly as possible (earlier layers get the remainder), ≤ num_experts each."""
-    layers = sorted(layers)
-    base, extra = divmod(total_slots, len(layers))
-    return {layer: min(num_experts, base + (1 if i < extra else 0)) for i, layer in enumerate(layers)}

@@ -1,17 +1,17 @@
 """The engine: builds transformers' model for a store's config with no expert weights (meta device),
 loads the dense weights, swaps every sparse-MoE block for `OffloadedMoE`, and owns the cache, loader
-and statistics behind them. Generation lives in `generate.py`; the engine knows nothing of text."""
+and statistics behind them. It is given its `Budget` (budget.py) and gate; it decides neither.
+Generation lives in `generate.py`; the engine knows nothing of text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 
+from adapmoe_cli.budget import Budget, check_fits
 from adapmoe_cli.errors import StoreError, UsageError
-from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
@@ -21,19 +21,6 @@ from adapmoe_cli.settings import Settings
 from adapmoe_cli.skeleton import empty_model
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, expert_views
-from adapmoe_cli.units import format_bytes
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Expert slots per MoE layer. `source` says how the total was chosen (for messages)."""
-
-    quotas: dict[int, int]
-    source: str
-
-    @property
-    def total(self) -> int:
-        return sum(self.quotas.values())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,48 +33,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan_budget(store: Store, settings: Settings) -> Budget:
-    """Turn the cache settings into per-layer slot counts (an even split), validating the range."""
-    shape = store.shape
-    n_layers, n_exp = len(shape.moe_layers), shape.num_experts
-    total_experts = n_layers * n_exp
-    c = settings.cache
-    if c.experts is not None:
-        total, source = c.experts, f"--cache-experts {c.experts}"
-    elif c.memory is not None:
-        total = c.memory // store.expert_stride
-        source = f"--memory {format_bytes(c.memory)} = {total} slots of {format_bytes(store.expert_stride)}"
-    else:
-        total = max(n_layers, round(c.fraction * total_experts))
-        source = f"{c.fraction:.0%} of the experts"
-    if total < n_layers:
-        raise UsageError(
-            f"a budget of {total} expert slots is below one per MoE layer ({n_layers} layers, "
-            f"{format_bytes(store.expert_stride)} each); raise --cache-experts/--memory to at least "
-            f"{n_layers} slots ({format_bytes(n_layers * store.expert_stride)})"
-        )
-    if total > total_experts:
-        raise UsageError(
-            f"a budget of {total} expert slots is larger than the model ({total_experts} experts); "
-            f"use at most --cache-experts {total_experts}"
-        )
-    return Budget(even_quotas(shape.moe_layers, total, n_exp), source)
-
-
-def check_memory(store: Store, budget: Budget) -> None:
-    need = budget.total * store.expert_stride + store.dense_bytes
-    avail = psutil.virtual_memory().available
-    if need > avail:
-        raise UsageError(
-            f"the expert cache ({budget.total} slots) and dense weights need {format_bytes(need)} but only "
-            f"{format_bytes(avail)} of memory is available; lower --cache-experts or --memory"
-        )
-
-
 class Engine:
     """A ready-to-run offloaded model. Use as a context manager or call `close()`."""
 
-    def __init__(self, store: Store, settings: Settings, budget: Budget | None = None, verify: bool = True,
+    def __init__(self, store: Store, settings: Settings, budget: Budget, verify: bool = True,
                  gate: GatePolicy | None = None):
         from adapmoe_cli.store.verify import ensure_verified
 
@@ -96,14 +45,15 @@ class Engine:
         self.device = resolve_device(settings.device)
         if verify:
             ensure_verified(store)
-        self.budget = budget or plan_budget(store, settings)
-        check_memory(store, self.budget)
+        assert budget.slot_bytes == store.slot_bytes, "a budget made for another store"
+        self.budget = budget
+        check_fits(budget, store.dense_bytes)
         self.stats = Stats()
         self.gate = gate or GatePolicy.off()
         self.observers = Observers()
         layout = next(iter(store.experts.values()))
         self.cache = ExpertCache(
-            self.budget.quotas, store.expert_stride, policy=settings.cache.policy,
+            self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
             make_views=lambda buf: expert_views(buf, layout),
         )
         self.manager = ExpertManager(self.cache, Loader(ExpertReader(store)), self.stats)
@@ -141,10 +91,6 @@ class Engine:
     def use_gate(self, gate: GatePolicy) -> None:
         """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""
         self.gate = gate
-
-    @property
-    def blocks(self) -> list[OffloadedMoE]:
-        return [self.store.family.moe_block(self.model, layer) for layer in self.store.shape.moe_layers]
 
     def close(self) -> None:
         self.manager.close()

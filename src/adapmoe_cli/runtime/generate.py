@@ -1,7 +1,7 @@
-"""Generation in three layers over transformers' model and KV cache:
-`generate_step` (a generator of token ids) → `stream_generate` (yields `Response`s with the text delta,
-the token and the counted statistics of that token) → `generate` (collects one answer).
-`chat`, `bench` and `eval` consume the same stream. Knows nothing of terminals."""
+"""Generation in layers over transformers' model and KV cache: `generate_step` (a generator of token ids)
+→ `stream_generate` (yields `Response`s with the text delta, the token and the counted statistics of
+that token). `chat` consumes the stream; timed runs (`measure.py`) step the model directly. Knows
+nothing of terminals."""
 
 from __future__ import annotations
 
@@ -157,7 +157,3 @@ def eos_ids(engine: Engine, tokenizer: Any) -> set[int]:
         ids.add(tokenizer.eos_token_id)
     return ids
 
-
-def generate(engine: Engine, tokenizer: Any, input_ids: list[int], gen: GenerationSettings) -> Response:
-    responses = list(stream_generate(engine, tokenizer, input_ids, new_kv_cache(engine), gen))
-    return responses[-1]

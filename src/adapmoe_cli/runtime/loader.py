@@ -1,7 +1,9 @@
-"""The background I/O worker. The compute thread submits (layer, expert, buffer) requests; one worker
-thread reads them with the store reader, demand loads ahead of prefetches, FIFO within each class.
-Requests for the same (layer, expert) are de-duplicated; a queued prefetch can be promoted to demand
-or cancelled before its read starts. The worker touches no cache state: it only fills buffers."""
+"""Loaders: what `ExpertManager` asks to bring experts in (`ExpertLoader`), and two of them — `Loader`,
+the runtime's background I/O worker, and `InstantLoader`, the planner's (every read done at once, nothing
+read); the simulator's `SimLoader` (simulate/timing.py) is the third. All order requests with one
+`RequestQueue`: demand loads ahead of prefetches ahead of demoted prefetches, FIFO within each class,
+one outstanding request per (layer, expert), promotion and cancellation before a read starts.
+The worker touches no cache state: it only fills buffers."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from adapmoe_cli.store.reader import ExpertReader
 
@@ -97,7 +99,25 @@ class RequestQueue:
         return req
 
 
+class ExpertLoader(Protocol):
+    """What the manager needs of a loader. `wait` returns the seconds the compute thread stalled."""
+
+    def submit(self, layer: int, expert: int, buffer: Any, priority: int) -> LoadRequest: ...
+
+    def promote(self, req: LoadRequest) -> None: ...
+
+    def demote(self, req: LoadRequest) -> None: ...
+
+    def cancel(self, req: LoadRequest) -> bool: ...
+
+    def wait(self, req: LoadRequest) -> float: ...
+
+    def close(self) -> None: ...
+
+
 class Loader:
+    """The runtime's loader: one worker thread reads queued requests with the store reader."""
+
     def __init__(self, reader: ExpertReader):
         self.reader = reader
         self._queue = RequestQueue()
@@ -168,8 +188,8 @@ class Loader:
 
 
 class InstantLoader:
-    """The loader of the trace simulator: every request is complete when submitted and nothing is read
-    (`nbytes` is the slot size). With it, `ExpertManager` replays a trace without a store or threads."""
+    """The planner's loader: every request is complete when submitted and nothing is read (`nbytes` is the
+    slot size). With it, `ExpertManager` replays a trace without a store, threads or a clock."""
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes

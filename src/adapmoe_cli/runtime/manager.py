@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from adapmoe_cli.runtime.cache import ExpertCache
-from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, Loader, LoadRequest
+from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, ExpertLoader, LoadRequest
 from adapmoe_cli.runtime.stats import Stats
 
 ORIGIN_RESIDENT, ORIGIN_PREFETCH, ORIGIN_DEMAND = "resident", "prefetch", "demand"
 
 
 class ExpertManager:
-    def __init__(self, cache: ExpertCache, loader: Loader, stats: Stats | None = None):
+    def __init__(self, cache: ExpertCache, loader: ExpertLoader, stats: Stats | None = None):
         self.cache = cache
         self.loader = loader
         self.stats = stats or Stats()
@@ -93,8 +93,12 @@ class ExpertManager:
             self.stats.prefetches_issued += 1
 
     # -- one layer ---------------------------------------------------------------------------------
-    def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, Any], None]) -> None:
-        """Make each expert in `needed` (ascending) resident in turn and call `compute(expert, views)`."""
+    def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, Any], None], tokens: int = 0,
+                  activations: int = 0) -> None:
+        """Make each expert in `needed` (ascending) resident in turn and call `compute(expert, views)`.
+        `tokens` went through the layer and `activations` (token, expert) pairs are computed (counted)."""
+        self.stats.layer_tokens += tokens
+        self.stats.expert_activations += activations
         self._settle()
         for fn in self.on_layer:
             fn(layer, needed)

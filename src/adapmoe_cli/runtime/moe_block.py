@@ -83,9 +83,6 @@ class OffloadedMoE(nn.Module):
             self.manager.prefetch(self.next_layer, self.predict_next(x))
         out = torch.zeros_like(x)
         needed = sorted(set(gated_ids[keep].tolist()))
-        stats = self.manager.stats
-        stats.layer_tokens += x.shape[0]
-        stats.expert_activations += int(keep.sum())
         record = self.observers.expert_outputs and bool(self.observers.callbacks)
         expert_out = x.new_zeros((x.shape[0], self.top_k, h)) if record else None
 
@@ -98,7 +95,7 @@ class OffloadedMoE(nn.Module):
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
 
-        self.manager.run_layer(self.layer, needed, compute)
+        self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=int(keep.sum()))
         if self.observers.callbacks:
             rec = LayerRecord(self.layer, x, weights, ids, keep, out, expert_out)
             for fn in self.observers.callbacks:

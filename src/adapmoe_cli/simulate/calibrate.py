@@ -20,9 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapmoe_cli.settings import Settings
+from adapmoe_cli import budget as budgets
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.measure import timed_decode
+from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.simulate.hardware import THIS_MACHINE, Hardware, write_calibrated
-from adapmoe_cli.simulate.models import from_store
+from adapmoe_cli.simulate.model_spec import from_store
 from adapmoe_cli.store import Store
 
 Progress = Callable[[str], None]
@@ -61,37 +64,29 @@ class DecodeTimes:
 
 
 def _fits(store: Store) -> bool:
-    import psutil
+    return budgets.fits(store.cache_shape, store.dense_bytes)
 
-    return len(store.experts) * store.expert_stride + store.dense_bytes <= 0.5 * psutil.virtual_memory().available
+
+def _resident_engine(store: Store, settings: Settings) -> Engine:
+    """An engine with every expert loaded, prefetch as `settings` says."""
+    eng = Engine(store, settings, budgets.all_experts(store.cache_shape), verify=False)
+    for layer in store.shape.moe_layers:
+        eng.manager.preload(layer, range(store.shape.num_experts))
+    return eng
 
 
 def _decode(store: Store, settings: Settings, policy: str | None, tokens: int) -> tuple[float, float, int]:
     """(seconds per token, stall seconds per token, loads) of the engine decoding `tokens` tokens after a
     warm-up token: every expert resident when `policy` is None, else top-k slots per layer under `policy`."""
-    from adapmoe_cli.runtime.cache import even_quotas
-    from adapmoe_cli.runtime.engine import Budget, Engine
-    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-    from adapmoe_cli.settings import GenerationSettings, replace
-
-    shape = store.shape
     if policy is None:
-        budget = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
+        eng = _resident_engine(store, settings)
     else:
-        budget = Budget({layer: shape.top_k for layer in shape.moe_layers}, "top-k per layer")
-        settings = replace(settings, cache=replace(settings.cache, policy=policy, experts=None, memory=None))
-    gen = GenerationSettings(max_new_tokens=tokens + 2, temperature=0.0, repetition_penalty=1.0)
-    with Engine(store, settings, budget=budget, verify=False) as eng:
-        if policy is None:
-            for layer in shape.moe_layers:
-                eng.manager.preload(layer, range(shape.num_experts))
-        for n, _ in enumerate(generate_step(eng, [1, 2, 3, 4], new_kv_cache(eng), gen)):
-            if n == 1:  # after the prefill and one warm-up token
-                t0, before = time.perf_counter(), eng.stats.copy()
-            if n == tokens + 1:
-                d = eng.stats.delta(before)
-                return (time.perf_counter() - t0) / tokens, d.stall_s / tokens, d.misses
-    raise AssertionError("generation stopped early")
+        settings = replace(settings, cache=replace(settings.cache, policy=policy))
+        eng = Engine(store, settings, budgets.per_layer(store.cache_shape, store.shape.top_k, "top-k per layer"),
+                     verify=False)
+    with eng:
+        run = timed_decode(eng, [1, 2, 3, 4], tokens, warmup=1)
+    return run.decode_s / tokens, run.stats.stall_s / tokens, run.stats.misses
 
 
 def decode_times(store: Store, settings: Settings, tokens: int = 48, rounds: int = 3,
@@ -100,12 +95,10 @@ def decode_times(store: Store, settings: Settings, tokens: int = 48, rounds: int
     policy (`bench`'s naive), alternately, `rounds` times each, prefetch off; keep each end's fastest
     round (the least disturbed by the rest of the machine). The on-demand decode reads about
     `max_demand_bytes` per round at most (at least 2 tokens), so large models calibrate in seconds."""
-    from adapmoe_cli.settings import replace
-
     shape = store.shape
     plain = replace(settings, prefetch=False)
     fits = _fits(store)
-    per_token = len(shape.moe_layers) * shape.top_k * store.expert_stride
+    per_token = len(shape.moe_layers) * shape.top_k * store.slot_bytes
     demand_tokens = max(2, min(tokens, max_demand_bytes // per_token))
     resident, demand = [], []
     for _ in range(rounds):
@@ -132,7 +125,7 @@ def expert_compute_s(store: Store) -> float:
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 
     entry = next(iter(store.experts.values()))
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store) as reader:
         reader.read_into(entry.layer, entry.expert, buf)
     w = expert_views(buf, entry)
@@ -150,8 +143,6 @@ def predict_overhead_s(store: Store, settings: Settings, tokens: int = 32, round
     """What prefetching adds per layer before any load: the block's next-layer prediction and the
     manager's prefetch call, measured in place as the median of paired differences between decodes with
     every expert resident, prefetch on and off (so nothing is ever loaded). 0 when the store does not fit."""
-    from adapmoe_cli.settings import replace
-
     shape = store.shape
     if len(shape.moe_layers) < 2 or not _fits(store):
         return 0.0
@@ -168,7 +159,7 @@ def _read_beside(store: Store, keys: list[tuple[int, int]], gap_s: float, stop: 
     from adapmoe_cli.runtime.loader import DEMAND, Loader
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
 
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     loader = Loader(ExpertReader(store))
     try:
         while not stop.is_set():
@@ -185,18 +176,13 @@ def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
     its CPU have gone idle while the engine's threads computed): the difference of the medians of single
     loads through the runtime's loader, back to back and after each token of a decode with every expert
     resident. 0 when the store does not fit."""
-    from adapmoe_cli.runtime.cache import even_quotas
-    from adapmoe_cli.runtime.engine import Budget, Engine
-    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
     from adapmoe_cli.runtime.loader import DEMAND, Loader
-    from adapmoe_cli.settings import GenerationSettings, replace
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
 
     if not _fits(store):
         return 0.0
-    shape = store.shape
     keys = sorted(store.experts)
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     loader = Loader(ExpertReader(store))
 
     def load(i: int) -> float:
@@ -204,20 +190,12 @@ def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
         loader.wait(loader.submit(*keys[(i * 7919) % len(keys)], buf, DEMAND))
         return time.perf_counter() - t0
 
-    full = Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts")
-    gen = GenerationSettings(max_new_tokens=loads + 2, temperature=0.0, repetition_penalty=1.0)
     try:
         load(0)  # the thread is up, the files are open
         back_to_back = [load(i) for i in range(loads)]
         after_compute: list[float] = []
-        with Engine(store, replace(settings, prefetch=False), budget=full, verify=False) as eng:
-            for layer in shape.moe_layers:
-                eng.manager.preload(layer, range(shape.num_experts))
-            for n, _ in enumerate(generate_step(eng, [1, 2, 3, 4], new_kv_cache(eng), gen)):
-                if n >= 1:
-                    after_compute.append(load(n))
-                if len(after_compute) == loads:
-                    break
+        with _resident_engine(store, replace(settings, prefetch=False)) as eng:
+            timed_decode(eng, [1, 2, 3, 4], loads, after_step=lambda n: after_compute.append(load(n)))
     finally:
         loader.close()
         buf.close()
@@ -230,8 +208,6 @@ def interference_s(store: Store, settings: Settings, tokens: int = 48, rounds: i
     while a second loader reads one expert every `gap_s` (prefetch-like spacing), paired and interleaved;
     the median over rounds of the slowdown per read. 0 when the store does not fit."""
     import threading
-
-    from adapmoe_cli.settings import replace
 
     if not _fits(store):
         return 0.0
@@ -279,12 +255,12 @@ def measured_hardware(store: Store, settings: Settings, disk: float, direct: boo
         dense_s = model.dense_bytes_per_layer / mem
     # a load as the runtime waits for it = latency + bytes / bandwidth; a load faster than the sequential
     # measurement (disk noise) lowers the bandwidth's share rather than making the latency negative
-    link = max(disk, model.expert_bytes / times.load_s)
-    latency = max(0.0, times.load_s - model.expert_bytes / disk)
+    link = max(disk, model.slot_bytes / times.load_s)
+    latency = max(0.0, times.load_s - model.slot_bytes / disk)
     return Hardware(
         name=THIS_MACHINE, description=f"measured on {store.path.name} ({store.dtype_name})",
         link_bandwidth=link, link_latency_s=latency, memory_bandwidth=mem, channels=1,
-        expert_overhead_s=max(0.0, expert_s - model.expert_bytes / mem),
+        expert_overhead_s=max(0.0, expert_s - model.slot_bytes / mem),
         layer_overhead_s=max(0.0, dense_s - model.dense_bytes_per_layer / mem),
         load_overhead_s=times.load_overhead_s or 0.0, predict_overhead_s=predict_s, interference_s=interfere_s,
         link_wakeup_s=wakeup_s,
@@ -293,7 +269,7 @@ def measured_hardware(store: Store, settings: Settings, disk: float, direct: boo
                  "after each token of a decode",),
         calibrated=True,
         measured={"store": str(store.path.resolve()), "o_direct": direct, "disk_bytes_per_s": disk,
-                  "load_s": times.load_s, "memory_bytes_per_s": mem, "expert_bytes": model.expert_bytes,
+                  "load_s": times.load_s, "memory_bytes_per_s": mem, "slot_bytes": model.slot_bytes,
                   "expert_compute_s": expert_s, "predict_s": predict_s, "interference_s": interfere_s,
                   "link_wakeup_s": wakeup_s,
                   "decode_token_s_all_resident": times.resident_token_s,

@@ -21,17 +21,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from adapmoe_cli.bench import POLICIES as BENCH_POLICIES
-from adapmoe_cli.bench import Setup, run_once
+from adapmoe_cli import budget as budgets
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.record import RoutingRecorder
-from adapmoe_cli.runtime.cache import even_quotas
-from adapmoe_cli.runtime.engine import Budget, Engine
+from adapmoe_cli.runtime.engine import Engine
+from adapmoe_cli.runtime.measure import Setup, run_setup
 from adapmoe_cli.settings import replace
 from adapmoe_cli.simulate.calibrate import DecodeTimes, measured_hardware
-from adapmoe_cli.simulate.models import from_store
-from adapmoe_cli.simulate.run import drive
+from adapmoe_cli.simulate.model_spec import from_store
+from adapmoe_cli.simulate.simulator import drive
 from adapmoe_cli.simulate.traces import SimTrace, from_trace
 from adapmoe_cli.store import Store
 
@@ -41,18 +40,18 @@ TOLERANCE = 0.15  # simulated decode tok/s within 15 % of the measured (fastest 
 
 
 def record(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> SimTrace:
-    """The routing `bench.run_once` sees for these prompts under `setup`'s gate: one step per forward
+    """The routing `measure.run_setup` sees for these prompts under `setup`'s gate: one step per forward
     pass, each prompt's pass marked untimed."""
     shape = store.shape
-    resident = Setup(Budget(even_quotas(shape.moe_layers, len(store.experts), shape.num_experts), "all experts"),
-                     setup.gate, replace(setup.settings, prefetch=False), BENCH_POLICIES["resident"])
+    resident = Setup(budgets.all_experts(store.cache_shape), setup.gate, replace(setup.settings, prefetch=False),
+                     preload=True)
     recorders: list[RoutingRecorder] = []
 
     def observe(engine: Engine) -> RoutingRecorder:
         recorders.append(RoutingRecorder(engine))
         return recorders[-1]
 
-    run_once(store, resident, prompts, tokens, observe=observe)
+    run_setup(store, resident, prompts, tokens, observe=observe)
     tr, steps = recorders[0].trace()
     per_prompt = tokens + 1  # the prompt pass, then `tokens` decode steps
     if len(set(steps)) != per_prompt * len(prompts):
@@ -98,9 +97,8 @@ def simulate_bench(store: Store, plan: dict[str, Setup], prompts: list[list[int]
         st = traces[key]
         say(f"simulating {name}")
         routing = prepare(st.trace, setup.gate, st.steps)
-        spec = setup.spec
-        run = drive(routing, dict(setup.budget.quotas), hw, model, spec.eviction, prefetch=spec.prefetch,
-                    preload=spec.preload, untimed=st.prompt_steps)
+        run = drive(routing, dict(setup.budget.quotas), hw, model, setup.settings.cache.policy,
+                    prefetch=setup.settings.prefetch, preload=setup.preload, untimed=st.prompt_steps)
         m = measured["policies"][name]
         tps = run.tokens / run.decode_s if run.decode_s else 0.0
         counts, best = m["counts"], _fastest(m)

@@ -11,8 +11,8 @@ from adapmoe_cli.errors import ProfileError, UsageError
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.simulate.models import ModelSpec, from_store, load_model
-from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s
+from adapmoe_cli.simulate.model_spec import ModelSpec, from_store, load_model
+from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s, shipped_trace
 from adapmoe_cli.store import Store, is_store
 
 H39S_DEFAULT_MODEL = "mixtral-8x7b"  # the h39s/mlsys trace was recorded on Mixtral-8x7B-Instruct
@@ -68,6 +68,9 @@ def _gate(store: Store | None, profile_layers: list[dict] | None, plan: Path | N
 
 def resolve(target: str, trace_format: str = "adapmoe", model_config: str | None = None, bits: float | None = None,
             plan: Path | None = None, gate_scale: float | None = None, rule: str = "paper") -> Sources:
+    shipped = shipped_trace(target)
+    if shipped is not None:  # a trace that ships with adapmoe, by name
+        target, trace_format = str(shipped), "h39s"
     if trace_format not in FORMATS:
         raise UsageError(f"unknown trace format {trace_format!r}: choose one of {', '.join(FORMATS)}")
     if bits is not None and model_config is None and trace_format != "h39s":
@@ -115,7 +118,7 @@ def _adapmoe_trace(target: str) -> tuple[SimTrace, Store | None, list[dict] | No
         prof = read_profile(path, store)
         n = store.shape.num_experts if store else int(prof.data["model"]["num_experts"])
         return from_trace(prof.trace(), n, str(path)), store, prof.layers
-    from adapmoe_cli.models import open_model
+    from adapmoe_cli.model_arg import open_model
 
     store = open_model(target)
     pp = default_path(store)

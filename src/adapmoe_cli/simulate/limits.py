@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 
 from adapmoe_cli.planning.replay import Routing
-from adapmoe_cli.runtime.policy import EvictionPolicy
+from adapmoe_cli.runtime.eviction import EvictionPolicy
 
 NEVER = float("inf")
 
@@ -71,6 +71,6 @@ def oracle_routing(routing: Routing) -> Routing:
     return replace(routing, predicted=predicted)
 
 
-def io_floor_s(misses: int, tokens: int, expert_bytes: int, link_bandwidth: float) -> float:
+def io_floor_s(misses: int, tokens: int, slot_bytes: int, link_bandwidth: float) -> float:
     """Transfer seconds per token of the loads a perfect demand cache cannot avoid (no latency, all channels)."""
-    return misses * expert_bytes / link_bandwidth / tokens if tokens else 0.0
+    return misses * slot_bytes / link_bandwidth / tokens if tokens else 0.0

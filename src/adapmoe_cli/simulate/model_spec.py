@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.store import Store
 
@@ -24,7 +25,7 @@ class ModelSpec:
     num_layers: int  # MoE layers
     num_experts: int
     top_k: int
-    expert_bytes: int  # one expert as cached and transferred
+    slot_bytes: int  # one expert as a cache slot holds it and a transfer moves it (with its quantisation)
     dense_bytes_per_layer: int  # attention, norms, router: read once per token per layer
     head_bytes: int  # output head, read once per token
     bits: float | None = None  # expert quantisation; None: the store's own dtype
@@ -32,12 +33,17 @@ class ModelSpec:
     sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if min(self.num_layers, self.num_experts, self.top_k, self.expert_bytes) < 1:
+        if min(self.num_layers, self.num_experts, self.top_k, self.slot_bytes) < 1:
             raise UsageError(f"model {self.name!r}: layers, experts, top-k and expert bytes must be positive")
 
     @property
     def total_experts(self) -> int:
         return self.num_layers * self.num_experts
+
+    @property
+    def cache_shape(self) -> CacheShape:
+        """What an expert budget is measured against (`budget.py`); layers are numbered 0 … L-1."""
+        return CacheShape(tuple(range(self.num_layers)), self.num_experts, self.top_k, self.slot_bytes)
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -53,7 +59,7 @@ def known() -> list[str]:
     return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
 
 
-def expert_bytes(hidden: int, intermediate: int, bits: float, group_size: int = 64, parts: int = 3) -> int:
+def quantized_expert_bytes(hidden: int, intermediate: int, bits: float, group_size: int = 64, parts: int = 3) -> int:
     """Gate, up and down projections of one SwiGLU expert; below 16 bits, plus a scale and zero per group."""
     params = parts * hidden * intermediate
     scales = 0 if bits >= 16 else (params // group_size) * SCALE_BYTES
@@ -75,7 +81,7 @@ def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") ->
         return ModelSpec(
             name=str(d["name"]) + ("" if b == 16 else f"@{b:g}bit"), num_layers=int(d["num_layers"]),
             num_experts=n_exp, top_k=int(d["top_k"]),
-            expert_bytes=expert_bytes(h, inter, b, int(d.get("group_size", 64))),
+            slot_bytes=quantized_expert_bytes(h, inter, b, int(d.get("group_size", 64))),
             dense_bytes_per_layer=dense, head_bytes=int(int(d["vocab_size"]) * h * dense_bits / 8), bits=b,
             source=path or str(d["name"]), sources=tuple(str(s) for s in d.get("sources", ())),
         )
@@ -111,6 +117,6 @@ def from_store(store: Store) -> ModelSpec:
     per_layer = max(0, store.dense_bytes - vocab_h * (1 if tied else 2)) // shape.num_layers
     return ModelSpec(
         name=f"{store.family.model_type} store ({store.path.name})", num_layers=len(shape.moe_layers),
-        num_experts=shape.num_experts, top_k=shape.top_k, expert_bytes=store.expert_stride,
+        num_experts=shape.num_experts, top_k=shape.top_k, slot_bytes=store.slot_bytes,
         dense_bytes_per_layer=per_layer, head_bytes=vocab_h, bits=None, source=str(store.path),
     )

@@ -1,78 +1,30 @@
 """`simulate()`: the library function behind `adapmoe simulate`. Gates the trace with
-`planning.replay.prepare`, drives the runtime's `ExpertManager` (same cache, eviction policies, prefetch
-accounting) exactly as `planning.replay.replay` does, but with the simulated loader and clock of
-`timing`, for each named policy of `bench.POLICIES` plus the limits `belady` and `oracle`. Returns plain
-numbers; rendering is the CLI's."""
+`planning.replay.prepare` and replays it with `planning.replay.replay` — the runtime's `ExpertManager`
+(same cache, eviction policies, prefetch accounting) — with the simulated loader and clock of `timing`,
+for each named policy of the registry (`policies.py`), the limits `belady` and `oracle` included.
+Returns plain numbers; rendering is the CLI's."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from adapmoe_cli.bench import POLICIES as BENCH_POLICIES
+from adapmoe_cli import budget as budgets
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.allocate import allocate
 from adapmoe_cli.planning.costs import cost_curves
-from adapmoe_cli.planning.replay import Routing, prepare
-from adapmoe_cli.runtime.cache import ExpertCache, even_quotas
+from adapmoe_cli.planning.replay import ReplayHooks, Routing, prepare, replay
+from adapmoe_cli.policies import POLICIES, policy_budget
+from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.limits import Belady, io_floor_s, layer_futures, oracle_routing
-from adapmoe_cli.simulate.models import ModelSpec
+from adapmoe_cli.simulate.model_spec import ModelSpec
 from adapmoe_cli.simulate.timing import Clock, ComputeTimes, SimLoader
 from adapmoe_cli.simulate.traces import SimTrace
-from adapmoe_cli.units import parse_size
-
-
-@dataclass(frozen=True)
-class SimPolicy:
-    name: str
-    description: str
-    slots: str = "budget"  # budget | topk | all
-    split: str = "even"  # even | plan
-    eviction: str = "lru"  # lru | lfu | none | belady
-    prefetch: str = "none"  # none | trace | oracle
-    gate: bool = False
-    preload: bool = False
-
-
-def _from_bench() -> dict[str, SimPolicy]:
-    out = {n: SimPolicy(n, p.description, p.slots, p.split, p.eviction, "trace" if p.prefetch else "none",
-                        p.gate, p.preload) for n, p in BENCH_POLICIES.items()}
-    out["belady"] = SimPolicy("belady", "limit: Belady's optimal eviction (knows the future), even split, no "
-                              "prefetch", eviction="belady")
-    out["oracle"] = SimPolicy("oracle", "limit: LRU, even split, prefetch of exactly the next layer's experts",
-                              prefetch="oracle")
-    return out
-
-
-POLICIES: dict[str, SimPolicy] = _from_bench()
-LIMITS = ("belady", "oracle")
-DEFAULT_POLICIES = ("naive", "lru", "lru+prefetch", "planned", "adapmoe", "resident")
-SWEEP_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
-
-
-def parse_policies(text: str) -> list[str]:
-    """The bench's names plus the limits; the limits are always added."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(POLICIES)}")
-    return names + [n for n in LIMITS if n not in names]
-
-
-def parse_budget(text: str, model: ModelSpec) -> int:
-    """`64` → 64 slots; `24GiB` → as many of the model's experts as fit."""
-    t = str(text).strip()
-    slots = int(t) if t.isdigit() else parse_size(t) // model.expert_bytes
-    if slots < model.num_layers:
-        raise UsageError(f"a budget of {slots} slots is below one per MoE layer ({model.num_layers}); raise --budget")
-    if slots > model.total_experts:
-        raise UsageError(f"a budget of {slots} slots is larger than the model ({model.total_experts} experts)")
-    return slots
 
 
 @dataclass
@@ -93,53 +45,65 @@ class PolicyRun:
     tokens: int
 
 
+class _Timed(ReplayHooks):
+    """Advances the simulated clock where the runtime computes, tells Belady where the replay stands, and
+    adds up the counts and time of the steps not in `untimed`."""
+
+    def __init__(self, loader: SimLoader, times: ComputeTimes, stats: Stats, layers: list[int],
+                 belady: dict[int, Belady], untimed: frozenset[int]):
+        self.loader, self.times, self.stats, self.layers = loader, times, stats, layers
+        self.belady, self.untimed = belady, untimed
+        self.counted, self.elapsed, self.transfers, self.tokens = Stats(), 0.0, 0, 0
+        self._mark()
+
+    def _mark(self) -> None:
+        self.before, self.t0, self.n0 = self.stats.copy(), self.loader.clock.now, self.loader.transfers
+
+    def layer(self, step: int, i: int) -> None:
+        self.loader.compute(self.times.dense_layer_s)  # attention and router of this layer
+
+    def predict(self, step: int, i: int) -> None:
+        self.loader.compute(self.times.predict_s)  # layer i's router on layer i-1's input
+        if self.belady:
+            self.belady[self.layers[i]].now = step
+
+    def experts(self, step: int, i: int) -> None:
+        if self.belady:
+            self.belady[self.layers[i]].now = step + 1  # this call's experts are kept; what is ahead counts
+
+    def compute(self, expert: int, views: object) -> None:
+        self.loader.compute(self.times.expert_s)
+
+    def step_end(self, step: int) -> None:
+        self.loader.compute(self.times.head_s)
+        if step not in self.untimed:
+            delta = self.stats.delta(self.before)
+            self.counted.add(delta)
+            self.elapsed += self.loader.clock.now - self.t0
+            self.transfers += self.loader.transfers - self.n0
+            self.tokens += delta.tokens
+        self._mark()
+
+
 def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSpec, eviction: str = "lru",
           prefetch: bool = False, preload: bool = False, untimed: frozenset[int] = frozenset()) -> PolicyRun:
     """Replay `routing` through a fresh manager on the simulated clock. Numbers and time count the steps
     not in `untimed` (prompt passes), as the bench counts decode steps only."""
-    clock = Clock()
-    loader = SimLoader(hw, model.expert_bytes, clock)
+    loader = SimLoader(hw, model.slot_bytes, Clock())
     cache = ExpertCache(quotas, stride=0, policy="lru" if eviction == "belady" else eviction)
     belady: dict[int, Belady] = {}
     if eviction == "belady":
         for layer, future in zip(routing.layers, layer_futures(routing), strict=True):
             belady[layer] = cache.policies[layer] = Belady(future)
     manager = ExpertManager(cache, loader)
-    stats, times, layers = manager.stats, ComputeTimes.of(hw, model), routing.layers
     if preload:
-        for layer in layers:
+        for layer in routing.layers:
             manager.preload(layer, range(model.num_experts))
-
-    def compute(expert: int, views: object) -> None:
-        loader.compute(times.expert_s)
-
-    counted, elapsed, transfers, tokens = Stats(), 0.0, 0, 0
-    for step, need_row in enumerate(routing.needed):
-        before, t0, n0 = stats.copy(), clock.now, loader.transfers
-        n = routing.rows[step]
-        for i, layer in enumerate(layers):
-            loader.compute(times.dense_layer_s)  # attention and router of this layer
-            nxt = routing.predicted[step][i + 1] if i + 1 < len(layers) else None
-            if prefetch and nxt is not None:
-                loader.compute(times.predict_s)  # the next layer's router on this layer's input
-                if belady:
-                    belady[layers[i + 1]].now = step
-                manager.prefetch(layers[i + 1], nxt)
-            stats.layer_tokens += n
-            stats.expert_activations += routing.activations[step][i]
-            if belady:
-                belady[layer].now = step + 1  # this call's experts are kept; what is ahead counts
-            manager.run_layer(layer, list(need_row[i]), compute)
-        loader.compute(times.head_s)
-        stats.tokens += n
-        if step not in untimed:
-            counted.add(stats.delta(before))
-            elapsed += clock.now - t0
-            transfers += loader.transfers - n0
-            tokens += n
-    d = counted
+    timed = _Timed(loader, ComputeTimes.of(hw, model), manager.stats, routing.layers, belady, untimed)
+    replay(routing, manager, prefetch, timed)
+    d = timed.counted
     run = PolicyRun(d.hits, d.misses, d.prefetch_hits, d.prefetches_issued, d.wasted_prefetches, d.expert_uses,
-                    d.expert_activations, d.layer_tokens, transfers, d.stall_s, elapsed, tokens)
+                    d.expert_activations, d.layer_tokens, timed.transfers, d.stall_s, timed.elapsed, timed.tokens)
     loader.flush()
     manager.close()
     return run
@@ -155,7 +119,7 @@ def _entry(run: PolicyRun, model: ModelSpec, quotas: dict[int, int], desc: str) 
         "hit_rate": (run.hits + run.prefetch_hits) / run.expert_uses if run.expert_uses else 0.0,
         "experts_per_token": run.expert_activations / run.layer_tokens if run.layer_tokens else 0.0,
         "prefetches_issued": run.prefetches_issued, "wasted_prefetches": run.wasted_prefetches,
-        "bytes_read_per_token": run.transfers * model.expert_bytes / tok,
+        "bytes_read_per_token": run.transfers * model.slot_bytes / tok,
         "slots": sum(quotas.values()), "slots_per_layer": [quotas[k] for k in sorted(quotas)],
         "description": desc,
     }
@@ -172,8 +136,9 @@ class SimRequest:
 class _Planner:
     """Gated routings and DP slot plans, computed once per gate and reused across budgets."""
 
-    def __init__(self, st: SimTrace, gate: GatePolicy, num_experts: int):
-        self.st, self.num_experts = st, num_experts
+    def __init__(self, st: SimTrace, gate: GatePolicy, model: ModelSpec):
+        self.st, self.num_experts = st, model.num_experts
+        self.shape = replace(model.cache_shape, layers=tuple(st.trace.layers))
         self.routing = {False: prepare(st.trace, GatePolicy.off(), st.steps)}
         self.routing[True] = (prepare(st.trace, gate, st.steps) if gate.thresholds and st.has_weights
                               else self.routing[False])
@@ -187,25 +152,17 @@ class _Planner:
         return dict(zip(self.routing[gated].layers, slots, strict=True))
 
 
-def _run_policy(name: str, planner: _Planner, budget: int, hw: Hardware, model: ModelSpec) -> dict[str, Any]:
+def _run_policy(name: str, planner: _Planner, total: int, hw: Hardware, model: ModelSpec) -> dict[str, Any]:
     spec, st = POLICIES[name], planner.st
-    layers = st.trace.layers
     routing = planner.routing[spec.gate]
-    if spec.slots == "all":
-        quotas = {layer: model.num_experts for layer in layers}
-    elif spec.slots == "topk":
-        quotas = {layer: min(model.top_k, model.num_experts) for layer in layers}
-    elif spec.split == "plan":
-        quotas = planner.quotas(spec.gate, budget)
-    else:
-        quotas = even_quotas(layers, budget, model.num_experts)
+    quotas = dict(policy_budget(spec, planner.shape, total, lambda gated: planner.quotas(gated, total)).quotas)
     if spec.prefetch == "oracle":
         routing = oracle_routing(routing)
-    run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetch != "none", preload=spec.preload,
+    run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetches, preload=spec.preload,
                 untimed=st.prompt_steps)
     entry = _entry(run, model, quotas, spec.description)
     if name == "belady":
-        floor = io_floor_s(run.misses, run.tokens, model.expert_bytes, hw.link_bandwidth)
+        floor = io_floor_s(run.misses, run.tokens, model.slot_bytes, hw.link_bandwidth)
         entry["io_floor_s_per_token"] = floor
         entry["io_floor_tokens_per_s"] = 1 / floor if floor else None
     return entry
@@ -224,11 +181,11 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
             notes.append("adapmoe: the trace has no routing weights, so its gate falls back to plain top-k")
         elif not gate.thresholds:
             notes.append("adapmoe: no plan or --gate-scale gave thresholds: the adaptive gate is off (plain top-k)")
-    if not st.has_predictions and any(POLICIES[n].prefetch == "trace" for n in req.policies):
-        names = "/".join(n for n in req.policies if POLICIES[n].prefetch == "trace")
+    if not st.has_predictions and any(POLICIES[n].prefetch == "predicted" for n in req.policies):
+        names = "/".join(n for n in req.policies if POLICIES[n].prefetch == "predicted")
         notes.append(f"{names}: the trace holds no next-layer predictions, so they prefetch nothing "
                      "(`oracle` shows what exact prediction would give)")
-    planner = _Planner(st, gate, model.num_experts)
+    planner = _Planner(st, gate, model)
     times = ComputeTimes.of(hw, model)
     out: dict[str, Any] = {
         "hardware": hw.public(),
@@ -239,7 +196,7 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
         "total_experts": model.total_experts,
         "gate": {"rule": gate.rule, "scale": gate.scale, "applied": bool(gate.thresholds and st.has_weights)},
         "compute": {"dense_layer_s": times.dense_layer_s, "expert_s": times.expert_s, "head_s": times.head_s,
-                    "transfer_s": hw.transfer_s(model.expert_bytes)},
+                    "transfer_s": hw.transfer_s(model.slot_bytes)},
         "policies": {},
         "notes": notes,
     }
@@ -270,13 +227,12 @@ def sweep(planner: _Planner, names: list[str], hw: Hardware, model: ModelSpec,
     """Decode tok/s of the budget-dependent policies at 10%…100% of the experts."""
     swept = [n for n in names if POLICIES[n].slots == "budget"]
     points: list[dict[str, Any]] = []
-    budgets = sorted({max(model.num_layers, round(f * model.total_experts)) for f in SWEEP_FRACTIONS})
-    for budget in budgets:
-        frac = budget / model.total_experts
+    for total in budgets.sweep_totals(planner.shape):
+        frac = total / model.total_experts
         if progress:
             progress(f"sweep {frac:.0%}")
-        res = {n: _run_policy(n, planner, budget, hw, model) for n in swept}
-        points.append({"budget_slots": budget, "fraction": budget / model.total_experts,
+        res = {n: _run_policy(n, planner, total, hw, model) for n in swept}
+        points.append({"budget_slots": total, "fraction": frac,
                        "policies": {n: r["decode_tokens_per_s"] for n, r in res.items()},
                        "stall_s_per_token": {n: r["stall_s_per_token"] for n, r in res.items()}})
     return points

@@ -22,7 +22,7 @@ from typing import Any
 
 from adapmoe_cli.runtime.loader import LoadRequest, RequestQueue
 from adapmoe_cli.simulate.hardware import Hardware
-from adapmoe_cli.simulate.models import ModelSpec
+from adapmoe_cli.simulate.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ComputeTimes:
     def of(hw: Hardware, model: ModelSpec) -> ComputeTimes:
         bw = hw.memory_bandwidth
         return ComputeTimes(dense_layer_s=model.dense_bytes_per_layer / bw + hw.layer_overhead_s,
-                            expert_s=model.expert_bytes / bw + hw.expert_overhead_s,
+                            expert_s=model.slot_bytes / bw + hw.expert_overhead_s,
                             head_s=model.head_bytes / bw, predict_s=hw.predict_overhead_s)
 
     def token_s(self, layers: int, experts_per_token: float) -> float:

@@ -1,11 +1,13 @@
 """Routing traces for the simulator: the project's own (`Trace` of a profile, or recorded from a run),
-the h39s text format (one line per MoE-layer call: the sorted expert ids it used), and the projection of
+the h39s text format (one line per MoE-layer call: the sorted expert ids it used; a real Mixtral-8x7B trace
+of that format ships with the package), and the projection of
 a trace onto another model's layer count. A `SimTrace` says what the trace lacks (weights, predictions)
 so that policies needing them can say they fell back. No timing, no policies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -14,6 +16,15 @@ from adapmoe_cli.errors import UsageError
 from adapmoe_cli.profiling.trace import Trace
 
 FORMATS = ("adapmoe", "h39s")
+#: traces shipped in the package (adapmoe_cli/traces/NAME/, each with its README and licence): name → file
+SHIPPED = {"mixtral-8x7b-instruct-h39s": "active_experts.txt"}
+
+
+def shipped_trace(name: str) -> Path | None:
+    """The file of a trace shipped with adapmoe (all in the h39s format), or None for another name."""
+    if name not in SHIPPED:
+        return None
+    return Path(str(resources.files("adapmoe_cli").joinpath("traces", name, SHIPPED[name])))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.errors import StoreError
 from adapmoe_cli.families import ModelFamily, MoEShape, get_family
 from adapmoe_cli.versioned import read_versioned
@@ -122,14 +123,21 @@ class Store:
         return TORCH_DTYPE_BY_NAME[self.dtype_name]
 
     @property
-    def expert_bytes(self) -> int:
-        """Payload bytes of one expert (all experts of a family have the same layout)."""
+    def expert_payload_bytes(self) -> int:
+        """The span of one expert's bytes: its parts, each starting 4096-aligned, up to the end of the last
+        one — what the sha256 covers (every expert has the same layout)."""
         return next(iter(self.experts.values())).nbytes
 
-    @property
-    def expert_stride(self) -> int:
-        """Bytes one cache slot holds: the aligned read length."""
+    @cached_property
+    def slot_bytes(self) -> int:
+        """What one cache slot holds and one read moves: the expert's parts, each 4096-aligned."""
         return max(e.length for e in self.experts.values())
+
+    @cached_property
+    def cache_shape(self) -> CacheShape:
+        """What an expert budget is measured against (`budget.py`)."""
+        s = self.shape
+        return CacheShape(tuple(s.moe_layers), s.num_experts, s.top_k, self.slot_bytes)
 
     @property
     def dense_bytes(self) -> int:
@@ -163,7 +171,10 @@ class Store:
             "experts_per_token": s.top_k,
             "hidden_size": s.hidden_size,
             "intermediate_size": s.intermediate_size,
-            "expert_bytes": self.expert_bytes,
+            # one expert's bytes, parts 4096-aligned, to the end of the last (what its sha256 covers) …
+            "expert_payload_bytes": self.expert_payload_bytes,
+            # … and what one cache slot holds and one read moves: that span rounded up to 4096
+            "expert_slot_bytes": self.slot_bytes,
             "experts_total": len(self.experts),
             "dense_bytes": self.dense_bytes,
             "total_bytes": self.total_bytes,

@@ -58,6 +58,12 @@ class ExpertReader:
             self._fds[file] = fd
         return fd
 
+    def direct_io_works(self) -> bool:
+        """Whether the store's file system lets this reader bypass the page cache with O_DIRECT (it opens
+        an expert file to find out; `direct` alone says only what was asked for)."""
+        self._fd(next(iter(self.store.experts.values())).file)
+        return self.direct
+
     def read_into(self, layer: int, expert: int, buf: mmap.mmap | memoryview) -> ExpertEntry:
         """Fill `buf[:entry.length]` with the expert's aligned byte range; return its manifest entry."""
         entry = self.store.experts[(layer, expert)]

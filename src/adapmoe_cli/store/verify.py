@@ -85,7 +85,7 @@ def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> 
         elif path.stat().st_size < need:
             rep.problems.append(f"{name} is truncated ({path.stat().st_size} bytes, needs {need})")
             bad_files.add(name)
-    buf = aligned_buffer(store.expert_stride)
+    buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store) as reader:
         for (layer, expert), e in sorted(store.experts.items()):
             if e.file in bad_files:

@@ -1,0 +1,65 @@
+"""`evaluate_model()`: the library function behind `adapmoe eval` — perplexity of a text on the offloading
+runtime (`perplexity.py`), experts per token and each layer's single-expert ratio, with the gate the
+store's plan, `--gate-scale` or a quality-budget search (`planning/quality.py`) gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapmoe_cli.conversation import load_tokenizer
+from adapmoe_cli.model_arg import default_text
+from adapmoe_cli.perplexity import evaluate, read_text_tokens
+from adapmoe_cli.planning.quality import search_scale
+from adapmoe_cli.planning.resolve import open_engine
+from adapmoe_cli.runtime.moe_block import LayerRecord
+from adapmoe_cli.settings import Settings, replace
+from adapmoe_cli.store import Store
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    text: Path | None = None  # default: the embedded model's held-out split
+    tokens: int | None = None  # score at most this many
+    window: int = 256
+    stride: int | None = None  # new tokens per window (default: window / 2)
+    quality_budget: float | None = None  # search the gate scale within this increase first
+    calibration: Path | None = None  # text for that search (default: the embedded calibration split)
+
+
+def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Callable[[str], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The documented `eval --json` object. `note` hears where the budget and gate came from."""
+    say = note or (lambda _msg: None)
+    search = None
+    if req.quality_budget is not None:
+        search = search_scale(store, settings, req.quality_budget, req.calibration or default_text("calibration"))
+        say(f"gate scale {search.scale:.4g}: calibration perplexity {search.increase:+.2%}")
+        settings = replace(settings, gate=replace(settings.gate, scale=search.scale))
+    window = min(req.window, int(store.config.get("max_position_embeddings", req.window)))
+    layers = list(store.shape.moe_layers)
+    single = {layer: 0 for layer in layers}
+    seen = {layer: 0 for layer in layers}
+
+    def count(rec: LayerRecord) -> None:
+        single[rec.layer] += int((rec.keep.sum(-1) == 1).sum())
+        seen[rec.layer] += int(rec.keep.shape[0])
+
+    ids = read_text_tokens(load_tokenizer(store), req.text or default_text("heldout"), min_tokens=2,
+                           max_tokens=req.tokens)
+    with open_engine(store, settings, note=say) as engine:
+        engine.observers.callbacks.append(count)
+        res = evaluate(engine, ids, window, req.stride or max(1, window // 2), progress=progress)
+        gate = engine.gate
+    return {
+        "perplexity": res.perplexity,
+        "loss": res.loss,
+        "tokens": res.tokens,
+        "experts_per_token": res.stats.experts_per_token,
+        "top_k": store.shape.top_k,
+        "single_expert_ratio": {str(layer): single[layer] / seen[layer] if seen[layer] else 0.0 for layer in layers},
+        "gate": {"rule": gate.rule, "scale": gate.scale, "thresholds": {str(k): v for k, v in gate.thresholds.items()}},
+        "window": window,
+    }
