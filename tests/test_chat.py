@@ -34,9 +34,11 @@ def test_one_shot_json(make_store):
     assert set(out) == {"text", "token_ids", "stats"}
     assert 1 <= len(out["token_ids"]) <= 8
     st = out["stats"]
-    for key in ("tokens", "tokens_per_s", "experts_per_token", "hits", "misses", "prefetch_hits", "bytes_read",
-                "stall_s"):
+    for key in ("tokens", "tokens_per_s", "prompt_tokens_per_s", "experts_per_token", "hits", "misses",
+                "prefetch_hits", "bytes_read", "stall_s", "context_used", "context_max", "peak_rss_bytes"):
         assert key in st
+    assert st["context_max"] == TinySpec().max_position_embeddings and 0 < st["context_used"] < st["context_max"]
+    assert st["peak_rss_bytes"] > 50 << 20 and st["prompt_tokens"] > 0
     assert st["tokens"] == len(out["token_ids"])
     assert st["experts_per_token"] == pytest.approx(2.0)
     assert st["misses"] >= 1 and st["bytes_read"] > 0
@@ -52,14 +54,16 @@ def test_prompt_from_stdin_and_raw(make_store):
 @pytest.mark.parametrize("args,needle", [
     (["chat", "no/such/thing/here", "-p", "x"], "is not a store"),
     (["chat", "STORE", "-p", "x", "-c", "1"], "below one per MoE layer"),
-    (["chat", "STORE", "-p", "x", "-c", "99"], "larger than the model"),
+    (["chat", "STORE", "-p", "x", "-c", "0"], "--cache-experts must be at least 1 slot"),
+    (["chat", "STORE", "-p", "x", "--ctx", "1"], "--ctx must be at least 2"),
+    (["chat", "STORE", "-p", "x" * 2000, "-n", "10"], "exceeds the context of 256 tokens"),  # one-shot: refused
     (["chat", "STORE", "-p", "x", "--memory", "six gigs"], "cannot parse size"),
     (["chat", "STORE", "-p", "x", "--device", "tpu"], "unsupported device"),
     (["chat", "STORE", "-p", "x", "--temperature", "-1"], "temperature"),
 ])
 def test_bad_input_is_one_line(make_store, args, needle):
     store = make_store(TinySpec(), dtype=torch.float32)
-    r = _run(*[str(store) if a == "STORE" else a for a in args])
+    r = _run(*[str(store) if a == "STORE" else a for a in args], "--no-auto-profile")  # no profile note: one line
     assert r.returncode != 0
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -86,13 +90,13 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     store = make_store(SLOW, dtype=torch.float32)
     env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
     child = pexpect.spawn(sys.executable, ["-m", "adapmoe_cli", "chat", str(store), "-c", "4", "--no-prefetch",
-                                           "-n", "300"], env=env, encoding="utf-8", timeout=180,
+                                           "-n", "300", "--no-auto-profile"], env=env, encoding="utf-8", timeout=180,
                           dimensions=(40, 200))
     try:
         child.expect("/help for commands")
         child.expect(">>> ")
         child.sendline("What does the json module do?")
-        child.expect(r"\d+ tokens · [\d.]+ tok/s · hit rate \d+% · 2\.00 experts/token")
+        child.expect(r"\d+ tokens · prompt \d+ tok/s · [\d.]+ tok/s · hit rate \d+% · 2\.00 experts/token")
         child.expect(">>> ")
         child.sendline('"""')  # second turn, same conversation, typed as a multi-line block
         for line in ("And what about", "the os module?"):
@@ -100,11 +104,16 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
             child.sendline(line)
         child.expect(r"\.\.\. ")
         child.sendline('"""')
-        child.expect(r"tokens · [\d.]+ tok/s")
+        child.expect(r"tokens · prompt \d+ tok/s · [\d.]+ tok/s")
         child.expect(">>> ")
         child.sendline("/stats")
         child.expect("hit rate")
+        child.expect(">>> ")
+        child.sendline("/show")
         child.expect("prefetch +off")
+        child.expect(">>> ")
+        child.sendline("/help")
+        child.expect("/set NAME VALUE")
         child.expect(">>> ")
         saved = tmp_path / "t.json"
         child.sendline(f"/save {saved}")
@@ -129,3 +138,51 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
     assert msgs[1]["stats"]["tokens"] > 0
     assert msgs[2]["content"] == "And what about\nthe os module?"
+
+
+def test_a_long_session_keeps_going_when_the_context_fills(make_store):
+    """Six turns in a context that holds about three: the oldest turns are dropped (twice or more, said in
+    one line each), errors are one line, /set and /show work, bytes that are not UTF-8 are a turn, not
+    the end of the session."""
+    store = make_store(TinySpec(), dtype=torch.float32)
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
+    args = ["-m", "adapmoe_cli", "chat", str(store), "--ctx", "120", "-n", "24", "--repeat-penalty", "1",
+            "--no-auto-profile"]
+    child = pexpect.spawn(sys.executable, args, env=env, timeout=180, dimensions=(40, 200))
+    dropped = 0
+    try:
+        child.expect(b"ctx 120")
+        child.expect(b">>> ")
+        for i in range(6):
+            child.sendline(f"Question number {i}: what does the json module do?".encode())
+            got = child.expect([rb"context full: dropped the oldest \d+ turn", rb"ctx \d+/120"])
+            if got == 0:
+                dropped += 1
+                child.expect(rb"ctx \d+/120")
+            child.expect(b">>> ")
+        child.sendline(b"/set temperature 0.7")
+        child.expect(b"temperature = 0.7")
+        child.sendline(b"/set temperature -3")  # refused in one line, the session goes on
+        child.expect(b"error:.*temperature")
+        child.sendline(b"/set gate on")  # no plan in this store: said so
+        child.expect(b"no adaptive gate to turn on")
+        child.sendline(b"/set prefetch off")
+        child.expect(b"prefetch off")
+        child.sendline(b"/set system Answer briefly.")
+        child.expect(b"system message set")
+        child.sendline(b"/show")
+        child.expect(rb"prefetch +off")
+        child.expect(rb"temperature 0\.7")
+        child.expect(b"Answer briefly.")
+        child.expect(b">>> ")
+        child.send(b"caf\xe9 \xff\xfe\n")  # Latin-1 and invalid bytes, not UTF-8
+        child.expect(rb"ctx \d+/120")
+        child.expect(b">>> ")
+        child.sendline(b"/bogus")
+        child.expect(b"unknown command /bogus")
+        child.sendline(b"/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert dropped >= 2

@@ -125,7 +125,7 @@ def test_settings_layering(tmp_path: Path):
     s = load_settings()
     assert s.prefetch is True and s.cache.policy == "lru"
     preset = tmp_path / "p.yaml"
-    assert s.cache.budget == BudgetRequest(fraction=0.5)  # configs/default.yaml: half the experts
+    assert s.cache.budget == BudgetRequest() and not s.cache.budget.explicit  # configs/default.yaml: auto
     preset.write_text("cache:\n  budget: 2GiB\nprefetch: false\ngeneration:\n  temperature: 0.5\n")
     s = load_settings(preset)
     assert s.cache.budget == BudgetRequest(bytes=2 * 1024**3) and not s.prefetch and s.generation.temperature == 0.5
@@ -141,12 +141,12 @@ def test_settings_layering(tmp_path: Path):
         load_settings(overrides={"generation.temperature": -1})
 
 
-SHAPE = CacheShape(layers=(0, 1, 2, 3), num_experts=8, top_k=2, slot_bytes=1 << 20)
+SHAPE = CacheShape(layers=(0, 1, 2, 3), num_experts=8, top_k=2, slot_bytes=1 << 20, dense_bytes=5 << 20)
 
 
 @pytest.mark.parametrize(("text", "want"), [
     ("12", BudgetRequest(slots=12)), (" 12 ", BudgetRequest(slots=12)), ("25%", BudgetRequest(fraction=0.25)),
-    ("6MiB", BudgetRequest(bytes=6 << 20)), ("2G", BudgetRequest(bytes=2 << 30)),
+    ("6MiB", BudgetRequest(bytes=6 << 20)), ("2G", BudgetRequest(bytes=2 << 30)), ("auto", BudgetRequest()),
 ])
 def test_budget_words(text: str, want: BudgetRequest):
     assert BudgetRequest.parse(text) == want
@@ -154,7 +154,8 @@ def test_budget_words(text: str, want: BudgetRequest):
 
 @pytest.mark.parametrize(("req", "slots"), [
     (BudgetRequest(slots=12), 12), (BudgetRequest(bytes=(12 << 20) + 5), 12), (BudgetRequest(fraction=0.25), 8),
-    (BudgetRequest(), 16), (BudgetRequest(fraction=0.01), 4),  # a share never gives less than one slot a layer
+    (BudgetRequest(fraction=0.5), 16), (BudgetRequest(fraction=0.01), 4),  # a share never gives less than 1 a layer
+    (BudgetRequest(slots=99), 32), (BudgetRequest(bytes=1 << 30), 32),  # more than the model: capped at it
 ])
 def test_budget_slots_from_each_kind_of_request(req: BudgetRequest, slots: int):
     budget = budgets.resolve(req, SHAPE)
@@ -163,16 +164,29 @@ def test_budget_slots_from_each_kind_of_request(req: BudgetRequest, slots: int):
 
 
 @pytest.mark.parametrize(("req", "message"), [
-    (BudgetRequest(slots=3), "below one per MoE layer"), (BudgetRequest(slots=33), "larger than the model"),
-    (BudgetRequest(bytes=3 << 20), "below one per MoE layer"),
+    (BudgetRequest(slots=3, flag="--cache-experts"), r"below one per MoE layer .* give --cache-experts 4 or more"),
+    (BudgetRequest(bytes=3 << 20, flag="--memory"), r"below one per MoE layer .* give --memory 4.00MiB or more"),
+    (BudgetRequest(slots=3, flag="--budget"), r"give --budget 4 or more"),  # the flag the user typed, always
 ])
 def test_budget_range_is_checked_with_one_message(req: BudgetRequest, message: str):
     with pytest.raises(UsageError, match=message):
         budgets.resolve(req, SHAPE)
 
 
+def test_auto_budget_fills_the_memory_available(monkeypatch: pytest.MonkeyPatch):
+    # 80 % of what is available, less the dense weights, in whole slots; capped at the model
+    monkeypatch.setattr(budgets, "_available", lambda: 20 << 20)  # 16 MiB usable - 5 MiB dense = 11 slots
+    assert budgets.resolve(BudgetRequest(), SHAPE).total == 11
+    monkeypatch.setattr(budgets, "_available", lambda: 1 << 40)
+    big = budgets.resolve(BudgetRequest(), SHAPE)
+    assert big.total == 32 and "every expert" in big.source
+    monkeypatch.setattr(budgets, "_available", lambda: 8 << 20)  # 6.4 MiB: the dense weights and 1 slot
+    with pytest.raises(UsageError, match="only 8.00 MiB of memory is available"):
+        budgets.resolve(BudgetRequest(), SHAPE)
+
+
 @pytest.mark.parametrize(("text", "message"), [
-    ("0.5", "cannot read the budget"), ("lots", "cannot parse size"), ("0%", "above 0%"), ("150%", "at most 100%"),
+    ("0.5", "cannot read cache.budget"), ("lots", "cannot parse size"), ("0%", "above 0%"), ("150%", "at most 100%"),
     ("0", "at least 1 slot"),
 ])
 def test_budget_words_refused(text: str, message: str):

@@ -177,7 +177,7 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
     slots = 9
     req = PlanRequest(budget_slots=slots, gate_mode="scale", rule="paper", scale=0.05)
     path, data = make_plan(store, settings, req)
-    plan = read_plan(path, store, slots)
+    plan = read_plan(path, store)
     assert sum(plan.quotas.values()) == 9 and all(1 <= q <= 6 for q in plan.quotas.values())
     assert data["total_expected_cost"] <= data["even_split_expected_cost"] + 1e-12
     for x in data["layers"]:
@@ -186,18 +186,22 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
             p["sensitivity"] for p in read_profile(store.path / "profile.json").layers if p["layer"] == x["layer"]
         )) ** 0.5, 0.5 + 1e-6))
     assert set(plan.public()) == {"budget_slots", "gate_scale", "layers", "total_expected_cost"}
-    choice = resolve(store, settings)  # the store's plan is used by default ...
+    nine = load_settings(overrides={"cache.budget": 9})
+    choice = resolve(store, nine)  # the store's plan is used by default, for the budget it was made for ...
     assert choice.budget.quotas == plan.quotas and choice.gate.thresholds == plan.gate.thresholds
-    choice = resolve(store, load_settings(overrides={"gate.adaptive": False}))
+    choice = resolve(store, load_settings(overrides={"cache.budget": 9, "gate.adaptive": False}))
     assert choice.gate.thresholds == {}
-    other = resolve(store, load_settings(overrides={"cache.budget": 6}))  # ... unless the budget differs
-    assert other.plan is None and other.notes and sum(other.budget.quotas.values()) == 6
-    with pytest.raises(ProfileError, match="budget of 9"):
-        read_plan(path, store, 6)
+    other = resolve(store, load_settings(overrides={"cache.budget": 6}))  # ... and re-solved for another
+    curves = [x["cost_curve"] for x in data["layers"]]
+    assert other.plan is not None and other.budget.total == 6 and not other.notes
+    assert list(other.budget.quotas.values()) == allocate(curves, 6) and other.gate == plan.gate
+    assert "re-solved for 6 slots" in other.budget.source
+    full = resolve(store, load_settings())  # auto: every expert of this tiny model fits in memory
+    assert full.budget.total == 18 and set(full.budget.quotas.values()) == {6}
     with pytest.raises(UsageError, match="below one per MoE layer"):
         resolve(store, load_settings(overrides={"cache.budget": 2}))
-    with pytest.raises(UsageError, match="larger than the model"):
-        resolve(store, load_settings(overrides={"cache.budget": "1GiB"}))
+    capped = resolve(store, load_settings(overrides={"cache.budget": "1GiB"}))  # more than the model: capped
+    assert capped.budget.total == 18 and "capped at the model's 18 experts" in capped.budget.source
     for bad in ("0%", "-1%", "80%", "lots"):
         with pytest.raises(UsageError):
             parse_fraction(bad)

@@ -163,7 +163,6 @@ def test_interrupted_answer_leaves_a_consistent_cache(make_store, reference):
 
 @pytest.mark.parametrize("overrides,match", [
     ({"cache.budget": 1}, "below one per MoE layer"),
-    ({"cache.budget": 9}, "larger than the model"),
     ({"cache.budget": "1KiB"}, "below one per MoE layer"),
     ({"device": "tpu"}, "unsupported device"),
     ({"cache.budget": "lots"}, "cannot parse size"),
@@ -171,6 +170,11 @@ def test_interrupted_answer_leaves_a_consistent_cache(make_store, reference):
 def test_bad_budgets_are_refused(make_store, overrides, match):
     with pytest.raises(UsageError, match=match):
         runtime_engine(Store.open(make_store(TinySpec(), dtype=torch.float32)), overrides)
+
+
+def test_a_budget_larger_than_the_model_is_capped(make_store):
+    with runtime_engine(Store.open(make_store(TinySpec(), dtype=torch.float32)), {"cache.budget": 9}) as eng:
+        assert eng.cache.num_slots == 8 and "capped at the model's 8 experts" in eng.budget.source
 
 
 def test_memory_budget_turns_into_slots(make_store):

@@ -18,22 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from adapmoe_cli import budget as budgets
+from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
-from adapmoe_cli.errors import UsageError
+from adapmoe_cli.errors import AdapmoeError, UsageError
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
 from adapmoe_cli.planning.quality import gate_perplexity
 from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
+from adapmoe_cli.progress import Steps
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.measure import DecodeTiming, Setup, run_setup
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
-
-#: what the progress callback hears: (what runs now, runs done, runs in all)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class BenchRequest:
             raise UsageError("--tokens must be ≥ 2 and --repeat ≥ 1")
 
 
-def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
+def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None) -> dict[str, Any]:
     """Everything `adapmoe bench` measures, as one result dict (the sweep under `sweep`, the simulator's
     check under `simulated`)."""
     say = progress or (lambda _what, _done, _total: None)
@@ -61,17 +60,20 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress 
     if req.simulate:  # the runtime's two ends calibrate the simulator
         names += [n for n in ("naive", "resident") if n not in names]
     shape = store.cache_shape
-    slots, _ = budgets.total_slots(settings.cache.budget, shape)
+    # a comparison needs experts to load: without a budget, half of them (not `auto`, which may hold all)
+    request = settings.cache.budget if settings.cache.budget.explicit else BudgetRequest(fraction=0.5, flag="--budget")
+    slots, _ = budgets.total_slots(request, shape)
     calib_text = req.calibration or default_text("calibration")
-    say("profiling the store", 0, 0)
-    ensure_profile(store, settings, calib_text, str(calib_text))
+    ensure_profile(store, settings, calib_text, str(calib_text), progress=say)
     tok = load_tokenizer(store)
     prompt_ids = [chat_ids(tok, [{"role": "user", "content": t}]) for t in (req.prompts or default_prompts())]
     with contextlib.ExitStack() as stack:
         calib = stack.enter_context(gate_perplexity(store, settings, calib_text))
         held = stack.enter_context(gate_perplexity(store, settings, req.text or default_text("heldout"), 8192))
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
+        before = cpu_times()
         result = bench.at(names, slots, simulate=req.simulate)
+        result["machine_load"] = machine_load(before)
         if req.sweep:
             swept = [n for n in names if POLICIES[n].slots == "budget"]
             points = [result] + [bench.at(swept, s) for s in budgets.sweep_totals(shape) if s != slots]
@@ -79,7 +81,53 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress 
                 ({"budget_slots": r["budget_slots"],
                   "policies": {n: p["decode_tokens_per_s"] for n, p in r["policies"].items()}} for r in points),
                 key=lambda r: r["budget_slots"])
+    result["warnings"] = warnings(result)
     return result
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (user … steal) from /proc/stat; empty where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def machine_load(before: list[int]) -> dict[str, Any]:
+    """How busy the machine was during the run: the 1-minute load average at its end and the share of
+    CPU time the hypervisor stole (a VM's neighbours) since `before`."""
+    import os
+
+    after = cpu_times()
+    steal = None
+    if before and len(after) == len(before) == 8:
+        delta = [a - b for a, b in zip(after, before, strict=True)]
+        steal = delta[7] / sum(delta) if sum(delta) else 0.0
+    return {"load_average_1m": os.getloadavg()[0], "steal_share": steal, "cpus": os.cpu_count()}
+
+
+def warnings(r: dict[str, Any]) -> list[str]:
+    """What makes the numbers less trustworthy than they look: policies whose repeats overlap (their
+    difference is within this machine's noise) and a busy machine during the run."""
+    out = []
+    pol = sorted(r["policies"].items(), key=lambda kv: kv[1]["decode_tokens_per_s"])
+    if r["repeats"] > 1:
+        for (a, pa), (b, pb) in zip(pol, pol[1:], strict=False):
+            if pa["decode_tokens_per_s_max"] >= pb["decode_tokens_per_s_min"]:
+                out.append(f"{a} and {b} overlap across repeats ({pa['decode_tokens_per_s_min']:.1f}–"
+                           f"{pa['decode_tokens_per_s_max']:.1f} vs {pb['decode_tokens_per_s_min']:.1f}–"
+                           f"{pb['decode_tokens_per_s_max']:.1f} tok/s): their difference is within this machine's "
+                           "noise; use more --repeat or a quieter machine")
+    load = r.get("machine_load", {})
+    threads = r["machine"]["torch_threads"]
+    if load.get("load_average_1m", 0) > threads + 1:
+        out.append(f"the machine was busy: load average {load['load_average_1m']:.1f} with {threads} compute threads "
+                   "of ours; other work slows the policies unevenly")
+    if (load.get("steal_share") or 0) > 0.05:
+        out.append(f"the hypervisor took {load['steal_share']:.0%} of the CPU time during the run (a noisy "
+                   "virtual machine)")
+    return out
 
 
 @dataclass
@@ -92,18 +140,43 @@ class _Bench:
     prompts: list[list[int]]
     calibration: Callable[[GatePolicy], float]
     heldout: Callable[[GatePolicy], float]
-    say: Progress
-    plans: dict[tuple[int, bool], Plan] = field(default_factory=dict)
+    say: Steps
+    plans: dict[tuple[int, bool], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
 
-    def plan(self, slots: int, gated: bool) -> Plan:
-        """The DP plan for `slots` with (adapmoe) or without (planned) the gate at the quality budget."""
+    def plan(self, slots: int, gated: bool) -> tuple[dict[int, int], GatePolicy]:
+        """Slots per layer and gate of the DP plan for `slots`, with (adapmoe) or without (planned) the gate
+        at the quality budget. The store's own plan is reused (re-solved for `slots`) when it was made the
+        way the bench would make it; else a plan is made under STORE/bench."""
         if (slots, gated) not in self.plans:
-            req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off",
-                              quality_budget=self.req.quality_budget, rule=self.settings.gate.rule,
-                              out=bench_path(self.store, slots, gated))
-            self.plans[(slots, gated)] = Plan(*make_plan(self.store, self.settings, req,
-                                                         self.calibration if gated else None))
+            plan = self._stores_plan() if gated else None
+            if plan is None:
+                req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off",
+                                  quality_budget=self.req.quality_budget, rule=self.settings.gate.rule,
+                                  out=bench_path(self.store, slots, gated))
+                plan = Plan(*make_plan(self.store, self.settings, req, self.calibration if gated else None,
+                                       progress=self.say))
+            self.plans[(slots, gated)] = (plan.quotas_for(slots), plan.gate)
         return self.plans[(slots, gated)]
+
+    def _stores_plan(self) -> Plan | None:
+        """STORE/plan.json if it was searched at this quality budget, rule, eviction and prefetch, on the
+        default calibration text (`plan-cache`'s defaults; the embedded model ships one)."""
+        from adapmoe_cli.planning.gate_rules import resolve_rule
+        from adapmoe_cli.planning.plan_file import default_path, read_plan
+        from adapmoe_cli.profiling.profile_file import default_path as default_profile
+        from adapmoe_cli.profiling.profile_file import read_profile
+
+        if self.req.calibration is not None or not default_path(self.store).exists():
+            return None
+        try:
+            plan = read_plan(default_path(self.store), self.store)
+            rule = resolve_rule(self.settings.gate.rule, read_profile(default_profile(self.store), self.store).layers)
+        except AdapmoeError:
+            return None
+        d = plan.data
+        made_so = (d.get("quality_search", {}).get("budget") == self.req.quality_budget and d.get("gate_rule") == rule
+                   and d.get("policy") == "lru" and d.get("prefetch") is True)
+        return plan if made_so else None
 
     def at(self, names: list[str], slots: int, simulate: bool = False) -> dict[str, Any]:
         plan, skipped = setups(self.store, self.settings, names, slots, lambda gated: self.plan(slots, gated))
@@ -163,21 +236,21 @@ def machine_info() -> dict[str, Any]:
             "memory_bytes": psutil.virtual_memory().total, "processor": platform.processor() or platform.machine()}
 
 
-def setups(store: Store, settings: Settings, names: list[str], total: int, plan: Callable[[bool], Plan]
-           ) -> tuple[dict[str, Setup], dict[str, str]]:
+def setups(store: Store, settings: Settings, names: list[str], total: int,
+           plan: Callable[[bool], tuple[dict[int, int], GatePolicy]]) -> tuple[dict[str, Setup], dict[str, str]]:
     """Each policy's setup at a budget of `total` slots (`plan(gated)`: the DP plan for the policies that
     split by one); a policy that cannot run here is skipped with a note."""
     shape = store.cache_shape
     out, skipped = {}, {}
     for name in names:
         policy = POLICIES[name]
-        if policy.slots == "all" and not budgets.fits(shape, store.dense_bytes):
+        if policy.slots == "all" and not budgets.fits(shape):
             need = shape.total_experts * shape.slot_bytes + store.dense_bytes
             skipped[name] = (f"needs {need / 2**30:.1f} GiB, more than {budgets.RESIDENT_SHARE:.0%} of the "
                              "available memory")
             continue
-        budget = policy_budget(policy, shape, total, lambda gated: plan(gated).quotas)
-        gate = plan(True).gate if policy.gate else GatePolicy.off()
+        budget = policy_budget(policy, shape, total, lambda gated: plan(gated)[0])
+        gate = plan(True)[1] if policy.gate else GatePolicy.off()
         runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction))
         out[name] = Setup(budget, gate, runtime, policy.preload)
     return out, skipped
@@ -192,7 +265,7 @@ def direct_io(store: Store) -> bool:
 
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
             tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
-            progress: Progress | None = None) -> dict[str, Any]:
+            progress: Steps | None = None) -> dict[str, Any]:
     """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict."""
     from adapmoe_cli.store.reader import read_bandwidth
 

@@ -1,23 +1,25 @@
 """The expert-cache budget, from the user's words to the slots each MoE layer gets, in one place.
 
-`--cache-experts 32`, `--memory 6GiB`, `--budget 24GiB` and the settings' default share (`cache.budget:
-50%`) all become one `BudgetRequest`; `resolve` turns it into a `Budget` (slots per layer, and the
-bytes they hold) against a `CacheShape` — a store's or a simulated model's — checking the range once.
-The runtime, the planner, the bench and the simulator take that `Budget` and compute nothing of their
-own. `check_fits` and `fits` are the only memory checks. Knows nothing of tensors, files or policies."""
+`--cache-experts 32`, `--memory 6GiB`, `--budget 24GiB | 25%` and the config's `cache.budget` (default
+`auto`: as many experts as fit in the memory available) all become one `BudgetRequest`; `resolve` turns
+it into a `Budget` (slots per layer, and the bytes they hold) against a `CacheShape` — a store's or a
+simulated model's — checking the range once and capping at the model. The runtime, the planner, the
+bench and the simulator take that `Budget` and compute nothing of their own. `check_fits` and `fits`
+are the only memory checks. Knows nothing of tensors, files or policies."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.units import format_bytes, parse_size
 
-#: an optional all-resident run (the profiler's gradient method, the simulator's calibration, the bench's
-#: `resident` policy) is made only when every expert and the dense weights fit in this share of the
-#: available memory; the runtime itself refuses only what does not fit at all
+#: what may be filled with experts and dense weights: an optional all-resident run (the profiler's gradient
+#: method, the simulator's calibration, the bench's `resident` policy) is made only when everything fits in
+#: this share of the available memory, and the `auto` budget fills this share (the rest is left to the OS,
+#: activations and the page cache); the runtime itself refuses only what does not fit at all
 RESIDENT_SHARE = 0.8
 #: budgets swept by `bench --sweep` and `simulate --sweep`, as shares of all experts
 SWEEP_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -27,13 +29,14 @@ _SHARE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 
 @dataclass(frozen=True)
 class CacheShape:
-    """What a budget is measured against: the MoE layers, experts per layer, top-k, and the bytes of one
-    cache slot (what one read moves: `Store.slot_bytes`, `ModelSpec.slot_bytes`)."""
+    """What a budget is measured against: the MoE layers, experts per layer, top-k, the bytes of one cache
+    slot (what one read moves: `Store.slot_bytes`, `ModelSpec.slot_bytes`) and the dense weights' bytes."""
 
     layers: tuple[int, ...]
     num_experts: int
     top_k: int
     slot_bytes: int
+    dense_bytes: int = 0
 
     @property
     def total_experts(self) -> int:
@@ -42,44 +45,57 @@ class CacheShape:
 
 @dataclass(frozen=True)
 class BudgetRequest:
-    """What the user asked for: a number of slots, a size for all slots together, or a share of all
-    experts (the default). Exactly one is used: slots, else bytes, else the share."""
+    """What the user asked for: a number of slots, a size for all slots together, a share of all experts,
+    or (nothing given) `auto`: as many as fit in the memory available. `flag` names where it was given,
+    so messages speak of the flag the user typed."""
 
     slots: int | None = None
     bytes: int | None = None
-    fraction: float = 0.5
+    fraction: float | None = None
+    flag: str = field(default="cache.budget", compare=False)
 
     def __post_init__(self) -> None:
-        if self.slots is not None and self.bytes is not None:
-            raise UsageError("give the expert budget once: either a number of slots or a size, not both")
+        if sum(x is not None for x in (self.slots, self.bytes, self.fraction)) > 1:
+            raise UsageError("give the expert budget once: a number of slots, a size or a share")
         if self.slots is not None and self.slots < 1:
-            raise UsageError(f"the expert budget must be at least 1 slot per MoE layer, got {self.slots}")
-        if not 0 < self.fraction <= 1:
-            raise UsageError(f"a budget share must be above 0% and at most 100%, got {self.fraction:.0%}")
+            raise UsageError(f"{self.flag} must be at least 1 slot per MoE layer, got {self.slots}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise UsageError(f"{self.flag}: a share of the experts must be above 0% and at most 100%, got "
+                             f"{self.fraction:.0%}")
 
     @staticmethod
-    def parse(text: str | int) -> BudgetRequest:
-        """`32` → 32 slots; `6GiB` → as many slots as fit in 6 GiB; `50%` → half of all experts."""
+    def parse(text: str | int, flag: str = "cache.budget") -> BudgetRequest:
+        """`32` → 32 slots; `6GiB` → as many slots as fit in 6 GiB; `50%` → half of all experts; `auto`."""
         t = str(text)
+        if t.strip().lower() == "auto":
+            return BudgetRequest(flag=flag)
         if _SLOTS.match(t):
-            return BudgetRequest(slots=int(t))
+            return BudgetRequest(slots=int(t), flag=flag)
         share = _SHARE.match(t)
         if share:
-            return BudgetRequest(fraction=float(share.group(1)) / 100)
+            return BudgetRequest(fraction=float(share.group(1)) / 100, flag=flag)
         if not any(c.isalpha() for c in t):
-            raise UsageError(f"cannot read the budget {t!r}: give expert slots (32), a size (6GiB) or a share of "
-                             "all experts (50%)")
-        return BudgetRequest(bytes=parse_size(t))
+            raise UsageError(f"cannot read {flag} {t!r}: give expert slots (32), a size (6GiB), a share of all "
+                             "experts (50%) or auto")
+        return BudgetRequest(bytes=parse_size(t), flag=flag)
 
     @staticmethod
-    def of_size(text: str) -> BudgetRequest:
-        """`--memory SIZE`: a size only (a bare number is bytes, as in `parse_size`)."""
-        return BudgetRequest(bytes=parse_size(text))
+    def of_size(text: str, flag: str = "--memory") -> BudgetRequest:
+        """A size only (a bare number is bytes, as in `parse_size`)."""
+        return BudgetRequest(bytes=parse_size(text), flag=flag)
 
     @property
     def explicit(self) -> bool:
-        """True when the user named slots or a size (not the default share)."""
-        return self.slots is not None or self.bytes is not None
+        """True when the user named slots, a size or a share (not `auto`)."""
+        return self.slots is not None or self.bytes is not None or self.fraction is not None
+
+    def words(self, slots: int, shape: CacheShape) -> str:
+        """`slots` as the user would write them with this request's flag."""
+        if self.bytes is not None:
+            return f"{self.flag} {format_bytes(slots * shape.slot_bytes).replace(' ', '')}"
+        if self.fraction is not None:
+            return f"{self.flag} {100 * slots / shape.total_experts:.0f}%"
+        return f"{self.flag} {slots}" if self.flag.startswith("-") else f"{slots} slots"
 
 
 @dataclass(frozen=True)
@@ -107,30 +123,46 @@ def even_quotas(layers: Collection[int], total_slots: int, num_experts: int) -> 
 
 
 def total_slots(req: BudgetRequest, shape: CacheShape) -> tuple[int, str]:
-    """The request in slots, range-checked, and a phrase saying how it was counted."""
+    """The request in slots — capped at the model, refused below one slot per layer — and a phrase saying
+    how it was counted (shown in banners, with the bytes)."""
     n_layers, size = len(shape.layers), format_bytes(shape.slot_bytes)
     if req.slots is not None:
-        total, source = req.slots, f"{req.slots} slots"
+        total, source = req.slots, f"{req.flag} {req.slots}"
     elif req.bytes is not None:
         total = req.bytes // shape.slot_bytes
-        source = f"{format_bytes(req.bytes)} = {total} slots of {size}"
-    else:
+        source = f"{req.flag} {format_bytes(req.bytes)} = {total} slots of {size}"
+    elif req.fraction is not None:
         total = max(n_layers, round(req.fraction * shape.total_experts))
         source = f"{req.fraction:.0%} of the experts"
-    check_range(total, shape)
+    else:
+        avail = _available()
+        total = max(0, int(RESIDENT_SHARE * avail) - shape.dense_bytes) // shape.slot_bytes
+        share = f"{RESIDENT_SHARE:.0%} of the {format_bytes(avail)} available"
+        if total >= shape.total_experts:
+            total, source = shape.total_experts, f"auto: every expert fits in {share}"
+        else:
+            source = f"auto: as many as fit in {share}, less the dense weights"
+        if total < n_layers:
+            raise UsageError(
+                f"only {format_bytes(avail)} of memory is available: not enough for the dense weights "
+                f"({format_bytes(shape.dense_bytes)}) and one expert slot per MoE layer ({n_layers} × {size}); "
+                "free some memory or give a budget with --memory"
+            )
+    if total < n_layers:
+        raise UsageError(
+            f"a budget of {total} expert slots ({source}) is below one per MoE layer ({n_layers} layers, {size} "
+            f"each); give {req.words(n_layers, shape)} or more"
+        )
+    if total > shape.total_experts:
+        total, source = shape.total_experts, f"{source}, capped at the model's {shape.total_experts} experts"
     return total, source
 
 
 def check_range(total: int, shape: CacheShape) -> None:
-    n_layers, size = len(shape.layers), format_bytes(shape.slot_bytes)
-    if total < n_layers:
-        raise UsageError(
-            f"a budget of {total} expert slots is below one per MoE layer ({n_layers} layers, {size} each); "
-            f"give at least {n_layers} slots ({format_bytes(n_layers * shape.slot_bytes)})"
-        )
-    if total > shape.total_experts:
-        raise UsageError(f"a budget of {total} expert slots is larger than the model ({shape.total_experts} "
-                         f"experts); give at most {shape.total_experts}")
+    """For slot counts made by the program (plans, policies): at least one per layer, at most all."""
+    if not len(shape.layers) <= total <= shape.total_experts:
+        raise UsageError(f"a budget of {total} expert slots is outside 1 per MoE layer ({len(shape.layers)}) "
+                         f"… all experts ({shape.total_experts})")
 
 
 def resolve(req: BudgetRequest, shape: CacheShape) -> Budget:
@@ -178,9 +210,9 @@ def check_fits(budget: Budget, dense_bytes: int) -> None:
         )
 
 
-def fits(shape: CacheShape, dense_bytes: int) -> bool:
+def fits(shape: CacheShape) -> bool:
     """Whether every expert and the dense weights fit in `RESIDENT_SHARE` of the available memory."""
-    return shape.total_experts * shape.slot_bytes + dense_bytes <= RESIDENT_SHARE * _available()
+    return shape.total_experts * shape.slot_bytes + shape.dense_bytes <= RESIDENT_SHARE * _available()
 
 
 def sweep_totals(shape: CacheShape) -> list[int]:

@@ -1,11 +1,12 @@
 """A multi-turn conversation over an engine: applies the tokenizer's chat template, keeps the KV cache
-between turns (reusing the longest common token prefix), and keeps a transcript with each answer's
-statistics. Knows nothing of terminals; the chat command renders what `send` yields."""
+between turns (reusing the longest common token prefix), makes room in the context by dropping the
+oldest turns, and keeps a transcript with each answer's statistics. Knows nothing of terminals; the chat
+command renders what `send` yields."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapmoe_cli.errors import UsageError
@@ -30,6 +31,14 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What `Conversation.make_room` did: turns dropped to fit the context, and the answer's token limit."""
+
+    dropped_turns: int
+    max_new_tokens: int
 
 
 @dataclass
@@ -58,9 +67,43 @@ class Conversation:
             return self._cached + self.tokenizer.encode(user, add_special_tokens=not self._cached)
         return chat_ids(self.tokenizer, [*self.template_messages(), {"role": "user", "content": user}])
 
-    def send(self, user: str) -> Iterator[Response]:
-        """Stream the answer to `user`. If the caller stops early (Ctrl-C), the KV cache is cut back to
-        what is consistent and the partial answer is kept in the transcript."""
+    @property
+    def max_context(self) -> int:
+        """Tokens the conversation may hold: the model's context, or less with `--ctx`."""
+        model = int(self.engine.store.config.get("max_position_embeddings", 1 << 30))
+        return min(model, self.gen.context) if self.gen.context else model
+
+    @property
+    def context_used(self) -> int:
+        """Tokens the KV cache holds now (the conversation so far)."""
+        return len(self._cached)
+
+    def make_room(self, user: str) -> Room:
+        """Make `user`'s turn fit the context: drop the oldest turns (never the system message) until the
+        prompt and `max_new_tokens` fit, and if the message is still too long for a full answer, shorten
+        the answer. Refuses (UsageError) only a message that alone fills the context."""
+        dropped = 0
+        while True:
+            n = len(self._prompt_ids(user))
+            if n + self.gen.max_new_tokens <= self.max_context:
+                return Room(dropped, self.gen.max_new_tokens)
+            turns = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
+            if not turns:
+                break
+            if self.raw:  # a plain continuation has no turns to drop: start over from this text
+                self.reset()
+            else:
+                del self.messages[turns[0]:turns[0] + 2]  # the oldest user message and its answer
+            dropped += 1
+        if n >= self.max_context:
+            raise UsageError(f"this message is {n} tokens, more than the context of {self.max_context}; shorten it")
+        return Room(dropped, self.max_context - n)
+
+    def send(self, user: str, max_new_tokens: int | None = None) -> Iterator[Response]:
+        """Stream the answer to `user` (at most `max_new_tokens`, default the settings'). If the caller
+        stops early (Ctrl-C), the KV cache is cut back to what is consistent and the partial answer is kept
+        in the transcript."""
+        gen = self.gen if max_new_tokens is None else replace(self.gen, max_new_tokens=max_new_tokens)
         full = self._prompt_ids(user)
         common = 0
         for a, b in zip(self._cached, full, strict=False):
@@ -68,20 +111,19 @@ class Conversation:
                 break
             common += 1
         common = min(common, len(full) - 1)  # feed at least one token
+        if len(full) + gen.max_new_tokens > self.max_context:
+            raise UsageError(
+                f"the conversation ({len(full)} tokens) plus --max-new-tokens ({gen.max_new_tokens}) exceeds the "
+                f"context of {self.max_context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
         _trim(self._kv, common)
         new = full[common:]
-        max_ctx = int(self.engine.store.config.get("max_position_embeddings", 1 << 30))
-        if len(full) + self.gen.max_new_tokens > max_ctx:
-            raise UsageError(
-                f"the conversation ({len(full)} tokens) plus --max-new-tokens exceeds the model's context of "
-                f"{max_ctx} tokens; /reset to start over"
-            )
         self._cached = full[:common]
         last: Response | None = None
         generated: list[int] = []
         stops = eos_ids(self.engine, self.tokenizer)
         try:
-            for resp in stream_generate(self.engine, self.tokenizer, new, self._kv, self.gen,
+            for resp in stream_generate(self.engine, self.tokenizer, new, self._kv, gen,
                                         history=full[:common], stop_ids=stops):
                 if last is None:
                     self._cached = list(full)
@@ -104,6 +146,12 @@ class Conversation:
                     "finish_reason": last.finish_reason or "interrupted",
                 },
             })
+
+    def set_system(self, text: str | None) -> None:
+        """Use another system message from the next turn on (the turns so far stay)."""
+        self.system = text or None
+        rest = [m for m in self.messages if m["role"] != "system"]
+        self.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
 
     def transcript(self) -> list[dict[str, Any]]:
         return [dict(m) for m in self.messages]

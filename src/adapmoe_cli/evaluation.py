@@ -14,6 +14,7 @@ from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning.quality import search_scale
 from adapmoe_cli.planning.resolve import open_engine
+from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.moe_block import LayerRecord
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
@@ -30,12 +31,13 @@ class EvalRequest:
 
 
 def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Callable[[str], None] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   progress: Steps | None = None) -> dict[str, Any]:
     """The documented `eval --json` object. `note` hears where the budget and gate came from."""
     say = note or (lambda _msg: None)
     search = None
     if req.quality_budget is not None:
-        search = search_scale(store, settings, req.quality_budget, req.calibration or default_text("calibration"))
+        search = search_scale(store, settings, req.quality_budget, req.calibration or default_text("calibration"),
+                              progress=progress)
         say(f"gate scale {search.scale:.4g}: calibration perplexity {search.increase:+.2%}")
         settings = replace(settings, gate=replace(settings.gate, scale=search.scale))
     window = min(req.window, int(store.config.get("max_position_embeddings", req.window)))
@@ -51,7 +53,7 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
                            max_tokens=req.tokens)
     with open_engine(store, settings, note=say) as engine:
         engine.observers.callbacks.append(count)
-        res = evaluate(engine, ids, window, req.stride or max(1, window // 2), progress=progress)
+        res = evaluate(engine, ids, window, req.stride or max(1, window // 2), progress=within(progress, "perplexity"))
         gate = engine.gate
     return {
         "perplexity": res.perplexity,

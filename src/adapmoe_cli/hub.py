@@ -3,7 +3,8 @@
 duplicates), into the standard hub cache (HF_HOME). huggingface_hub 2.4 resumes a dropped connection
 within the same run (Range request from the last whole 10 MiB chunk) and keeps finished files in the
 cache, so a rerun after a failure fetches only what is missing (partial files are not kept).
-Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE. Nothing else in adapmoe touches the network."""
+`download_config` fetches only config.json (for `adapmoe fit`). Honours HF_ENDPOINT, HF_TOKEN and
+HF_HUB_OFFLINE. Nothing else in adapmoe touches the network."""
 
 from __future__ import annotations
 
@@ -63,3 +64,30 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
     except OSError as e:
         raise DownloadError(f"downloading {repo_id} failed: {e}") from None
     return Path(path)
+
+
+def download_config(repo_id: str, revision: str | None = None) -> dict:
+    """Only `config.json` of a hub model (for `adapmoe fit`: sizes before any weight is downloaded)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if not looks_like_repo_id(repo_id):
+        raise DownloadError(f"{repo_id!r} is not a hub model id (expected ORG/NAME, e.g. mistralai/Mixtral-8x7B-v0.1)")
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision)
+        data = json.loads(Path(path).read_text())
+    except GatedRepoError:
+        raise DownloadError(f"{repo_id} is gated: accept its licence on the hub, then set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise DownloadError(f"{repo_id} was not found on the hub (or is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise DownloadError(f"{repo_id}'s config is not in the local hub cache and the hub cannot be reached") from None
+    except HfHubHTTPError as e:
+        raise DownloadError(f"fetching {repo_id}'s config failed: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"fetching {repo_id}'s config failed: {e}") from None
+    if not isinstance(data, dict):
+        raise DownloadError(f"{repo_id}'s config.json is not a JSON object")
+    return data

@@ -1,17 +1,20 @@
 """Resolves the MODEL argument every command takes into an opened store:
-nothing → the embedded default model (sharded into ADAPMOE_HOME on first use);
+nothing → the embedded default model (sharded into ADAPMOE_HOME on first use, with its shipped profile
+and cache plan, so the method is on from the first token);
 a store folder → itself; a checkpoint folder → sharded into ADAPMOE_HOME on first use;
 a hub id → its store if already made, else downloaded (only here does adapmoe touch the network)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from adapmoe_cli.catalog import EMBEDDED, checkpoint_store_dir, touch
 from adapmoe_cli.errors import StoreExistsError, UsageError
 from adapmoe_cli.hub import looks_like_repo_id
-from adapmoe_cli.paths import store_dir_for_checkpoint, store_dir_for_repo, stores_dir
+from adapmoe_cli.paths import store_dir_for_repo, stores_dir
 from adapmoe_cli.store import Store, is_store
 
 Progress = Callable[[int, int], None]
@@ -31,26 +34,62 @@ def default_text(split: str) -> Path:
     return path
 
 
+#: made by scripts/ship_default_profile.py and shipped beside the embedded model, so AdapMoE (adaptive gate,
+#: DP plan) is on from the first token; the trace sits beside the profile; the plan names its own budget
+SHIPPED_METHOD = ("profile.trace.safetensors", "profile.json", "plan.json")
+
+
+def install_shipped_method(src: Path, store_dir: Path) -> None:
+    """Copy the embedded model's profile (with its trace) and plan into its store where the store lacks
+    them (what the user made is never replaced). Each file lands whole (temporary name, rename), the
+    profile after its trace, as `profile_file.write_profile` does."""
+    import shutil
+
+    wanted = [] if (store_dir / "profile.json").exists() else list(SHIPPED_METHOD[:2])
+    if not (store_dir / "plan.json").exists():
+        wanted.append(SHIPPED_METHOD[2])
+    for name in wanted:
+        if not (src / name).exists():
+            continue
+        tmp = store_dir / f".{name}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, store_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def open_model(model: str | None, progress: Progress | None = None) -> Store:
+    """MODEL → an opened store (see the module's docstring); `embedded` names the embedded model too."""
+    store = _open(model, progress)
+    touch(store.path)
+    return store
+
+
+def _open(model: str | None, progress: Progress | None) -> Store:
     from adapmoe_cli.store.writer import shard
 
-    if model is None:
+    path = Path(model).expanduser() if model is not None else None
+    if model is None or (model == EMBEDDED and not path.exists()):
         src = default_model_dir()
         if not (src / "config.json").exists():
             raise UsageError(f"the embedded default model is missing from {src}; reinstall adapmoe")
-        out = stores_dir() / "default-model"
+        out = stores_dir() / EMBEDDED
+        old = stores_dir() / "default-model"  # its name before adapmoe 0.2: keep the store, rename it
+        if is_store(old) and not out.exists():
+            old.rename(out)
         source = {"embedded": "adapmoe default model"}
         try:
             shard(src, out, dtype=DEFAULT_MODEL_DTYPE, progress=progress, source=source)
         except StoreExistsError:  # made from an older embedded model: replace it
             shard(src, out, dtype=DEFAULT_MODEL_DTYPE, force=True, progress=progress, source=source)
+        install_shipped_method(src, out)
         return Store.open(out)
-    path = Path(model).expanduser()
     if path.exists():
         if is_store(path):
             return Store.open(path)
         if (path / "config.json").exists():
-            out = store_dir_for_checkpoint(path)
+            out = checkpoint_store_dir(path)
             shard(path, out, progress=progress)
             return Store.open(out)
         raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")

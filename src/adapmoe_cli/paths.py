@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -21,15 +20,8 @@ def stores_dir() -> Path:
 
 
 def store_dir_for_repo(repo_id: str, revision: str | None = None) -> Path:
-    """Per-model folder for a hub id, named like the hub cache names repos (`models--org--name`)."""
-    name = "models--" + repo_id.replace("/", "--")
+    """Per-model folder for a hub id: `org--name` (`@revision` when not main)."""
+    name = repo_id.replace("/", "--")
     if revision and revision != "main":
         name += "@" + revision.replace("/", "--")
     return stores_dir() / name
-
-
-def store_dir_for_checkpoint(src: Path) -> Path:
-    """Per-checkpoint folder for a local directory, keyed by its resolved path."""
-    src = src.resolve()
-    digest = hashlib.sha256(str(src).encode()).hexdigest()[:12]
-    return stores_dir() / f"local--{src.name}--{digest}"

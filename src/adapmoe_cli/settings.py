@@ -15,6 +15,7 @@ from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
 
 DEVICES = ("cpu", "cuda", "auto")
+AUTO_PROFILE = ("ask", "yes", "no")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GenerationSettings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0
+    context: int | None = None  # tokens a conversation may hold (None: the model's context)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,7 +44,9 @@ class GenerationSettings:
         if self.top_k < 0:
             raise UsageError("--top-k must be ≥ 0 (0 = off)")
         if self.repetition_penalty <= 0:
-            raise UsageError("repetition_penalty must be > 0 (1 = off)")
+            raise UsageError("--repeat-penalty must be > 0 (1 = off)")
+        if self.context is not None and self.context < 2:
+            raise UsageError("--ctx must be at least 2 tokens")
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,14 @@ class Settings:
     gate: GateSettings = field(default_factory=GateSettings)
     prefetch: bool = True
     device: str = "auto"
-    plan: str = "auto"  # auto: the store's plan.json when it fits the budget; none; or a file
+    plan: str = "auto"  # auto: the store's plan.json (re-solved for the budget); none; or a file
+    auto_profile: str = "ask"  # a store without a profile: ask (interactive chat), yes (profile and plan), no
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.auto_profile not in AUTO_PROFILE:
+            raise UsageError(f"auto_profile must be one of {', '.join(AUTO_PROFILE)}, got {self.auto_profile!r}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -10,7 +11,20 @@ import typer
 from rich.markup import escape
 
 from adapmoe_cli import __version__
-from adapmoe_cli.cli import bench, chat, download, evaluate, info, plan_cache, profile, shard, simulate, verify
+from adapmoe_cli.cli import (
+    bench,
+    chat,
+    download,
+    evaluate,
+    fit,
+    info,
+    plan_cache,
+    profile,
+    shard,
+    simulate,
+    stores,
+    verify,
+)
 from adapmoe_cli.cli.common import err_console
 from adapmoe_cli.errors import AdapmoeError
 
@@ -18,12 +32,15 @@ app = typer.Typer(
     name="adapmoe",
     help="Run Mixture-of-Experts language models with experts offloaded to disk (AdapMoE).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, profile, plan_cache, evaluate, bench, simulate, shard, download, info, verify):
+for module in (chat, profile, plan_cache, evaluate, bench, simulate, fit, shard, download, info, verify, stores):
     module.register(app)
+for command in app.registered_commands:  # each command's docstring (notes, examples) closes its --help
+    if command.callback is not None and command.callback.__doc__ and not command.epilog:
+        command.epilog = inspect.cleandoc(command.callback.__doc__)
 
 
 def _version(value: bool) -> None:
@@ -35,7 +52,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version."),
 ) -> None:
     if debug:
         os.environ["ADAPMOE_DEBUG"] = "1"
@@ -57,6 +75,8 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
 
 
 def main() -> None:
+    if "--debug" in sys.argv[2:]:  # accepted after the command name too (`adapmoe chat --debug`)
+        sys.argv = [sys.argv[0], "--debug", *[a for a in sys.argv[1:] if a != "--debug"]]
     try:
         # without standalone mode click *returns* the code of a `typer.Exit(n)` (and 130 for Ctrl-C)
         code = app(standalone_mode=False)

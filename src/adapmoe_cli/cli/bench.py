@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import box
 from rich.table import Table
 
 from adapmoe_cli.bench import BenchRequest, read_prompts
@@ -24,6 +24,7 @@ from adapmoe_cli.cli.common import (
     err_console,
     open_store,
     runtime_settings,
+    steps_progress,
 )
 from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, parse_policies
 from adapmoe_cli.units import parse_fraction
@@ -74,16 +75,7 @@ def bench_cmd(
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
                        simulate=simulate, text=text, calibration=calibration)
     store = open_store(model)
-    with Progress(TextColumn("bench {task.fields[what]:>14}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("bench", total=None, what="")
-
-        def progress(what: str, done: int, total: int) -> None:
-            if total:
-                bar.update(task, completed=done, total=total, what=what[:14])
-            else:
-                bar.update(task, what=what[:14])
-
+    with steps_progress("bench") as progress:
         result = run_bench(store, settings, req, progress)
     result["command"] = "adapmoe bench " + " ".join(_argv())
     emit(result, as_json, render, out, plot, draw)
@@ -94,31 +86,35 @@ def _argv() -> list[str]:
     return args[args.index("bench") + 1:] if "bench" in args else args
 
 
-def _pm(p: dict, key: str) -> str:
-    med, lo, hi = p[key], p[key + "_min"], p[key + "_max"]
-    return f"{med:.2f} ± {max(hi - med, med - lo):.2f}"
+def _spread(p: dict, key: str, repeats: int, fmt: str = ".1f") -> str:
+    """`median ±spread` with repeats, the value alone without."""
+    med = p[key]
+    if repeats < 2:
+        return format(med, fmt)
+    return f"{med:{fmt}} ±{max(p[key + '_max'] - med, med - p[key + '_min']):{fmt}}"
 
 
 def render(r: dict[str, Any]) -> None:
     t = Table(title=f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
-                    f"{r['prompts']} prompts × {r['repeats']} repeats")
-    cols = ("policy", "decode tok/s", "prefill tok/s", "experts/tok", "hit rate", "pf prec/rec", "KiB read/tok",
-            "stall ms/tok", "I/O floor tok/s", "perplexity")
+                    f"{r['prompts']} prompts × {r['repeats']} repeats", box=box.SIMPLE_HEAD)
+    cols = ("policy", "decode tok/s", "prefill tok/s", "experts/tok", "hit rate", "stall ms/tok", "KiB read/tok",
+            "I/O floor tok/s", "perplexity")
     for c in cols:
-        t.add_column(c, justify="left" if c == "policy" else "right")
+        t.add_column(c, justify="left" if c == "policy" else "right", no_wrap=c == "policy")
     for name, p in r["policies"].items():
-        prec, rec = p["prefetch_precision"], p["prefetch_recall"]
-        pf = "—" if prec is None else f"{prec:.0%}/{rec:.0%}"
         floor = p["io_floor_tokens_per_s"]
-        t.add_row(name, _pm(p, "decode_tokens_per_s"), _pm(p, "prefill_tokens_per_s"), f"{p['experts_per_token']:.2f}",
-                  f"{p['hit_rate']:.1%}", pf, f"{p['bytes_read_per_token'] / 1024:.0f}",
-                  f"{p['stall_s_per_token'] * 1e3:.2f}", "∞" if floor is None else f"{floor:.0f}",
-                  f"{p['perplexity']:.3f}")
-    console.print(t, width=max(console.width, 150))
+        t.add_row(name, _spread(p, "decode_tokens_per_s", r["repeats"]),
+                  _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), f"{p['experts_per_token']:.2f}",
+                  f"{p['hit_rate']:.1%}", f"{p['stall_s_per_token'] * 1e3:.2f}",
+                  f"{p['bytes_read_per_token'] / 1024:.0f}",
+                  "∞" if floor is None else f"{floor:.0f}", f"{p['perplexity']:.3f}")
+    console.print(t)
     console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
                   f"page cache {r['page_cache']}")
     for name, why in r.get("skipped", {}).items():
         console.print(f"[yellow]skipped {name}:[/] {why}")
+    for warning in r.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}")
     if "simulated" in r:
         render_simulated(r["simulated"])
 
@@ -134,7 +130,7 @@ def render_simulated(sim: dict[str, Any]) -> None:
                   f"{p['decode_tokens_per_s']:.1f}", err + (" calibration" if p["calibration_point"] else ""),
                   f"{p['measured_stall_s_per_token'] * 1e3:.2f} / {p['stall_s_per_token'] * 1e3:.2f}",
                   "yes" if p["counts_match"] else "[red]no[/]")
-    console.print(t, width=max(console.width, 120))
+    console.print(t)
     hw = sim["hardware"]
     worst = sim["max_error"]
     verdict = ("—" if worst is None else
@@ -149,6 +145,8 @@ def render_simulated(sim: dict[str, Any]) -> None:
 
 
 def draw(r: dict[str, Any], path: Path) -> None:
+    """Small multiples of what the policies change: decode tok/s (median, min–max), experts per token,
+    stall per token, hit rate and perplexity; and tok/s against the budget when swept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,33 +154,37 @@ def draw(r: dict[str, Any], path: Path) -> None:
 
     pol = r["policies"]
     names = list(pol)
-    fig, axes = plt.subplots(1, 2 if "sweep" in r else 1, figsize=(12 if "sweep" in r else 7, 4.2), squeeze=False)
-    ax = axes[0][0]
-    med = [pol[n]["decode_tokens_per_s"] for n in names]
-    err = [[m - pol[n]["decode_tokens_per_s_min"] for n, m in zip(names, med, strict=True)],
-           [pol[n]["decode_tokens_per_s_max"] - m for n, m in zip(names, med, strict=True)]]
-    ax.bar(names, med, yerr=err, capsize=4, color="#4c72b0")
-    for i, n in enumerate(names):
-        floor = pol[n]["io_floor_tokens_per_s"]
-        if floor is not None and floor < 3 * max(med):
-            ax.plot([i - 0.4, i + 0.4], [floor, floor], color="#c44e52", lw=2,
-                    label="I/O floor" if i == 0 or "I/O floor" not in ax.get_legend_handles_labels()[1] else None)
-    ax.set_ylabel("decode tokens/s (median, min–max)")
-    ax.set_title(f"{r['budget_slots']}/{r['total_experts']} expert slots")
-    ax.tick_params(axis="x", rotation=20)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    panels = [("decode tok/s (median, min–max)", "decode_tokens_per_s", 1),
+              ("experts per token", "experts_per_token", 1),
+              ("stall ms per token", "stall_s_per_token", 1e3), ("hit rate (%)", "hit_rate", 100),
+              ("held-out perplexity", "perplexity", 1)]
+    ncol = len(panels) + (1 if "sweep" in r else 0)
+    fig, axes = plt.subplots(1, ncol, figsize=(3.2 * ncol, 3.6), squeeze=False)
+    colors = ["#c44e52" if n == "adapmoe" else "#4c72b0" for n in names]
+    for ax, (title, key, scale) in zip(axes[0], panels, strict=False):
+        vals = [pol[n][key] * scale for n in names]
+        err = None
+        if key == "decode_tokens_per_s" and r["repeats"] > 1:
+            err = [[v - pol[n][key + "_min"] for n, v in zip(names, vals, strict=True)],
+                   [pol[n][key + "_max"] - v for n, v in zip(names, vals, strict=True)]]
+        ax.bar(names, vals, yerr=err, capsize=3, color=colors)
+        if key == "perplexity":
+            lo = min(vals)
+            ax.set_ylim(lo * 0.98, max(vals) * 1.01)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
     if "sweep" in r:
-        ax2 = axes[0][1]
+        ax2 = axes[0][-1]
         pts = r["sweep"]
         for name in sorted({n for p in pts for n in p["policies"]}):
             xs = [p["budget_slots"] / r["total_experts"] for p in pts if name in p["policies"]]
             ys = [p["policies"][name] for p in pts if name in p["policies"]]
             ax2.plot(xs, ys, marker="o", label=name)
-        ax2.set_xlabel("cache budget (share of all experts)")
-        ax2.set_ylabel("decode tokens/s")
-        ax2.legend()
-        ax2.set_title("budget sweep")
+        ax2.set_xlabel("cache budget (share of all experts)", fontsize=8)
+        ax2.set_title("decode tok/s by budget", fontsize=9)
+        ax2.legend(fontsize=7)
+    fig.suptitle(f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['repeats']} repeats",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,18 +15,28 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from adapmoe_cli.progress import Steps
+from adapmoe_cli.settings import load_settings
 
 if TYPE_CHECKING:
     from adapmoe_cli.settings import Settings
     from adapmoe_cli.store import Store
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+#: the settings before any flag (configs/default.yaml), shown as the defaults in `--help`
+DEFAULTS = load_settings()
+# lines are never wrapped by rich (the terminal wraps them, at spaces); off a terminal, tables get 120
+# columns (or COLUMNS) instead of 80, so names are not cut
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 120)
+console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 # `--json` is the same flag everywhere: one JSON object on stdout instead of the table (progress and notes
 # go to stderr); `--out FILE` names the file a command writes (its result, plan or profile)
@@ -34,17 +45,46 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on
 
 @contextlib.contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar over bytes, on stderr; yields the callback the library calls with (done, total)."""
-    with Progress(
+    """A progress bar over bytes, on stderr; yields the callback the library calls with (done, total). The
+    bar appears only when work is reported (nothing shows while an existing store is merely opened)."""
+    bar = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), console=err_console, transient=True, disable=not sys.stderr.isatty(),
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    )
+    task = None
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        bar.stop()
+
+
+@contextlib.contextmanager
+def steps_progress(title: str) -> Iterator[Steps]:
+    """A progress bar on stderr for a library function's `Steps`: the step's name, done/total, time elapsed
+    and the ETA (appears at the first report; steps without a total show a spinner-like bar)."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+    task = None
+
+    def report(name: str, done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(title)
+        bar.update(task, description=f"{title}: {name}", completed=done, total=total or None)
+
+    try:
+        yield report
+    finally:
+        bar.stop()
 
 
 ModelArg = Annotated[
@@ -52,36 +92,41 @@ ModelArg = Annotated[
     typer.Argument(help="Store folder, checkpoint folder or hub id (default: the embedded model).",
                    show_default=False),
 ]
+_AUTO = "auto: as many experts as fit in memory"
 CacheExpertsOpt = Annotated[
     int | None, typer.Option("--cache-experts", "-c", help="Expert slots in memory, over all layers.",
-                             show_default=False),
+                             show_default=_AUTO),
 ]
 MemoryOpt = Annotated[
-    str | None, typer.Option("--memory", "-m", help="Memory for expert slots, e.g. 6GiB (instead of -c).",
-                             show_default=False),
+    str | None, typer.Option("--memory", "-m", help="Memory for expert slots, e.g. 6GiB (instead of -c); more than "
+                             "the model needs is capped at the model.", show_default=_AUTO),
 ]
 BudgetOpt = Annotated[
-    str | None, typer.Option("--budget", "-b", help="Expert slots (32), memory for them (6GiB) or a share of all "
-                             "experts (50%); default: the config's cache.budget (half the experts).",
-                             show_default=False),
+    str | None, typer.Option("--budget", "-b", help="Expert slots (32), memory for them (6GiB), a share of all "
+                             "experts (50%) or auto (as many as fit in memory).", show_default=False),
 ]
 PrefetchOpt = Annotated[
     bool | None, typer.Option("--prefetch/--no-prefetch", help="Prefetch the next layer's predicted experts.",
-                              show_default=False),
+                              show_default="prefetch" if DEFAULTS.prefetch else "no-prefetch"),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | auto.", show_default=False)]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | auto.", show_default=DEFAULTS.device)]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML preset over configs/default.yaml.", show_default=False),
 ]
-PlanOpt = Annotated[str | None, typer.Option("--plan", help="Cache plan file (default: the store's plan.json "
-                                            "when it fits the budget; 'none' to ignore it).", show_default=False)]
+PlanOpt = Annotated[str | None, typer.Option("--plan", help="Cache plan file, or 'none' to ignore the store's plan. "
+                                            "A plan made for another budget is re-solved for this one.",
+                                            show_default="the store's plan.json")]
 AdaptiveOpt = Annotated[bool | None, typer.Option("--adaptive-gate/--no-adaptive-gate",
-                                                  help="Route with the plan's adaptive gate.", show_default=False)]
+                                                  help="Route with the plan's adaptive gate.",
+                                                  show_default="adaptive-gate" if DEFAULTS.gate.adaptive
+                                                  else "no-adaptive-gate")]
 GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adaptive-gate scale c (thresholds from "
-                                                    "the profile), overriding the plan's.", show_default=False)]
-PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.", show_default=False)]
+                                                    "the profile), overriding the plan's.",
+                                                    show_default="the plan's")]
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.",
+                                               show_default=DEFAULTS.cache.policy)]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
-                                             "weighted (docs/gating.md).", show_default=False)]
+                                             "weighted (docs/gating.md).", show_default=DEFAULTS.gate.rule)]
 
 
 def QualityBudgetOpt(help: str) -> typer.models.OptionInfo:  # noqa: N802 (used like the aliases above)
@@ -120,22 +165,22 @@ def open_store(model: str | None) -> Store:
 def runtime_settings(config: Path | None, *, cache_experts: int | None = None, memory: str | None = None,
                      budget: str | None = None, prefetch: bool | None = None, device: str | None = None,
                      policy: str | None = None, plan: str | None = None, adaptive: bool | None = None,
-                     gate_scale: float | None = None, rule: str | None = None, **generation: object) -> Settings:
+                     gate_scale: float | None = None, rule: str | None = None, auto_profile: str | None = None,
+                     **generation: object) -> Settings:
     """Settings from the config file and the flags given (None: not given)."""
     from adapmoe_cli.budget import BudgetRequest
     from adapmoe_cli.errors import UsageError
-    from adapmoe_cli.settings import load_settings
 
     given = [(f, v) for f, v in (("--cache-experts", cache_experts), ("--memory", memory), ("--budget", budget))
              if v is not None]
     if len(given) > 1:
         raise UsageError(f"give the expert budget once: {given[0][0]} or {given[1][0]}, not both")
-    request = (BudgetRequest(slots=cache_experts) if cache_experts is not None else
-               BudgetRequest.of_size(memory) if memory is not None else
-               BudgetRequest.parse(budget) if budget is not None else None)
+    request = (BudgetRequest(slots=cache_experts, flag="--cache-experts") if cache_experts is not None else
+               BudgetRequest.of_size(memory, "--memory") if memory is not None else
+               BudgetRequest.parse(budget, "--budget") if budget is not None else None)
     overrides: dict[str, object] = {
         "cache.budget": request, "cache.policy": policy, "prefetch": prefetch, "device": device, "plan": plan,
-        "gate.adaptive": adaptive, "gate.scale": gate_scale, "gate.rule": rule,
+        "gate.adaptive": adaptive, "gate.scale": gate_scale, "gate.rule": rule, "auto_profile": auto_profile,
     }
     overrides.update({f"generation.{k}": v for k, v in generation.items()})
     return load_settings(config, overrides)

@@ -24,7 +24,10 @@ def download_cmd(
     dtype: Annotated[str, typer.Option(help=f"Store dtype: {' | '.join(DTYPE_CHOICES)}.")] = "keep",
     force: Annotated[bool, typer.Option("--force", help="Replace a different store already at --out.")] = False,
 ) -> None:
-    """Examples:
+    """Gated or private models need a hub token: set HF_TOKEN (or run `hf auth login`).
+    HF_ENDPOINT points at a mirror; HF_HUB_OFFLINE=1 uses the local hub cache only.
+
+    Examples:
 
       adapmoe download mistralai/Mixtral-8x7B-Instruct-v0.1
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from adapmoe_cli.cli.common import (
@@ -23,10 +22,10 @@ from adapmoe_cli.cli.common import (
     RuleOpt,
     console,
     emit,
-    err_console,
     note,
     open_store,
     runtime_settings,
+    steps_progress,
 )
 from adapmoe_cli.evaluation import EvalRequest, evaluate_model
 from adapmoe_cli.units import parse_fraction
@@ -40,8 +39,8 @@ def eval_cmd(
     model: ModelArg = None,
     text: Annotated[Path | None, typer.Option("--text", help="Text to score (default: the embedded model's "
                                               "held-out split).", show_default=False)] = None,
-    tokens: Annotated[int | None, typer.Option("--tokens", help="Score at most this many tokens.",
-                                               show_default=False)] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Score at most this many tokens (0: the whole text).")
+                      ] = 8192,
     window: Annotated[int, typer.Option("--window", help="Context window for the sliding evaluation.")] = 256,
     stride: Annotated[int | None, typer.Option("--stride", help="New tokens per window (default: window/2).",
                                                show_default=False)] = None,
@@ -73,14 +72,11 @@ def eval_cmd(
         raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,
                                 adaptive=adaptive_gate, gate_scale=gate_scale, rule=rule)
-    req = EvalRequest(text=text, tokens=tokens, window=window, stride=stride, calibration=calibration,
+    req = EvalRequest(text=text, tokens=tokens or None, window=window, stride=stride, calibration=calibration,
                       quality_budget=parse_fraction(quality_budget) if quality_budget is not None else None)
     store = open_store(model)
-    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), console=err_console,
-                  transient=True) as bar:
-        task = bar.add_task("eval", total=None)
-        out = evaluate_model(store, settings, req, note=note,
-                             progress=lambda d, t: bar.update(task, completed=d, total=t))
+    with steps_progress("eval") as progress:
+        out = evaluate_model(store, settings, req, note=note, progress=progress)
     emit(out, as_json, render)
 
 

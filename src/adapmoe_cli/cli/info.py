@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from adapmoe_cli.cli.common import JsonFlag, console
-from adapmoe_cli.store import Store
+from adapmoe_cli.cli.common import JsonFlag, ModelArg, console, open_store
 from adapmoe_cli.units import format_bytes
 
 
@@ -18,12 +15,14 @@ def register(app: typer.Typer) -> None:
     app.command("info", help="Describe an expert store.")(info_cmd)
 
 
-def info_cmd(
-    store: Annotated[Path, typer.Argument(help="Store folder.")],
-    as_json: JsonFlag = False,
-) -> None:
-    """Example: adapmoe info ./mixtral-store --json"""
-    data = Store.open(store).info()
+def info_cmd(model: ModelArg = None, as_json: JsonFlag = False) -> None:
+    """Examples:
+
+      adapmoe info
+
+      adapmoe info ./mixtral-store --json
+    """
+    data = open_store(model).info()
     if as_json:
         print(json.dumps(data, indent=2))
         return

@@ -21,9 +21,9 @@ from adapmoe_cli.cli.common import (
     QualityBudgetOpt,
     RuleOpt,
     console,
-    err_console,
     open_store,
     runtime_settings,
+    steps_progress,
 )
 from adapmoe_cli.planning.plan_file import Plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
@@ -72,9 +72,8 @@ def plan_cmd(
     req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=settings.gate.rule, scale=gate_scale, profile=profile,
                       out=out, quality_budget=parse_fraction(quality_budget) if mode == "quality" else 0.01,
                       calibration=text, calibration_tokens=tokens)
-    if mode == "quality":
-        err_console.print(f"[dim]searching the gate scale on {tokens} calibration tokens …[/]")
-    plan = Plan(*make_plan(store, settings, req))
+    with steps_progress("plan-cache") as progress:
+        plan = Plan(*make_plan(store, settings, req, progress=progress))
     if as_json:
         print(json.dumps(plan.public(), indent=2))
         return

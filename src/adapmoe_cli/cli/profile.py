@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from adapmoe_cli.cli.common import (
@@ -16,9 +15,9 @@ from adapmoe_cli.cli.common import (
     MemoryOpt,
     ModelArg,
     console,
-    err_console,
     open_store,
     runtime_settings,
+    steps_progress,
 )
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.profiling.profile_file import read_profile
@@ -62,10 +61,8 @@ def profile_cmd(
         validate_label="embedded held-out split" if validate else "", out=out,
     )
     store = open_store(model)
-    with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task("profile", total=None)
-        path = make_profile(store, settings, req, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    with steps_progress("profile") as progress:
+        path = make_profile(store, settings, req, progress=progress)
     prof = read_profile(path)
     render(prof.data)
     console.print(f"wrote {path}")

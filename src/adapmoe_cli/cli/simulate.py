@@ -24,9 +24,10 @@ def register(app: typer.Typer) -> None:
 
 
 def simulate_cmd(
-    target: Annotated[str, typer.Argument(metavar="TRACE_OR_MODEL", help="A store / checkpoint / hub id with a "
-                                          "profile, a profile.json, a *.trace.safetensors, an h39s text file, or a "
-                                          f"trace shipped with adapmoe ({', '.join(SHIPPED)}).")],
+    target: Annotated[str | None, typer.Argument(
+        metavar="[TRACE_OR_MODEL]", show_default=False,
+        help="A store / checkpoint / hub id with a profile (default: the embedded model), a profile.json, a "
+        f"*.trace.safetensors, an h39s text file, or a trace shipped with adapmoe ({', '.join(SHIPPED)}).")] = None,
     hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware (this-machine, "
                                           "laptop-nvme, rtx4090-pcie4, a6000-pcie4, apple-m2-max) or a YAML file."
                                           )] = "this-machine",
@@ -72,7 +73,8 @@ def simulate_cmd(
             return
     src = resolve(target, trace_format, model_config, bits, plan, gate_scale, rule)
     hw = load_hardware(hardware)
-    slots, _ = total_slots(BudgetRequest.parse(budget) if budget else BudgetRequest(), src.model.cache_shape)
+    request = BudgetRequest.parse(budget, "--budget") if budget else BudgetRequest(fraction=0.5, flag="--budget")
+    slots, _ = total_slots(request, src.model.cache_shape)
     req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep)
     with err_console.status("simulating") as status:
         result = simulate(src.trace, hw, src.model, req, progress=lambda n: status.update(f"simulating {n}"))
@@ -82,11 +84,11 @@ def simulate_cmd(
     emit(result, as_json, render, out, plot, draw)
 
 
-def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
+def _calibrate(target: str | None, trace_format: str, config: Path | None) -> None:
     from adapmoe_cli.cli.common import open_store, runtime_settings
     from adapmoe_cli.simulate.calibrate import calibrate as run_calibration
 
-    if trace_format != "adapmoe" or Path(target).is_file():
+    if trace_format != "adapmoe" or (target is not None and Path(target).is_file()):
         raise typer.BadParameter("--calibrate times the engine on a store: give a MODEL (store, checkpoint or hub id)",
                                  param_hint="--calibrate")
     store = open_store(target)
@@ -100,11 +102,13 @@ def _calibrate(target: str, trace_format: str, config: Path | None) -> None:
                       f"{hw.memory_bandwidth / 1e9:.1f} GB/s")
 
 
-def _has_trace(target: str, trace_format: str) -> bool:
+def _has_trace(target: str | None, trace_format: str) -> bool:
     from adapmoe_cli.model_arg import open_model
     from adapmoe_cli.profiling.profile_file import default_path
 
-    return trace_format != "adapmoe" or Path(target).is_file() or default_path(open_model(target)).exists()
+    if trace_format != "adapmoe" or (target is not None and Path(target).is_file()):
+        return True
+    return default_path(open_model(target)).exists()
 
 
 def _f(x: float | None, fmt: str) -> str:

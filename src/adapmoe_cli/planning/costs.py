@@ -5,6 +5,7 @@ layer gives every layer's point at s."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapmoe_cli.planning.replay import Routing, replay_misses
@@ -21,7 +22,8 @@ class CostCurves:
         return 1.0 - self.curves[i][slots - 1] / uses if uses else 1.0
 
 
-def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetch: bool = True) -> CostCurves:
+def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetch: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> CostCurves:
     L = len(routing.layers)
     curves = [[0.0] * num_experts for _ in range(L)]
     tokens = sum(routing.rows)
@@ -29,5 +31,7 @@ def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetc
         misses = replay_misses(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch)
         for i in range(L):
             curves[i][s - 1] = misses[i] / tokens
+        if progress:
+            progress(s, num_experts)
     uses = [sum(len(step[i]) for step in routing.needed) / tokens for i in range(L)]
     return CostCurves(list(routing.layers), curves, uses)

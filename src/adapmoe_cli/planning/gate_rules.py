@@ -84,8 +84,11 @@ class ScaleSearch:
         return self.perplexity / self.base_perplexity - 1
 
 
+SEARCH_ITERATIONS = 14  # bisection steps of `find_scale`
+
+
 def find_scale(rule: str, profile_layers: list[dict], budget: float, perplexity: Callable[[GatePolicy], float],
-               iterations: int = 14) -> ScaleSearch:
+               iterations: int = SEARCH_ITERATIONS) -> ScaleSearch:
     """Largest scale whose perplexity stays within (1 + budget) × the ungated perplexity, by bisection."""
     rule = resolve_rule(rule, profile_layers)
     if not 0 < budget <= 1:

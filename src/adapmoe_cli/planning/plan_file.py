@@ -1,6 +1,7 @@
 """The cache plan on disk (format version 1, JSON): slots per layer for a budget, the adaptive gate's
 thresholds, the cost curves they were chosen from, and the model it was made for. Read by one function
-that refuses other models, other budgets and newer versions with a message."""
+that refuses other models and newer versions with a message; `Plan.quotas_for` re-solves the slots for
+another budget from the stored curves."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
+from adapmoe_cli.planning.allocate import allocate
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.versioned import read_versioned, write_atomic
@@ -41,6 +43,16 @@ class Plan:
     def quotas(self) -> dict[int, int]:
         return {int(x["layer"]): int(x["slots"]) for x in self.data["layers"]}
 
+    def quotas_for(self, total: int) -> dict[int, int]:
+        """Slots per layer for a budget of `total` slots: the plan's own when it was made for that budget
+        (and adds up to it), else the exact DP re-solved on the plan's cost curves (instant)."""
+        quotas = self.quotas
+        if total == self.budget_slots and sum(quotas.values()) == total:
+            return quotas
+        layers = [int(x["layer"]) for x in self.data["layers"]]
+        curves = [[float(c) for c in x["cost_curve"]] for x in self.data["layers"]]
+        return dict(zip(layers, allocate(curves, total), strict=True))
+
     @property
     def gate(self) -> GatePolicy:
         th = {int(x["layer"]): float(x["threshold"]) for x in self.data["layers"] if x.get("threshold") is not None}
@@ -62,17 +74,12 @@ def write_plan(path: Path, data: dict[str, Any]) -> Path:
     return write_atomic(path, doc)
 
 
-def read_plan(path: Path, store: Store, budget_slots: int | None = None) -> Plan:
+def read_plan(path: Path, store: Store) -> Plan:
     path = Path(path)
     data = read_versioned(path, FORMAT, FORMAT_VERSION, ProfileError, "cache plan", "adapmoe plan-cache --budget …")
     if data.get("model", {}).get("fingerprint") != store.fingerprint:
         raise ProfileError(f"{path} was made for another model; run `adapmoe plan-cache` on {store.path}")
     plan = Plan(path, data)
-    if budget_slots is not None and plan.budget_slots != budget_slots:
-        raise ProfileError(
-            f"{path} was made for a budget of {plan.budget_slots} slots, not {budget_slots}; "
-            f"re-run `adapmoe plan-cache --budget {budget_slots}` or drop the budget flag"
-        )
     if sorted(plan.quotas) != sorted(store.shape.moe_layers):
         raise ProfileError(f"{path} does not list this model's MoE layers")
     return plan

@@ -16,10 +16,11 @@ from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.costs import cost_curves
 from adapmoe_cli.planning.plan_file import default_path, write_plan
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, gate_perplexity
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_perplexity
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.profile_file import default_path as default_profile
 from adapmoe_cli.profiling.profile_file import model_identity, read_profile
+from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
@@ -38,8 +39,21 @@ class PlanRequest:
     out: Path | None = None
 
 
+def make_method(store: Store, settings: Settings, progress: Steps | None = None) -> Path:
+    """Turn AdapMoE on for a store that has no profile: profile it on the calibration text, then plan the
+    cache for the budget in use with the gate at a 1 % quality budget (what the embedded model ships)."""
+    from adapmoe_cli import budget as budgets
+    from adapmoe_cli.profiling.profiler import ensure_profile
+
+    text = default_text("calibration")
+    ensure_profile(store, settings, text, "embedded calibration split (Python documentation)", progress)
+    total, _ = budgets.total_slots(settings.cache.budget, store.cache_shape)
+    return make_plan(store, settings, PlanRequest(budget_slots=total, gate_mode="quality"), progress=progress)[0]
+
+
 def make_plan(store: Store, settings: Settings, req: PlanRequest,
-              perplexity: Callable[[GatePolicy], float] | None = None) -> tuple[Path, dict[str, Any]]:
+              perplexity: Callable[[GatePolicy], float] | None = None,
+              progress: Steps | None = None) -> tuple[Path, dict[str, Any]]:
     """Write the plan; returns its path and content. `perplexity` (gate → calibration perplexity) lets a
     caller that makes several plans share one engine for the quality search; without it, one is opened."""
     prof = read_profile(req.profile or default_profile(store), store)
@@ -54,12 +68,13 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
             if perplexity is None:
                 text = req.calibration or default_text("calibration")
                 perplexity = stack.enter_context(gate_perplexity(store, settings, text, req.calibration_tokens))
-            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, perplexity)
+            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(perplexity, progress))
         gate = gate_rules.gate(req.rule, search.scale, layers_p)
     trace = prof.trace()
     routing = prepare(trace, gate)
     shape = store.shape
-    curves = cost_curves(routing, shape.num_experts, policy=settings.cache.policy, prefetch=settings.prefetch)
+    curves = cost_curves(routing, shape.num_experts, policy=settings.cache.policy, prefetch=settings.prefetch,
+                         progress=within(progress, "cost curves"))
     slots = allocate(curves.curves, req.budget_slots)
     even = even_quotas(shape.moe_layers, req.budget_slots, shape.num_experts)
     even_slots = [even[layer] for layer in curves.layers]
@@ -82,7 +97,9 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         "total_expected_cost": total_cost(curves.curves, slots),
         "even_split_expected_cost": total_cost(curves.curves, even_slots),
         "experts_per_token": sum(curves.uses_per_token) / len(curves.uses_per_token),
-        "profile": {"path": str(prof.path), "tokens": trace.num_tokens},
+        # inside the store: its name only (the plan stays true when the store is copied or shipped)
+        "profile": {"path": prof.path.name if prof.path.parent == store.path else str(prof.path),
+                    "tokens": trace.num_tokens},
     }
     if search is not None:
         data["quality_search"] = {

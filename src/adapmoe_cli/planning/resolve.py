@@ -30,23 +30,30 @@ class RuntimeChoices:
 
 
 def resolve(store: Store, settings: Settings) -> RuntimeChoices:
-    """The settings' budget, split by the plan (`--plan FILE`, or the store's plan.json when it was made
-    for that budget; with no explicit budget, the plan's own), and the gate (plan, `--gate-scale`, off)."""
+    """The settings' budget (`budget.resolve`), split over the layers by the cache plan (`--plan FILE`, else
+    the store's plan.json) — the plan's own split when it was made for that many slots, else the DP
+    re-solved on its cost curves for them — and the gate (the plan's, `--gate-scale`, or off). The plan
+    never changes how many slots there are: that is the budget's alone."""
     notes: list[str] = []
     shape = store.cache_shape
     budget = budgets.resolve(settings.cache.budget, shape)
-    explicit = budget.total if settings.cache.budget.explicit else None
     plan = None
     if settings.plan not in ("auto", "none"):
-        plan = read_plan(Path(settings.plan), store, explicit)
+        plan = read_plan(Path(settings.plan), store)
     elif settings.plan == "auto" and default_path(store).exists():
         try:
-            plan = read_plan(default_path(store), store, explicit)
+            plan = read_plan(default_path(store), store)
         except ProfileError as e:
             notes.append(f"not using the store's plan: {e}")
     gate = GatePolicy.off()
+    if plan is not None and budget.total < shape.total_experts:  # (with every expert cached, nothing to split)
+        solved = "" if budget.total == plan.budget_slots else f", re-solved for {budget.total} slots"
+        try:
+            quotas = plan.quotas_for(budget.total)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"{plan.path} holds no usable cost curves ({e}); re-run `adapmoe plan-cache`") from None
+        budget = budgets.planned(shape, quotas, f"{budget.source}; split by plan {plan.path.name}{solved}")
     if plan is not None:
-        budget = budgets.planned(shape, plan.quotas, f"plan {plan.path}")
         gate = plan.gate
     if settings.gate.scale is not None:
         prof = read_profile(default_profile(store), store)

@@ -4,7 +4,6 @@ budget, collects, computes the statistics, optionally validates on held-out text
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ from adapmoe_cli.perplexity import read_text_tokens
 from adapmoe_cli.profiling.collect import collect, drop_losses
 from adapmoe_cli.profiling.profile_file import default_path, model_identity, write_profile
 from adapmoe_cli.profiling.trace import layer_stats, spearman
+from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -36,11 +34,11 @@ class ProfileRequest:
     out: Path | None = None
 
 
-def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress: Progress | None = None) -> Path:
+def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress: Steps | None = None) -> Path:
     shape = store.shape
     method = req.method
     if method == "auto":
-        method = "gradient" if budgets.fits(store.cache_shape, store.dense_bytes) else "forward"
+        method = "gradient" if budgets.fits(store.cache_shape) else "forward"
     # the gradient method needs every expert resident; the forward method runs in the user's budget
     budget = (budgets.all_experts(store.cache_shape) if method == "gradient"
               else budgets.resolve(settings.cache.budget, store.cache_shape))
@@ -49,7 +47,7 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
     with Engine(store, settings, budget) as engine:
         tok = load_tokenizer(store)
         ids = read_text_tokens(tok, req.text, min_tokens=req.min_tokens or req.tokens, max_tokens=req.tokens)
-        trace, sens = collect(engine, ids, req.window, method, progress)
+        trace, sens = collect(engine, ids, req.window, method, within(progress, f"{method} sensitivity"))
         layers = layer_stats(trace, shape.num_experts)
         for i, entry in enumerate(layers):
             entry["sensitivity"] = sens.fisher[i]
@@ -66,7 +64,7 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
         }
         if req.validate_text is not None:
             held = read_text_tokens(tok, req.validate_text, min_tokens=req.window, max_tokens=req.tokens)
-            measured = drop_losses(engine, held, req.window)
+            measured = drop_losses(engine, held, req.window, progress=within(progress, "validating"))
             val: dict[str, Any] = {"text": req.validate_label, "tokens": len(held),
                                    "measured_drop_loss": measured,
                                    "spearman": {"predicted": spearman(sens.predicted, measured)}}
@@ -78,7 +76,7 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
 
 
 
-def ensure_profile(store: Store, settings: Settings, text: Path, label: str, progress: Progress | None = None
+def ensure_profile(store: Store, settings: Settings, text: Path, label: str, progress: Steps | None = None
                    ) -> Path | None:
     """Profile the store with `text` (up to 8192 tokens, windows of 256) if it has no profile yet; the
     path written, or None when there was one."""

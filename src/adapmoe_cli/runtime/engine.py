@@ -17,7 +17,7 @@ from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.moe_block import Observers, OffloadedMoE
 from adapmoe_cli.runtime.stats import Stats
-from adapmoe_cli.settings import Settings
+from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.skeleton import empty_model
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, expert_views
@@ -91,6 +91,13 @@ class Engine:
     def use_gate(self, gate: GatePolicy) -> None:
         """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""
         self.gate = gate
+
+    def use_prefetch(self, on: bool) -> None:
+        """Prefetch the next layer's predicted experts (or not) from the next forward on."""
+        self.settings = replace(self.settings, prefetch=on)
+        for layer in self.store.shape.moe_layers:
+            block = self.store.family.moe_block(self.model, layer)
+            block.prefetch_enabled = on and block.next_layer is not None
 
     def close(self) -> None:
         self.manager.close()

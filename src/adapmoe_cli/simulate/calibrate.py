@@ -11,6 +11,7 @@ own `resident` and `naive` runs instead (`simulate.check`)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -64,47 +65,71 @@ class DecodeTimes:
 
 
 def _fits(store: Store) -> bool:
-    return budgets.fits(store.cache_shape, store.dense_bytes)
+    return budgets.fits(store.cache_shape)
 
 
-def _resident_engine(store: Store, settings: Settings) -> Engine:
-    """An engine with every expert loaded, prefetch as `settings` says."""
-    eng = Engine(store, settings, budgets.all_experts(store.cache_shape), verify=False)
-    for layer in store.shape.moe_layers:
-        eng.manager.preload(layer, range(store.shape.num_experts))
-    return eng
+class Engines:
+    """The two engines calibration decodes with, each built once and reused (building one costs more than
+    a decode on a small model): every expert resident, with prefetch switched per measurement, and top-k
+    slots per layer with no eviction policy (every needed expert loaded on demand)."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, replace(settings, prefetch=False)
+        self._resident: Engine | None = None
+        self._demand: Engine | None = None
+
+    def resident(self, prefetch: bool = False) -> Engine:
+        if self._resident is None:
+            self._resident = Engine(self.store, self.settings, budgets.all_experts(self.store.cache_shape),
+                                    verify=False)
+            for layer in self.store.shape.moe_layers:
+                self._resident.manager.preload(layer, range(self.store.shape.num_experts))
+        self._resident.use_prefetch(prefetch)
+        return self._resident
+
+    def demand(self) -> Engine:
+        if self._demand is None:
+            settings = replace(self.settings, cache=replace(self.settings.cache, policy="none"))
+            shape = self.store.cache_shape
+            self._demand = Engine(self.store, settings, budgets.per_layer(shape, shape.top_k, "top-k per layer"),
+                                  verify=False)
+        return self._demand
+
+    def close(self) -> None:
+        for eng in (self._resident, self._demand):
+            if eng is not None:
+                eng.close()
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _decode(store: Store, settings: Settings, policy: str | None, tokens: int) -> tuple[float, float, int]:
-    """(seconds per token, stall seconds per token, loads) of the engine decoding `tokens` tokens after a
-    warm-up token: every expert resident when `policy` is None, else top-k slots per layer under `policy`."""
-    if policy is None:
-        eng = _resident_engine(store, settings)
-    else:
-        settings = replace(settings, cache=replace(settings.cache, policy=policy))
-        eng = Engine(store, settings, budgets.per_layer(store.cache_shape, store.shape.top_k, "top-k per layer"),
-                     verify=False)
-    with eng:
-        run = timed_decode(eng, [1, 2, 3, 4], tokens, warmup=1)
+def _decode(engine: Engine, tokens: int) -> tuple[float, float, int]:
+    """(seconds per token, stall seconds per token, loads) of `engine` decoding `tokens` tokens after a
+    warm-up token, on a fresh KV cache."""
+    run = timed_decode(engine, [1, 2, 3, 4], tokens, warmup=1)
     return run.decode_s / tokens, run.stats.stall_s / tokens, run.stats.misses
 
 
-def decode_times(store: Store, settings: Settings, tokens: int = 48, rounds: int = 3,
-                 max_demand_bytes: int = 2 << 30) -> DecodeTimes:
+def decode_times(engines: Engines, tokens: int = 48, rounds: int = 3, max_demand_bytes: int = 2 << 30
+                 ) -> DecodeTimes:
     """Time the real engine decoding with every expert resident and with top-k slots and no eviction
     policy (`bench`'s naive), alternately, `rounds` times each, prefetch off; keep each end's fastest
     round (the least disturbed by the rest of the machine). The on-demand decode reads about
     `max_demand_bytes` per round at most (at least 2 tokens), so large models calibrate in seconds."""
+    store = engines.store
     shape = store.shape
-    plain = replace(settings, prefetch=False)
     fits = _fits(store)
     per_token = len(shape.moe_layers) * shape.top_k * store.slot_bytes
     demand_tokens = max(2, min(tokens, max_demand_bytes // per_token))
     resident, demand = [], []
     for _ in range(rounds):
         if fits:
-            resident.append(_decode(store, plain, None, tokens))
-        demand.append(_decode(store, plain, "none", demand_tokens))
+            resident.append(_decode(engines.resident(), tokens))
+        demand.append(_decode(engines.demand(), demand_tokens))
     fastest = min(demand)
     return DecodeTimes(resident_token_s=min(resident)[0] if fits else None, demand_token_s=fastest[0],
                        demand_stall_s=fastest[1], demand_loads=fastest[2] / demand_tokens)
@@ -139,17 +164,17 @@ def expert_compute_s(store: Store) -> float:
     return _best(run, 20)
 
 
-def predict_overhead_s(store: Store, settings: Settings, tokens: int = 32, rounds: int = 5) -> float:
+def predict_overhead_s(engines: Engines, tokens: int = 32, rounds: int = 5) -> float:
     """What prefetching adds per layer before any load: the block's next-layer prediction and the
     manager's prefetch call, measured in place as the median of paired differences between decodes with
     every expert resident, prefetch on and off (so nothing is ever loaded). 0 when the store does not fit."""
-    shape = store.shape
-    if len(shape.moe_layers) < 2 or not _fits(store):
+    shape = engines.store.shape
+    if len(shape.moe_layers) < 2 or not _fits(engines.store):
         return 0.0
     diffs = []
     for _ in range(rounds):
-        off = _decode(store, replace(settings, prefetch=False), None, tokens)[0]
-        on = _decode(store, replace(settings, prefetch=True), None, tokens)[0]
+        off = _decode(engines.resident(prefetch=False), tokens)[0]
+        on = _decode(engines.resident(prefetch=True), tokens)[0]
         diffs.append(on - off)
     return max(0.0, statistics.median(diffs) / (len(shape.moe_layers) - 1))
 
@@ -171,7 +196,7 @@ def _read_beside(store: Store, keys: list[tuple[int, int]], gap_s: float, stop: 
         buf.close()
 
 
-def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
+def link_wakeup_s(engines: Engines, loads: int = 32) -> float:
     """What a load costs beyond a back-to-back one when it follows a token's compute (the I/O thread and
     its CPU have gone idle while the engine's threads computed): the difference of the medians of single
     loads through the runtime's loader, back to back and after each token of a decode with every expert
@@ -179,6 +204,7 @@ def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
     from adapmoe_cli.runtime.loader import DEMAND, Loader
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
 
+    store = engines.store
     if not _fits(store):
         return 0.0
     keys = sorted(store.experts)
@@ -194,33 +220,31 @@ def link_wakeup_s(store: Store, settings: Settings, loads: int = 32) -> float:
         load(0)  # the thread is up, the files are open
         back_to_back = [load(i) for i in range(loads)]
         after_compute: list[float] = []
-        with _resident_engine(store, replace(settings, prefetch=False)) as eng:
-            timed_decode(eng, [1, 2, 3, 4], loads, after_step=lambda n: after_compute.append(load(n)))
+        timed_decode(engines.resident(), [1, 2, 3, 4], loads, after_step=lambda n: after_compute.append(load(n)))
     finally:
         loader.close()
         buf.close()
     return max(0.0, statistics.median(after_compute) - statistics.median(back_to_back))
 
 
-def interference_s(store: Store, settings: Settings, tokens: int = 48, rounds: int = 6, gap_s: float = 1e-3
-                   ) -> float:
+def interference_s(engines: Engines, tokens: int = 48, rounds: int = 6, gap_s: float = 1e-3) -> float:
     """Compute time lost per expert read running beside it: decodes with every expert resident, alone and
     while a second loader reads one expert every `gap_s` (prefetch-like spacing), paired and interleaved;
     the median over rounds of the slowdown per read. 0 when the store does not fit."""
     import threading
 
+    store = engines.store
     if not _fits(store):
         return 0.0
-    plain = replace(settings, prefetch=False)
     keys = sorted(store.experts)
     per_read = []
     for _ in range(rounds):
-        alone = _decode(store, plain, None, tokens)[0]
+        alone = _decode(engines.resident(), tokens)[0]
         stop, reads = threading.Event(), [0]
         th = threading.Thread(target=_read_beside, args=(store, keys, gap_s, stop, reads), daemon=True)
         t0 = time.perf_counter()
         th.start()
-        beside = _decode(store, plain, None, tokens)[0]
+        beside = _decode(engines.resident(), tokens)[0]
         elapsed = time.perf_counter() - t0
         stop.set()
         th.join()
@@ -231,7 +255,7 @@ def interference_s(store: Store, settings: Settings, tokens: int = 48, rounds: i
 
 
 def measured_hardware(store: Store, settings: Settings, disk: float, direct: bool, times: DecodeTimes, how: str,
-                      progress: Progress | None = None) -> Hardware:
+                      progress: Progress | None = None, engines: Engines | None = None) -> Hardware:
     """`this-machine` from the disk bandwidth and the runtime's decode times at its two ends (`how` says
     where they came from), plus memory bandwidth, one expert's compute and the block's prediction,
     measured here and now. Without a resident time the dense part is estimated from its bytes."""
@@ -240,12 +264,13 @@ def measured_hardware(store: Store, settings: Settings, disk: float, direct: boo
     mem = memory_bandwidth(store.dtype)
     say("expert compute")
     expert_s = expert_compute_s(store)
-    say("next-layer prediction")
-    predict_s = predict_overhead_s(store, settings)
-    say("reads beside compute")
-    interfere_s = interference_s(store, settings)
-    say("a load after idle compute")
-    wakeup_s = link_wakeup_s(store, settings)
+    with contextlib.nullcontext(engines) if engines else Engines(store, settings) as eng:
+        say("next-layer prediction")
+        predict_s = predict_overhead_s(eng)
+        say("reads beside compute")
+        interfere_s = interference_s(eng)
+        say("a load after idle compute")
+        wakeup_s = link_wakeup_s(eng)
     model = from_store(store)
     head_s = model.head_bytes / mem
     moe = len(store.shape.moe_layers)
@@ -287,9 +312,10 @@ def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20,
     say = progress or (lambda _msg: None)
     say("disk bandwidth (O_DIRECT)")
     disk, direct = read_bandwidth(store, max_bytes=max_read_bytes)
-    say("decode: every expert resident, and every expert loaded on demand")
-    times = decode_times(store, settings, tokens)
-    hw = measured_hardware(store, settings, disk, direct, times, "adapmoe simulate --calibrate: "
-                           "store.reader.read_bandwidth (O_DIRECT sequential reads), the engine's decode with every "
-                           "expert resident and with every expert loaded on demand", say)
+    with Engines(store, settings) as engines:
+        say("decode: every expert resident, and every expert loaded on demand")
+        times = decode_times(engines, tokens)
+        hw = measured_hardware(store, settings, disk, direct, times, "adapmoe simulate --calibrate: "
+                               "store.reader.read_bandwidth (O_DIRECT sequential reads), the engine's decode with "
+                               "every expert resident and with every expert loaded on demand", say, engines)
     return hw, str(write_calibrated(hw))

@@ -66,9 +66,10 @@ def _gate(store: Store | None, profile_layers: list[dict] | None, plan: Path | N
     return GatePolicy.off()
 
 
-def resolve(target: str, trace_format: str = "adapmoe", model_config: str | None = None, bits: float | None = None,
-            plan: Path | None = None, gate_scale: float | None = None, rule: str = "paper") -> Sources:
-    shipped = shipped_trace(target)
+def resolve(target: str | None, trace_format: str = "adapmoe", model_config: str | None = None,
+            bits: float | None = None, plan: Path | None = None, gate_scale: float | None = None,
+            rule: str = "paper") -> Sources:
+    shipped = shipped_trace(target) if target is not None else None
     if shipped is not None:  # a trace that ships with adapmoe, by name
         target, trace_format = str(shipped), "h39s"
     if trace_format not in FORMATS:
@@ -78,6 +79,8 @@ def resolve(target: str, trace_format: str = "adapmoe", model_config: str | None
     notes: list[str] = []
     store: Store | None = None
     if trace_format == "h39s":
+        if target is None:
+            raise UsageError("--trace-format h39s needs the trace file as TRACE_OR_MODEL")
         path = Path(target).expanduser()
         if not path.is_file():
             raise UsageError(f"no h39s trace at {path}")
@@ -98,11 +101,12 @@ def resolve(target: str, trace_format: str = "adapmoe", model_config: str | None
     return Sources(st, model, gate, store, tuple(notes))
 
 
-def _adapmoe_trace(target: str) -> tuple[SimTrace, Store | None, list[dict] | None]:
-    """A `*.trace.safetensors` file, a `profile.json`, or a MODEL (store, checkpoint, hub id) with a profile."""
+def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, list[dict] | None]:
+    """A `*.trace.safetensors` file, a `profile.json`, or a MODEL (store, checkpoint, hub id; none: the
+    embedded model) with a profile."""
     from adapmoe_cli.profiling.profile_file import default_path, read_profile
 
-    path = Path(target).expanduser()
+    path = Path(target or "").expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -123,6 +127,6 @@ def _adapmoe_trace(target: str) -> tuple[SimTrace, Store | None, list[dict] | No
     store = open_model(target)
     pp = default_path(store)
     if not pp.exists():
-        raise ProfileError(f"{store.path} has no routing trace yet: run `adapmoe profile {target}` first")
+        raise ProfileError(f"{store.path} has no routing trace yet: run `adapmoe profile {target or ''}` first")
     prof = read_profile(pp, store)
     return from_trace(prof.trace(), store.shape.num_experts, str(pp)), store, prof.layers

@@ -43,7 +43,8 @@ class ModelSpec:
     @property
     def cache_shape(self) -> CacheShape:
         """What an expert budget is measured against (`budget.py`); layers are numbered 0 … L-1."""
-        return CacheShape(tuple(range(self.num_layers)), self.num_experts, self.top_k, self.slot_bytes)
+        return CacheShape(tuple(range(self.num_layers)), self.num_experts, self.top_k, self.slot_bytes,
+                          self.num_layers * self.dense_bytes_per_layer + self.head_bytes)
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,6 +88,40 @@ def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") ->
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md") from None
+
+
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8}
+
+
+def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) -> ModelSpec:
+    """A Hugging Face `config.json` of an MoE model (Mixtral, Qwen-MoE, OLMoE, DeepSeek, … key names) →
+    bytes. MoE layers are the decoder layers less the dense ones (`first_k_dense_replace`,
+    `mlp_only_layers`, `decoder_sparse_step`); shared experts are not counted (they are dense)."""
+    def first(*keys: str) -> Any:
+        for k in keys:
+            if cfg.get(k) is not None:
+                return cfg[k]
+        raise UsageError(f"{name}: config.json has none of {', '.join(keys)}: is it a Mixture-of-Experts model?")
+
+    layers = int(first("num_hidden_layers", "n_layer", "num_layers"))
+    dense_layers = set(range(int(cfg.get("first_k_dense_replace") or 0))) | set(cfg.get("mlp_only_layers") or [])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    moe = [i for i in range(layers) if i not in dense_layers and (i + 1) % step == 0]
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    d = {
+        "name": name, "num_layers": len(moe), "hidden_size": first("hidden_size", "d_model"),
+        "num_experts": first("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
+        "top_k": first("num_experts_per_tok", "moe_top_k", "top_k"),
+        "moe_intermediate_size": first("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"),
+        "num_attention_heads": first("num_attention_heads", "n_head"),
+        "num_key_value_heads": cfg.get("num_key_value_heads") or first("num_attention_heads", "n_head"),
+        "vocab_size": first("vocab_size"), "bits": _DTYPE_BITS.get(dtype, 16), "dense_bits": _DTYPE_BITS.get(dtype, 16),
+    }
+    if cfg.get("head_dim"):
+        d["head_dim"] = cfg["head_dim"]
+    if not moe:
+        raise UsageError(f"{name}: no Mixture-of-Experts layer in this config")
+    return from_config(d, bits, name)
 
 
 def load_model(name_or_file: str, bits: float | None = None) -> ModelSpec:

@@ -131,3 +131,18 @@ def project(st: SimTrace, num_layers: int, num_experts: int, model_name: str) ->
             f"the trace has {L} layers and {model_name} {num_layers}: only its first {num_layers} layers are used")
     return SimTrace(tr, st.steps, st.prompt_steps, st.num_experts, st.has_weights, st.has_predictions,
                     st.source, (*st.notes, note))
+
+
+def uniform_trace(num_layers: int, num_experts: int, top_k: int, tokens: int = 256, seed: int = 0) -> SimTrace:
+    """Routing with no structure: every decode step and layer draws top-k distinct experts uniformly (equal
+    weights, no predictions). A pessimistic stand-in where no recorded trace of the model exists: real
+    routing repeats experts across nearby tokens, which caches exploit."""
+    g = torch.Generator().manual_seed(seed)
+    tr = _empty(tokens, num_layers, top_k)
+    for t in range(tokens):
+        for layer in range(num_layers):
+            tr.ids[t, layer] = torch.randperm(num_experts, generator=g)[:top_k].sort().values.to(torch.int16)
+    tr.weights[:] = 1.0 / top_k
+    return SimTrace(tr, list(range(tokens)), frozenset(), num_experts, has_weights=False, has_predictions=False,
+                    source=f"uniform random routing ({tokens} tokens, seed {seed})",
+                    notes=("routing assumed uniform at random: a pessimistic bound (real routing has locality)",))

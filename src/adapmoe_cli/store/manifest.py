@@ -137,7 +137,7 @@ class Store:
     def cache_shape(self) -> CacheShape:
         """What an expert budget is measured against (`budget.py`)."""
         s = self.shape
-        return CacheShape(tuple(s.moe_layers), s.num_experts, s.top_k, self.slot_bytes)
+        return CacheShape(tuple(s.moe_layers), s.num_experts, s.top_k, self.slot_bytes, self.dense_bytes)
 
     @property
     def dense_bytes(self) -> int:

@@ -1,0 +1,133 @@
+"""What a user meets around the runtime: `fit` from a config alone (a hub id fetches only config.json),
+`list` / `rm` and readable store names, `--version` / `--debug` anywhere, and the bench's warnings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapmoe_cli.simulate.model_spec import from_hf_config
+from adapmoe_cli.synthetic import TinySpec
+from tests.hub_server import HubServer
+
+
+def _run(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, input=input, timeout=300)
+
+
+def test_fit_from_a_hub_config_fetches_nothing_else(make_checkpoint: Callable[..., Path]):
+    with HubServer() as hub:
+        hub.add("org/tiny-moe", make_checkpoint())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
+                   HF_HOME=os.environ["HF_HOME"])
+        r = subprocess.run([sys.executable, "-m", "adapmoe_cli", "fit", "org/tiny-moe", "--hardware", "laptop-nvme",
+                            "--json"], capture_output=True, text=True, env=env, timeout=300)
+        fetched = {p.rsplit("/", 1)[-1] for p in hub.state.files("org/tiny-moe")}
+    assert r.returncode == 0, r.stderr
+    assert fetched == {"config.json"}  # sizes from the config alone: no weights, no tokenizer
+    out = json.loads(r.stdout)
+    spec = TinySpec()
+    assert (out["model"]["num_layers"], out["model"]["num_experts"]) == (spec.num_hidden_layers, spec.num_local_experts)
+    assert out["expert_slot_bytes"] == 3 * spec.hidden_size * spec.intermediate_size * 2  # bf16 checkpoint
+    rows = out["budgets"]
+    assert [r_["budget_slots"] for r_ in rows] == sorted(r_["budget_slots"] for r_ in rows)
+    assert all(r_["decode_tokens_per_s"] > 0 for r_ in rows) and sum(r_["auto"] for r_ in rows) == 1
+    assert rows[-1]["memory_bytes"] > rows[0]["memory_bytes"] and "routing" in out
+
+
+def test_fit_reads_the_configs_of_other_families():
+    qwen = {"model_type": "qwen3_moe", "num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8,
+            "hidden_size": 2048, "moe_intermediate_size": 768, "intermediate_size": 6144, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "mlp_only_layers": [],
+            "decoder_sparse_step": 1, "torch_dtype": "bfloat16"}
+    m = from_hf_config(qwen, "qwen")
+    assert (m.num_layers, m.num_experts, m.top_k, m.slot_bytes) == (48, 128, 8, 3 * 2048 * 768 * 2)
+    deepseek = {"num_hidden_layers": 61, "first_k_dense_replace": 3, "n_routed_experts": 256, "num_experts_per_tok": 8,
+                "hidden_size": 7168, "moe_intermediate_size": 2048, "num_attention_heads": 128, "vocab_size": 129280}
+    d = from_hf_config(deepseek, "deepseek", bits=4)
+    assert (d.num_layers, d.num_experts) == (58, 256) and d.slot_bytes < 3 * 7168 * 2048  # 4 bits: under a byte each
+    from adapmoe_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="Mixture-of-Experts"):
+        from_hf_config({"num_hidden_layers": 2, "hidden_size": 8}, "dense")
+
+
+def test_readable_store_names_list_and_rm(make_checkpoint: Callable[..., Path], tmp_path: Path):
+    from adapmoe_cli import catalog
+    from adapmoe_cli.model_arg import open_model
+
+    a = tmp_path / "a" / "ckpt"
+    b = tmp_path / "b" / "ckpt"
+    shutil.copytree(make_checkpoint(), a)
+    shutil.copytree(make_checkpoint(seed=1), b)
+    first = open_model(str(a))
+    assert first.path.name == "ckpt"  # named after the checkpoint's folder
+    assert open_model(str(b)).path.name == "ckpt-2"  # another checkpoint with the same folder name
+    before = (first.path / "manifest.json").stat().st_mtime_ns
+    assert open_model(str(a)).path == first.path  # the same checkpoint again: its store, not sharded anew
+    assert (first.path / "manifest.json").stat().st_mtime_ns == before
+    names = {e.name: e for e in catalog.list_stores()}
+    assert set(names) == {"ckpt", "ckpt-2"} and names["ckpt"].source == str(a.absolute())
+    assert names["ckpt"].last_used is not None and names["ckpt"].bytes > 0
+
+    r = _run("list", "--json")
+    assert r.returncode == 0 and {e["name"] for e in json.loads(r.stdout)} == {"ckpt", "ckpt-2"}
+    r = _run("rm", "ckpt-2", input="")  # not a terminal: confirmation needs --yes
+    assert r.returncode != 0 and "add --yes" in r.stderr and (first.path.parent / "ckpt-2").exists()
+    r = _run("rm", "../../etc", "--yes")
+    assert r.returncode != 0 and "no store named" in r.stderr
+    r = _run("rm", str(b), "--yes")  # by its source
+    assert r.returncode == 0, r.stderr
+    assert not (first.path.parent / "ckpt-2").exists() and first.path.exists()
+
+
+def test_version_and_debug_after_the_command():
+    assert _run("-V").stdout.strip().startswith("adapmoe ")
+    quiet = _run("info", "no/such/store")
+    loud = _run("info", "no/such/store", "--debug")  # accepted after the command name too
+    assert quiet.returncode != 0 and "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) == 1
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_bench_warns_when_repeats_overlap_or_the_machine_is_busy():
+    from adapmoe_cli.bench import warnings
+
+    def pol(lo: float, med: float, hi: float) -> dict:
+        return {"decode_tokens_per_s": med, "decode_tokens_per_s_min": lo, "decode_tokens_per_s_max": hi}
+
+    r = {"repeats": 3, "machine": {"torch_threads": 2}, "machine_load": {"load_average_1m": 1.9, "steal_share": 0.0},
+         "policies": {"lru": pol(90, 100, 110), "adapmoe": pol(105, 120, 125), "naive": pol(40, 45, 50)}}
+    got = warnings(r)
+    assert len(got) == 1 and "lru and adapmoe overlap" in got[0]  # naive is clearly apart
+    r["machine_load"] = {"load_average_1m": 5.0, "steal_share": 0.2}
+    got = warnings(r)
+    assert any("busy" in w for w in got) and any("hypervisor" in w for w in got)
+    r["repeats"] = 1
+    assert not any("overlap" in w for w in warnings(r))
+
+
+def test_chat_banner_shows_the_budget_in_slots_and_bytes(make_store: Callable[..., Path]):
+    import pexpect
+
+    store = make_store(TinySpec(), dtype=torch.float32)
+    child = pexpect.spawn(sys.executable, ["-m", "adapmoe_cli", "chat", str(store), "--memory", "1GiB",
+                                           "--no-auto-profile"],
+                          env={**os.environ, "COLUMNS": "250"}, encoding="utf-8", timeout=120, dimensions=(30, 250))
+    try:
+        child.expect(r"8/8 experts cached \(\d+\.\d\d KiB; --memory 1\.00 GiB = \d+ slots of [\d.]+ KiB, capped at "
+                     r"the model's 8 experts\)")
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
