@@ -227,7 +227,7 @@ _FAIL_NTH_WRITE = """
 import errno, os, signal
 _real, _calls = os.write, [0]
 def _write(fd, data):
-    if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+    if "adapmoe-partial-" in os.readlink(f"/proc/self/fd/{fd}"):
         _calls[0] += 1
         if _calls[0] == 3:
             ACTION
@@ -255,7 +255,7 @@ def test_killed_shard_leaves_no_store_and_the_next_run_cleans_up(
     res = run_subprocess("shard", ckpt, str(out), prelude=prelude)
     assert res.returncode == -9
     assert not out.exists()
-    (partial,) = tmp_path.glob(".store.partial-*")  # what a hard kill leaves: hidden, and not a store
+    (partial,) = tmp_path.glob(".store.adapmoe-partial-*")  # what a hard kill leaves: hidden, and not a store
     assert any(partial.rglob("*.bin"))
     assert not is_store(partial)
     code, stdout, _ = run_cli(monkeypatch, capsys, "shard", ckpt, str(out))
