@@ -6,6 +6,7 @@ atomically without following links (`safe_io.write_atomic`)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,22 @@ def write_atomic(path: Path, doc: dict[str, Any]) -> Path:
 
     return write_bytes(path, json.dumps(doc, indent=1))
 
+
+
+def integer(value: Any, what: str, error: type[AdapmoeError], lo: int | None = None, hi: int | None = None) -> int:
+    """`value` if it is an integer (not a bool, not a float) within [lo, hi]; else `error` naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{what} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise error(f"{what} = {value} is outside {lo if lo is not None else '…'}…{hi if hi is not None else ''}")
+    return value
+
+
+def number(value: Any, what: str, error: type[AdapmoeError], lo: float | None = None,
+           hi: float | None = None) -> float:
+    """`value` as a float if it is a finite number (not a bool, NaN or ±inf) within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise error(f"{what} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise error(f"{what} = {value} is outside [{lo}, {hi}]")
+    return float(value)
