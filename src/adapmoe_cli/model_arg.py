@@ -51,7 +51,10 @@ def open_model(model: str | None, progress: Progress | None = None) -> Store:
             return Store.open(path)
         if (path / "config.json").exists():
             out = store_dir_for_checkpoint(path)
-            shard(path, out, progress=progress)
+            try:
+                shard(path, out, progress=progress)
+            except StoreExistsError:  # the checkpoint changed since: its store under ADAPMOE_HOME is stale
+                shard(path, out, force=True, progress=progress)
             return Store.open(out)
         raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
     if looks_like_repo_id(model):
