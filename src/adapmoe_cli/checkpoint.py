@@ -215,14 +215,15 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def validate(ckpt: Checkpoint) -> None:
     """Every expected tensor present with the config's shape, and nothing unexpected."""
-    from adapmoe_cli.skeleton import expected_dense_tensors
+    from adapmoe_cli.skeleton import config_errors, describe, expected_dense_tensors
 
     fam, cfg = ckpt.family, ckpt.config
     shape = fam.moe_shape(cfg)
     try:
         expected = expected_dense_tensors(fam, cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {e}") from None
+    except config_errors() as e:
+        raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {describe(e)}"
+                              ) from None
     part_shapes = fam.expert_part_shapes(cfg)
     for layer in shape.moe_layers:
         for e in range(shape.num_experts):

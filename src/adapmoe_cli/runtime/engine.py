@@ -18,7 +18,7 @@ from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.moe_block import Observers, OffloadedMoE
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings
-from adapmoe_cli.skeleton import empty_model
+from adapmoe_cli.skeleton import config_errors, describe, empty_model
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, expert_views
 
@@ -63,8 +63,9 @@ class Engine:
         store, fam = self.store, self.store.family
         try:
             model = empty_model(fam, store.config, dtype=store.dtype)
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise StoreError(f"{store.path}: its config cannot build a {fam.model_type} model ({e})") from None
+        except config_errors() as e:
+            raise StoreError(f"{store.path}: its config cannot build a {fam.model_type} model ({describe(e)})"
+                             ) from None
         dense = {fam.hub_to_model_key(k): v for k, v in store.load_dense().items()}
         if store.config.get("tie_word_embeddings") and "lm_head.weight" not in dense:
             dense["lm_head.weight"] = dense.get("model.embed_tokens.weight")

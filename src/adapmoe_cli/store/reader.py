@@ -122,8 +122,8 @@ class ExpertReader:
         if self.check and key not in self.store.checked_experts:
             problem = expert_problem(entry, view, n)
             if problem is not None:
-                raise StoreError(f"{problem}; the store is damaged: run `adapmoe verify {self.store.path}` and "
-                                 f"re-run `{REMEDY}`")
+                raise StoreError(f"store {self.store.path} failed verification: {problem}; run `adapmoe verify` "
+                                 f"on it and re-run `{REMEDY}`")
             self.store.checked_experts.add(key)
         return entry
 
