@@ -162,9 +162,14 @@ def default_config_text() -> str:
 
 def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Defaults ← preset file ← flags. `overrides` uses dotted keys (`cache.experts`); None means unset."""
+    return build_settings(_read_yaml(config) if config is not None else None, overrides)
+
+
+def build_settings(preset: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """`load_settings` after the preset file is read (a mapping, as `_read_yaml` returns it)."""
     data = yaml.safe_load(default_config_text())
-    if config is not None:
-        data = _merge(data, _read_yaml(config))
+    if preset is not None:
+        data = _merge(data, preset)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
