@@ -601,3 +601,16 @@ def test_a_truncated_store_file_replaced_by_a_fifo_does_not_hang(make_store, tmp
     os.mkfifo(store / "experts" / "layer-001.bin")
     code, _, err = run_cli(monkeypatch, capsys, "chat", str(store), "-p", "hi", "-n", "2", "--json")
     assert code == 1 and "not a regular file" in one_line(err)
+
+
+def test_a_system_message_that_is_not_utf8_is_used(make_store, monkeypatch, capsys):
+    store = make_store(TinySpec(), dtype=torch.float32)
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(store), "-p", "hi", "-n", "2", "--json",
+                             "--system", "sys\udcff")  # how Python passes a non-UTF-8 argv byte
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 2
+
+
+def test_a_text_file_that_is_a_folder_is_one_line(make_store, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(make_store()), "--text", str(tmp_path))
+    assert code != 0 and "cannot be read" in one_line(err)

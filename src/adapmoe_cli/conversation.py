@@ -85,6 +85,7 @@ class Conversation:
     _cached: list[int] = field(default_factory=list)  # token ids whose K/V the cache holds
 
     def __post_init__(self) -> None:
+        self.system = clean_text(self.system) if self.system is not None else None
         if not self.raw and not getattr(self.tokenizer, "chat_template", None):
             raise UsageError("this model's tokenizer has no chat template; use --raw for plain continuation")
         self.reset()

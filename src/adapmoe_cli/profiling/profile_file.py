@@ -85,32 +85,41 @@ class Profile:
         except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ProfileError(f"the trace {tpath} is not an adapmoe routing trace ({e}); re-run `adapmoe profile`"
                                ) from None
-        check_trace(trace, [int(x["layer"]) for x in self.layers], self.data["model"], tpath)
+        model = self.data["model"]
+        check_trace(trace, tpath, [int(x["layer"]) for x in self.layers], model["top_k"], model["num_experts"])
         return trace
 
 
-def check_trace(trace: Trace, layers: list[int], model: dict[str, Any], where: Path) -> None:
-    """Shapes, dtypes and ranges of a trace's arrays, so replay and statistics can index with them."""
-    n, k, experts = trace.ids.shape[0] if trace.ids.dim() == 3 else -1, model.get("top_k"), model.get("num_experts")
-    want = (n, len(layers), k)
+def check_trace(trace: Trace, where: Path, layers: list[int] | None = None, top_k: int | None = None,
+                experts: int | None = None) -> None:
+    """Shapes, dtypes and ranges of a trace's arrays (against the layers, top-k and expert count when
+    known), so replay, statistics and the simulator can index with them. ProfileError otherwise."""
+    def bad(why: str) -> ProfileError:
+        return ProfileError(f"the trace {where} {why}; re-run `adapmoe profile`")
+
+    if trace.ids.dim() != 3:
+        raise bad(f"has ids of shape {list(trace.ids.shape)}, not [tokens, layers, k]")
+    n, num_layers, k = trace.ids.shape
+    want = (n, len(layers) if layers is not None else num_layers, top_k if top_k is not None else k)
     for name in ("ids", "weights", "pred_ids", "pred_weights"):
         t = getattr(trace, name)
         if tuple(t.shape) != want:
-            raise ProfileError(f"the trace {where}: {name} has shape {list(t.shape)}, expected {list(want)}")
-    if trace.ids.dtype != trace.pred_ids.dtype or trace.ids.is_floating_point():
-        raise ProfileError(f"the trace {where}: ids must be integers")
+            raise bad(f"has {name} of shape {list(t.shape)}, expected {list(want)}")
+    if trace.ids.is_floating_point() or trace.pred_ids.is_floating_point() or trace.ids.dtype == torch.bool:
+        raise bad("has ids that are not integers")
     if not (trace.weights.is_floating_point() and trace.pred_weights.is_floating_point()):
-        raise ProfileError(f"the trace {where}: weights must be floating point")
-    if trace.layers != layers or tuple(trace.tokens.shape) != (n,):
-        raise ProfileError(f"the trace {where} does not match its profile's layers and tokens")
+        raise bad("has weights that are not floating point")
+    if (layers is not None and trace.layers != layers) or len(trace.layers) != num_layers \
+            or tuple(trace.tokens.shape) != (n,):
+        raise bad("does not match its profile's layers and tokens")
     for name in ("ids", "pred_ids"):
         t = getattr(trace, name)
-        if t.numel() and (int(t.min()) < -1 or int(t.max()) >= experts):
-            raise ProfileError(f"the trace {where}: {name} holds expert ids outside 0 … {experts - 1}")
+        if t.numel() and (int(t.min()) < -1 or (experts is not None and int(t.max()) >= experts)):
+            raise bad(f"holds {name} outside -1 … {experts - 1 if experts is not None else '…'}")
     for name in ("weights", "pred_weights"):
         t = getattr(trace, name)
         if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ProfileError(f"the trace {where}: {name} holds NaN or infinite values")
+            raise bad(f"holds {name} that are NaN or infinite")
 
 
 def read_profile(path: Path, store: Store | None = None) -> Profile:
