@@ -197,9 +197,6 @@ class Store:
         self.path = Path(path)
         self.manifest = manifest
         m = manifest
-        if m["format_version"] >= 2 and m.get("manifest_sha256") != manifest_digest(m):
-            raise StoreError(f"{self.path / MANIFEST} is damaged: its checksum does not match its content "
-                             f"(bit rot or an edit); re-run `{REMEDY}`")
         if not isinstance(m.get("config"), dict):
             raise ValueError("config is not an object")
         self.config: dict[str, Any] = m["config"]
@@ -246,11 +243,13 @@ class Store:
 
     @staticmethod
     def from_manifest(path: Path, manifest: dict[str, Any]) -> Store:
+        """Check the manifest's own checksum (format 2 on), then everything in it."""
+        if manifest["format_version"] >= 2 and manifest.get("manifest_sha256") != manifest_digest(manifest):
+            raise StoreError(f"{Path(path) / MANIFEST} is damaged: its checksum does not match its content "
+                             f"(bit rot or an edit); re-run `{REMEDY}`")
         try:
             return Store(path, manifest)
         except (KeyError, TypeError, ValueError, StoreError) as e:
-            if isinstance(e, StoreError) and "is damaged" in str(e):
-                raise
             raise StoreError(f"{Path(path) / MANIFEST} is malformed ({e}); re-run `{REMEDY}`") from None
 
     @property
