@@ -161,6 +161,7 @@ def test_a_store_on_a_read_only_file_system_works(make_store, tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", read_only)
     import builtins
+    import io
 
     real_builtin_open = builtins.open
 
@@ -170,6 +171,7 @@ def test_a_store_on_a_read_only_file_system_works(make_store, tmp_path, monkeypa
         return real_builtin_open(file, mode, *args, **kw)
 
     monkeypatch.setattr(builtins, "open", ro_builtin)
+    monkeypatch.setattr(io, "open", ro_builtin)  # what pathlib's write_text calls
     code, _, err = run_cli(monkeypatch, capsys, "verify", str(store))
     assert code == 0, err
     code, out, err = run_cli(monkeypatch, capsys, "chat", str(store), "-p", "hi", "-n", "2", "--json")
