@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,7 +37,7 @@ def _alarm(signum: int, frame: object) -> None:
     raise Hang()
 
 
-def fuzz(name: str, total: int, base_seed: int, timeout: int) -> dict:
+def fuzz(name: str, total: int, base_seed: int, timeout: int, report: Callable[[dict], None]) -> dict:
     tmp, seeds = seeds_in_tempdir()
     fn = TARGETS[name][0]
     counts = {"inputs": 0, "refused": 0, "accepted": 0, "crashes": 0, "hangs": 0}
@@ -76,8 +77,9 @@ def fuzz(name: str, total: int, base_seed: int, timeout: int) -> dict:
             break
         print(f"  {name}: {counts['inputs']:,} inputs, {counts['crashes']} crashes, {counts['hangs']} hangs",
               file=sys.stderr, flush=True)
+        report({**counts, "seconds": round(time.perf_counter() - t0, 1), "examples": examples, "finished": False})
     tmp.cleanup()
-    return {**counts, "seconds": round(time.perf_counter() - t0, 1), "examples": examples}
+    return {**counts, "seconds": round(time.perf_counter() - t0, 1), "examples": examples, "finished": True}
 
 
 def main() -> None:
@@ -89,17 +91,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     signal.signal(signal.SIGALRM, _alarm)
-    results = {}
-    for name in args.targets.split(","):
-        print(f"fuzzing {name} …", file=sys.stderr, flush=True)
-        results[name] = fuzz(name, args.inputs, args.seed, args.timeout)
-        r = results[name]
-        print(f"{name}: {r['inputs']:,} inputs in {r['seconds']} s: {r['refused']:,} refused, {r['accepted']:,} "
-              f"accepted, {r['crashes']} crashes, {r['hangs']} hangs", flush=True)
-        if args.out:  # written after every target, so a long run that is stopped keeps what it finished
+    results: dict[str, dict] = {}
+
+    def save() -> None:  # after every chunk, so a long run that is stopped keeps what it did
+        if args.out:
             doc = {"command": " ".join(sys.argv), "python": platform.python_version(), "seed": args.seed,
                    "targets": results}
             args.out.write_text(json.dumps(doc, indent=1))
+
+    for name in args.targets.split(","):
+        print(f"fuzzing {name} …", file=sys.stderr, flush=True)
+        results[name] = fuzz(name, args.inputs, args.seed, args.timeout,
+                             lambda partial, name=name: (results.__setitem__(name, partial), save()))
+        r = results[name]
+        print(f"{name}: {r['inputs']:,} inputs in {r['seconds']} s: {r['refused']:,} refused, {r['accepted']:,} "
+              f"accepted, {r['crashes']} crashes, {r['hangs']} hangs", flush=True)
+        save()
     sys.exit(1 if any(r["crashes"] or r["hangs"] for r in results.values()) else 0)
 
 
