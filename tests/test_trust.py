@@ -616,3 +616,11 @@ def test_a_system_message_that_is_not_utf8_is_used(make_store, monkeypatch, caps
 def test_a_text_file_that_is_a_folder_is_one_line(make_store, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "eval", str(make_store()), "--text", str(tmp_path))
     assert code != 0 and "cannot be read" in one_line(err)
+
+
+def test_a_preset_key_yaml_reads_as_a_boolean_is_one_line(make_store, tmp_path, monkeypatch, capsys):
+    """Found by the fuzzer: YAML 1.1 reads the key `on:` as True, beside string keys."""
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text("prefetch: false\non:\n  temperature: 0.7\n")
+    code, _, err = run_cli(monkeypatch, capsys, "chat", str(make_store()), "-p", "hi", "--config", str(cfg))
+    assert code != 0 and "unknown setting True" in one_line(err)

@@ -135,9 +135,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    # YAML 1.1 reads some bare keys as other types (`on:` is True): compare and report them as text
+    unknown = sorted((k for k in data if k not in known), key=repr)
     if unknown:
-        raise UsageError(f"unknown setting {where}{unknown[0]}; known: {', '.join(known)}")
+        raise UsageError(f"unknown setting {where}{unknown[0]!s}; known: {', '.join(known)}")
     kwargs = {}
     for name, value in data.items():
         subs = {"cache": CacheSettings, "generation": GenerationSettings, "gate": GateSettings}
