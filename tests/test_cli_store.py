@@ -181,7 +181,7 @@ def test_markup_like_text_in_a_path_is_printed_as_is(
 
 
 def test_usage_errors_exit_2_with_clicks_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    code, _, err = run_cli(monkeypatch, capsys, "info")
+    code, _, err = run_cli(monkeypatch, capsys, "verify")  # (info, like chat, defaults to the embedded model)
     assert code == 2 and "Missing argument 'store'" in err and "unexpected" not in err
 
 
@@ -227,7 +227,7 @@ _FAIL_NTH_WRITE = """
 import errno, os, signal
 _real, _calls = os.write, [0]
 def _write(fd, data):
-    if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+    if "adapmoe-partial-" in os.readlink(f"/proc/self/fd/{fd}"):
         _calls[0] += 1
         if _calls[0] == 3:
             ACTION
@@ -255,7 +255,7 @@ def test_killed_shard_leaves_no_store_and_the_next_run_cleans_up(
     res = run_subprocess("shard", ckpt, str(out), prelude=prelude)
     assert res.returncode == -9
     assert not out.exists()
-    (partial,) = tmp_path.glob(".store.partial-*")  # what a hard kill leaves: hidden, and not a store
+    (partial,) = tmp_path.glob(".store.adapmoe-partial-*")  # what a hard kill leaves: hidden, and not a store
     assert any(partial.rglob("*.bin"))
     assert not is_store(partial)
     code, stdout, _ = run_cli(monkeypatch, capsys, "shard", ckpt, str(out))
@@ -305,8 +305,8 @@ def test_info_refuses_a_newer_format(make_store: Callable[..., Path], tmp_path: 
 
 def test_info_on_a_folder_that_is_not_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]):
-    code, _, err = run_cli(monkeypatch, capsys, "info", str(tmp_path))
-    assert code == 1 and "is not an adapmoe store (no manifest.json)" in _one_line_error(err)
+    code, _, err = run_cli(monkeypatch, capsys, "info", str(tmp_path))  # MODEL, as every command takes it
+    assert code == 2 and "is neither an adapmoe store nor a checkpoint folder" in _one_line_error(err)
 
 
 # --- verify ----------------------------------------------------------------------------------------------

@@ -51,4 +51,17 @@ def test_chat_with_no_model_answers_offline(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) >= 1 and out["text"].strip()
-    assert out["stats"]["experts_per_token"] > 0
+    assert 1.0 <= out["stats"]["experts_per_token"] < 2.0  # AdapMoE's gate is on from the first token
+
+
+def test_the_shipped_profile_and_plan_are_installed_and_accepted():
+    """scripts/ship_default_profile.py made them; re-run it when the model or a format changes."""
+    from adapmoe_cli.planning.resolve import resolve
+    from adapmoe_cli.settings import load_settings
+
+    store = open_model(None)
+    assert (store.path / "profile.json").exists() and (store.path / "plan.json").exists()
+    choice = resolve(store, load_settings(overrides={"cache.budget": 16}))
+    assert not choice.notes and choice.plan is not None  # the right model's plan (fingerprint), well formed
+    assert choice.gate.thresholds and choice.budget.total == 16  # re-solved for 16 slots from its curves
+    assert sorted(choice.budget.quotas) == list(store.shape.moe_layers)

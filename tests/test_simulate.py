@@ -318,7 +318,10 @@ def test_simulate_on_a_store_uses_its_profile(make_store, tmp_path, monkeypatch,
     shutil.copytree(make_store(TinySpec(num_hidden_layers=6, num_local_experts=8), dtype=torch.float32), store_dir)
     store = Store.open(store_dir)
     st = _synthetic(tokens=40)
-    write_profile(store_dir / "profile.json", {"model": model_identity(store), "layers": []}, st.trace)
+    layers = [{"layer": la, "sensitivity": 1.0, "predicted_drop_loss": 0.0, "mean_second_weight_sq": 0.0}
+              for la in store.shape.moe_layers]  # a profile's reader checks its layers (issue #19)
+    write_profile(store_dir / "profile.json", {"model": model_identity(store), "method": "forward",
+                                               "layers": layers}, st.trace)
     code, stdout, err = run_cli(monkeypatch, capsys, "simulate", str(store_dir), "--hardware", "laptop-nvme",
                                 "--budget", "18", "--json")
     assert code == 0, err

@@ -22,10 +22,9 @@ from safetensors.torch import load_file
 
 from adapmoe_cli.errors import StoreError, StoreExistsError
 from adapmoe_cli.store import FORMAT_VERSION, Store, is_store
-from adapmoe_cli.store import verify as verify_mod
 from adapmoe_cli.store.manifest import ALIGNMENT
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
-from adapmoe_cli.store.verify import ensure_verified, verify
+from adapmoe_cli.store.verify import ensure_files, verify
 from adapmoe_cli.store.writer import shard
 from adapmoe_cli.synthetic import TinySpec
 
@@ -52,7 +51,15 @@ def _dead_pid() -> int:
 
 
 def _partials(parent: Path) -> list[Path]:
-    return [p for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    return [p for p in parent.iterdir() if ".adapmoe-partial-" in p.name or ".adapmoe-replaced-" in p.name]
+
+
+def _leftover(parent: Path, out: Path, kind: str, pid: int) -> Path:
+    """What a killed shard of `out` leaves: a folder with our word in its name and our owner mark."""
+    p = parent / f".{out.name}.adapmoe-{kind}-{pid}-0123abcd"
+    p.mkdir()
+    (p / ".adapmoe-owner").write_text(json.dumps({"pid": pid, "out": str(out)}))
+    return p
 
 
 # --- what shard writes ------------------------------------------------------------------------------
@@ -143,7 +150,7 @@ def _fail_nth_write(monkeypatch: pytest.MonkeyPatch, n: int, exc: BaseException)
     calls = [0]
 
     def write(fd: int, data: bytes) -> int:
-        if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+        if "adapmoe-partial-" in os.readlink(f"/proc/self/fd/{fd}"):
             calls[0] += 1
             if calls[0] == n:
                 raise exc
@@ -178,14 +185,12 @@ def test_stale_partial_of_a_dead_run_is_removed_and_a_live_ones_kept(
     make_checkpoint: Callable[..., Path], tmp_path: Path
 ):
     out = tmp_path / "store"
-    dead = tmp_path / f".store.partial-{_dead_pid()}"
+    dead = _leftover(tmp_path, out, "partial", _dead_pid())
     (dead / "experts").mkdir(parents=True)
     (dead / "experts" / "layer-000.bin").write_bytes(b"\0" * 4096)
     assert not is_store(dead)
-    replaced = tmp_path / f".store.old-{_dead_pid()}"  # killed between its two renames
-    replaced.mkdir()
-    live = tmp_path / ".store.partial-1"  # pid 1 always runs: another shard of the same target
-    live.mkdir()
+    replaced = _leftover(tmp_path, out, "replaced", _dead_pid())  # killed between its two renames
+    live = _leftover(tmp_path, out, "partial", 1)  # pid 1 always runs: another shard of the same target
     shard(make_checkpoint(), out)
     assert not dead.exists() and not replaced.exists() and live.exists() and is_store(out)
 
@@ -215,7 +220,7 @@ def test_failed_final_rename_keeps_the_previous_store(
     real = os.rename
 
     def rename(src: str | Path, dst: str | Path) -> None:
-        if ".partial-" in str(src):
+        if "adapmoe-partial-" in str(src):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(src, dst)
 
@@ -355,29 +360,29 @@ def test_verify_passes_on_a_fresh_store(make_store: Callable[..., Path]):
     )
 
 
-def test_ensure_verified_trusts_the_stamp_until_a_file_changes(
-    make_store: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_runtime_checks_expert_bytes_when_it_reads_them_not_a_stamp(
+    make_store: Callable[..., Path], tmp_path: Path
 ):
-    path = shutil.copytree(make_store(), tmp_path / "store")  # copy2 keeps mtimes, so the stamp holds
+    path = shutil.copytree(make_store(), tmp_path / "store")
     store = Store.open(path)
     entry = store.experts[(1, 2)]
-    real_verify = verify_mod.verify
-    calls: list[int] = []
-    monkeypatch.setattr(verify_mod, "verify", lambda s: (calls.append(1), real_verify(s))[1])
-    ensure_verified(store)
-    assert calls == []  # unchanged store: the stamp is enough
-
     target = path / entry.file
     st = target.stat()
-    with open(target, "r+b") as f:  # flip one byte inside the payload, same size
+    with open(target, "r+b") as f:  # flip one byte inside the payload, same size, same mtime (bit rot)
         f.seek(entry.offset + 5)
         b = f.read(1)
         f.seek(entry.offset + 5)
         f.write(bytes([b[0] ^ 0xFF]))
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later edit, whatever the clock
-    with pytest.raises(StoreError, match=r"failed verification: expert \(1, 2\)"):
-        ensure_verified(store)
-    assert calls == [1]
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ensure_files(store)  # sizes are all right: that is all a start checks
+    buf = aligned_buffer(store.slot_bytes)
+    with ExpertReader(store) as reader:
+        reader.read_into(1, 1, buf)
+        assert (1, 1) in store.checked_experts
+        with pytest.raises(StoreError, match=r"expert \(1, 2\) in experts/layer-001\.bin is corrupted"):
+            reader.read_into(1, 2, buf)
+        assert (1, 2) not in store.checked_experts
+    buf.close()
 
 
 def test_newer_format_version_is_refused(make_store: Callable[..., Path], tmp_path: Path):

@@ -4,7 +4,8 @@ stream one tensor at a time. Validates names and shapes against the config befor
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,10 @@ import torch
 
 from adapmoe_cli.errors import CheckpointError
 from adapmoe_cli.families import ModelFamily, get_family
+from adapmoe_cli.safe_io import MAX_DOC_BYTES, open_regular, parse_json, read_capped, relative_name
+
+#: safetensors' own cap on a header
+MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,37 +51,77 @@ class Checkpoint:
     family: ModelFamily
     tensors: dict[str, TensorInfo]
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, read with a positioned read (no mmap, so memory is freed when dropped)."""
+    def read(self, name: str, digests: dict[str, str] | None = None) -> torch.Tensor:
+        """One tensor, read with a positioned read (no mmap, so memory is freed when dropped). With
+        `digests`, the sha256 of the bytes read is recorded under the tensor's name (the fingerprint)."""
         info = self.tensors[name]
-        buf = bytearray(info.nbytes)
-        with open(info.file, "rb") as f:
-            f.seek(info.offset)
-            n = f.readinto(buf)
-        if n != info.nbytes:
-            raise CheckpointError(f"{info.file.name} is truncated: tensor {name} ends past the end of the file")
+        buf = self.read_bytes(name)
+        if digests is not None:
+            digests[name] = hashlib.sha256(buf).hexdigest()
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def read_bytes(self, name: str) -> bytearray:
+        info = self.tensors[name]
+        buf = bytearray(info.nbytes)
+        fd = open_regular(info.file, info.file.name, CheckpointError, follow=True)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                f.seek(info.offset)
+                n = f.readinto(buf)
+        except OSError as e:
+            raise CheckpointError(f"{info.file.name} cannot be read ({e.strerror})") from None
+        if n != info.nbytes:
+            raise CheckpointError(f"{info.file.name} is truncated: tensor {name} ends past the end of the file")
+        return buf
+
+    def digests(self) -> dict[str, str]:
+        """Tensor name → sha256 of its bytes, reading every tensor once in file order."""
+        out: dict[str, str] = {}
+        for info in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset)):
+            out[info.name] = hashlib.sha256(self.read_bytes(info.name)).hexdigest()
+        return out
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse the header of one safetensors file (8-byte little-endian length, then JSON) and check every
     tensor's byte range lies inside the file, so truncation is caught before any data is used."""
-    size = path.stat().st_size
+    fd = open_regular(path, path.name, CheckpointError, follow=True)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw_len = f.read(8)
+        hlen = struct.unpack("<Q", raw_len)[0] if len(raw_len) == 8 else 0
+        raw = f.read(min(hlen, MAX_HEADER_BYTES, max(size - 8, 0)))
+    return parse_safetensors_header(raw_len + raw, size, path)
+
+
+def _ints(value: Any, count: int | None) -> tuple[int, ...]:
+    if not isinstance(value, list) or (count is not None and len(value) != count):
+        raise ValueError(value)
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in value):
+        raise ValueError(value)
+    return tuple(value)
+
+
+def parse_safetensors_header(head: bytes, size: int, path: Path) -> dict[str, TensorInfo]:
+    """The header check on the file's first bytes (`head`: the length field and the JSON) and its `size`:
+    every entry a known dtype, a shape and a byte range [start, end) inside the data, agreeing with each
+    other; no two tensors overlapping. Everything wrong is a CheckpointError."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path.name} is not a valid safetensors file ({why}); re-download it")
+
+    if len(head) < 8:
+        raise bad("file shorter than its header")
+    (hlen,) = struct.unpack("<Q", head[:8])
+    if hlen > min(size - 8, MAX_HEADER_BYTES) or len(head) < 8 + hlen:
+        raise bad("header length is larger than the file")
     try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than its header")
-            (hlen,) = struct.unpack("<Q", raw_len)
-            if hlen > min(size - 8, 100 * 1024 * 1024):
-                raise ValueError("header length is larger than the file")
-            header = json.loads(f.read(hlen))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path.name} is not a valid safetensors file ({e}); re-download it") from None
+        header = parse_json(bytes(head[8 : 8 + hlen]), "the header", CheckpointError)
+    except CheckpointError as e:
+        raise bad(str(e)) from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
     base = 8 + hlen
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
@@ -84,10 +129,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            start, end = (int(x) for x in meta["data_offsets"])
-            shape = tuple(int(x) for x in meta["shape"])
+            start, end = _ints(meta["data_offsets"], 2)
+            shape = _ints(meta["shape"], None)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: unreadable header entry for {name}; re-download it") from None
+        if end < start:
+            raise CheckpointError(f"{path.name}: tensor {name} has a byte range that ends before it starts")
         if base + end > size:
             raise CheckpointError(
                 f"{path.name} is truncated ({size} bytes, tensor {name} needs {base + end}); re-download it"
@@ -98,6 +145,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if end - start != numel * torch.tensor([], dtype=dtype).element_size():
             raise CheckpointError(f"{path.name}: tensor {name} has a byte range that disagrees with its shape")
         out[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise CheckpointError(f"{path.name}: tensors {a} and {b} overlap; re-download it")
     return out
 
 
@@ -105,11 +156,7 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise CheckpointError(f"{index} is not a valid safetensors index; re-download it") from None
-        files = sorted(set(weight_map.values()))
+        files = parse_index(read_capped(index, MAX_DOC_BYTES, str(index), CheckpointError, follow=True), index)
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{path}: shard {missing[0]} named in the index is missing; re-download it")
@@ -130,6 +177,15 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no safetensors weights (model.safetensors or an index)")
 
 
+def parse_index(data: bytes, index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names: plain names inside its folder."""
+    doc = parse_json(data, str(index), CheckpointError)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid safetensors index; re-download it")
+    return sorted({relative_name(f, str(index), CheckpointError) for f in weight_map.values()})
+
+
 def open_checkpoint(path: Path) -> Checkpoint:
     """Read config and headers of a checkpoint directory; raise CheckpointError when it cannot be used."""
     path = Path(path)
@@ -140,11 +196,15 @@ def open_checkpoint(path: Path) -> Checkpoint:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    config = parse_json(read_capped(cfg_path, MAX_DOC_BYTES, str(cfg_path), CheckpointError, follow=True),
+                        str(cfg_path), CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object")
     family = get_family(config.get("model_type"))
+    try:
+        family.moe_shape(config)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     tensors: dict[str, TensorInfo] = {}
     for f in _weight_files(path):
         tensors.update(read_safetensors_header(f))
@@ -155,14 +215,15 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def validate(ckpt: Checkpoint) -> None:
     """Every expected tensor present with the config's shape, and nothing unexpected."""
-    from adapmoe_cli.skeleton import expected_dense_tensors
+    from adapmoe_cli.skeleton import config_errors, describe, expected_dense_tensors
 
     fam, cfg = ckpt.family, ckpt.config
     shape = fam.moe_shape(cfg)
     try:
         expected = expected_dense_tensors(fam, cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {e}") from None
+    except config_errors() as e:
+        raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {describe(e)}"
+                              ) from None
     part_shapes = fam.expert_part_shapes(cfg)
     for layer in shape.moe_layers:
         for e in range(shape.num_experts):

@@ -7,22 +7,63 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from adapmoe_cli.errors import UsageError
+from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.generate import Response, eos_ids, new_kv_cache, stream_generate
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 
+#: the side files a tokenizer is built from (generation_config.json is read by `generate.eos_ids`)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
 
 def load_tokenizer(store: Store) -> Any:
+    """The store's tokenizer, built from the files its manifest lists, checked, copied into a private
+    folder: nothing else beside them (an unlisted chat template, a `.py` file) is seen, and no code from the
+    store ever runs (`trust_remote_code=False`: a tokenizer that needs its own code is refused)."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
+    with tempfile.TemporaryDirectory(prefix="adapmoe-tokenizer-") as tmp:
+        for name in TOKENIZER_FILES:
+            data = store.side_file(name)
+            if data is not None:
+                (Path(tmp) / name).write_bytes(data)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        except ValueError as e:
+            if "trust_remote_code" in str(e) or "custom code" in str(e):
+                raise StoreError(f"the tokenizer of {store.path} needs code of its own (auto_map in "
+                                 "tokenizer_config.json); adapmoe never runs code from a store") from None
+            raise UsageError(f"the store has no usable tokenizer ({_first_line(e)}); re-shard from a checkpoint "
+                             "with one") from None
+        except (OSError, KeyError, TypeError, AttributeError, ImportError) as e:
+            raise UsageError(f"the store has no usable tokenizer ({_first_line(e)}); re-shard from a checkpoint "
+                             "with one") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def clean_text(text: str) -> str:
+    """User text as the tokenizer can take it: bytes that were not UTF-8 (Python keeps them as lone
+    surrogates, e.g. a Latin-1 `é` on stdin) become U+FFFD; NUL and other text pass as they are."""
     try:
-        return AutoTokenizer.from_pretrained(str(store.path))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"the store has no usable tokenizer ({e}); re-shard from a checkpoint with one") from None
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes that came in
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")  # other lone surrogates: each becomes U+FFFD
+    return raw.decode("utf-8", "replace")
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -53,6 +94,7 @@ class Conversation:
     _cached: list[int] = field(default_factory=list)  # token ids whose K/V the cache holds
 
     def __post_init__(self) -> None:
+        self.system = clean_text(self.system) if self.system is not None else None
         if not self.raw and not getattr(self.tokenizer, "chat_template", None):
             raise UsageError("this model's tokenizer has no chat template; use --raw for plain continuation")
         self.reset()
@@ -63,6 +105,7 @@ class Conversation:
         self._cached = []
 
     def _prompt_ids(self, user: str) -> list[int]:
+        user = clean_text(user)
         if self.raw:
             return self._cached + self.tokenizer.encode(user, add_special_tokens=not self._cached)
         return chat_ids(self.tokenizer, [*self.template_messages(), {"role": "user", "content": user}])
@@ -103,6 +146,7 @@ class Conversation:
         """Stream the answer to `user` (at most `max_new_tokens`, default the settings'). If the caller
         stops early (Ctrl-C), the KV cache is cut back to what is consistent and the partial answer is kept
         in the transcript."""
+        user = clean_text(user)
         gen = self.gen if max_new_tokens is None else replace(self.gen, max_new_tokens=max_new_tokens)
         full = self._prompt_ids(user)
         common = 0
@@ -149,7 +193,7 @@ class Conversation:
 
     def set_system(self, text: str | None) -> None:
         """Use another system message from the next turn on (the turns so far stay)."""
-        self.system = text or None
+        self.system = clean_text(text) if text else None
         rest = [m for m in self.messages if m["role"] != "system"]
         self.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
 

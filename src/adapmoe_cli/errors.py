@@ -34,3 +34,7 @@ class DownloadError(AdapmoeError):
 
 class ProfileError(AdapmoeError):
     """A profile or plan file that is missing, malformed or made for another model."""
+
+
+class OutputError(AdapmoeError):
+    """A file or folder adapmoe must write cannot be: read-only, a file where a folder should be, no space."""

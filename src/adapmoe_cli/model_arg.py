@@ -90,7 +90,10 @@ def _open(model: str | None, progress: Progress | None) -> Store:
             return Store.open(path)
         if (path / "config.json").exists():
             out = checkpoint_store_dir(path)
-            shard(path, out, progress=progress)
+            try:
+                shard(path, out, progress=progress)
+            except StoreExistsError:  # the checkpoint changed since: its store under ADAPMOE_HOME is stale
+                shard(path, out, force=True, progress=progress)
             return Store.open(out)
         raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
     if looks_like_repo_id(model):

@@ -41,6 +41,8 @@ def read_text_tokens(tokenizer: Any, path: Path, min_tokens: int = 2, max_tokens
         raise UsageError(f"text file {path} does not exist") from None
     except UnicodeDecodeError:
         raise UsageError(f"text file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"text file {path} cannot be read ({e.strerror or e})") from None
     if not text.strip():
         raise UsageError(f"text file {path} is empty")
     ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])

@@ -4,6 +4,8 @@ computed from it once, by `budget.resolve`, never passed alongside."""
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -13,15 +15,42 @@ import yaml
 
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
+from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 
 DEVICES = ("cpu", "cuda", "auto")
 AUTO_PROFILE = ("ask", "yes", "no")
+
+
+def _check_types(obj: Any) -> None:
+    """Each field of a settings dataclass holds its annotated type (a preset is YAML: `prefetch: "no"`
+    or `seed: 1e23` must be refused, not used). Floats may be given as integers; NaN and inf never pass."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if value is None and type(None) in allowed:
+            continue
+        ok = any(
+            isinstance(value, bool) if t is bool else
+            isinstance(value, int) and not isinstance(value, bool) if t is int else
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) if t is float else
+            isinstance(value, t) for t in allowed if t is not type(None)
+        )
+        if not ok:
+            names = " or ".join("null" if t is type(None) else "a finite number" if t is float else t.__name__
+                                for t in allowed)
+            raise UsageError(f"setting {f.name} must be {names}, got {value!r}")
+        if float in allowed and isinstance(value, int):
+            object.__setattr__(obj, f.name, float(value))
 
 
 @dataclass(frozen=True)
 class CacheSettings:
     budget: BudgetRequest = field(default_factory=BudgetRequest)  # interpreted by budget.py
     policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
 
 @dataclass(frozen=True)
@@ -35,16 +64,19 @@ class GenerationSettings:
     context: int | None = None  # tokens a conversation may hold (None: the model's context)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be at least 1")
-        if self.temperature < 0:
-            raise UsageError("--temperature must be ≥ 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise UsageError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise UsageError("--top-p must be in (0, 1]")
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UsageError("--top-k must be ≥ 0 (0 = off)")
-        if self.repetition_penalty <= 0:
-            raise UsageError("--repeat-penalty must be > 0 (1 = off)")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UsageError(f"--repeat-penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.seed < 1 << 63:
+            raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.context is not None and self.context < 2:
             raise UsageError("--ctx must be at least 2 tokens")
 
@@ -56,8 +88,9 @@ class GateSettings:
     rule: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.scale is not None and self.scale < 0:
-            raise UsageError(f"--gate-scale must be ≥ 0, got {self.scale}")
+        _check_types(self)
+        if self.scale is not None and not 0 <= self.scale < math.inf:
+            raise UsageError(f"--gate-scale must be a finite number ≥ 0, got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +104,7 @@ class Settings:
     auto_profile: str = "ask"  # a store without a profile: ask (interactive chat), yes (profile and plan), no
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
         if self.auto_profile not in AUTO_PROFILE:
@@ -78,15 +112,25 @@ class Settings:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not Path(path).exists():
+        raise UsageError(f"config file {path} does not exist")
+    data = parse_yaml(read_capped(Path(path), MAX_YAML_BYTES, f"config file {path}", UsageError, follow=True),
+                      f"config file {path}")
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings")
     return data
+
+
+def parse_yaml(data: bytes, what: str) -> Any:
+    """YAML from untrusted bytes (safe_load: no objects), every failure a UsageError naming `what`."""
+    try:
+        return yaml.safe_load(data.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} is not UTF-8 text") from None
+    except RecursionError:
+        raise UsageError(f"{what} nests too deeply") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{what} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -98,14 +142,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    # YAML 1.1 reads some bare keys as other types (`on:` is True): compare and report them as text
+    unknown = sorted((k for k in data if k not in known), key=repr)
     if unknown:
-        raise UsageError(f"unknown setting {where}{unknown[0]}; known: {', '.join(known)}")
+        raise UsageError(f"unknown setting {where}{unknown[0]!s}; known: {', '.join(known)}")
     kwargs = {}
     for name, value in data.items():
         subs = {"cache": CacheSettings, "generation": GenerationSettings, "gate": GateSettings}
         sub = subs.get(name) if cls is Settings else None
         if sub is not None:
+            if not isinstance(value or {}, dict):
+                raise UsageError(f"setting {where}{name} must be a mapping of settings, got {value!r}")
             kwargs[name] = _build(sub, value or {}, f"{name}.")
         elif cls is CacheSettings and name == "budget" and not isinstance(value, BudgetRequest):
             kwargs[name] = BudgetRequest() if value is None else BudgetRequest.parse(value)
@@ -123,9 +170,14 @@ def default_config_text() -> str:
 
 def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Defaults ← preset file ← flags. `overrides` uses dotted keys (`cache.experts`); None means unset."""
+    return build_settings(_read_yaml(config) if config is not None else None, overrides)
+
+
+def build_settings(preset: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """`load_settings` after the preset file is read (a mapping, as `_read_yaml` returns it)."""
     data = yaml.safe_load(default_config_text())
-    if config is not None:
-        data = _merge(data, _read_yaml(config))
+    if preset is not None:
+        data = _merge(data, preset)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -133,6 +185,8 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"setting {p} must be a mapping of settings, got {node!r}")
         node[leaf] = value
     return _build(Settings, data, "")
 

@@ -10,6 +10,18 @@ import torch
 from adapmoe_cli.families import ModelFamily
 
 
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config it cannot build a model from (wrong types, bad values)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError)
+
+
+def describe(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def hf_config(config: dict[str, Any]) -> Any:
     from transformers import CONFIG_MAPPING
 

@@ -113,7 +113,8 @@ def chat_cmd(
         auto_profile=None if auto_profile is None else ("yes" if auto_profile else "no"),
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repeat_penalty, seed=seed, context=ctx,
     )
-    sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]  # bytes that are not UTF-8 → U+FFFD
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, never an exception
+        sys.stdin.reconfigure(errors="replace")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -132,8 +133,8 @@ def chat_cmd(
 
 
 def _offer_method(store: Store, settings: Settings, interactive: bool) -> None:
-    """A store without a profile routes plain top-k: profile and plan it first if the user says so (or the
-    config's `auto_profile: yes`), else say how."""
+    """A store without a profile routes plain top-k: profile and plan it first if the user says so when
+    asked (interactive), or always with `--auto-profile` / `auto_profile: yes`."""
     from adapmoe_cli.planning.planner import make_method
     from adapmoe_cli.profiling.profile_file import default_path
 
@@ -141,11 +142,11 @@ def _offer_method(store: Store, settings: Settings, interactive: bool) -> None:
         return
     total_slots(settings.cache.budget, store.cache_shape)  # a bad budget is the error to show, not this offer
     if settings.auto_profile == "ask":
+        if not interactive:  # one-shot and scripted use stay quiet; the interactive banner says how to turn it on
+            return
         question = ("this store has no profile yet, so AdapMoE (adaptive gate, cache plan) is off; profile and "
                     "plan it now (a few minutes on a small model; --auto-profile does this without asking)?")
-        if not (interactive and typer.confirm(question, default=False)):
-            note("no profile: routing plain top-k. `adapmoe profile` then `adapmoe plan-cache` (or chat "
-                 "--auto-profile) turn AdapMoE on")
+        if not typer.confirm(question, default=False):
             return
     with steps_progress("profile and plan") as progress:
         path = make_method(store, settings, progress)

@@ -142,7 +142,12 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], out: Path | 
     else:
         render(result)
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
+        try:
+            out.write_text(json.dumps(result, indent=2))
+        except OSError as e:
+            from adapmoe_cli.errors import OutputError
+
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
         err_console.print(f"wrote {out}")
     if plot is not None and draw is not None:
         draw(result, plot)

@@ -30,6 +30,17 @@ class MoEShape:
     moe_layers: tuple[int, ...]
 
 
+def config_int(config: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """An integer setting of a model's config within [lo, hi]; ValueError (with the key) otherwise. The
+    bounds keep a hostile or damaged config from sizing loops and buffers."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config {key} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"config {key} = {value} is outside {lo}…{hi}")
+    return value
+
+
 class ModelFamily:
     """Base class. Subclasses set the class attributes and implement the few methods below."""
 

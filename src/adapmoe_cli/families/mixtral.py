@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from adapmoe_cli.families.base import ModelFamily, MoEShape
+from adapmoe_cli.families.base import ModelFamily, MoEShape, config_int
 
 
 class Mixtral(ModelFamily):
@@ -18,13 +18,14 @@ class Mixtral(ModelFamily):
     routing = "softmax_topk_renorm"
 
     def moe_shape(self, config: dict[str, Any]) -> MoEShape:
-        n = int(config["num_hidden_layers"])
+        n = config_int(config, "num_hidden_layers", 1, 1 << 10)
+        experts = config_int(config, "num_local_experts", 1, 1 << 12)
         return MoEShape(
             num_layers=n,
-            num_experts=int(config["num_local_experts"]),
-            top_k=int(config["num_experts_per_tok"]),
-            hidden_size=int(config["hidden_size"]),
-            intermediate_size=int(config["intermediate_size"]),
+            num_experts=experts,
+            top_k=config_int(config, "num_experts_per_tok", 1, experts),
+            hidden_size=config_int(config, "hidden_size", 1, 1 << 17),
+            intermediate_size=config_int(config, "intermediate_size", 1, 1 << 19),
             moe_layers=tuple(range(n)),
         )
 

@@ -14,11 +14,13 @@ from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.planning.allocate import allocate
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
-from adapmoe_cli.versioned import read_versioned, write_atomic
+from adapmoe_cli.versioned import integer, number, read_versioned, write_atomic
 
 FORMAT = "adapmoe-plan"
 FORMAT_VERSION = 1
 DEFAULT_NAME = "plan.json"
+#: a threshold is a normalised weight; GatePolicy.top1's 1 + 1e-6 is the largest meaningful one
+MAX_THRESHOLD = 1.0 + 1e-6
 
 
 def default_path(store: Store) -> Path:
@@ -63,9 +65,9 @@ class Plan:
         return {
             "budget_slots": self.budget_slots,
             "gate_scale": self.data.get("gate_scale"),
-            "layers": [{k: x[k] for k in ("layer", "slots", "threshold", "cost_curve", "expected_cost")}
+            "layers": [{k: x.get(k) for k in ("layer", "slots", "threshold", "cost_curve", "expected_cost")}
                        for x in self.data["layers"]],
-            "total_expected_cost": self.data["total_expected_cost"],
+            "total_expected_cost": self.data.get("total_expected_cost"),
         }
 
 
@@ -77,9 +79,40 @@ def write_plan(path: Path, data: dict[str, Any]) -> Path:
 def read_plan(path: Path, store: Store) -> Plan:
     path = Path(path)
     data = read_versioned(path, FORMAT, FORMAT_VERSION, ProfileError, "cache plan", "adapmoe plan-cache --budget …")
-    if data.get("model", {}).get("fingerprint") != store.fingerprint:
+    return parse_plan(data, store, path)
+
+
+def parse_plan(data: dict[str, Any], store: Store, path: Path) -> Plan:
+    """Check a plan's content against the store: same model; slots integers in 1 … num_experts that add up to
+    its `budget_slots`; thresholds absent or finite in [0, 1]; a cost curve of num_experts finite costs ≥ 0
+    per layer; every MoE layer exactly once. Everything wrong is a ProfileError naming the field."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("fingerprint") != store.fingerprint:
         raise ProfileError(f"{path} was made for another model; run `adapmoe plan-cache` on {store.path}")
-    plan = Plan(path, data)
-    if sorted(plan.quotas) != sorted(store.shape.moe_layers):
-        raise ProfileError(f"{path} does not list this model's MoE layers")
-    return plan
+    total = integer(data.get("budget_slots"), f"{path}: budget_slots", ProfileError, 1)
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise ProfileError(f"{path}: layers must be a list of objects")
+    seen = []
+    for x in layers:
+        layer = integer(x.get("layer"), f"{path}: a layer number", ProfileError, 0)
+        what = f"{path}: layer {layer}"
+        integer(x.get("slots"), f"{what} slots", ProfileError, 1, store.shape.num_experts)
+        if x.get("threshold") is not None:
+            number(x["threshold"], f"{what} threshold", ProfileError, 0.0, MAX_THRESHOLD)
+        curve = x.get("cost_curve")  # what `quotas_for` re-solves the DP on for another budget
+        if not isinstance(curve, list) or len(curve) != store.shape.num_experts:
+            raise ProfileError(f"{what}: cost_curve must list the cost at 1 … {store.shape.num_experts} slots")
+        for c in curve:
+            number(c, f"{what} cost_curve", ProfileError, 0.0)
+        seen.append(layer)
+    if sorted(seen) != sorted(store.shape.moe_layers):
+        raise ProfileError(f"{path} does not list this model's MoE layers (each once)")
+    if sum(int(x["slots"]) for x in layers) != total:
+        raise ProfileError(f"{path}: its layers' slots add up to {sum(int(x['slots']) for x in layers)}, "
+                           f"not its budget_slots {total}; re-run `adapmoe plan-cache`")
+    if data.get("gate_scale") is not None:
+        number(data["gate_scale"], f"{path}: gate_scale", ProfileError, 0.0)
+    if not isinstance(data.get("gate_rule", "off"), str):
+        raise ProfileError(f"{path}: gate_rule must be a name")
+    return Plan(path, data)

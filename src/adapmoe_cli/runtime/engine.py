@@ -18,7 +18,7 @@ from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.moe_block import Observers, OffloadedMoE
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
-from adapmoe_cli.skeleton import empty_model
+from adapmoe_cli.skeleton import config_errors, describe, empty_model
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, expert_views
 
@@ -38,13 +38,13 @@ class Engine:
 
     def __init__(self, store: Store, settings: Settings, budget: Budget, verify: bool = True,
                  gate: GatePolicy | None = None):
-        from adapmoe_cli.store.verify import ensure_verified
+        from adapmoe_cli.store.verify import ensure_files
 
         self.store = store
         self.settings = settings
         self.device = resolve_device(settings.device)
         if verify:
-            ensure_verified(store)
+            ensure_files(store)  # sizes now; bytes are checked as they are read (store/verify.py)
         assert budget.slot_bytes == store.slot_bytes, "a budget made for another store"
         self.budget = budget
         check_fits(budget, store.dense_bytes)
@@ -61,10 +61,20 @@ class Engine:
 
     def _build_model(self) -> Any:
         store, fam = self.store, self.store.family
-        model = empty_model(fam, store.config, dtype=store.dtype)
+        try:
+            model = empty_model(fam, store.config, dtype=store.dtype)
+        except config_errors() as e:
+            raise StoreError(f"{store.path}: its config cannot build a {fam.model_type} model ({describe(e)})"
+                             ) from None
         dense = {fam.hub_to_model_key(k): v for k, v in store.load_dense().items()}
         if store.config.get("tie_word_embeddings") and "lm_head.weight" not in dense:
-            dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+            dense["lm_head.weight"] = dense.get("model.embed_tokens.weight")
+        params = dict(model.state_dict())
+        for k, v in dense.items():
+            want = params.get(k)
+            if want is None or v is None or tuple(v.shape) != tuple(want.shape) or v.dtype != want.dtype:
+                raise StoreError(f"{store.path}: dense weights do not fit the config (e.g. {k}); re-run "
+                                 "`adapmoe shard --force`")
         result = model.load_state_dict(dense, strict=False, assign=True)
         missing = [k for k in result.missing_keys if not fam.is_expert_param(k)]
         if missing or result.unexpected_keys:

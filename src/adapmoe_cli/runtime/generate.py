@@ -146,14 +146,19 @@ def stream_generate(
 
 
 def eos_ids(engine: Engine, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gen_cfg = engine.store.path / "generation_config.json"
-    if gen_cfg.exists():
-        import json
+    """The stop tokens: the store's generation config (its checked bytes) and the tokenizer's EOS."""
+    from adapmoe_cli.errors import StoreError
+    from adapmoe_cli.safe_io import parse_json
 
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids: set[int] = set()
+    data = engine.store.side_file("generation_config.json")
+    if data is not None:
+        cfg = parse_json(data, "generation_config.json", StoreError)
+        eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise StoreError(f"generation_config.json of {engine.store.path}: eos_token_id must be token ids")
+        ids |= set(eos)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-

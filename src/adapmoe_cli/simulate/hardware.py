@@ -5,6 +5,7 @@ under ADAPMOE_HOME (the shipped file of that name is an uncalibrated template). 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,8 @@ import yaml
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.paths import home
+from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped, write_atomic
+from adapmoe_cli.settings import parse_yaml
 
 THIS_MACHINE = "this-machine"
 
@@ -46,6 +49,13 @@ class Hardware:
     measured: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        numbers = (self.link_bandwidth, self.memory_bandwidth, self.link_latency_s, self.expert_overhead_s,
+                   self.layer_overhead_s, self.load_overhead_s, self.predict_overhead_s, self.interference_s,
+                   self.link_wakeup_s, self.link_idle_s)
+        if not all(math.isfinite(x) for x in numbers):
+            raise UsageError(f"hardware {self.name!r}: bandwidths, latencies and overheads must be finite numbers")
+        if not 1 <= self.channels <= 1 << 16:
+            raise UsageError(f"hardware {self.name!r}: channels must be between 1 and 65536")
         if self.link_bandwidth <= 0 or self.memory_bandwidth <= 0:
             raise UsageError(f"hardware {self.name!r}: bandwidths must be positive")
         if self.channels < 1:
@@ -91,9 +101,10 @@ def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
             link_wakeup_s=float(d.get("link_wakeup_us", 0)) * 1e-6,
             link_idle_s=float(d.get("link_idle_us", 1000)) * 1e-6,
             sources=tuple(str(s) for s in d.get("sources", ())),
-            calibrated=d.get("calibrated"), path=path, measured=dict(d.get("measured", {})),
+            calibrated=d.get("calibrated") if isinstance(d.get("calibrated"), bool) else None, path=path,
+            measured=dict(d.get("measured", {})),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UsageError(f"hardware file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md"
                          ) from None
 
@@ -111,10 +122,8 @@ def to_dict(hw: Hardware) -> dict[str, Any]:
 
 
 def read_file(path: Path) -> Hardware:
-    try:
-        d = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read hardware file {path} ({e})") from None
+    what = f"hardware file {path}"
+    d = parse_yaml(read_capped(Path(path), MAX_YAML_BYTES, what, UsageError, follow=True), what)
     if not isinstance(d, dict):
         raise UsageError(f"hardware file {path} is not a YAML mapping")
     return from_dict(d, str(path))
@@ -136,9 +145,4 @@ def load_hardware(name_or_file: str) -> Hardware:
 
 
 def write_calibrated(hw: Hardware) -> Path:
-    path = calibrated_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(hw), sort_keys=False, allow_unicode=True))
-    tmp.replace(path)
-    return path
+    return write_atomic(calibrated_path(), yaml.safe_dump(to_dict(hw), sort_keys=False, allow_unicode=True))

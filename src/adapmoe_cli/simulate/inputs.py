@@ -108,13 +108,19 @@ def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, list[dic
 
     path = Path(target or "").expanduser()
     if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from adapmoe_cli.profiling.profile_file import check_trace
 
         try:
             trace = Trace.from_tensors(load_file(str(path)))
-        except (KeyError, OSError, ValueError) as e:
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
             raise UsageError(f"{path} is not an adapmoe routing trace ({e})") from None
         store = Store.open(path.parent) if is_store(path.parent) else None
+        check_trace(trace, path, experts=store.shape.num_experts if store else 1 << 12)
+        if trace.num_tokens == 0:
+            raise UsageError(f"{path} holds no tokens")
         n = store.shape.num_experts if store else int(trace.ids.max()) + 1
         return from_trace(trace, n, str(path)), store, None
     if path.is_file() and path.suffix == ".json":

@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.errors import UsageError
+from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
+from adapmoe_cli.settings import parse_yaml
 from adapmoe_cli.store import Store
 
 SCALE_BYTES = 4  # an fp16 scale and an fp16 zero point per quantisation group (HQQ / GPTQ-like layouts)
@@ -35,6 +35,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if min(self.num_layers, self.num_experts, self.top_k, self.slot_bytes) < 1:
             raise UsageError(f"model {self.name!r}: layers, experts, top-k and expert bytes must be positive")
+        if max(self.num_layers, self.num_experts) > 1 << 12 or self.top_k > self.num_experts:
+            raise UsageError(f"model {self.name!r}: at most 4096 layers and experts, and top-k at most the experts")
+        if min(self.dense_bytes_per_layer, self.head_bytes) < 0 or (self.bits is not None and not 1 <= self.bits <= 32):
+            raise UsageError(f"model {self.name!r}: byte counts must be ≥ 0 and bits between 1 and 32")
 
     @property
     def total_experts(self) -> int:
@@ -86,7 +90,7 @@ def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") ->
             dense_bytes_per_layer=dense, head_bytes=int(int(d["vocab_size"]) * h * dense_bits / 8), bits=b,
             source=path or str(d["name"]), sources=tuple(str(s) for s in d.get("sources", ())),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md") from None
 
 
@@ -133,10 +137,7 @@ def load_model(name_or_file: str, bits: float | None = None) -> ModelSpec:
         if not p.exists():
             raise UsageError(f"unknown model config {name_or_file!r}: choose one of {', '.join(known())} "
                              "or give a YAML file")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read model config {p} ({e})") from None
+    d = parse_yaml(read_capped(p, MAX_YAML_BYTES, f"model config {p}", UsageError, follow=True), f"model config {p}")
     if not isinstance(d, dict):
         raise UsageError(f"model config {p} is not a YAML mapping")
     return from_config(d, bits, str(p))

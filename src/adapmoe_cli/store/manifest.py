@@ -1,15 +1,23 @@
-"""The store's `manifest.json` (format version 1) and the read-only `Store` view of it.
+"""The store's `manifest.json` and the read-only `Store` view of it. A store may come from anywhere (a
+copied folder, a network drive, a download), so opening one checks the whole manifest before anything
+trusts it: its own checksum, every (layer, expert) listed exactly once with the layout the config implies,
+every path a plain name inside the store. Reading bytes (dense, side files) checks them against it.
 
 Layout of a store directory:
     manifest.json              this file's format; written last, so its presence means "complete"
     dense-0000N.safetensors    every non-expert tensor, hub names, in chunks of ~256 MiB
     experts/layer-LLL.bin      the experts of one layer, each at a 4096-aligned offset, zero padded
     tokenizer.json, …          tokenizer, chat template and generation config copied from the source
-    .verified.json             sizes and mtimes of the files the last full verification saw
+
+Format versions: 2 (this one) adds `manifest_sha256` (over the rest of the manifest) and `source.files`
+(what `shard` compares before reusing a store); version 1 stores are read without the manifest check.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,14 +26,20 @@ from typing import Any
 import torch
 
 from adapmoe_cli.budget import CacheShape
-from adapmoe_cli.errors import StoreError
+from adapmoe_cli.checkpoint import SIDE_FILES, TORCH_DTYPE_BY_NAME
+from adapmoe_cli.errors import AdapmoeError, StoreError
 from adapmoe_cli.families import ModelFamily, MoEShape, get_family
-from adapmoe_cli.versioned import read_versioned
+from adapmoe_cli.safe_io import MAX_MANIFEST_BYTES, inside, read_capped, relative_name
+from adapmoe_cli.versioned import parse_versioned, read_versioned
 
 FORMAT = "adapmoe-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
+REMEDY = "adapmoe shard --force"
+#: store dtypes (the names `--dtype` takes) and torch's
+STORE_DTYPES = TORCH_DTYPE_BY_NAME
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,10 @@ class TensorSlice:
     offset: int
     nbytes: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "offset": self.offset,
+                "nbytes": self.nbytes}
+
 
 @dataclass(frozen=True)
 class ExpertEntry:
@@ -46,7 +64,7 @@ class ExpertEntry:
     file: str
     offset: int  # 4096-aligned start in `file`
     length: int  # bytes to read: payload rounded up to the alignment
-    nbytes: int  # payload bytes (what the checksum covers)
+    nbytes: int  # payload bytes (what the checksum covers; the rest of `length` is zeros)
     sha256: str
     tensors: tuple[TensorSlice, ...]
 
@@ -54,22 +72,8 @@ class ExpertEntry:
         return {
             "layer": self.layer, "expert": self.expert, "file": self.file, "offset": self.offset,
             "length": self.length, "nbytes": self.nbytes, "sha256": self.sha256,
-            "tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "offset": t.offset,
-                 "nbytes": t.nbytes} for t in self.tensors
-            ],
+            "tensors": [t.to_json() for t in self.tensors],
         }
-
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> ExpertEntry:
-        return ExpertEntry(
-            layer=int(d["layer"]), expert=int(d["expert"]), file=str(d["file"]), offset=int(d["offset"]),
-            length=int(d["length"]), nbytes=int(d["nbytes"]), sha256=str(d["sha256"]),
-            tensors=tuple(
-                TensorSlice(t["name"], tuple(t["shape"]), t["dtype"], int(t["offset"]), int(t["nbytes"]))
-                for t in d["tensors"]
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -79,59 +83,189 @@ class FileEntry:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each part of an expert sits: the same for every expert of a store."""
+
+    tensors: tuple[TensorSlice, ...]
+    nbytes: int  # from the first part's start to the last part's end
+    stride: int  # nbytes rounded up to the alignment: one slot, one read
+
+    @staticmethod
+    def of(family: ModelFamily, config: dict[str, Any], dtype: str) -> ExpertLayout:
+        """Each part starts on a 4096-byte boundary, in the family's order."""
+        esize = STORE_DTYPES[dtype].itemsize
+        shapes = family.expert_part_shapes(config)
+        parts, off = [], 0
+        for part in family.expert_parts:
+            numel = 1
+            for d in shapes[part]:
+                numel *= d
+            parts.append(TensorSlice(part, tuple(shapes[part]), dtype, off, numel * esize))
+            off = align(off + numel * esize)
+        nbytes = parts[-1].offset + parts[-1].nbytes
+        return ExpertLayout(tuple(parts), nbytes, align(nbytes))
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its `manifest_sha256` field, in one canonical JSON form."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def is_store(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _int(d: dict[str, Any], key: str, what: str, lo: int = 0) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{what}: {key} must be an integer ≥ {lo}, got {v!r}")
+    return v
+
+
+def _sha(d: dict[str, Any], what: str) -> str:
+    v = d.get("sha256")
+    if not isinstance(v, str) or not _SHA256.fullmatch(v):
+        raise ValueError(f"{what}: sha256 must be 64 lowercase hex digits")
+    return v
+
+
+def _files(entries: Any, what: str, allowed: tuple[str, ...] | None = None) -> list[FileEntry]:
+    if not isinstance(entries, list):
+        raise ValueError(f"{what} is not a list")
+    out, seen = [], set()
+    for d in entries:
+        if not isinstance(d, dict):
+            raise ValueError(f"{what} holds {d!r}, not a file entry")
+        name = relative_name(d.get("file"), what, StoreError)
+        if name in seen or (allowed is not None and name not in allowed):
+            why = "twice" if name in seen else f"(a store's side files can only be {', '.join(allowed or ())})"
+            raise ValueError(f"{what} lists {name!r} {why}")
+        seen.add(name)
+        out.append(FileEntry(name, _int(d, "bytes", f"{what} {name}"), _sha(d, f"{what} {name}")))
+    return out
+
+
+def _experts(entries: Any, shape: MoEShape, layout: ExpertLayout) -> dict[tuple[int, int], ExpertEntry]:
+    """Every (MoE layer, expert) exactly once, each with the one layout the config implies."""
+    if not isinstance(entries, list):
+        raise ValueError("experts is not a list")
+    want = len(shape.moe_layers) * shape.num_experts
+    if len(entries) != want:
+        raise ValueError(f"it lists {len(entries)} experts, the config implies {len(shape.moe_layers)} MoE layers × "
+                         f"{shape.num_experts} = {want}")
+    layers = set(shape.moe_layers)
+    tensors = [t.to_json() for t in layout.tensors]
+    out: dict[tuple[int, int], ExpertEntry] = {}
+    spans: set[tuple[str, int]] = set()
+    for d in entries:
+        if not isinstance(d, dict):
+            raise ValueError(f"experts holds {d!r}, not an expert entry")
+        key = (_int(d, "layer", "expert entry"), _int(d, "expert", "expert entry"))
+        what = f"expert {key}"
+        if key[0] not in layers or key[1] >= shape.num_experts:
+            raise ValueError(f"{what} is not one of this model's experts")
+        if key in out:
+            raise ValueError(f"{what} is listed twice")
+        file = relative_name(d.get("file"), what, StoreError)
+        offset = _int(d, "offset", what)
+        if offset % ALIGNMENT or (file, offset) in spans:
+            raise ValueError(f"{what}: offset {offset} is not 4096-aligned or is another expert's")
+        spans.add((file, offset))
+        if (_int(d, "length", what), _int(d, "nbytes", what)) != (layout.stride, layout.nbytes):
+            raise ValueError(f"{what}: length/nbytes {d['length']}/{d['nbytes']} differ from the layout's "
+                             f"{layout.stride}/{layout.nbytes}")
+        if d.get("tensors") != tensors:
+            raise ValueError(f"{what}: its tensors differ from the layout the config implies "
+                             f"({', '.join(f'{t.name} {list(t.shape)} at {t.offset}' for t in layout.tensors)})")
+        out[key] = ExpertEntry(key[0], key[1], file, offset, layout.stride, layout.nbytes, _sha(d, what),
+                               layout.tensors)
+    return out  # the count was right and none is listed twice or out of range: all are there
+
+
 class Store:
-    """A store on disk, as its manifest describes it. Opening reads only the manifest."""
+    """A store on disk, as its manifest describes it. Opening reads and checks only the manifest."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
+        """Validate `manifest` (already parsed by `parse_versioned`); ValueError/StoreError say what is wrong."""
         self.path = Path(path)
         self.manifest = manifest
-        self.config: dict[str, Any] = manifest["config"]
-        self.family: ModelFamily = get_family(manifest["model_type"])
-        self.dtype_name: str = manifest["dtype"]
-        self.experts: dict[tuple[int, int], ExpertEntry] = {
-            (e.layer, e.expert): e for e in map(ExpertEntry.from_json, manifest["experts"])
-        }
-        self.dense_files = [FileEntry(**f) for f in manifest["dense"]]
-        self.side_files = [FileEntry(**f) for f in manifest["side_files"]]
+        m = manifest
+        if not isinstance(m.get("config"), dict):
+            raise ValueError("config is not an object")
+        self.config: dict[str, Any] = m["config"]
+        try:
+            self.family: ModelFamily = get_family(m.get("model_type"))
+        except AdapmoeError as e:
+            raise ValueError(str(e)) from None
+        if self.config.get("model_type") != self.family.model_type:
+            raise ValueError(f"config's model_type {self.config.get('model_type')!r} is not {self.family.model_type!r}")
+        if m.get("dtype") not in STORE_DTYPES:
+            raise ValueError(f"dtype {m.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
+        self.dtype_name: str = m["dtype"]
+        self.shape: MoEShape = self.family.moe_shape(self.config)
+        self.layout = ExpertLayout.of(self.family, self.config, self.dtype_name)
+        self.experts: dict[tuple[int, int], ExpertEntry] = _experts(m.get("experts"), self.shape, self.layout)
+        self.dense_files = _files(m.get("dense"), "dense")
+        if not self.dense_files:
+            raise ValueError("it lists no dense files")
+        self.side_files = _files(m.get("side_files"), "side_files", SIDE_FILES)
+        if not isinstance(m.get("source", {}), dict):
+            raise ValueError("source is not an object")
+        #: experts whose bytes this process has checked against the manifest (store/reader.py); later reads
+        #: of the same expert trust the disk not to change under a running process
+        self.checked_experts: set[tuple[int, int]] = set()
 
     @staticmethod
     def open(path: Path) -> Store:
         path = Path(path)
         if not path.exists():
             raise StoreError(f"{path} does not exist")
-        mpath = path / MANIFEST
-        if not mpath.is_file():
+        if not path.is_dir():
+            raise StoreError(f"{path} is not a folder; give the store's folder")
+        if not (path / MANIFEST).is_file():
             raise StoreError(f"{path} is not an adapmoe store (no {MANIFEST}); make one with `adapmoe shard`")
-        manifest = read_versioned(mpath, FORMAT, FORMAT_VERSION, StoreError, "store", "adapmoe shard --force")
+        mpath = inside(path, MANIFEST, f"{path / MANIFEST}", StoreError)
+        manifest = read_versioned(mpath, FORMAT, FORMAT_VERSION, StoreError, "store", REMEDY, MAX_MANIFEST_BYTES)
+        return Store.from_manifest(path, manifest)
+
+    @staticmethod
+    def from_bytes(path: Path, data: bytes) -> Store:
+        """A store from its manifest's bytes (what `open` does after reading; the fuzz target's entry)."""
+        manifest = parse_versioned(data, Path(path) / MANIFEST, FORMAT, FORMAT_VERSION, StoreError, "store", REMEDY)
+        return Store.from_manifest(path, manifest)
+
+    @staticmethod
+    def from_manifest(path: Path, manifest: dict[str, Any]) -> Store:
+        """Check the manifest's own checksum (format 2 on), then everything in it."""
+        if manifest["format_version"] >= 2 and manifest.get("manifest_sha256") != manifest_digest(manifest):
+            raise StoreError(f"{Path(path) / MANIFEST} is damaged: its checksum does not match its content "
+                             f"(bit rot or an edit); re-run `{REMEDY}`")
         try:
             return Store(path, manifest)
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{mpath} is malformed ({e!r}); re-run `adapmoe shard --force`") from None
-
-    @cached_property
-    def shape(self) -> MoEShape:
-        return self.family.moe_shape(self.config)
+        except (KeyError, TypeError, ValueError, StoreError) as e:
+            raise StoreError(f"{Path(path) / MANIFEST} is malformed ({e}); re-run `{REMEDY}`") from None
 
     @property
     def dtype(self) -> torch.dtype:
-        from adapmoe_cli.checkpoint import TORCH_DTYPE_BY_NAME
-
-        return TORCH_DTYPE_BY_NAME[self.dtype_name]
+        return STORE_DTYPES[self.dtype_name]
 
     @property
     def expert_payload_bytes(self) -> int:
         """The span of one expert's bytes: its parts, each starting 4096-aligned, up to the end of the last
         one — what the sha256 covers (every expert has the same layout)."""
-        return next(iter(self.experts.values())).nbytes
+        return self.layout.nbytes
 
-    @cached_property
+    @property
     def slot_bytes(self) -> int:
         """What one cache slot holds and one read moves: the expert's parts, each 4096-aligned."""
-        return max(e.length for e in self.experts.values())
+        return self.layout.stride
 
     @cached_property
     def cache_shape(self) -> CacheShape:
@@ -151,13 +285,43 @@ class Store:
     def fingerprint(self) -> str:
         return str(self.manifest.get("source", {}).get("fingerprint", ""))
 
+    def file_path(self, name: str) -> Path:
+        """A file the manifest names, inside the store (a link leading out is refused)."""
+        return inside(self.path, name, str(self.path / name), StoreError)
+
+    def read_checked(self, entry: FileEntry) -> bytes:
+        """A dense or side file's bytes, checked against the manifest's size and sha256 (read once: what is
+        checked is what is used)."""
+        data = read_capped(self.file_path(entry.file), entry.bytes, entry.file, StoreError)
+        if len(data) != entry.bytes:
+            raise StoreError(f"{entry.file} has {len(data)} bytes, the manifest says {entry.bytes}; the store is "
+                             f"damaged, re-run `{REMEDY}`")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise StoreError(f"{entry.file} is corrupted (sha256 mismatch); re-run `{REMEDY}`")
+        return data
+
+    def side_file(self, name: str) -> bytes | None:
+        """A side file's checked bytes, or None when the store has none of that name."""
+        entry = next((f for f in self.side_files if f.file == name), None)
+        return None if entry is None else self.read_checked(entry)
+
     def load_dense(self) -> dict[str, torch.Tensor]:
-        """Hub name → tensor for every dense weight (memory-mapped by safetensors)."""
-        from safetensors.torch import load_file
+        """Hub name → tensor for every dense weight. Each file is read once, checked, and its tensors are
+        views of those very bytes (no second read that could differ from what was checked)."""
+        from adapmoe_cli.checkpoint import parse_safetensors_header
+        from adapmoe_cli.errors import CheckpointError
 
         out: dict[str, torch.Tensor] = {}
         for f in self.dense_files:
-            out.update(load_file(self.path / f.file))
+            data = self.read_checked(f)
+            try:
+                infos = parse_safetensors_header(data, len(data), Path(f.file))
+            except CheckpointError as e:
+                raise StoreError(f"{e}".replace("re-download it", f"re-run `{REMEDY}`")) from None
+            for name, t in infos.items():
+                count = t.nbytes // t.dtype.itemsize
+                out[name] = (torch.frombuffer(data, dtype=t.dtype, count=count, offset=t.offset).view(t.shape)
+                             if count else torch.empty(t.shape, dtype=t.dtype))
         return out
 
     def info(self) -> dict[str, Any]:

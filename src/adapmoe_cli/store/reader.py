@@ -1,18 +1,22 @@
 """Reads one expert's bytes into a caller-provided buffer with one positioned read, bypassing the OS page
-cache (O_DIRECT, or `posix_fadvise(DONTNEED)` after the read where O_DIRECT is refused), and turns the
-bytes into tensor views without copying. Knows nothing of caches or threads; one reader per thread."""
+cache (O_DIRECT, or `posix_fadvise(DONTNEED)` after the read where O_DIRECT is refused), checks them
+against the manifest the first time this process reads that expert (sha256 of the payload, zeros after
+it), and turns the bytes into tensor views without copying. Knows nothing of caches or threads; one
+reader per thread."""
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import stat
 from pathlib import Path
 
 import torch
 
 from adapmoe_cli.checkpoint import TORCH_DTYPE_BY_NAME
 from adapmoe_cli.errors import StoreError
-from adapmoe_cli.store.manifest import ALIGNMENT, ExpertEntry, Store
+from adapmoe_cli.store.manifest import ALIGNMENT, REMEDY, ExpertEntry, Store
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -30,31 +34,54 @@ def expert_views(buf: memoryview | mmap.mmap, entry: ExpertEntry) -> dict[str, t
     return out
 
 
+def expert_problem(entry: ExpertEntry, view: memoryview, n: int) -> str | None:
+    """What is wrong with an expert's `n` bytes just read into `view`, or None: the payload's sha256 must
+    be the manifest's and the padding after it (up to what was read) zeros."""
+    if hashlib.sha256(view[: entry.nbytes]).hexdigest() != entry.sha256:
+        return f"expert ({entry.layer}, {entry.expert}) in {entry.file} is corrupted (sha256 mismatch)"
+    pad = view[entry.nbytes : max(n, entry.nbytes)]
+    if pad != bytes(len(pad)):
+        return f"expert ({entry.layer}, {entry.expert}) in {entry.file} is corrupted (non-zero padding)"
+    return None
+
+
 class ExpertReader:
     """Positioned reads of whole experts. `direct=False` reads through the page cache (for tests of the
-    fallback and for file systems that refuse O_DIRECT); `direct` tells which mode is in effect."""
+    fallback and for file systems that refuse O_DIRECT); `direct` tells which mode is in effect.
+    `check=False` skips the first-read check (`verify` checks every expert itself; the read benchmark)."""
 
-    def __init__(self, store: Store, direct: bool = True):
+    def __init__(self, store: Store, direct: bool = True, check: bool = True):
         self.store = store
         self._fds: dict[str, int] = {}
         self.direct = direct and hasattr(os, "O_DIRECT")
+        self.check = check
         self.bytes_read = 0
         self.reads = 0
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            path = self.store.path / file
+            path = self.store.file_path(file)  # inside the store, whatever links it holds
+            # never a link, and O_NONBLOCK so a FIFO planted in the store cannot block the open
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             if self.direct:
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    fd = os.open(path, flags | os.O_DIRECT)
+                except FileNotFoundError:
+                    raise StoreError(f"{path} is missing; the store is incomplete, re-run `{REMEDY}`") from None
                 except OSError:
                     self.direct = False  # tmpfs and some network file systems refuse O_DIRECT
             if fd is None:
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, flags)
                 except FileNotFoundError:
-                    raise StoreError(f"{path} is missing; the store is incomplete, re-run `adapmoe shard`") from None
+                    raise StoreError(f"{path} is missing; the store is incomplete, re-run `{REMEDY}`") from None
+                except OSError as e:
+                    raise StoreError(f"{path} cannot be opened ({e.strerror})") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise StoreError(f"{path} is not a regular file; the store is damaged, re-run `{REMEDY}`")
+            os.set_blocking(fd, True)
             self._fds[file] = fd
         return fd
 
@@ -65,7 +92,9 @@ class ExpertReader:
         return self.direct
 
     def read_into(self, layer: int, expert: int, buf: mmap.mmap | memoryview) -> ExpertEntry:
-        """Fill `buf[:entry.length]` with the expert's aligned byte range; return its manifest entry."""
+        """Fill `buf[:entry.length]` with the expert's aligned byte range; return its manifest entry.
+        Raise StoreError, before anyone uses the bytes, when this process's first read of the expert does
+        not match the manifest."""
         entry = self.store.experts[(layer, expert)]
         fd = self._fd(entry.file)
         view = memoryview(buf)[: entry.length]
@@ -89,6 +118,13 @@ class ExpertReader:
             os.posix_fadvise(fd, entry.offset, entry.length, os.POSIX_FADV_DONTNEED)
         self.bytes_read += entry.length
         self.reads += 1
+        key = (layer, expert)
+        if self.check and key not in self.store.checked_experts:
+            problem = expert_problem(entry, view, n)
+            if problem is not None:
+                raise StoreError(f"store {self.store.path} failed verification: {problem}; run `adapmoe verify` "
+                                 f"on it and re-run `{REMEDY}`")
+            self.store.checked_experts.add(key)
         return entry
 
     def close(self) -> None:
@@ -125,7 +161,7 @@ def read_bandwidth(store: Store, max_bytes: int = 1 << 30, chunk: int = 4 << 20)
         while done < max_bytes:
             before = done
             for name in files:
-                path = store.path / name
+                path = store.file_path(name)
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                 except OSError:

@@ -1,20 +1,22 @@
-"""Checks a store against its manifest: every file present with the right size, every expert's and
-file's sha256. A stamp (`.verified.json`: sizes and mtimes) lets the runtime skip a full re-check of an
-unchanged store; any change to a file's size or mtime makes the next open verify again."""
+"""Checks a store against its manifest, writing nothing (a store may be read-only or shared).
+
+- `check_files` (cheap, at every engine start): every file the manifest names is a regular file inside
+  the store with the recorded size (expert files at least as long as their last expert);
+- `verify` (`adapmoe verify`): that, plus every file's and every expert's sha256.
+
+The runtime checks what it uses as it reads it: dense and side files when loaded (`Store.read_checked`),
+each expert the first time this process reads it (`store/reader.py`). So bit rot that keeps sizes and
+mtimes is refused before its bytes are used, without re-hashing a large store at every start."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapmoe_cli.errors import StoreError
-from adapmoe_cli.store.manifest import Store
-from adapmoe_cli.store.reader import ExpertReader, aligned_buffer
-
-STAMP = ".verified.json"
+from adapmoe_cli.store.manifest import REMEDY, Store
+from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_problem
 
 
 @dataclass
@@ -28,22 +30,49 @@ class VerifyReport:
         return not self.problems
 
 
-def _files(store: Store) -> list[str]:
-    names = {"manifest.json"} | {f.file for f in store.dense_files + store.side_files}
-    names |= {e.file for e in store.experts.values()}
-    return sorted(names)
+def check_files(store: Store) -> tuple[list[str], set[str]]:
+    """Problems with the files' presence, kind and sizes, and the names of the files they concern."""
+    problems: list[str] = []
+    bad: set[str] = set()
+
+    def size_of(name: str) -> int | None:
+        try:
+            path = store.file_path(name)
+        except StoreError as e:
+            problems.append(str(e))
+            return None
+        if not path.exists():
+            problems.append(f"{name} is missing")
+            return None
+        if not path.is_file():
+            problems.append(f"{name} is not a regular file")
+            return None
+        return path.stat().st_size
+
+    for f in store.dense_files + store.side_files:
+        size = size_of(f.file)
+        if size is not None and size != f.bytes:
+            problems.append(f"{f.file} has {size} bytes, the manifest says {f.bytes}")
+        if size is None or size != f.bytes:
+            bad.add(f.file)
+    need: dict[str, int] = {}
+    for e in store.experts.values():
+        need[e.file] = max(need.get(e.file, 0), e.offset + e.length)
+    for name, n in sorted(need.items()):
+        size = size_of(name)
+        if size is not None and size < n:
+            problems.append(f"{name} is truncated ({size} bytes, needs {n})")
+        if size is None or size < n:
+            bad.add(name)
+    return problems, bad
 
 
-def _snapshot(store: Store) -> dict[str, list[int]]:
-    out = {}
-    for name in _files(store):
-        st = (store.path / name).stat()
-        out[name] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def write_stamp(store: Store) -> None:
-    (store.path / STAMP).write_text(json.dumps(_snapshot(store)))
+def ensure_files(store: Store) -> None:
+    """Raise StoreError unless every file is there with its size (no hashing: see the module docstring)."""
+    problems, _ = check_files(store)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreError(f"store {store.path} failed verification: {problems[0]}{more}; re-run `{REMEDY}`")
 
 
 def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
@@ -58,60 +87,27 @@ def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> 
         if progress:
             progress(rep.bytes_checked, total)
 
+    rep.problems, bad = check_files(store)
     for f in store.dense_files + store.side_files:
-        path = store.path / f.file
-        if not path.is_file():
-            rep.problems.append(f"{f.file} is missing")
+        if f.file in bad:
             continue
-        if path.stat().st_size != f.bytes:
-            rep.problems.append(f"{f.file} has {path.stat().st_size} bytes, the manifest says {f.bytes}")
-            continue
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(8 * 1024 * 1024):
-                h.update(chunk)
-        if h.hexdigest() != f.sha256:
-            rep.problems.append(f"{f.file} is corrupted (sha256 mismatch)")
+        try:
+            store.read_checked(f)
+        except StoreError as e:
+            rep.problems.append(str(e).split("; re-run")[0])
         tick(f.bytes)
-    sizes: dict[str, int] = {}
-    for e in store.experts.values():
-        sizes[e.file] = max(sizes.get(e.file, 0), e.offset + e.length)
-    bad_files = set()
-    for name, need in sizes.items():
-        path = store.path / name
-        if not path.is_file():
-            rep.problems.append(f"{name} is missing")
-            bad_files.add(name)
-        elif path.stat().st_size < need:
-            rep.problems.append(f"{name} is truncated ({path.stat().st_size} bytes, needs {need})")
-            bad_files.add(name)
-    buf = aligned_buffer(store.slot_bytes)
-    with ExpertReader(store) as reader:
-        for (layer, expert), e in sorted(store.experts.items()):
-            if e.file in bad_files:
-                continue
-            reader.read_into(layer, expert, buf)
-            if hashlib.sha256(memoryview(buf)[: e.nbytes]).hexdigest() != e.sha256:
-                rep.problems.append(f"expert ({layer}, {expert}) in {e.file} is corrupted (sha256 mismatch)")
-            tick(e.nbytes)
-    buf.close()
+    experts = [e for _, e in sorted(store.experts.items()) if e.file not in bad]
+    if experts:
+        buf = aligned_buffer(store.slot_bytes)
+        view = memoryview(buf)
+        with ExpertReader(store, check=False) as reader:
+            for e in experts:
+                reader.read_into(e.layer, e.expert, buf)
+                problem = expert_problem(e, view, e.length)
+                if problem is not None:
+                    rep.problems.append(problem)
+                tick(e.nbytes)
+        view.release()
+        buf.close()
     rep.seconds = time.perf_counter() - t0
-    if rep.ok:
-        write_stamp(store)
     return rep
-
-
-def ensure_verified(store: Store) -> None:
-    """Raise StoreError unless the store is whole. Cheap when the stamp matches the files."""
-    stamp = store.path / STAMP
-    try:
-        if json.loads(stamp.read_text()) == _snapshot(store):
-            return
-    except (OSError, ValueError):
-        pass
-    rep = verify(store)
-    if not rep.ok:
-        more = f" (and {len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""
-        raise StoreError(
-            f"store {store.path} failed verification: {rep.problems[0]}{more}; re-run `adapmoe shard --force`"
-        )

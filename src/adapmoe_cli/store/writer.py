@@ -2,14 +2,18 @@
 
 Streaming: one tensor (dense) or one expert (experts) is in memory at a time, read with positioned reads,
 so peak memory does not grow with the model. Atomic: everything is written into a hidden sibling
-directory `.NAME.partial-PID`, `manifest.json` last, then renamed into place; an interrupted run leaves
-only that hidden directory, which the next run removes."""
+directory `.NAME.adapmoe-partial-PID-RANDOM`, `manifest.json` last, then renamed into place; an
+interrupted run leaves only that hidden directory, which the next run removes — it removes only folders
+with that word in their name that hold its owner mark for the same OUT, made by a process now gone.
+Every file is created fresh (O_EXCL, never through a link). While reading, each tensor's sha256 is
+taken: the store's fingerprint covers every byte of the source (see `_check_target` for reuse)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -27,10 +31,21 @@ from adapmoe_cli.checkpoint import (
     open_checkpoint,
     side_files,
 )
-from adapmoe_cli.errors import StoreError, StoreExistsError, UsageError
-from adapmoe_cli.store.manifest import ALIGNMENT, FORMAT, FORMAT_VERSION, MANIFEST, Store, is_store
+from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
+from adapmoe_cli.safe_io import ensure_dir, read_capped, write_atomic
+from adapmoe_cli.store.manifest import (
+    ALIGNMENT,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ExpertLayout,
+    Store,
+    is_store,
+    manifest_digest,
+)
 
 DENSE_CHUNK_BYTES = 256 * 1024 * 1024
+MAX_SIDE_BYTES = 256 * 1024 * 1024  # a tokenizer.json is tens of MB at most
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -41,10 +56,6 @@ class ShardResult:
     bytes_written: int
     seconds: float
     reused: bool  # True when OUT already held this very store and nothing was written
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -74,65 +85,147 @@ def _target_dtype(ckpt: Checkpoint, dtype: str) -> torch.dtype:
     return first.dtype
 
 
-def fingerprint(ckpt: Checkpoint, dtype: torch.dtype) -> str:
-    """Identity of (source weights, target dtype): equal fingerprints mean the same store content."""
+def content_digest(digests: dict[str, str]) -> str:
+    """One sha256 over every tensor's (tensor name → sha256 of its bytes, `Checkpoint.read`/`digests`)."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def fingerprint(ckpt: Checkpoint, dtype: torch.dtype, content: str) -> str:
+    """Identity of (source weights, target dtype): equal fingerprints mean the same store content.
+    `content` (`content_digest`) covers every byte of every tensor."""
     desc = {
         "config": ckpt.config,
         "dtype": str(dtype),
         "tensors": sorted((t.name, list(t.shape), str(t.dtype), t.nbytes) for t in ckpt.tensors.values()),
         "side": sorted((p.name, _sha256_file(p)) for p in side_files(ckpt.path)),
-        # weights with the same shapes (a fine-tune, a re-download) differ in their bytes: sample each file
-        "samples": sorted((f.name, _sample_digest(f)) for f in {t.file for t in ckpt.tensors.values()}),
+        "content": content,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-def _sample_digest(path: Path, span: int = 1 << 20) -> str:
-    """sha256 of the first and last `span` bytes and the size: cheap, and any retrained weights show."""
+SAMPLE_BLOCKS, SAMPLE_SPAN = 16, 64 << 10
+
+
+def _sample_digest(path: Path) -> str:
+    """sha256 of the size and of 64 KiB blocks at the start, the end and 16 evenly spaced places between."""
     h = hashlib.sha256()
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        h.update(f.read(span))
-        f.seek(max(0, size - span))
-        h.update(f.read(span))
-    h.update(str(size).encode())
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        last = max(0, size - SAMPLE_SPAN)
+        for i in range(SAMPLE_BLOCKS + 2):
+            f.seek(last * i // (SAMPLE_BLOCKS + 1))
+            h.update(f.read(SAMPLE_SPAN))
     return h.hexdigest()
 
 
+def source_files(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """What the reuse check compares for each weight file: size, mtime, ctime and sampled blocks."""
+    out = []
+    for f in sorted({t.file for t in ckpt.tensors.values()}):
+        st = f.stat()
+        out.append({"name": f.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                    "samples": _sample_digest(f)})
+    return out
+
+
+def _unchanged(ckpt: Checkpoint, recorded: Any) -> bool:
+    """True when every weight file has the size, mtime and ctime recorded at shard time and its sampled
+    blocks hash as recorded. Any write through the file system moves ctime (which no user can set back),
+    so only changes below it (bit rot, raw-device writes) outside the sampled blocks go unseen."""
+    if not isinstance(recorded, list):
+        return False
+    try:
+        return source_files(ckpt) == recorded
+    except OSError:
+        return False
+
+
+#: names of what `shard` keeps beside OUT while it works: hidden, and with a word no user picks
+_PARTIAL, _OLD, _OWNER = "adapmoe-partial", "adapmoe-replaced", ".adapmoe-owner"
+
+
+def _own(folder: Path, out: Path) -> None:
+    """Mark `folder` as this process's working copy for `out` (what `_remove_stale_partials` checks)."""
+    fd = os.open(folder / _OWNER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        _write_all(fd, json.dumps({"pid": os.getpid(), "out": str(out)}).encode())
+    finally:
+        os.close(fd)
+
+
+def _ours(folder: Path, out: Path) -> int | None:
+    """The pid that made `folder` for `out`, or None when it is not a working copy of ours."""
+    try:
+        if folder.is_symlink() or not folder.is_dir() or (folder / _OWNER).is_symlink():
+            return None
+        owner = json.loads((folder / _OWNER).read_text())
+        pid = owner["pid"]
+        return pid if owner["out"] == str(out) and isinstance(pid, int) and pid > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _remove_stale_partials(out: Path) -> None:
-    """Remove what killed runs left: half-written stores and replaced stores not yet deleted."""
-    leftovers = [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]
+    """Remove what killed runs of ours left — half-written stores and replaced stores not yet deleted —
+    and nothing else: a folder is removed only if its name has our word in it, it holds our owner mark
+    for this OUT, and the process that made it is gone."""
+    leftovers = [*out.parent.glob(f".{out.name}.{_PARTIAL}-*"), *out.parent.glob(f".{out.name}.{_OLD}-*")]
     for p in leftovers:
+        pid = _ours(p, out)
+        if pid is None or pid == os.getpid():
+            continue
         try:
-            pid = int(p.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # another shard of the same target is running
-        except (ValueError, ProcessLookupError):
+            continue  # another shard of the same target is running
+        except ProcessLookupError:
             pass
         except PermissionError:
             continue
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _check_target(out: Path, fp: str, force: bool) -> bool:
-    """True when OUT already holds this store. Raise when OUT holds something we must not replace."""
+def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool) -> bool:
+    """True when OUT already holds this store. Raise when OUT holds something we must not replace.
+    Cheap when the checkpoint's files are unchanged since the store was made (`_unchanged`: stat and
+    sampled blocks); otherwise every tensor is read and hashed before the answer."""
     if not out.exists():
         return False
     if is_store(out):
         try:
-            same = Store.open(out).fingerprint == fp
+            old: Store | None = Store.open(out)
         except StoreError:
-            same = False
+            old = None
+        same = False
+        if old is not None and old.manifest["format_version"] >= 2:
+            source = old.manifest.get("source", {})
+            if _unchanged(ckpt, source.get("files")):
+                same = old.fingerprint == fingerprint(ckpt, target, str(source.get("content")))
+            else:
+                same = old.fingerprint == fingerprint(ckpt, target, content_digest(ckpt.digests()))
+                if same:  # touched or copied, same bytes: record the new stat so the next check is cheap
+                    _refresh_source(old, source_files(ckpt))
         if same and not force:
             return True
         if not force:
-            raise StoreExistsError(f"{out} already holds a different store; pass --force to replace it")
+            why = "a store made by an older adapmoe" if old is not None and not same and \
+                old.manifest["format_version"] < 2 else "a different store"
+            raise StoreExistsError(f"{out} already holds {why}; pass --force to replace it")
         return False
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
         return False
     raise StoreError(f"{out} exists and is not an adapmoe store; choose another output folder")
+
+
+def _refresh_source(store: Store, files: list[dict[str, Any]]) -> None:
+    manifest = dict(store.manifest)
+    manifest["source"] = {**manifest.get("source", {}), "files": files}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    try:
+        write_atomic(store.path / MANIFEST, json.dumps(manifest, indent=1))
+    except OutputError:
+        pass  # a read-only store: the next check reads the checkpoint again
 
 
 def shard(
@@ -147,16 +240,15 @@ def shard(
     src, out = Path(src), Path(out).absolute()
     ckpt = open_checkpoint(src)
     target = _target_dtype(ckpt, dtype)
-    fp = fingerprint(ckpt, target)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if _check_target(out, fp, force):
+    ensure_dir(out.parent)
+    if _check_target(out, ckpt, target, force):
         return ShardResult(out, 0, time.perf_counter() - t0, reused=True)
     _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = out.parent / f".{out.name}.{_PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        written = _write_store(ckpt, target, tmp, fp, progress, source or {"path": str(src.absolute())})
+        tmp.mkdir()
+        _own(tmp, out)
+        written = _write_store(ckpt, target, tmp, progress, source or {"path": str(src.absolute())})
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,27 +261,35 @@ def shard(
 def _replace(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
+        # marked before it moves aside, so a run killed after the move leaves what the next may remove
+        (out / _OWNER).unlink(missing_ok=True)
+        _own(out, out)
+        old = out.parent / f".{out.name}.{_OLD}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.rename(out, old)
+        except BaseException:
+            (out / _OWNER).unlink(missing_ok=True)
+            raise
     try:
         os.rename(tmp, out)
     except BaseException:
         if old is not None:  # put the previous store back rather than leave none
             os.rename(old, out)
+            (out / _OWNER).unlink(missing_ok=True)
         raise
+    (out / _OWNER).unlink()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_store(
-    ckpt: Checkpoint, target: torch.dtype, tmp: Path, fp: str, progress: Progress | None, source: dict[str, Any]
-) -> int:
-    from adapmoe_cli.store.verify import write_stamp
-
+def _write_store(ckpt: Checkpoint, target: torch.dtype, tmp: Path, progress: Progress | None,
+                 source: dict[str, Any]) -> int:
     fam, shape = ckpt.family, ckpt.family.moe_shape(ckpt.config)
     esize = torch.tensor([], dtype=target).element_size()
     total = sum(t.nbytes // t.dtype.itemsize * esize for t in ckpt.tensors.values())
     done = 0
+    files = source_files(ckpt)  # before reading: a file changed while we read does not look unchanged later
+    digests: dict[str, str] = {}
 
     def tick(n: int) -> None:
         nonlocal done
@@ -197,12 +297,18 @@ def _write_store(
         if progress:
             progress(done, total)
 
-    experts = _write_experts(ckpt, target, tmp, tick)
-    dense = _write_dense(ckpt, target, tmp, tick)
+    experts = _write_experts(ckpt, target, tmp, tick, digests)
+    dense = _write_dense(ckpt, target, tmp, tick, digests)
     sides = []
     for p in side_files(ckpt.path):
-        shutil.copyfile(p, tmp / p.name)
-        sides.append({"file": p.name, "bytes": p.stat().st_size, "sha256": _sha256_file(p)})
+        data = read_capped(p, MAX_SIDE_BYTES, str(p), CheckpointError, follow=True)
+        fd = os.open(tmp / p.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        sides.append({"file": p.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    content = content_digest(digests)
     config = dict(ckpt.config)
     config["dtype"] = config["torch_dtype"] = DTYPE_NAMES_BY_TORCH[target]
     manifest = {
@@ -214,56 +320,46 @@ def _write_store(
         "dtype": DTYPE_NAMES_BY_TORCH[target],
         "alignment": ALIGNMENT,
         "num_moe_layers": len(shape.moe_layers),
-        "source": {**source, "fingerprint": fp},
+        "source": {**source, "fingerprint": fingerprint(ckpt, target, content), "content": content,
+                   "files": files},
         "dense": dense,
         "side_files": sides,
         "experts": experts,
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     data = json.dumps(manifest, indent=1).encode()
-    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    write_stamp(Store.open(tmp))
+    Store.open(tmp)  # what we wrote reads back
     return done
 
 
 DTYPE_NAMES_BY_TORCH = {v: k for k, v in TORCH_DTYPE_BY_NAME.items()}
 
 
-def _write_experts(
-    ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None]
-) -> list[dict[str, Any]]:
+def _write_experts(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None],
+                   digests: dict[str, str]) -> list[dict[str, Any]]:
     fam, shape = ckpt.family, ckpt.family.moe_shape(ckpt.config)
     (tmp / "experts").mkdir()
-    part_shapes = fam.expert_part_shapes(ckpt.config)
-    esize = torch.tensor([], dtype=target).element_size()
     # the layout is the same for every expert: each part starts on an aligned offset
-    layout, off = [], 0
-    for part in fam.expert_parts:
-        numel = 1
-        for d in part_shapes[part]:
-            numel *= d
-        layout.append((part, part_shapes[part], off, numel * esize))
-        off = _align(off + numel * esize)
-    nbytes = layout[-1][2] + layout[-1][3]
-    stride = _align(nbytes)
+    layout = ExpertLayout.of(fam, ckpt.config, DTYPE_NAMES_BY_TORCH[target])
+    stride, nbytes = layout.stride, layout.nbytes
+    tensors = [t.to_json() for t in layout.tensors]
     entries = []
     payload = bytearray(stride)
     for layer in shape.moe_layers:
         rel = f"experts/layer-{layer:03d}.bin"
-        fd = os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             for e in range(shape.num_experts):
                 payload[:] = bytes(stride)
-                tensors = []
-                for part, pshape, poff, pbytes in layout:
-                    t = ckpt.read(fam.expert_tensor_name(layer, e, part)).to(target).contiguous()
-                    payload[poff : poff + pbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                    tensors.append({"name": part, "shape": list(pshape), "dtype": DTYPE_NAMES_BY_TORCH[target],
-                                    "offset": poff, "nbytes": pbytes})
+                for part in layout.tensors:
+                    t = ckpt.read(fam.expert_tensor_name(layer, e, part.name), digests).to(target).contiguous()
+                    payload[part.offset : part.offset + part.nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
                     del t
                 _write_all(fd, payload)
                 entries.append({
@@ -271,17 +367,16 @@ def _write_experts(
                     "nbytes": nbytes, "sha256": hashlib.sha256(memoryview(payload)[:nbytes]).hexdigest(),
                     "tensors": tensors,
                 })
-                tick(sum(p[3] for p in layout))
+                tick(sum(p.nbytes for p in layout.tensors))
             os.fsync(fd)
         finally:
             os.close(fd)
     return entries
 
 
-def _write_dense(
-    ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None]
-) -> list[dict[str, Any]]:
-    from safetensors.torch import save_file
+def _write_dense(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None],
+                 digests: dict[str, str]) -> list[dict[str, Any]]:
+    from safetensors.torch import save
 
     fam = ckpt.family
     names = sorted((n for n in ckpt.tensors if fam.expert_key(n) is None), key=_natural)
@@ -294,13 +389,17 @@ def _write_dense(
         if not chunk:
             return
         name = f"dense-{len(files) + 1:05d}.safetensors"
-        save_file(chunk, str(tmp / name), metadata={"format": "pt"})
-        path = tmp / name
-        files.append({"file": name, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+        data = save(chunk, metadata={"format": "pt"})
+        fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        files.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         chunk, size = {}, 0
 
     for n in names:
-        t = ckpt.read(n)
+        t = ckpt.read(n, digests)
         if t.is_floating_point():
             t = t.to(target)
         chunk[n] = t.contiguous()
