@@ -95,19 +95,24 @@ def _spread(p: dict, key: str, repeats: int, fmt: str = ".1f") -> str:
 
 
 def render(r: dict[str, Any]) -> None:
-    t = Table(title=f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
-                    f"{r['prompts']} prompts × {r['repeats']} repeats", box=box.SIMPLE_HEAD)
-    cols = ("policy", "decode tok/s", "prefill tok/s", "experts/tok", "hit rate", "stall ms/tok", "KiB read/tok",
-            "I/O floor tok/s", "perplexity")
-    for c in cols:
-        t.add_column(c, justify="left" if c == "policy" else "right", no_wrap=c == "policy")
+    cols = ("policy", "decode tok/s", "prefill tok/s", "experts /token", "hit rate", "stall ms /token",
+            "KiB read /token", "I/O floor tok/s", "held-out ppl")
+    rows = []
     for name, p in r["policies"].items():
         floor = p["io_floor_tokens_per_s"]
-        t.add_row(name, _spread(p, "decode_tokens_per_s", r["repeats"]),
-                  _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), f"{p['experts_per_token']:.2f}",
-                  f"{p['hit_rate']:.1%}", f"{p['stall_s_per_token'] * 1e3:.2f}",
-                  f"{p['bytes_read_per_token'] / 1024:.0f}",
-                  "∞" if floor is None else f"{floor:.0f}", f"{p['perplexity']:.3f}")
+        rows.append((name, _spread(p, "decode_tokens_per_s", r["repeats"]),
+                     _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), f"{p['experts_per_token']:.2f}",
+                     f"{p['hit_rate']:.1%}", f"{p['stall_s_per_token'] * 1e3:.2f}",
+                     f"{p['bytes_read_per_token'] / 1024:.0f}", "∞" if floor is None else f"{floor:.0f}",
+                     f"{p['perplexity']:.3f}"))
+    t = Table(title=f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
+                    f"{r['prompts']} prompts × {r['repeats']} repeats", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 0, 0, 2))
+    for i, c in enumerate(cols):  # values never cut: each column as wide as its widest value, headers wrap
+        width = max([len(row[i]) for row in rows] + [len(w) for w in c.split()])
+        t.add_column(c, justify="left" if i == 0 else "right", width=width)
+    for row in rows:
+        t.add_row(*row)
     console.print(t)
     console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
                   f"page cache {r['page_cache']}")
