@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from adapmoe_cli import budget as budgets
@@ -37,3 +39,32 @@ def textbook_lru(calls: Iterable[Iterable[int]], slots: int) -> tuple[int, int, 
                     order.remove(next(x for x in order if x not in needed))
             order.append(e)
     return hits, misses, order
+
+
+def o_direct_allowed(folder: Path) -> bool:
+    """Whether the file system under `folder` lets a file be opened with O_DIRECT (probed here)."""
+    probe = folder / ".o-direct-probe"
+    probe.write_bytes(b"\0" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def open_fds_under(folder: Path) -> dict[int, int]:
+    """This process's open file descriptors on files under `folder` → their status flags, as the kernel
+    lists them in /proc/self/fdinfo (independent of any bookkeeping of ours)."""
+    root, out = str(folder.resolve()) + os.sep, {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{entry}")
+            info = Path(f"/proc/self/fdinfo/{entry}").read_text()
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor, among others)
+        if target.startswith(root):
+            flags = next(line for line in info.splitlines() if line.startswith("flags:"))
+            out[int(entry)] = int(flags.split()[1], 8)
+    return out

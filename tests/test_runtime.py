@@ -5,6 +5,8 @@ keeps the KV cache; hits and misses equal a textbook LRU over the routing the ru
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -16,7 +18,7 @@ from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import runtime_engine, textbook_lru
+from tests.helpers import o_direct_allowed, open_fds_under, runtime_engine, textbook_lru
 
 SHAPES = {
     "default": TinySpec(),
@@ -136,6 +138,22 @@ def test_lru_order_equals_a_textbook_lru(make_store, policy):
         else:
             assert got != want  # the routing evicts often enough for the policy to matter
         assert want[1] > spec.num_hidden_layers * spec.num_local_experts  # experts were evicted and reloaded
+
+
+def test_engine_reads_experts_with_o_direct(make_store):
+    """The descriptors the engine itself opened on the expert files (found in /proc, not asked of the
+    reader) carry O_DIRECT wherever the file system allows it, `Engine.direct_io` says the same, and
+    closing the engine closes them."""
+    store = make_store(SHAPES["odd"], dtype=torch.float32)
+    expected = o_direct_allowed(store / "experts")
+    before = open_fds_under(store / "experts")
+    with _engine(make_store, "odd", 2, prefetch=True) as eng:
+        _greedy(eng, PROMPT, 4)
+        assert eng.direct_io() is expected
+        mine = {fd: flags for fd, flags in open_fds_under(store / "experts").items() if fd not in before}
+        assert eng.stats.loads > 0 and len(mine) == SHAPES["odd"].num_hidden_layers  # one per layer file
+        assert all(bool(flags & os.O_DIRECT) is expected for flags in mine.values()), mine
+    assert not set(mine) & set(open_fds_under(store / "experts"))
 
 
 def test_multi_turn_conversation_keeps_kv_cache_and_matches(make_store, make_checkpoint, reference):

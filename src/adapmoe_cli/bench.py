@@ -3,7 +3,8 @@ function behind `adapmoe bench`.
 
 Each policy is a named configuration of the one runtime (`policies.py`); no policy has a code path of
 its own. Repeats are interleaved across policies so drift hits all alike; every run starts from a cold
-cache, and experts come from disk through O_DIRECT reads (page cache bypassed). Perplexity depends only
+cache, and experts come from disk through O_DIRECT reads (page cache bypassed; `o_direct` and `page_cache`
+report what the engines' own file descriptors had). Perplexity depends only
 on the gate, so it is measured once per distinct gate on held-out text. The store is profiled first
 when it has no profile (adapmoe's gate and the DP plans need one); the plans are kept under STORE/bench."""
 
@@ -183,13 +184,6 @@ def setups(store: Store, settings: Settings, names: list[str], total: int, plan:
     return out, skipped
 
 
-def direct_io(store: Store) -> bool:
-    from adapmoe_cli.store.reader import ExpertReader
-
-    with ExpertReader(store) as probe:
-        return probe.direct_io_works()
-
-
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
             tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
             progress: Progress | None = None) -> dict[str, Any]:
@@ -198,7 +192,6 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
 
     if not prompts:
         raise UsageError("no prompts to run")
-    direct = direct_io(store)
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
     runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
     count = repeats * len(plan)
@@ -211,10 +204,13 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
             done += 1
     if progress:
         progress("perplexity", done, count)
+    # from the file descriptors of the engines that ran, not from a probe of the file system
+    direct = all(r.direct_io for rs in runs.values() for r in rs)
     ppl: dict[tuple, float] = {}
     result: dict[str, Any] = {
         "machine": machine_info(),
         "disk_read_bytes_per_s": bandwidth,
+        "o_direct": direct,
         "page_cache": ("bypassed: experts are read with O_DIRECT" if direct else
                        "O_DIRECT refused by the file system: pages dropped with posix_fadvise(DONTNEED) after reads"),
         "bandwidth_measured_with": "O_DIRECT sequential reads of the expert files" if bw_direct else "buffered reads",

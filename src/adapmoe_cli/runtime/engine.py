@@ -56,7 +56,8 @@ class Engine:
             self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
             make_views=lambda buf: expert_views(buf, layout),
         )
-        self.manager = ExpertManager(self.cache, Loader(ExpertReader(store)), self.stats)
+        self._reader = ExpertReader(store)  # read by the loader's thread only, once started
+        self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
         self.model = self._build_model()
 
     def _build_model(self) -> Any:
@@ -91,6 +92,12 @@ class Engine:
     def use_gate(self, gate: GatePolicy) -> None:
         """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""
         self.gate = gate
+
+    def direct_io(self) -> bool:
+        """Whether this engine's expert reads bypass the page cache (O_DIRECT on its reader's own file
+        descriptors). Waits for reads in flight first; the bench reports it after each run."""
+        self.manager.drain()
+        return self._reader.direct_io_works()
 
     def close(self) -> None:
         self.manager.close()
