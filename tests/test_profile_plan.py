@@ -19,7 +19,7 @@ from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.plan_file import read_plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.resolve import resolve
+from adapmoe_cli.planning.resolve import open_engine, resolve
 from adapmoe_cli.profiling.profile_file import read_profile
 from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
 from adapmoe_cli.settings import load_settings
@@ -166,6 +166,45 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
     for bad in ("0%", "-1%", "80%", "lots"):
         with pytest.raises(UsageError):
             parse_fraction(bad)
+
+
+def test_plan_at_every_budget_spends_it_and_beats_the_even_split(store, text_file):
+    """From one slot per layer to every expert: the plan's slots sum to the budget, each layer gets 1 … E,
+    the full budget gives every layer all its experts, and the DP's expected cost is never above the even
+    split's on the same cost curves."""
+    _profile(store, text_file, method="forward", tokens=128, validate=False)
+    settings = load_settings()
+    layers, experts = SPEC.num_hidden_layers, SPEC.num_local_experts
+    for slots in range(layers, layers * experts + 1):
+        _, data = make_plan(store, settings, PlanRequest(budget_slots=slots, gate_mode="off",
+                                                         out=store.path / f"plan-{slots}.json"))
+        got = [x["slots"] for x in data["layers"]]
+        assert sum(got) == slots and all(1 <= s <= experts for s in got), (slots, got)
+        assert data["total_expected_cost"] <= data["even_split_expected_cost"] + 1e-12
+    assert got == [experts] * layers
+
+
+@pytest.mark.xfail(strict=True, reason="fixed by the plan re-solve in planning/resolve.py (issue #20)")
+@pytest.mark.parametrize("case", ["slots-above-its-own-budget", "slots-above-the-default-budget",
+                                  "plan-for-a-larger-budget"])
+def test_a_plan_is_never_obeyed_beyond_the_budget(store, text_file, case):
+    """Whatever the store's plan.json says, the runtime never holds more expert slots than the budget in
+    use: a hand-made plan whose layers' slots sum to more than its `budget_slots`, with that budget given
+    or the default share (9 of 18 experts), and an honest plan for 12 slots with the default budget."""
+    _profile(store, text_file, method="forward", tokens=128, validate=False)
+    budget = 9
+    path, _ = make_plan(store, load_settings(), PlanRequest(budget_slots=12 if case == "plan-for-a-larger-budget"
+                                                            else budget, gate_mode="off"))
+    if case != "plan-for-a-larger-budget":
+        doc = json.loads(path.read_text())
+        for x, slots in zip(doc["layers"], (6, 3, 3), strict=True):
+            x["slots"] = slots  # 12 slots under a plan that says 9
+        path.write_text(json.dumps(doc))
+    settings = load_settings(overrides={"cache.budget": budget if case == "slots-above-its-own-budget" else None})
+    resolved = resolve(store, settings).budget.total
+    with open_engine(store, settings) as eng:
+        held, held_bytes = eng.cache.num_slots, eng.cache.capacity_bytes
+    assert (resolved, held, held_bytes) <= (budget, budget, budget * store.slot_bytes) and max(resolved, held) <= budget
 
 
 def test_plan_without_profile_says_which_command(store):
