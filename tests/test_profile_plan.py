@@ -250,7 +250,10 @@ def test_eval_cli_json_and_quality_budget(store, text_file):
                            text=True, env=os.environ, timeout=300)
     assert gated.returncode == 0, gated.stderr
     g = json.loads(gated.stdout)
-    assert g["gate"]["scale"] is not None and g["experts_per_token"] <= 2.0
+    q = g["quality_search"]  # what it promises is asserted on the trained model: tests/test_quality_budget.py
+    assert g["gate"]["scale"] == q["scale"] is not None and q["budget"] == 0.05
+    assert q["calibration"]["increase"] <= q["calibration"]["increase_bound"] <= 0.05
+    assert q["evaluated"]["ungated_perplexity"] == pytest.approx(p["perplexity"], rel=1e-9)
     bad = subprocess.run([*args, "--quality-budget", "0%"], capture_output=True, text=True, env=os.environ, timeout=300)
     assert bad.returncode != 0 and "quality budget" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -268,6 +271,11 @@ def test_gate_rules_and_auto():
     assert gate_rules.gate("auto", 0.04, fwd).rule == "paper"
     with pytest.raises(ProfileError, match="gradient method"):
         gate_rules.thresholds("weighted", 0.1, fwd)
-    # bisection finds the largest scale within the budget of a monotone perplexity
-    found = gate_rules.find_scale("global", grad, 0.01, lambda g: 10.0 * (1 + (g.threshold(0) or 0.0) / 10))
-    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.increase <= 0.01
+    # bisection finds the largest scale whose bound stays within the budget (bound = 2 × increase here)
+    def quality(g):
+        inc = (g.threshold(0) or 0.0) / 20
+        return gate_rules.GateQuality(10.0 * (1 + inc), 10.0, 2 * inc)
+
+    found = gate_rules.find_scale("global", grad, 0.01, quality)
+    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.bound <= 0.01
+    assert found.increase == pytest.approx(0.005, abs=1e-5)

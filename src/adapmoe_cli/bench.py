@@ -22,9 +22,10 @@ from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.model_arg import default_text
+from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import gate_perplexity
+from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
 from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.runtime.gating import GatePolicy
@@ -69,7 +70,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress 
     tok = load_tokenizer(store)
     prompt_ids = [chat_ids(tok, [{"role": "user", "content": t}]) for t in (req.prompts or default_prompts())]
     with contextlib.ExitStack() as stack:
-        calib = stack.enter_context(gate_perplexity(store, settings, calib_text))
+        calib = stack.enter_context(gate_quality(store, settings, calib_text))
         held = stack.enter_context(gate_perplexity(store, settings, req.text or default_text("heldout"), 8192))
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
         result = bench.at(names, slots, simulate=req.simulate)
@@ -85,13 +86,14 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Progress 
 
 @dataclass
 class _Bench:
-    """One bench run's shared state: prompts, the two perplexity functions and the plans made so far."""
+    """One bench run's shared state: prompts, the gate's quality on calibration text (for the search), its
+    perplexity on held-out text (reported) and the plans made so far."""
 
     store: Store
     settings: Settings
     req: BenchRequest
     prompts: list[list[int]]
-    calibration: Callable[[GatePolicy], float]
+    calibration: Callable[[GatePolicy], GateQuality]
     heldout: Callable[[GatePolicy], float]
     say: Progress
     plans: dict[tuple[int, bool], Plan] = field(default_factory=dict)
