@@ -163,9 +163,11 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
         resolve(store, load_settings(overrides={"cache.budget": 2}))
     with pytest.raises(UsageError, match="larger than the model"):
         resolve(store, load_settings(overrides={"cache.budget": "1GiB"}))
-    for bad in ("0%", "-1%", "80%", "lots"):
-        with pytest.raises(UsageError):
+    for bad in ("0%", "-1%", "80%"):
+        with pytest.raises(UsageError, match=rf"quality budget '{bad}' must be above 0% and at most 50%"):
             parse_fraction(bad)
+    with pytest.raises(UsageError, match="cannot read quality budget 'lots': use a percentage like 1%"):
+        parse_fraction("lots")
 
 
 def test_plan_at_every_budget_spends_it_and_beats_the_even_split(store, text_file):
