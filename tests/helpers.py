@@ -68,3 +68,36 @@ def open_fds_under(folder: Path) -> dict[int, int]:
             flags = next(line for line in info.splitlines() if line.startswith("flags:"))
             out[int(entry)] = int(flags.split()[1], 8)
     return out
+
+
+# Run before the CLI in a child process: every `shard` that writes a store (not one that finds it already
+# made) appends the store's path to the file named by $ADAPMOE_TEST_SHARD_RUNS.
+SHARD_RUN_COUNTER = """
+import os
+import adapmoe_cli.store.writer as _writer
+_real_shard = _writer.shard
+def _counted_shard(*args, **kwargs):
+    result = _real_shard(*args, **kwargs)
+    if not result.reused:
+        with open(os.environ["ADAPMOE_TEST_SHARD_RUNS"], "a") as f:
+            f.write(str(result.store) + "\\n")
+    return result
+_writer.shard = _counted_shard
+"""
+
+
+def count_shard_runs(monkeypatch: Any) -> list[Path]:
+    """In this process: the stores `shard` writes from now on (a store found already made is not a run)."""
+    import adapmoe_cli.store.writer as writer
+
+    runs: list[Path] = []
+    real = writer.shard
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if not result.reused:
+            runs.append(Path(result.store))
+        return result
+
+    monkeypatch.setattr(writer, "shard", counted)
+    return runs
