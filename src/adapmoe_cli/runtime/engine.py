@@ -56,7 +56,7 @@ class Engine:
             self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
             make_views=lambda buf: expert_views(buf, layout),
         )
-        self._reader = ExpertReader(store)  # read by the loader's thread only, once started
+        self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
         self.model = self._build_model()
 
