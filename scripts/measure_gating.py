@@ -25,7 +25,7 @@ from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.plan_file import Plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import gate_perplexity
+from adapmoe_cli.planning.quality import gate_quality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
@@ -89,12 +89,13 @@ def main() -> None:
         result["sweep"] = sweep(eng, prof.layers, held, window, a.points)
         base_ppl = result["sweep"]["base"]["perplexity"]
         searches = {}
-        with gate_perplexity(store, settings, default_text("calibration"), 4096) as calib_ppl:
+        with gate_quality(store, settings, default_text("calibration"), 4096) as calib_quality:
             for rule in RULES:
-                s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_ppl)
+                s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_quality)
                 eng.use_gate(gate_rules.gate(rule, s.scale, prof.layers))
                 r = evaluate(eng, held, window)
                 searches[rule] = {"scale": s.scale, "calibration_increase": s.increase,
+                                  "calibration_increase_bound": s.bound,
                                   "heldout_perplexity": r.perplexity, "heldout_increase": r.perplexity / base_ppl - 1,
                                   "experts_per_token": r.stats.experts_per_token,
                                   "experts_saved": 1 - r.stats.experts_per_token / shape.top_k,

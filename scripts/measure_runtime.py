@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,13 @@ import time
 from pathlib import Path
 
 PROMPT_LEN = 16
+
+
+def peak_rss() -> int:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux keeps it across exec, so a child forked
+    from this script after sharding would report the parent's peak."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def child_runtime(store: str, slots: int, prefetch: bool, tokens: int) -> dict:
@@ -42,7 +48,7 @@ def child_runtime(store: str, slots: int, prefetch: bool, tokens: int) -> dict:
             runs.append({"prefill_s": r.prefill_s, "decode_s": r.decode_s, "decode_tokens": tokens,
                          "decode_tok_s": r.decode_tps, "stats": r.stats.as_dict()})
         out = runs[-1]
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss()
     out["dense_bytes"] = st.dense_bytes
     out["budget_bytes"] = slots * st.slot_bytes
     return out
@@ -67,7 +73,7 @@ def child_transformers(ckpt: str, tokens: int, impl: str) -> dict:
     t2 = time.perf_counter()
     decode_s = (t2 - t1) - (t1 - t0)
     return {"decode_s": decode_s, "decode_tok_s": tokens / decode_s,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss()}
 
 
 def run_child(*args: str) -> dict:

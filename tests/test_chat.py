@@ -1,5 +1,5 @@
 """`adapmoe chat` as a user meets it: one-shot and JSON output through the real CLI process, and an
-interactive session in a real pseudo-terminal (pexpect): two turns, /stats, /save, Ctrl-C mid-answer."""
+interactive session in a real pseudo-terminal (pexpect): /help, two turns, /stats, /save, Ctrl-C mid-answer."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
                           dimensions=(40, 200))
     try:
         child.expect("/help for commands")
+        child.expect(">>> ")
+        child.sendline("/help")
+        for command in ("/reset", "/stats", "/save FILE", "/exit"):
+            child.expect_exact(command)
         child.expect(">>> ")
         child.sendline("What does the json module do?")
         child.expect(r"\d+ tokens · prompt \d+ tok/s · [\d.]+ tok/s · hit rate \d+% · 2\.00 experts/token")

@@ -23,6 +23,7 @@ from adapmoe_cli.cli.app import main
 from adapmoe_cli.errors import CheckpointError
 from adapmoe_cli.store import Store, is_store
 from adapmoe_cli.synthetic import TinySpec
+from tests.helpers import count_shard_runs
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -263,6 +264,23 @@ def test_killed_shard_leaves_no_store_and_the_next_run_cleans_up(
     assert not partial.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     code, _, _ = run_cli(monkeypatch, capsys, "verify", str(out))
     assert code == 0
+
+
+def test_a_checkpoint_folder_is_sharded_into_home_on_first_use_and_reused(
+    make_checkpoint: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """`eval CHECKPOINT_FOLDER`: the first use shards into ADAPMOE_HOME (one shard run), the second uses
+    that store (no run); both score the same."""
+    runs = count_shard_runs(monkeypatch)
+    ckpt = str(make_checkpoint())
+    args = ("eval", ckpt, "--tokens", "40", "--window", "16", "--json")
+    code, first, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert len(runs) == 1 and runs[0].parent == tmp_path / "adapmoe-home" / "stores" and is_store(runs[0])
+    code, second, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert len(runs) == 1 and json.loads(second)["perplexity"] == json.loads(first)["perplexity"]
 
 
 # --- info ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ touches the internet."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapmoe_cli.synthetic import TinySpec
+from tests.helpers import SHARD_RUN_COUNTER
 from tests.hub_server import HubServer
 
 REPO = "tiny/moe"
@@ -40,12 +42,22 @@ def hub(hub_folder: Path) -> Iterator[HubServer]:
         yield server
 
 
-def run(hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run(hub: HubServer, *args: str, prelude: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m adapmoe_cli ARGS` against the local hub; `prelude` runs first in the same interpreter."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
     full.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
                 HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", **env)
-    return subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
-                          env=full, timeout=60)
+    cmd = [sys.executable, "-m", "adapmoe_cli", *args]
+    if prelude:
+        main = "\nimport sys\nfrom adapmoe_cli.cli.app import main\nsys.argv[0] = 'adapmoe'\nmain()\n"
+        cmd = [sys.executable, "-c", prelude + main, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=120)
+
+
+def _last_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The one-line error the CLI prints last on stderr (huggingface_hub may print progress above it)."""
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def fetched(hub: HubServer, repo: str) -> set[str]:
@@ -79,6 +91,23 @@ def test_download_then_offline_from_cache(hub: HubServer, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert hub.state.requests == []
     verify(tmp_path / "b")
+
+
+def test_a_hub_id_is_sharded_into_home_on_first_use_and_reused(hub: HubServer, tmp_path: Path) -> None:
+    """`chat ORG/NAME`: the first use downloads and shards into ADAPMOE_HOME (one shard run) and answers;
+    the second shards nothing and asks the hub nothing."""
+    runs = tmp_path / "shard-runs.txt"
+    args = ("chat", REPO, "-p", "What does the json module do?", "-n", "3", "-c", "4", "--json")
+    first = run(hub, *args, prelude=SHARD_RUN_COUNTER, ADAPMOE_TEST_SHARD_RUNS=str(runs))
+    assert first.returncode == 0, first.stderr
+    (store,) = runs.read_text().splitlines()
+    assert Path(store).parent == Path(os.environ["ADAPMOE_HOME"]) / "stores"
+    assert 1 <= len(json.loads(first.stdout)["token_ids"]) <= 3
+    hub.state.requests.clear()
+    second = run(hub, *args, prelude=SHARD_RUN_COUNTER, ADAPMOE_TEST_SHARD_RUNS=str(runs))
+    assert second.returncode == 0, second.stderr
+    assert runs.read_text().splitlines() == [store] and hub.state.requests == []
+    assert json.loads(second.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
 
 
 def test_resume_after_cut_off_uses_range(hub: HubServer, tmp_path: Path,
@@ -115,7 +144,8 @@ def test_a_failed_run_leaves_no_store_and_the_next_run_fetches_only_what_is_miss
     hub.state.broken.add(broken)
     out = tmp_path / "store"
     r = run(hub, "download", REPO, "--out", str(out))
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: downloading {REPO} failed" in _last_line(r), r.stderr
     assert not out.exists()
     first = fetched(hub, REPO)
     assert set(shards[:-1]) <= first  # the other shards were completed in the failed run
@@ -136,9 +166,8 @@ def fetched_names(hub: HubServer, repo: str) -> list[str]:
 def test_gated_without_token_is_one_line_error(hub: HubServer, tmp_path: Path) -> None:
     out = tmp_path / "store"
     r = run(hub, "download", GATED, "--out", str(out))
-    assert r.returncode != 0
-    text = r.stdout + r.stderr
-    assert "gated" in text and "HF_TOKEN" in text and "Traceback" not in text
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"error: {GATED} is gated: accept its licence on the hub, then set HF_TOKEN" in _last_line(r), r.stderr
     assert not out.exists()
 
 
@@ -150,18 +179,18 @@ def test_gated_with_token_downloads(hub: HubServer, tmp_path: Path) -> None:
 
 def test_bad_token_is_reported(hub: HubServer, tmp_path: Path) -> None:
     r = run(hub, "download", REPO, "--out", str(tmp_path / "store"), HF_TOKEN="wrong")
-    assert r.returncode != 0
-    assert "HF_TOKEN" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"error: {REPO}: the hub refused the token (401); check HF_TOKEN" in _last_line(r), r.stderr
 
 
 def test_missing_repo(hub: HubServer, tmp_path: Path) -> None:
     r = run(hub, "download", "tiny/nope", "--out", str(tmp_path / "store"))
-    assert r.returncode != 0
-    assert "not found" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert "error: tiny/nope was not found on the hub (or is private: set HF_TOKEN)" in _last_line(r), r.stderr
 
 
 def test_offline_with_empty_cache(hub: HubServer, tmp_path: Path) -> None:
     r = run(hub, "download", REPO, "--out", str(tmp_path / "store"), HF_HUB_OFFLINE="1")
-    assert r.returncode != 0
-    assert "HF_HUB_OFFLINE" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"error: {REPO} is not in the local hub cache and the hub cannot be reached" in _last_line(r), r.stderr
     assert hub.state.requests == []

@@ -1,4 +1,4 @@
-"""profile, plan-cache, eval and the adaptive gate on tiny synthetic models: the estimates equal an
+"""profile, plan-cache, eval and the gate rules on tiny synthetic models: the estimates equal an
 independent computation on transformers' own model, the DP equals brute force, plans round-trip into
 the runtime, and bad input is refused with a message."""
 
@@ -19,12 +19,10 @@ from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.plan_file import read_plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.resolve import resolve
+from adapmoe_cli.planning.resolve import open_engine, resolve
 from adapmoe_cli.profiling.profile_file import read_profile
 from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
-from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-from adapmoe_cli.settings import GenerationSettings, load_settings
+from adapmoe_cli.settings import load_settings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
 from adapmoe_cli.units import parse_fraction
@@ -138,39 +136,6 @@ def test_dp_allocation_equals_brute_force(seed):
     assert total_cost(curves, got) == pytest.approx(best[0])
 
 
-def test_gated_runtime_equals_transformers_with_the_same_gate(make_store, make_checkpoint):
-    """The adaptive gate in prefill and decode: identical tokens to transformers' model whose routers apply
-    the same gate (drop below the threshold, renormalise)."""
-    store = Store.open(make_store(SPEC, dtype=torch.float32))
-    gate = GatePolicy({0: 0.3, 1: 0.45, 2: 0.2}, rule="test")
-    ref = MixtralForCausalLM.from_pretrained(make_checkpoint(SPEC, dtype=torch.float32), dtype=torch.float32)
-    for i, layer in enumerate(ref.model.layers):
-        router = layer.mlp.gate
-        orig = router.forward
-
-        def gated(x, orig=orig, t=gate.threshold(i)):
-            logits, w, ids = orig(x)
-            w2, ids2, keep = apply_gate(w, ids, t)
-            return logits, torch.where(keep, w2, torch.zeros_like(w2)), torch.where(keep, ids2, ids)
-        router.forward = gated
-    prompt = [1, 17, 42, 99, 7, 250, 31, 64]
-    ref.generation_config.eos_token_id = None  # compare 16 raw greedy steps, no stopping
-    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                            pad_token_id=0)[0, len(prompt):].tolist()
-    gen = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
-    with runtime_engine(store, {"cache.budget": 6}, gate=gate) as eng:
-        got = []
-        for t, _ in generate_step(eng, prompt, new_kv_cache(eng), gen):
-            got.append(t)
-            if len(got) == 16:
-                break
-        assert got == expected
-        assert eng.stats.experts_per_token < 2.0
-    with runtime_engine(store, gate=GatePolicy.top1(range(3))) as eng, torch.no_grad():
-        eng.model(torch.tensor([prompt]))
-        assert eng.stats.experts_per_token == 1.0
-
-
 def test_plan_cache_and_runtime_use_it(store, text_file):
     _profile(store, text_file, validate=False)
     settings = load_settings()
@@ -202,9 +167,49 @@ def test_plan_cache_and_runtime_use_it(store, text_file):
         resolve(store, load_settings(overrides={"cache.budget": 2}))
     capped = resolve(store, load_settings(overrides={"cache.budget": "1GiB"}))  # more than the model: capped
     assert capped.budget.total == 18 and "capped at the model's 18 experts" in capped.budget.source
-    for bad in ("0%", "-1%", "80%", "lots"):
-        with pytest.raises(UsageError):
+    for bad in ("0%", "-1%", "80%"):
+        with pytest.raises(UsageError, match=rf"quality budget '{bad}' must be above 0% and at most 50%"):
             parse_fraction(bad)
+    with pytest.raises(UsageError, match="cannot read quality budget 'lots': use a percentage like 1%"):
+        parse_fraction("lots")
+
+
+def test_plan_at_every_budget_spends_it_and_beats_the_even_split(store, text_file):
+    """From one slot per layer to every expert: the plan's slots sum to the budget, each layer gets 1 … E,
+    the full budget gives every layer all its experts, and the DP's expected cost is never above the even
+    split's on the same cost curves."""
+    _profile(store, text_file, method="forward", tokens=128, validate=False)
+    settings = load_settings()
+    layers, experts = SPEC.num_hidden_layers, SPEC.num_local_experts
+    for slots in range(layers, layers * experts + 1):
+        _, data = make_plan(store, settings, PlanRequest(budget_slots=slots, gate_mode="off",
+                                                         out=store.path / f"plan-{slots}.json"))
+        got = [x["slots"] for x in data["layers"]]
+        assert sum(got) == slots and all(1 <= s <= experts for s in got), (slots, got)
+        assert data["total_expected_cost"] <= data["even_split_expected_cost"] + 1e-12
+    assert got == [experts] * layers
+
+
+@pytest.mark.parametrize("case", ["slots-above-its-own-budget", "slots-above-a-share-budget",
+                                  "plan-for-a-larger-budget"])
+def test_a_plan_is_never_obeyed_beyond_the_budget(store, text_file, case):
+    """Whatever the store's plan.json says, the runtime never holds more expert slots than the budget in
+    use: a hand-made plan whose layers' slots sum to more than its `budget_slots`, with that budget given
+    or as a share (50 %: 9 of 18 experts), and an honest plan for 12 slots with that share."""
+    _profile(store, text_file, method="forward", tokens=128, validate=False)
+    budget = 9
+    path, _ = make_plan(store, load_settings(), PlanRequest(budget_slots=12 if case == "plan-for-a-larger-budget"
+                                                            else budget, gate_mode="off"))
+    if case != "plan-for-a-larger-budget":
+        doc = json.loads(path.read_text())
+        for x, slots in zip(doc["layers"], (6, 3, 3), strict=True):
+            x["slots"] = slots  # 12 slots under a plan that says 9
+        path.write_text(json.dumps(doc))
+    settings = load_settings(overrides={"cache.budget": budget if case == "slots-above-its-own-budget" else "50%"})
+    resolved = resolve(store, settings).budget.total
+    with open_engine(store, settings) as eng:
+        held, held_bytes = eng.cache.num_slots, eng.cache.capacity_bytes
+    assert (resolved, held, held_bytes) <= (budget, budget, budget * store.slot_bytes) and max(resolved, held) <= budget
 
 
 def test_plan_without_profile_says_which_command(store):
@@ -250,7 +255,10 @@ def test_eval_cli_json_and_quality_budget(store, text_file):
                            text=True, env=os.environ, timeout=300)
     assert gated.returncode == 0, gated.stderr
     g = json.loads(gated.stdout)
-    assert g["gate"]["scale"] is not None and g["experts_per_token"] <= 2.0
+    q = g["quality_search"]  # what it promises is asserted on the trained model: tests/test_quality_budget.py
+    assert g["gate"]["scale"] == q["scale"] is not None and q["budget"] == 0.05
+    assert q["calibration"]["increase"] <= q["calibration"]["increase_bound"] <= 0.05
+    assert q["evaluated"]["ungated_perplexity"] == pytest.approx(p["perplexity"], rel=1e-9)
     bad = subprocess.run([*args, "--quality-budget", "0%"], capture_output=True, text=True, env=os.environ, timeout=300)
     assert bad.returncode != 0 and "quality budget" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -268,6 +276,11 @@ def test_gate_rules_and_auto():
     assert gate_rules.gate("auto", 0.04, fwd).rule == "paper"
     with pytest.raises(ProfileError, match="gradient method"):
         gate_rules.thresholds("weighted", 0.1, fwd)
-    # bisection finds the largest scale within the budget of a monotone perplexity
-    found = gate_rules.find_scale("global", grad, 0.01, lambda g: 10.0 * (1 + (g.threshold(0) or 0.0) / 10))
-    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.increase <= 0.01
+    # bisection finds the largest scale whose bound stays within the budget (bound = 2 × increase here)
+    def quality(g):
+        inc = (g.threshold(0) or 0.0) / 20
+        return gate_rules.GateQuality(10.0 * (1 + inc), 10.0, 2 * inc)
+
+    found = gate_rules.find_scale("global", grad, 0.01, quality)
+    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.bound <= 0.01
+    assert found.increase == pytest.approx(0.005, abs=1e-5)

@@ -1,9 +1,11 @@
 """The offloading runtime against transformers' own model for the same checkpoint (`AutoModelForCausalLM`,
 whatever the family): greedy tokens equal and logits within 1e-4 in float32, at every budget from one
 slot per layer to all, with and without prefetch, on odd shapes, and over a multi-turn conversation that
-keeps the KV cache."""
+keeps the KV cache; hits and misses equal a textbook LRU over the routing the runtime saw."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import runtime_engine
+from tests.helpers import o_direct_allowed, open_fds_under, runtime_engine, textbook_lru
 
 SHAPES = {
     "default": TinySpec(),
@@ -115,6 +117,43 @@ def test_prefetch_is_counted_and_used(make_store):
         assert s.prefetch_hits > 0
         # every prefetch is judged once, at the layer it was made for
         assert s.prefetch_hits + s.wasted_prefetches == s.prefetches_issued
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_lru_order_equals_a_textbook_lru(make_store, policy):
+    """The runtime's hits and misses over the routing it saw equal a textbook LRU's (one-token prompt and
+    top-2 within 3 slots, so every call fits); LFU, evicting by other rules, must differ."""
+    spec = SHAPES["odd"]
+    with _engine(make_store, "odd", 3, prefetch=False, **{"cache.policy": policy}) as eng:
+        calls: dict[int, list[list[int]]] = {layer: [] for layer in range(spec.num_hidden_layers)}
+        eng.manager.on_layer.append(lambda layer, needed: calls[layer].append(list(needed)))
+        _greedy(eng, PROMPT[:1], 40)
+        books = [textbook_lru(calls[layer], 3) for layer in calls]
+        got = (eng.stats.hits, eng.stats.misses)
+        want = (sum(b[0] for b in books), sum(b[1] for b in books))
+        if policy == "lru":
+            assert got == want
+            for layer, (_, _, order) in zip(calls, books, strict=True):
+                assert set(eng.cache.resident(layer)) == set(order)
+        else:
+            assert got != want  # the routing evicts often enough for the policy to matter
+        assert want[1] > spec.num_hidden_layers * spec.num_local_experts  # experts were evicted and reloaded
+
+
+def test_engine_reads_experts_with_o_direct(make_store):
+    """The descriptors the engine itself opened on the expert files (found in /proc, not asked of the
+    reader) carry O_DIRECT wherever the file system allows it, `Engine.direct_io` says the same, and
+    closing the engine closes them."""
+    store = make_store(SHAPES["odd"], dtype=torch.float32)
+    expected = o_direct_allowed(store / "experts")
+    before = open_fds_under(store / "experts")
+    with _engine(make_store, "odd", 2, prefetch=True) as eng:
+        _greedy(eng, PROMPT, 4)
+        assert eng.direct_io() is expected
+        mine = {fd: flags for fd, flags in open_fds_under(store / "experts").items() if fd not in before}
+        assert eng.stats.loads > 0 and len(mine) == SHAPES["odd"].num_hidden_layers  # one per layer file
+        assert all(bool(flags & os.O_DIRECT) is expected for flags in mine.values()), mine
+    assert not set(mine) & set(open_fds_under(store / "experts"))
 
 
 def test_multi_turn_conversation_keeps_kv_cache_and_matches(make_store, make_checkpoint, reference):

@@ -3,7 +3,8 @@ function behind `adapmoe bench`.
 
 Each policy is a named configuration of the one runtime (`policies.py`); no policy has a code path of
 its own. Repeats are interleaved across policies so drift hits all alike; every run starts from a cold
-cache, and experts come from disk through O_DIRECT reads (page cache bypassed). Perplexity depends only
+cache, and experts come from disk through O_DIRECT reads (page cache bypassed; `o_direct` and `page_cache`
+report what the engines' own file descriptors had). Perplexity depends only
 on the gate, so it is measured once per distinct gate on held-out text. The store is profiled first
 when it has no profile (adapmoe's gate and the DP plans need one); the plans are kept under STORE/bench."""
 
@@ -22,9 +23,10 @@ from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
 from adapmoe_cli.model_arg import default_text
+from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import gate_perplexity
+from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
 from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.progress import Steps
@@ -68,7 +70,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
     tok = load_tokenizer(store)
     prompt_ids = [chat_ids(tok, [{"role": "user", "content": t}]) for t in (req.prompts or default_prompts())]
     with contextlib.ExitStack() as stack:
-        calib = stack.enter_context(gate_perplexity(store, settings, calib_text))
+        calib = stack.enter_context(gate_quality(store, settings, calib_text))
         held = stack.enter_context(gate_perplexity(store, settings, req.text or default_text("heldout"), 8192))
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
         before = cpu_times()
@@ -132,13 +134,14 @@ def warnings(r: dict[str, Any]) -> list[str]:
 
 @dataclass
 class _Bench:
-    """One bench run's shared state: prompts, the two perplexity functions and the plans made so far."""
+    """One bench run's shared state: prompts, the gate's quality on calibration text (for the search), its
+    perplexity on held-out text (reported) and the plans made so far."""
 
     store: Store
     settings: Settings
     req: BenchRequest
     prompts: list[list[int]]
-    calibration: Callable[[GatePolicy], float]
+    calibration: Callable[[GatePolicy], GateQuality]
     heldout: Callable[[GatePolicy], float]
     say: Steps
     plans: dict[tuple[int, bool], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
@@ -256,13 +259,6 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
     return out, skipped
 
 
-def direct_io(store: Store) -> bool:
-    from adapmoe_cli.store.reader import ExpertReader
-
-    with ExpertReader(store) as probe:
-        return probe.direct_io_works()
-
-
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
             tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
             progress: Steps | None = None) -> dict[str, Any]:
@@ -271,7 +267,6 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
 
     if not prompts:
         raise UsageError("no prompts to run")
-    direct = direct_io(store)
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
     runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
     count = repeats * len(plan)
@@ -284,10 +279,13 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
             done += 1
     if progress:
         progress("perplexity", done, count)
+    # from the file descriptors of the engines that ran, not from a probe of the file system
+    direct = all(r.direct_io for rs in runs.values() for r in rs)
     ppl: dict[tuple, float] = {}
     result: dict[str, Any] = {
         "machine": machine_info(),
         "disk_read_bytes_per_s": bandwidth,
+        "o_direct": direct,
         "page_cache": ("bypassed: experts are read with O_DIRECT" if direct else
                        "O_DIRECT refused by the file system: pages dropped with posix_fadvise(DONTNEED) after reads"),
         "bandwidth_measured_with": "O_DIRECT sequential reads of the expert files" if bw_direct else "buffered reads",

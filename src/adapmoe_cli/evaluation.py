@@ -1,6 +1,8 @@
 """`evaluate_model()`: the library function behind `adapmoe eval` — perplexity of a text on the offloading
 runtime (`perplexity.py`), experts per token and each layer's single-expert ratio, with the gate the
-store's plan, `--gate-scale` or a quality-budget search (`planning/quality.py`) gives."""
+store's plan, `--gate-scale` or a quality-budget search (`planning/quality.py`) gives. After a search, the
+evaluated text's own increase (against the ungated model, one more pass) is reported next to the
+calibration figure the search saw."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from typing import Any
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.perplexity import evaluate, read_text_tokens
-from adapmoe_cli.planning.quality import search_scale
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, search_scale
 from adapmoe_cli.planning.resolve import open_engine
 from adapmoe_cli.progress import Steps, within
+from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.moe_block import LayerRecord
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
@@ -28,6 +31,7 @@ class EvalRequest:
     stride: int | None = None  # new tokens per window (default: window / 2)
     quality_budget: float | None = None  # search the gate scale within this increase first
     calibration: Path | None = None  # text for that search (default: the embedded calibration split)
+    calibration_tokens: int = CALIBRATION_TOKENS  # tokens of it the search scores each gate on
 
 
 def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Callable[[str], None] | None = None,
@@ -37,8 +41,9 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
     search = None
     if req.quality_budget is not None:
         search = search_scale(store, settings, req.quality_budget, req.calibration or default_text("calibration"),
-                              progress=progress)
-        say(f"gate scale {search.scale:.4g}: calibration perplexity {search.increase:+.2%}")
+                              req.calibration_tokens, progress=progress)
+        say(f"gate scale {search.scale:.4g}: calibration perplexity {search.increase:+.2%} "
+            f"(95% bound {search.bound:+.2%})")
         settings = replace(settings, gate=replace(settings.gate, scale=search.scale))
     window = min(req.window, int(store.config.get("max_position_embeddings", req.window)))
     layers = list(store.shape.moe_layers)
@@ -53,9 +58,13 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
                            max_tokens=req.tokens)
     with open_engine(store, settings, note=say) as engine:
         engine.observers.callbacks.append(count)
-        res = evaluate(engine, ids, window, req.stride or max(1, window // 2), progress=within(progress, "perplexity"))
+        stride = req.stride or max(1, window // 2)
+        res = evaluate(engine, ids, window, stride, progress=within(progress, "perplexity"))
         gate = engine.gate
-    return {
+        if search is not None:
+            engine.use_gate(GatePolicy.off())
+            ungated = evaluate(engine, ids, window, stride).perplexity
+    out = {
         "perplexity": res.perplexity,
         "loss": res.loss,
         "tokens": res.tokens,
@@ -65,3 +74,10 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
         "gate": {"rule": gate.rule, "scale": gate.scale, "thresholds": {str(k): v for k, v in gate.thresholds.items()}},
         "window": window,
     }
+    if search is not None:
+        out["quality_search"] = {
+            "budget": req.quality_budget, "scale": search.scale,
+            "calibration": {"increase": search.increase, "increase_bound": search.bound},
+            "evaluated": {"increase": res.perplexity / ungated - 1, "ungated_perplexity": ungated},
+        }
+    return out

@@ -63,6 +63,11 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
         raise DownloadError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise DownloadError(f"downloading {repo_id} failed: {e}") from None
+    except Exception as e:  # the HTTP client's own errors (a connection cut mid-file) are not OSErrors
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2", "h11"):
+            raise
+        raise DownloadError(f"downloading {repo_id} failed: {e}; run the command again to fetch what is "
+                            "missing") from None
     return Path(path)
 
 

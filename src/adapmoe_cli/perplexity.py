@@ -22,6 +22,7 @@ class EvalResult:
     nll_sum: float
     tokens: int  # tokens scored
     stats: Stats
+    token_nll: torch.Tensor | None = None  # [tokens] float64, each scored token's loss in text order
 
     @property
     def loss(self) -> float:
@@ -74,7 +75,7 @@ def evaluate(
     if not 0 < stride <= window:
         raise UsageError("the evaluation stride must be between 1 and the window")
     before = engine.stats.copy()
-    nll, count = 0.0, 0
+    per_token: list[torch.Tensor] = []
     ids = torch.tensor(tokens, dtype=torch.long)
     spans = windows(len(tokens), window, stride)
     for i, (start, end, scored) in enumerate(spans):
@@ -83,9 +84,9 @@ def evaluate(
         first = scored - start  # targets from position `scored` on
         pred = logits[first - 1 : end - start - 1]
         target = chunk[0, first:]
-        nll += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
-        count += int(target.numel())
+        per_token.append(torch.nn.functional.cross_entropy(pred, target, reduction="none").double())  # [S]
         engine.stats.tokens += end - start
         if progress:
             progress(i + 1, len(spans))
-    return EvalResult(nll, count, engine.stats.delta(before))
+    nll = torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64)
+    return EvalResult(float(nll.sum()), int(nll.numel()), engine.stats.delta(before), nll)

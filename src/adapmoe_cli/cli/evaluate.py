@@ -28,6 +28,7 @@ from adapmoe_cli.cli.common import (
     steps_progress,
 )
 from adapmoe_cli.evaluation import EvalRequest, evaluate_model
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS
 from adapmoe_cli.units import parse_fraction
 
 
@@ -54,6 +55,9 @@ def eval_cmd(
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for the --quality-budget search "
                                                      "(default: the embedded calibration split).",
                                                      show_default=False)] = None,
+    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens the "
+                                                    "--quality-budget search scores each gate on.")
+                                  ] = CALIBRATION_TOKENS,
     rule: RuleOpt = None,
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
@@ -73,6 +77,7 @@ def eval_cmd(
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,
                                 adaptive=adaptive_gate, gate_scale=gate_scale, rule=rule)
     req = EvalRequest(text=text, tokens=tokens or None, window=window, stride=stride, calibration=calibration,
+                      calibration_tokens=calibration_tokens,
                       quality_budget=parse_fraction(quality_budget) if quality_budget is not None else None)
     store = open_store(model)
     with steps_progress("eval") as progress:
@@ -93,3 +98,8 @@ def render(out: dict[str, Any]) -> None:
         th = gate["thresholds"].get(layer)
         t.add_row(layer, "—" if th is None else f"{th:.3f}", f"{ratio:.1%}")
     console.print(t)
+    q = out.get("quality_search")
+    if q:
+        console.print(f"quality budget {q['budget']:.2%}: perplexity {q['calibration']['increase']:+.2%} on the "
+                      f"calibration text (95% bound {q['calibration']['increase_bound']:+.2%}), "
+                      f"{q['evaluated']['increase']:+.2%} on this text")

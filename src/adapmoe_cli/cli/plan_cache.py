@@ -96,4 +96,5 @@ def render(data: dict, stride: int) -> None:
     q = data.get("quality_search")
     if q:
         console.print(f"quality budget {q['budget']:.2%}: perplexity {q['base_perplexity']:.3f} → "
-                      f"{q['perplexity']:.3f} ({q['increase']:+.2%}) on the calibration text")
+                      f"{q['perplexity']:.3f} ({q['increase']:+.2%}, 95% bound {q['increase_bound']:+.2%}) "
+                      "on the calibration text")

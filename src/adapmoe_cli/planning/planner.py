@@ -15,8 +15,9 @@ from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.costs import cost_curves
+from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import default_path, write_plan
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_perplexity
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_quality
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.profile_file import default_path as default_profile
 from adapmoe_cli.profiling.profile_file import model_identity, read_profile
@@ -52,10 +53,11 @@ def make_method(store: Store, settings: Settings, progress: Steps | None = None)
 
 
 def make_plan(store: Store, settings: Settings, req: PlanRequest,
-              perplexity: Callable[[GatePolicy], float] | None = None,
+              quality: Callable[[GatePolicy], GateQuality] | None = None,
               progress: Steps | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write the plan; returns its path and content. `perplexity` (gate → calibration perplexity) lets a
-    caller that makes several plans share one engine for the quality search; without it, one is opened."""
+    """Write the plan; returns its path and content. `quality` (gate → its quality on the calibration text,
+    `quality.gate_quality`) lets a caller that makes several plans share one engine for the quality search;
+    without it, one is opened."""
     prof = read_profile(req.profile or default_profile(store), store)
     layers_p = prof.layers
     search = None
@@ -65,10 +67,10 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         gate = gate_rules.gate(req.rule, float(req.scale or 0.0), layers_p)
     else:
         with contextlib.ExitStack() as stack:
-            if perplexity is None:
+            if quality is None:
                 text = req.calibration or default_text("calibration")
-                perplexity = stack.enter_context(gate_perplexity(store, settings, text, req.calibration_tokens))
-            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(perplexity, progress))
+                quality = stack.enter_context(gate_quality(store, settings, text, req.calibration_tokens))
+            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(quality, progress))
         gate = gate_rules.gate(req.rule, search.scale, layers_p)
     trace = prof.trace()
     routing = prepare(trace, gate)
@@ -104,8 +106,9 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
     if search is not None:
         data["quality_search"] = {
             "budget": req.quality_budget, "base_perplexity": search.base_perplexity,
-            "perplexity": search.perplexity, "increase": search.increase,
-            "tried": [{"scale": s, "perplexity": p} for s, p in search.evaluations],
+            "perplexity": search.perplexity, "increase": search.increase, "increase_bound": search.bound,
+            "tried": [{"scale": s, "perplexity": q.perplexity, "increase_bound": q.bound}
+                      for s, q in search.evaluations],
         }
     path = write_plan(req.out or default_path(store), data)
     return path, data

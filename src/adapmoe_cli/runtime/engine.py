@@ -56,7 +56,8 @@ class Engine:
             self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
             make_views=lambda buf: expert_views(buf, layout),
         )
-        self.manager = ExpertManager(self.cache, Loader(ExpertReader(store)), self.stats)
+        self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
+        self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
         self.model = self._build_model()
 
     def _build_model(self) -> Any:
@@ -108,6 +109,12 @@ class Engine:
         for layer in self.store.shape.moe_layers:
             block = self.store.family.moe_block(self.model, layer)
             block.prefetch_enabled = on and block.next_layer is not None
+
+    def direct_io(self) -> bool:
+        """Whether this engine's expert reads bypass the page cache (O_DIRECT on its reader's own file
+        descriptors). Waits for reads in flight first; the bench reports it after each run."""
+        self.manager.drain()
+        return self._reader.direct_io_works()
 
     def close(self) -> None:
         self.manager.close()

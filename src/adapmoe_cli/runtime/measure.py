@@ -38,6 +38,7 @@ class DecodeTiming:
     decode_tokens: int = 0
     decode_s: float = 0.0
     stats: Stats = field(default_factory=Stats)  # counted over the timed decode steps
+    direct_io: bool | None = None  # the engine's reads bypassed the page cache (run_setup; None: not asked)
 
     @property
     def decode_tps(self) -> float:
@@ -53,6 +54,8 @@ class DecodeTiming:
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
         self.stats.add(other.stats)
+        if other.direct_io is not None:
+            self.direct_io = other.direct_io if self.direct_io is None else self.direct_io and other.direct_io
 
 
 def timed_decode(engine: Engine, prompt: list[int], tokens: int, warmup: int = 0,
@@ -81,8 +84,9 @@ def timed_decode(engine: Engine, prompt: list[int], tokens: int, warmup: int = 0
 
 def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
               observe: Callable[[Engine], Callable[[Any], None]] | None = None) -> DecodeTiming:
-    """One cold-cache run of a setup over the prompts (summed). `observe(engine)` gives a
-    `LayerRecord` callback that then sees every MoE layer call (recording the routing)."""
+    """One cold-cache run of a setup over the prompts (summed), with whether its engine's reads bypassed
+    the page cache. `observe(engine)` gives a `LayerRecord` callback that then sees every MoE layer call
+    (recording the routing)."""
     total = DecodeTiming()
     with Engine(store, setup.settings, setup.budget, gate=setup.gate, verify=False) as eng:
         if observe is not None:
@@ -92,4 +96,5 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
                 eng.manager.preload(layer, range(store.shape.num_experts))
         for prompt in prompts:
             total.add(timed_decode(eng, prompt, tokens))
+        total.direct_io = eng.direct_io()
     return total

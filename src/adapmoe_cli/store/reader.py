@@ -6,6 +6,7 @@ reader per thread."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
 import os
@@ -86,10 +87,13 @@ class ExpertReader:
         return fd
 
     def direct_io_works(self) -> bool:
-        """Whether the store's file system lets this reader bypass the page cache with O_DIRECT (it opens
-        an expert file to find out; `direct` alone says only what was asked for)."""
-        self._fd(next(iter(self.store.experts.values())).file)
-        return self.direct
+        """Whether this reader's reads bypass the page cache: every expert file it holds open (it opens one
+        if none is) carries O_DIRECT in the status flags the kernel reports for the descriptor. `direct`
+        alone says only what was asked for. Call it when no read is in flight (one reader per thread)."""
+        if not self._fds:
+            self._fd(next(iter(self.store.experts.values())).file)
+        flag = getattr(os, "O_DIRECT", 0)
+        return bool(flag) and all(fcntl.fcntl(fd, fcntl.F_GETFL) & flag for fd in self._fds.values())
 
     def read_into(self, layer: int, expert: int, buf: mmap.mmap | memoryview) -> ExpertEntry:
         """Fill `buf[:entry.length]` with the expert's aligned byte range; return its manifest entry.
