@@ -29,10 +29,7 @@ class Mutation:
     old: str  # must occur exactly once
     new: str
     tests: tuple[str, ...]  # pytest node ids or files
-    runxfail: bool = False  # the behaviour is broken on this branch; its test is an xfail(strict)
 
-
-_IN_READER = "\n" + " " * 16 + "except OSError:\n" + " " * 20 + "self.direct = False"  # the reader's, not the bench's
 
 MUTATIONS = [
     Mutation("renorm", "renormalise the kept weights by the unpruned sum", "runtime/gating.py",
@@ -57,25 +54,23 @@ MUTATIONS = [
              ("tests/test_profile_plan.py::test_dp_allocation_equals_brute_force",
               "tests/test_profile_plan.py::test_plan_at_every_budget_spends_it_and_beats_the_even_split")),
     Mutation("no-odirect", "the reader opens expert files without O_DIRECT", "store/reader.py",
-             "fd = os.open(path, os.O_RDONLY | os.O_DIRECT)" + _IN_READER,
-             "fd = os.open(path, os.O_RDONLY)" + _IN_READER,
+             "fd = os.open(path, flags | os.O_DIRECT)", "fd = os.open(path, flags)",
              ("tests/test_runtime.py::test_engine_reads_experts_with_o_direct",
               "tests/test_bench.py::test_bench_runs_every_policy_and_writes_json_and_chart")),
     Mutation("engine-buffered", "the engine asks for a buffered reader", "runtime/engine.py",
              "self._reader = ExpertReader(store)", "self._reader = ExpertReader(store, direct=False)",
              ("tests/test_runtime.py::test_engine_reads_experts_with_o_direct",)),
-    # On this branch the behaviour itself is the bug (the fix is issue #20's, in planning/resolve.py): the
-    # test is an xfail(strict) here and is run with --runxfail to show that it fails.
-    Mutation("plan-over-budget", "a plan whose slots exceed the budget is obeyed (unmutated on this branch)",
-             "planning/resolve.py", "", "",
-             ("tests/test_profile_plan.py::test_a_plan_is_never_obeyed_beyond_the_budget",), runxfail=True),
+    Mutation("plan-over-budget", "a plan whose slots exceed the budget is obeyed", "planning/resolve.py",
+             "quotas = plan.quotas_for(budget.total)", "quotas = plan.quotas",
+             ("tests/test_profile_plan.py::test_a_plan_is_never_obeyed_beyond_the_budget",)),
+    Mutation("plan-sum-unchecked", "a plan whose slots do not add up to its budget_slots is read",
+             "planning/plan_file.py", "if sum(int(x[\"slots\"]) for x in layers) != total:", "if False:",
+             ("tests/test_profile_plan.py::test_a_plan_is_never_obeyed_beyond_the_budget",)),
 ]
 
 
-def run_tests(tests: tuple[str, ...], runxfail: bool) -> tuple[int, list[str]]:
+def run_tests(tests: tuple[str, ...]) -> tuple[int, list[str]]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests]
-    if runxfail:
-        cmd.append("--runxfail")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     failed = sorted(set(re.findall(r"^FAILED (\S+)", r.stdout, re.M)))
     return r.returncode, failed
@@ -84,11 +79,10 @@ def run_tests(tests: tuple[str, ...], runxfail: bool) -> tuple[int, list[str]]:
 def apply(m: Mutation) -> tuple[Path, bytes]:
     path = SRC / m.file
     original = path.read_bytes()
-    if m.old:
-        text = original.decode()
-        if text.count(m.old) != 1:
-            raise SystemExit(f"{m.name}: the text to mutate occurs {text.count(m.old)} times in {m.file}")
-        path.write_text(text.replace(m.old, m.new))
+    text = original.decode()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"{m.name}: the text to mutate occurs {text.count(m.old)} times in {m.file}")
+    path.write_text(text.replace(m.old, m.new))
     return path, original
 
 
@@ -106,7 +100,7 @@ def main() -> None:
     for m in chosen:
         path, original = apply(m)
         try:
-            code, failed = run_tests(m.tests, m.runxfail)
+            code, failed = run_tests(m.tests)
         finally:
             path.write_bytes(original)
         caught = code != 0 and bool(failed)

@@ -47,10 +47,10 @@ class Plan:
 
     def quotas_for(self, total: int) -> dict[int, int]:
         """Slots per layer for a budget of `total` slots: the plan's own when it was made for that budget
-        (and adds up to it), else the exact DP re-solved on the plan's cost curves (instant)."""
-        quotas = self.quotas
-        if total == self.budget_slots and sum(quotas.values()) == total:
-            return quotas
+        (`read_plan` checked that they add up to it), else the exact DP re-solved on the plan's cost curves
+        (instant)."""
+        if total == self.budget_slots:
+            return self.quotas
         layers = [int(x["layer"]) for x in self.data["layers"]]
         curves = [[float(c) for c in x["cost_curve"]] for x in self.data["layers"]]
         return dict(zip(layers, allocate(curves, total), strict=True))
