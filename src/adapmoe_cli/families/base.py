@@ -53,6 +53,8 @@ class ModelFamily:
     expert_pattern: re.Pattern[str] = re.compile(r"$^")
     #: how the router turns logits into weights; see runtime/gating.py
     routing: str = "softmax_topk_renorm"
+    #: the config key of an expert's intermediate size (what `store/export.py` pads)
+    intermediate_key: str = "intermediate_size"
 
     def moe_shape(self, config: dict[str, Any]) -> MoEShape:
         raise NotImplementedError

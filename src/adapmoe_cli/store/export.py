@@ -1,0 +1,130 @@
+"""A store back to a checkpoint in the hub's layout, and the full-size variant of a store.
+
+`export_checkpoint`: config.json, the side files (tokenizer, generation config), one safetensors file of
+dense weights and one per MoE layer of experts, and the index — what `shard`, transformers and
+llama.cpp's converter read. With `intermediate_size` larger than the model's, every expert is
+zero-padded in the intermediate dimension (extra rows of the gate and up projections, extra columns of
+the down projection): the padded units compute act(0)·0 = 0, so every output is exactly the same, while
+the bytes on disk and the FLOPs per expert are those of a larger model.
+
+`full_size_store`: the padded variant of a store whose experts are about `expert_bytes` each, built
+once into ADAPMOE_HOME (export, then `shard`) and reused. The routing, the gate's sensitivities and the
+quality are the source model's; what changes is what loading an expert costs (docs/bench.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.paths import stores_dir
+from adapmoe_cli.store.manifest import Store
+from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
+from adapmoe_cli.units import format_bytes
+
+#: the padded intermediate size is a multiple of this (llama.cpp's k-quants take rows in blocks of 256)
+PAD_MULTIPLE = 256
+
+
+def padded_intermediate(store: Store, expert_bytes: int) -> int:
+    """The intermediate size at which one expert of `store` (its dtype) holds about `expert_bytes`."""
+    shapes = store.family.expert_part_shapes(store.config)
+    inter = store.shape.intermediate_size
+    per_unit = sum(math.prod(s) for s in shapes.values()) // inter * store.dtype.itemsize  # bytes per unit of I
+    target = -(-expert_bytes // per_unit)
+    size = -(-target // PAD_MULTIPLE) * PAD_MULTIPLE
+    if target <= inter:
+        raise UsageError(f"--expert-size {format_bytes(expert_bytes)} is not above this model's experts "
+                         f"({format_bytes(store.expert_payload_bytes)} each); give a larger size")
+    return size
+
+
+def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) == tuple(shape):
+        return t.contiguous()
+    out = torch.zeros(shape, dtype=t.dtype)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def export_checkpoint(store: Store, out: Path, intermediate_size: int | None = None) -> Path:
+    """Write `store` as a hub-layout checkpoint in `out` (which must not exist), its experts zero-padded to
+    `intermediate_size` when given. One layer's experts are in memory at a time."""
+    from safetensors.torch import save_file
+
+    fam = store.family
+    config = dict(store.config)
+    inter = intermediate_size or store.shape.intermediate_size
+    if inter < store.shape.intermediate_size:
+        raise UsageError(f"cannot pad experts to {inter}, below the model's {store.shape.intermediate_size}")
+    config[fam.intermediate_key] = inter
+    shapes = fam.expert_part_shapes(config)
+    out.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    files = [f"model-{i + 1:05d}-of-{len(store.shape.moe_layers) + 1:05d}.safetensors"
+             for i in range(len(store.shape.moe_layers) + 1)]
+    dense = store.load_dense()
+    save_file({k: v.contiguous() for k, v in dense.items()}, out / files[0], metadata={"format": "pt"})
+    weight_map.update({k: files[0] for k in dense})
+    del dense
+    total = 0
+    buf = aligned_buffer(store.slot_bytes)
+    with ExpertReader(store) as reader:
+        for i, layer in enumerate(store.shape.moe_layers):
+            tensors: dict[str, torch.Tensor] = {}
+            for expert in range(store.shape.num_experts):
+                entry = reader.read_into(layer, expert, buf)
+                for part, t in expert_views(buf, entry).items():
+                    name = fam.expert_tensor_name(layer, expert, part)
+                    tensors[name] = _pad(t, shapes[part]).clone()
+            save_file(tensors, out / files[i + 1], metadata={"format": "pt"})
+            weight_map.update({k: files[i + 1] for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+    total += sum(f.bytes for f in store.dense_files)
+    for f in store.side_files:
+        (out / f.file).write_bytes(store.read_checked(f))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def size_label(n: int) -> str:
+    """`16MiB` for 16 × 2**20, else the byte count: the suffix of a full-size store's name."""
+    return f"{n >> 20}MiB" if n % (1 << 20) == 0 else f"{n}B"
+
+
+def full_size_store(store: Store, expert_bytes: int, out: Path | None = None, force: bool = False,
+                    note: Callable[[str], None] | None = None) -> Store:
+    """The variant of `store` with experts zero-padded to about `expert_bytes` (`padded_intermediate`),
+    built once at `out` (default ADAPMOE_HOME/stores/NAME-experts-SIZE, replaced when it was made from
+    another store) and reused while it was made from this very store."""
+    from adapmoe_cli.store.writer import shard
+
+    inter = padded_intermediate(store, expert_bytes)
+    if out is None:
+        out, force = stores_dir() / f"{store.path.name}-experts-{size_label(expert_bytes)}", True
+    origin = {"padded_from": store.fingerprint, "intermediate_size": inter}
+    if (out / "manifest.json").exists():
+        try:
+            made: Store | None = Store.open(out)
+        except StoreError:
+            made = None
+        if made is not None and all(made.manifest.get("source", {}).get(k) == v for k, v in origin.items()):
+            return made
+    if note is not None:
+        note(f"building the full-size variant of {store.path.name} (experts padded from "
+             f"{format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}) in {out}")
+    tmp = out.parent / f".{out.name}.export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_checkpoint(store, tmp, inter)
+        shard(tmp, out, force=force, source={"path": str(store.path), **origin})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Store.open(out)

@@ -1,0 +1,82 @@
+"""The full-size variant of a store (store/export.py): experts zero-padded in the intermediate dimension
+compute what the unpadded ones do (the same greedy tokens; logits equal up to float32 rounding, as the
+matrix products sum in another order), in our runtime and in transformers (which loads the exported
+checkpoint), while every expert's bytes on disk are those of the size asked for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapmoe_cli.store import Store
+from adapmoe_cli.store.export import PAD_MULTIPLE, export_checkpoint, full_size_store, padded_intermediate
+from adapmoe_cli.synthetic import TinySpec
+from tests.helpers import runtime_engine
+from tests.test_cli_store import run_cli
+
+PROMPT = [1, 17, 42, 99, 7, 300, 12, 5]
+
+
+def _greedy_and_logits(store: Store, slots: int) -> tuple[list[int], torch.Tensor]:
+    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+    from adapmoe_cli.settings import GenerationSettings
+
+    with runtime_engine(store, {"cache.budget": slots}) as eng, torch.no_grad():
+        logits = eng.model(torch.tensor([PROMPT])).logits
+        gen = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
+        tokens = [t for _, (t, _) in zip(range(16), generate_step(eng, PROMPT, new_kv_cache(eng), gen), strict=False)]
+        misses = eng.stats.misses
+    assert misses > 0  # experts were loaded from disk, not all resident
+    return tokens, logits
+
+
+@pytest.fixture(scope="module")
+def small(make_store):
+    return Store.open(make_store(TinySpec(), dtype=torch.float32))
+
+
+def test_padded_store_computes_exactly_what_the_original_does(small, tmp_path):
+    big = full_size_store(small, 4 * small.expert_payload_bytes, tmp_path / "big")
+    inter = padded_intermediate(small, 4 * small.expert_payload_bytes)
+    assert big.shape.intermediate_size == inter and inter % PAD_MULTIPLE == 0
+    assert big.expert_payload_bytes >= 4 * small.expert_payload_bytes - PAD_MULTIPLE * 3 * 64 * 4
+    assert big.manifest["source"]["padded_from"] == small.fingerprint
+    slots = len(small.shape.moe_layers) * small.shape.num_experts // 2
+    tokens, logits = _greedy_and_logits(small, slots)
+    big_tokens, big_logits = _greedy_and_logits(big, slots)
+    assert big_tokens == tokens
+    # the same sums of the same products, in another blocking order: float32 rounding only
+    assert (big_logits - logits).abs().max().item() <= 1e-5
+    # built once: the second call reuses it (its manifest is not rewritten)
+    mtime = (big.path / "manifest.json").stat().st_mtime_ns
+    assert full_size_store(small, 4 * small.expert_payload_bytes, tmp_path / "big").path == big.path
+    assert (big.path / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_the_exported_checkpoint_loads_in_transformers_with_the_same_outputs(small, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = export_checkpoint(small, tmp_path / "plain")
+    padded = export_checkpoint(small, tmp_path / "padded", 2 * PAD_MULTIPLE)
+    assert json.loads((padded / "config.json").read_text())["intermediate_size"] == 2 * PAD_MULTIPLE
+    assert (padded / "model.safetensors.index.json").exists() and (padded / "tokenizer.json").exists()
+    out = []
+    for path in (plain, padded):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            out.append(model(torch.tensor([PROMPT])).logits)
+    assert (out[0] - out[1]).abs().max().item() <= 1e-5
+
+
+def test_shard_expert_size_from_a_checkpoint_and_bad_sizes(make_checkpoint, monkeypatch, capsys, tmp_path):
+    src = make_checkpoint(TinySpec(), dtype=torch.float32)
+    code, out, err = run_cli(monkeypatch, capsys, "shard", str(src), str(tmp_path / "s"), "--expert-size", "1MiB")
+    assert code == 0, err
+    store = Store.open(tmp_path / "s")
+    assert 1 << 20 <= store.expert_payload_bytes < (1 << 20) + PAD_MULTIPLE * 3 * 64 * 4 and "wrote" in out
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(src), str(tmp_path / "t"), "--expert-size", "1KiB")
+    assert code != 0 and "is not above this model's experts" in err and not (tmp_path / "t").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(src), str(tmp_path / "t"), "--expert-size", "lots")
+    assert code != 0 and "cannot parse size 'lots'" in err
