@@ -75,19 +75,23 @@ def test_even_quotas():
 
 
 class GatedReader(ExpertReader):
-    """A real reader whose first read waits for a signal, so the queue order behind it can be observed."""
+    """A real reader whose first read waits for a signal, so the queue order behind it can be observed;
+    `order` lists each expert when its first chunk is read, `chunks` every chunk."""
 
     def __init__(self, store):
         super().__init__(store)
         self.gate = threading.Event()
         self.started = threading.Event()
         self.order: list[tuple[int, int]] = []
+        self.chunks: list[tuple[int, int, int]] = []
 
-    def read_into(self, layer, expert, buf):
+    def read_range(self, layer, expert, buf, start, stop):
         self.started.set()
         self.gate.wait()
-        self.order.append((layer, expert))
-        return super().read_into(layer, expert, buf)
+        if start == 0:
+            self.order.append((layer, expert))
+        self.chunks.append((layer, expert, start))
+        return super().read_range(layer, expert, buf, start, stop)
 
 
 def test_loader_orders_dedupes_promotes_and_cancels(make_store):
@@ -118,6 +122,51 @@ def test_loader_orders_dedupes_promotes_and_cancels(make_store):
         plain.read_into(1, 0, other)
         for name, t in expert_views(other, store.experts[(1, 0)]).items():
             assert torch.equal(views[name], t)
+    loader.close()
+
+
+def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
+    """A prefetch is read in chunks; a demand load queued meanwhile is read whole before the prefetch's next
+    chunk, then the prefetch resumes where it stopped, and both buffers hold exactly the store's bytes. A
+    prefetch promoted while being read no longer steps aside."""
+    import adapmoe_cli.runtime.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "CHUNK_BYTES", 4096)
+    store = Store.open(make_store(TinySpec(num_local_experts=5, num_hidden_layers=2), dtype=torch.float32))
+    chunks = -(-store.experts[(0, 0)].length // 4096)
+    assert chunks > 3
+    reader = GatedReader(store)
+    loader = Loader(reader)
+    bufs = [aligned_buffer(store.slot_bytes) for _ in range(3)]
+    pre = loader.submit(0, 0, bufs[0], PREFETCH)
+    assert reader.started.wait(5)
+    demand = loader.submit(1, 3, bufs[1], DEMAND)
+    reader.gate.set()
+    loader.wait(demand)
+    loader.wait(pre)
+    firsts = [c for c in reader.chunks if c[:2] == (0, 0)]
+    assert reader.chunks[0] == (0, 0, 0) and reader.chunks[1] == (1, 3, 0)  # stepped aside after one chunk
+    assert [c[2] for c in firsts] == [i * 4096 for i in range(chunks)]  # resumed where it stopped, no re-read
+    assert len([c for c in reader.chunks if c[:2] == (1, 3)]) == 1  # the demand load: one read, whole
+    with ExpertReader(store) as plain:
+        for (layer, expert), buf in (((0, 0), bufs[0]), ((1, 3), bufs[1])):
+            other = aligned_buffer(store.slot_bytes)
+            plain.read_into(layer, expert, other)
+            for name, t in expert_views(other, store.experts[(layer, expert)]).items():
+                assert torch.equal(expert_views(buf, store.experts[(layer, expert)])[name], t)
+    # promoted while being read: a later demand waits for it
+    reader.chunks.clear()
+    reader.gate.clear()
+    reader.started.clear()
+    pre = loader.submit(0, 1, bufs[0], PREFETCH)
+    assert reader.started.wait(5)
+    loader.promote(pre)
+    demand = loader.submit(1, 4, bufs[1], DEMAND)
+    reader.gate.set()
+    loader.wait(demand)
+    loader.wait(pre)
+    assert reader.chunks[-1] == (1, 4, 0) and {c[:2] for c in reader.chunks[:-1]} == {(0, 1)}
+    assert len(reader.chunks) == 3  # its first chunk, then the rest at once (a demand reads whole)
     loader.close()
 
 

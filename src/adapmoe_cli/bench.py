@@ -35,6 +35,7 @@ from adapmoe_cli.runtime.measure import DecodeTiming, Setup, run_setup
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
+from adapmoe_cli.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,18 @@ class BenchRequest:
     simulate: bool = False
     text: Path | None = None  # held-out text for perplexity (default: the embedded held-out split)
     calibration: Path | None = None  # profiling and the quality search (default: the embedded calibration split)
+    memory_caps: tuple[str, ...] = ()  # each a size or a share of the model's bytes on disk: one run per cap
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.repeat < 1:
             raise UsageError("--tokens must be ≥ 2 and --repeat ≥ 1")
 
 
-def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None) -> dict[str, Any]:
+def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None,
+        quality_store: Store | None = None) -> dict[str, Any]:
     """Everything `adapmoe bench` measures, as one result dict (the sweep under `sweep`, the simulator's
-    check under `simulated`)."""
+    check under `simulated`). `quality_store`: where perplexity is computed when it is the same model at a
+    lower cost (the unpadded source of a full-size store: the same outputs, store/export.py)."""
     say = progress or (lambda _what, _done, _total: None)
     names = list(req.policies)
     if req.simulate:  # the runtime's two ends calibrate the simulator
@@ -70,11 +74,15 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
     tok = load_tokenizer(store)
     prompt_ids = [chat_ids(tok, [{"role": "user", "content": t}]) for t in (req.prompts or default_prompts())]
     with contextlib.ExitStack() as stack:
-        calib = stack.enter_context(gate_quality(store, settings, calib_text))
-        held = stack.enter_context(gate_perplexity(store, settings, req.text or default_text("heldout"), 8192))
+        qstore = quality_store or store
+        calib = stack.enter_context(gate_quality(qstore, settings, calib_text))
+        held = stack.enter_context(gate_perplexity(qstore, settings, req.text or default_text("heldout"), 8192))
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
         before = cpu_times()
-        result = bench.at(names, slots, simulate=req.simulate)
+        if req.memory_caps:
+            result = capped_runs(bench, names, say)
+        else:
+            result = bench.at(names, slots, simulate=req.simulate)
         result["machine_load"] = machine_load(before)
         if req.sweep:
             swept = [n for n in names if POLICIES[n].slots == "budget"]
@@ -83,7 +91,105 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
                 ({"budget_slots": r["budget_slots"],
                   "policies": {n: p["decode_tokens_per_s"] for n, p in r["policies"].items()}} for r in points),
                 key=lambda r: r["budget_slots"])
+    if quality_store is not None:
+        result["perplexity_from"] = (f"{quality_store.path} (the unpadded source of this full-size store: the same "
+                                     "outputs, at a fraction of the compute)")
     result["warnings"] = warnings(result)
+    return result
+
+
+#: kept free under a cap beyond the measured baseline and the slots: activations, the KV cache, allocator slack
+CAP_MARGIN = 64 << 20
+
+
+def parse_cap(text: str, model_bytes: int) -> int:
+    """`1.5GiB` → bytes; `60%` → that share of the model's bytes on disk."""
+    from adapmoe_cli.units import parse_size
+
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 10:
+            raise UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)")
+        return int(share * model_bytes)
+    try:
+        return parse_size(text)
+    except UsageError:
+        raise UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)") from None
+
+
+def runtime_baseline(bench: _Bench) -> int:
+    """Bytes one worker process takes besides its expert slots, page cache included: Python, torch,
+    transformers, the dense weights, the KV cache of a short run — measured, in a group of its own, as the
+    peak of a run with one slot per layer less those slots."""
+    from adapmoe_cli import bench_worker
+    from adapmoe_cli.memcap import run_capped
+
+    shape = bench.store.cache_shape
+    setup = Setup(budgets.per_layer(shape, 1, "one per layer"), GatePolicy.off(),
+                  replace(bench.settings, prefetch=False), False)
+    run = run_capped(worker_argv(), _available_bytes(), input=bench_worker.job(bench.store, setup,
+                                                                                bench.prompts[:1], 2))
+    if not run.ok or run.peak_bytes is None:
+        raise AdapmoeError(f"measuring the runtime's baseline memory failed: {_last_line(run.stderr)}")
+    return run.peak_bytes - len(shape.layers) * shape.slot_bytes
+
+
+def _available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def worker_argv() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "adapmoe_cli.bench_worker"]
+
+
+def capped_runs(bench: _Bench, names: list[str], say: Steps) -> dict[str, Any]:
+    """One bench run per memory cap, every timed run in a worker process inside the cap; the slots under a
+    cap are what it leaves after the runtime's measured baseline (`runtime_baseline`) and `CAP_MARGIN`.
+    Without permission for a cgroup, one uncapped run at the budget, saying why."""
+    from adapmoe_cli.memcap import why_unavailable
+
+    store, shape = bench.store, bench.store.cache_shape
+    model_bytes = store.total_bytes
+    caps = [(text, parse_cap(text, model_bytes)) for text in bench.req.memory_caps]
+    why = why_unavailable()
+    if why is not None:
+        slots, _ = budgets.total_slots(BudgetRequest(fraction=0.5, flag="--budget"), shape)
+        result = bench.at(names, slots)
+        result["memory_cap"] = {"applied": False, "why": f"cannot cap memory: {why}; ran uncapped"}
+        return result
+    say("measuring the runtime's baseline memory", 0, 0)
+    baseline = runtime_baseline(bench)
+    minimum = baseline + CAP_MARGIN + len(shape.layers) * shape.slot_bytes
+    points, refused = [], {}
+    for text, cap in caps:
+        slots = min(shape.total_experts, (cap - baseline - CAP_MARGIN) // shape.slot_bytes)
+        if slots < len(shape.layers):
+            refused[text] = (f"a cap of {format_bytes(cap)} is below what the runtime needs: its baseline "
+                             f"{format_bytes(baseline)} (Python, torch, dense weights) + one expert slot per layer + "
+                             f"{format_bytes(CAP_MARGIN)} margin = {format_bytes(minimum)}; give at least that")
+            continue
+        r = bench.at(names, int(slots), cap=cap)
+        r["memory_cap"] = {"applied": True, "text": text, "cap_bytes": cap, "baseline_bytes": baseline,
+                           "margin_bytes": CAP_MARGIN, "model_bytes": model_bytes}
+        points.append(r)
+    if not points:
+        raise UsageError(next(iter(refused.values())))
+    result = dict(points[0])
+    result["caps"] = points
+    result["caps_refused"] = refused
     return result
 
 
@@ -181,10 +287,12 @@ class _Bench:
                    and d.get("policy") == "lru" and d.get("prefetch") is True)
         return plan if made_so else None
 
-    def at(self, names: list[str], slots: int, simulate: bool = False) -> dict[str, Any]:
-        plan, skipped = setups(self.store, self.settings, names, slots, lambda gated: self.plan(slots, gated))
+    def at(self, names: list[str], slots: int, simulate: bool = False, cap: int | None = None) -> dict[str, Any]:
+        plan, skipped = setups(self.store, self.settings, names, slots, lambda gated: self.plan(slots, gated),
+                               capped=cap is not None)
+        runner = in_process if cap is None else capped_runner(cap)
         result = measure(self.store, plan, skipped, slots, self.prompts, self.req.tokens, self.req.repeat,
-                         self.heldout, self.say)
+                         self.heldout, self.say, runner)
         if simulate:
             from adapmoe_cli.simulate.check import simulate_bench
 
@@ -240,13 +348,18 @@ def machine_info() -> dict[str, Any]:
 
 
 def setups(store: Store, settings: Settings, names: list[str], total: int,
-           plan: Callable[[bool], tuple[dict[int, int], GatePolicy]]) -> tuple[dict[str, Setup], dict[str, str]]:
+           plan: Callable[[bool], tuple[dict[int, int], GatePolicy]],
+           capped: bool = False) -> tuple[dict[str, Setup], dict[str, str]]:
     """Each policy's setup at a budget of `total` slots (`plan(gated)`: the DP plan for the policies that
-    split by one); a policy that cannot run here is skipped with a note."""
+    split by one); a policy that cannot run here is skipped with a note. `capped`: `total` is all a memory
+    cap leaves, so a policy that holds every expert runs only if they all fit in it."""
     shape = store.cache_shape
     out, skipped = {}, {}
     for name in names:
         policy = POLICIES[name]
+        if policy.slots == "all" and capped and total < shape.total_experts:
+            skipped[name] = (f"needs all {shape.total_experts} experts; the memory cap leaves room for {total}")
+            continue
         if policy.slots == "all" and not budgets.fits(shape):
             need = shape.total_experts * shape.slot_bytes + store.dense_bytes
             skipped[name] = (f"needs {need / 2**30:.1f} GiB, more than {budgets.RESIDENT_SHARE:.0%} of the "
@@ -259,26 +372,84 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
     return out, skipped
 
 
+@dataclass
+class Outcome:
+    """One timed run: its timing, or why there is none (killed by the memory cap, failed), and the peak
+    memory of its process group when it ran capped."""
+
+    timing: DecodeTiming | None
+    peak_bytes: int | None = None
+    failure: str | None = None
+
+
+Runner = Callable[[Store, Setup, list[list[int]], int], Outcome]
+
+
+def in_process(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> Outcome:
+    return Outcome(run_setup(store, setup, prompts, tokens))
+
+
+def capped_runner(cap: int) -> Runner:
+    """Each run in a worker process of its own inside a memory cgroup capped at `cap` bytes, the store's
+    pages dropped from the page cache first (a cold start, nothing charged elsewhere)."""
+    from adapmoe_cli import bench_worker
+    from adapmoe_cli.memcap import run_capped
+
+    def run(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> Outcome:
+        drop_store_pages(store)
+        r = run_capped(worker_argv(), cap, input=bench_worker.job(store, setup, prompts, tokens))
+        if r.killed_for_memory:
+            return Outcome(None, r.peak_bytes, f"killed by the memory cap ({format_bytes(cap)})")
+        if r.returncode != 0:
+            return Outcome(None, r.peak_bytes, f"failed: {_last_line(r.stderr)}")
+        return Outcome(bench_worker.timing_from(r.stdout), r.peak_bytes)
+
+    return run
+
+
+def drop_store_pages(store: Store) -> None:
+    from adapmoe_cli.store.reader import drop_page_cache
+
+    for f in store.path.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            try:
+                drop_page_cache(f)
+            except OSError:
+                pass
+
+
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
             tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
-            progress: Steps | None = None) -> dict[str, Any]:
-    """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict."""
+            progress: Steps | None = None, runner: Runner = in_process) -> dict[str, Any]:
+    """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict. A policy
+    whose run fails (killed by a memory cap) is listed under `failed` with why, and not run again."""
     from adapmoe_cli.store.reader import read_bandwidth
 
     if not prompts:
         raise UsageError("no prompts to run")
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
     runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
+    peaks: dict[str, list[int]] = {n: [] for n in plan}
+    failed: dict[str, dict[str, Any]] = {}
     count = repeats * len(plan)
     done = 0
     for _ in range(repeats):
         for name, setup in plan.items():
             if progress:
                 progress(name, done, count)
-            runs[name].append(run_setup(store, setup, prompts, tokens))
             done += 1
+            if name in failed:
+                continue
+            out = runner(store, setup, prompts, tokens)
+            if out.peak_bytes is not None:
+                peaks[name].append(out.peak_bytes)
+            if out.timing is None:
+                failed[name] = {"why": out.failure, "peak_bytes": out.peak_bytes}
+                continue
+            runs[name].append(out.timing)
     if progress:
         progress("perplexity", done, count)
+    runs = {n: rs for n, rs in runs.items() if n not in failed}
     # from the file descriptors of the engines that ran, not from a probe of the file system
     direct = all(r.direct_io for rs in runs.values() for r in rs)
     ppl: dict[tuple, float] = {}
@@ -294,8 +465,11 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         "tokens": tokens, "prompts": len(prompts), "repeats": repeats,
         "policies": {},
         "skipped": skipped,
+        "failed": failed,
     }
     for name, setup in plan.items():
+        if name in failed:
+            continue
         key = tuple(sorted(setup.gate.thresholds.items()))
         if key not in ppl:
             ppl[key] = perplexity(setup.gate)
@@ -305,6 +479,7 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         entry["slots"] = setup.budget.total
         entry["slots_per_layer"] = [setup.budget.quotas[layer] for layer in store.shape.moe_layers]
         entry["gate"] = {"rule": setup.gate.rule, "scale": setup.gate.scale}
+        entry["peak_bytes"] = max(peaks[name]) if peaks[name] else None
         result["policies"][name] = entry
     return result
 

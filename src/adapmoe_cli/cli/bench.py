@@ -22,12 +22,13 @@ from adapmoe_cli.cli.common import (
     console,
     emit,
     err_console,
+    note,
     open_store,
     runtime_settings,
     steps_progress,
 )
 from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, parse_policies
-from adapmoe_cli.units import parse_fraction
+from adapmoe_cli.units import parse_fraction, parse_size
 
 
 def register(app: typer.Typer) -> None:
@@ -58,12 +59,22 @@ def bench_cmd(
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for profiling and the gate's "
                                                      "quality search (default: the embedded calibration split).",
                                                      show_default=False)] = None,
+    expert_size: Annotated[str | None, typer.Option(
+        "--expert-size", help="Benchmark the full-size variant of MODEL: experts zero-padded to about this size "
+        "(e.g. 16MiB), built once in ADAPMOE_HOME; same outputs, the bytes and FLOPs of a larger model.",
+        show_default=False)] = None,
+    memory_cap: Annotated[str | None, typer.Option(
+        "--memory-cap", help="Run every policy in its own process under this memory cap, page cache included "
+        "(a cgroup; needs root): sizes or shares of the model's size on disk, comma-separated (e.g. 60%,90%). "
+        "The expert slots are what the cap leaves.", show_default=False)] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
 
       adapmoe bench --out bench.json --plot bench.png
+
+      adapmoe bench --expert-size 16MiB --memory-cap 60%,90% --policies lru+prefetch,adapmoe,llama.cpp
 
       adapmoe bench ./mixtral-store --budget 24GiB --policies lru+prefetch,adapmoe --tokens 64 --repeat 5
 
@@ -73,10 +84,15 @@ def bench_cmd(
     texts = tuple(read_prompts(prompts)) if prompts else ()
     req = BenchRequest(policies=tuple(parse_policies(policies)), prompts=texts, tokens=tokens, repeat=repeat,
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
-                       simulate=simulate, text=text, calibration=calibration)
-    store = open_store(model)
+                       simulate=simulate, text=text, calibration=calibration,
+                       memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()))
+    store = source = open_store(model)
+    if expert_size is not None:
+        from adapmoe_cli.store.export import full_size_store
+
+        store = full_size_store(source, parse_size(expert_size), note=note)
     with steps_progress("bench") as progress:
-        result = run_bench(store, settings, req, progress)
+        result = run_bench(store, settings, req, progress, quality_store=source if store is not source else None)
     result["command"] = "adapmoe bench " + " ".join(_argv())
     emit(result, as_json, render, out, plot, draw)
 
@@ -94,30 +110,69 @@ def _spread(p: dict, key: str, repeats: int, fmt: str = ".1f") -> str:
     return f"{med:{fmt}} ±{max(p[key + '_max'] - med, med - p[key + '_min']):{fmt}}"
 
 
+def _fmt(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, fmt)
+
+
 def render(r: dict[str, Any]) -> None:
-    cols = ("policy", "decode tok/s", "prefill tok/s", "experts /token", "hit rate", "stall ms /token",
-            "KiB read /token", "I/O floor tok/s", "held-out ppl")
+    for point in r.get("caps", [r]):
+        render_table(point)
+    render_notes(r)
+    for text, why in r.get("caps_refused", {}).items():
+        console.print(f"[yellow]cap {text} not run:[/] {why}")
+    cap = r.get("memory_cap")
+    if cap is not None and not cap["applied"]:
+        err_console.print(f"[yellow]warning:[/] {cap['why']}")
+    elif cap is not None:
+        console.print(f"memory caps hold the whole process, page cache included (a cgroup per run); the runtime's "
+                      f"measured baseline {cap['baseline_bytes'] / 2**20:.0f} MiB (Python, torch, dense weights) and "
+                      f"{cap['margin_bytes'] / 2**20:.0f} MiB of margin come off each cap before the expert slots")
+
+
+def render_table(r: dict[str, Any]) -> None:
+    cols = ["policy", "decode tok/s", "prefill tok/s", "experts /token", "hit rate", "stall ms /token",
+            "KiB read /token", "I/O floor tok/s", "held-out ppl"]
+    capped = r.get("memory_cap", {}).get("applied", False)
+    if capped:
+        cols.append("peak MiB")
     rows = []
     for name, p in r["policies"].items():
         floor = p["io_floor_tokens_per_s"]
-        rows.append((name, _spread(p, "decode_tokens_per_s", r["repeats"]),
-                     _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), f"{p['experts_per_token']:.2f}",
-                     f"{p['hit_rate']:.1%}", f"{p['stall_s_per_token'] * 1e3:.2f}",
-                     f"{p['bytes_read_per_token'] / 1024:.0f}", "∞" if floor is None else f"{floor:.0f}",
-                     f"{p['perplexity']:.3f}"))
-    t = Table(title=f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
-                    f"{r['prompts']} prompts × {r['repeats']} repeats", box=box.SIMPLE_HEAD, pad_edge=False,
-              padding=(0, 0, 0, 2))
+        row = [name, _spread(p, "decode_tokens_per_s", r["repeats"]),
+               _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), _fmt(p["experts_per_token"], ".2f"),
+               _fmt(p["hit_rate"], ".1%"), _fmt(p["stall_s_per_token"], ".2f", 1e3),
+               _fmt(p["bytes_read_per_token"], ".0f", 1 / 1024), "∞" if floor is None else f"{floor:.0f}",
+               _fmt(p["perplexity"], ".3f")]
+        if capped:
+            row.append(_fmt(p.get("peak_bytes"), ".0f", 2**-20))
+        rows.append(row)
+    for name, f in r.get("failed", {}).items():
+        row = [name, "killed" if f["why"].startswith("killed") else "failed"] + ["—"] * (len(cols) - 2)
+        if capped:
+            row[-1] = _fmt(f.get("peak_bytes"), ".0f", 2**-20)
+        rows.append(row)
+    title = (f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
+             f"{r['prompts']} prompts × {r['repeats']} repeats")
+    if capped:
+        c = r["memory_cap"]
+        title += f" · memory cap {c['text']} = {c['cap_bytes'] / 2**20:.0f} MiB"
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 2))
     for i, c in enumerate(cols):  # values never cut: each column as wide as its widest value, headers wrap
         width = max([len(row[i]) for row in rows] + [len(w) for w in c.split()])
         t.add_column(c, justify="left" if i == 0 else "right", width=width)
     for row in rows:
         t.add_row(*row)
     console.print(t)
-    console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
-                  f"page cache {r['page_cache']}")
+    for name, f in r.get("failed", {}).items():
+        peak = f" at a peak of {f['peak_bytes'] / 2**20:.0f} MiB" if f.get("peak_bytes") else ""
+        console.print(f"[yellow]{name}:[/] {f['why']}{peak}")
     for name, why in r.get("skipped", {}).items():
         console.print(f"[yellow]skipped {name}:[/] {why}")
+
+
+def render_notes(r: dict[str, Any]) -> None:
+    console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
+                  f"page cache {r['page_cache']}")
     for warning in r.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
     if "simulated" in r:

@@ -30,6 +30,7 @@ class LoadRequest:
     cancelled: bool = False
     error: BaseException | None = None
     nbytes: int = 0
+    position: int = 0  # bytes read so far (a paused read resumes here)
 
 
 class RequestQueue:
@@ -61,7 +62,12 @@ class RequestQueue:
         return req
 
     def promote(self, req: LoadRequest) -> None:
-        if not req.started and not req.cancelled and req.priority != DEMAND:
+        """Make a request a demand load: queued, it moves ahead; being read, it no longer steps aside."""
+        if req.cancelled or req.priority == DEMAND:
+            return
+        if req.started:
+            req.priority = DEMAND
+        else:
             self._push(req, DEMAND)
 
     def demote(self, req: LoadRequest) -> None:
@@ -98,6 +104,17 @@ class RequestQueue:
             req.started = True
         return req
 
+    def demand_waiting(self) -> bool:
+        """Whether a demand load is queued (a prefetch being read should step aside)."""
+        req = self.peek()
+        return req is not None and req.priority == DEMAND
+
+    def pause(self, req: LoadRequest) -> None:
+        """Put a started read back in the queue at its priority (it resumes at `position`); until it resumes
+        it can be promoted, demoted and cancelled like one that never started."""
+        req.started = False
+        self._push(req, req.priority)
+
 
 class ExpertLoader(Protocol):
     """What the manager needs of a loader. `wait` returns the seconds the compute thread stalled."""
@@ -115,8 +132,14 @@ class ExpertLoader(Protocol):
     def close(self) -> None: ...
 
 
+#: a prefetch is read in chunks of this size; between chunks a queued demand load goes first
+CHUNK_BYTES = 4 << 20
+
+
 class Loader:
-    """The runtime's loader: one worker thread reads queued requests with the store reader."""
+    """The runtime's loader: one worker thread reads queued requests with the store reader. A prefetch is
+    read `CHUNK_BYTES` at a time and steps aside for a demand load queued meanwhile (it resumes where it
+    stopped), so a mispredicted prefetch no longer holds the disk in front of a needed expert."""
 
     def __init__(self, reader: ExpertReader):
         self.reader = reader
@@ -171,13 +194,30 @@ class Loader:
                 if self._closed:
                     return
             try:
-                entry = self.reader.read_into(req.layer, req.expert, req.buffer)
-                req.nbytes = entry.length
+                if not self._read(req):
+                    continue  # paused for a demand load
             except BaseException as e:  # handed to the waiting compute thread
                 req.error = e
             with self._cv:
                 self._queue.forget(req)
             req.done.set()
+
+    def _read(self, req: LoadRequest) -> bool:
+        """Read the request from where it stands; False when it stepped aside for a demand load (re-queued),
+        True when the expert is read and checked."""
+        length = self.reader.store.experts[(req.layer, req.expert)].length
+        while True:
+            stop = length if req.priority == DEMAND else min(length, req.position + CHUNK_BYTES)
+            end = self.reader.read_range(req.layer, req.expert, req.buffer, req.position, stop)
+            short = end < stop
+            req.position = end
+            if short or end >= length:
+                req.nbytes = self.reader.finish(req.layer, req.expert, req.buffer, end).length
+                return True
+            with self._cv:
+                if req.priority != DEMAND and self._queue.demand_waiting():
+                    self._queue.pause(req)
+                    return False
 
     def close(self) -> None:
         with self._cv:

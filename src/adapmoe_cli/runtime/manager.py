@@ -6,8 +6,10 @@ Per layer call (one forward of one MoE layer):
 1. settle loads that finished since the last call, account this layer's prefetches;
 2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one
    (mispredicted prefetches stay cached; their reads, if still queued, move behind everything else);
-3. for each needed expert in ascending order (transformers' order, so sums match): wait until it is
-   resident (loading it now if step 2 could not), compute, release it for eviction."""
+3. when every needed expert has a slot: count and touch them in ascending order, then compute those
+   already in memory first and the others as their reads finish (compute overlaps the loads; the books
+   do not depend on timing); else, for each in ascending order, wait until it is resident (loading it
+   now if step 2 could not) and compute. Then release them for eviction."""
 
 from __future__ import annotations
 
@@ -118,6 +120,31 @@ class ExpertManager:
             else:
                 origin[e] = ORIGIN_DEMAND
                 self._load(layer, e, DEMAND, keep=need)
+        if all(self.cache.slot(layer, e) is not None for e in needed):
+            self._run_resident_first(layer, needed, origin, compute)
+        else:
+            self._run_in_order(layer, needed, origin, compute)
+        if not self.cache.policies[layer].retains:
+            for e in self.cache.resident(layer):
+                self.cache.release(layer, e)
+
+    _COUNT = {ORIGIN_RESIDENT: "_hit", ORIGIN_PREFETCH: "_pf_hit", ORIGIN_DEMAND: "_miss"}
+
+    def _run_resident_first(self, layer: int, needed: list[int], origin: dict[int, str],
+                            compute: Callable[[int, Any], None]) -> None:
+        """Every needed expert has a slot (resident or being read): the books are kept in ascending order,
+        as always, but the experts already in memory are computed first, while the others load."""
+        for e in needed:
+            getattr(self, self._COUNT[origin[e]])()
+            self.cache.touch(layer, e)
+        ready = [e for e in needed if (layer, e) not in self._pending or self._pending[(layer, e)].done.is_set()]
+        for e in ready + [e for e in needed if e not in ready]:
+            self._wait(layer, e)
+            compute(e, self.cache.views[self.cache.slot(layer, e)])
+
+    def _run_in_order(self, layer: int, needed: list[int], origin: dict[int, str],
+                      compute: Callable[[int, Any], None]) -> None:
+        """Fewer slots than needed experts: each in ascending order, loading it when its turn comes."""
         remaining = set(needed)
         for e in needed:
             if self.cache.slot(layer, e) is None:
@@ -128,13 +155,10 @@ class ExpertManager:
                     req = self._load(layer, e, DEMAND, keep=())
                     assert req is not None, "a layer with at least one slot can always load"
             self._wait(layer, e)
-            {ORIGIN_RESIDENT: self._hit, ORIGIN_PREFETCH: self._pf_hit, ORIGIN_DEMAND: self._miss}[origin[e]]()
+            getattr(self, self._COUNT[origin[e]])()
             self.cache.touch(layer, e)
             compute(e, self.cache.views[self.cache.slot(layer, e)])
             remaining.discard(e)
-        if not self.cache.policies[layer].retains:
-            for e in self.cache.resident(layer):
-                self.cache.release(layer, e)
 
     def _hit(self) -> None:
         self.stats.hits += 1

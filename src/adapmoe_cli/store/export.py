@@ -116,6 +116,8 @@ def full_size_store(store: Store, expert_bytes: int, out: Path | None = None, fo
         except StoreError:
             made = None
         if made is not None and all(made.manifest.get("source", {}).get(k) == v for k, v in origin.items()):
+            if not (made.path / "profile.json").exists():
+                carry_method(store, made)
             return made
     if note is not None:
         note(f"building the full-size variant of {store.path.name} (experts padded from "
@@ -127,4 +129,33 @@ def full_size_store(store: Store, expert_bytes: int, out: Path | None = None, fo
         shard(tmp, out, force=force, source={"path": str(store.path), **origin})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Store.open(out)
+    made = Store.open(out)
+    carry_method(store, made)
+    return made
+
+
+def carry_method(src: Store, dst: Store) -> None:
+    """Give the padded store its source's profile (with the trace) and plan, re-addressed to it: its
+    routing, outputs and so the sensitivities, trace and cost curves (counted loads) are the source's. Files
+    made for another model, or damaged, are left behind (the padded store is then profiled as any other)."""
+    from adapmoe_cli.errors import ProfileError
+    from adapmoe_cli.planning.plan_file import read_plan
+    from adapmoe_cli.profiling.profile_file import read_profile
+    from adapmoe_cli.safe_io import write_atomic
+
+    checks = {"profile.json": read_profile, "plan.json": read_plan}
+    for name, check in checks.items():
+        path = src.path / name
+        if not path.exists():
+            continue
+        try:
+            check(path, src)
+        except ProfileError:
+            continue
+        doc = json.loads(path.read_text())
+        if name == "profile.json":
+            trace = doc["trace"]["file"]
+            write_atomic(dst.path / trace, (src.path / trace).read_bytes())
+        doc["model"]["fingerprint"] = dst.fingerprint
+        write_atomic(dst.path / name, json.dumps(doc, indent=1))
+        check(dst.path / name, dst)

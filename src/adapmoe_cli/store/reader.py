@@ -100,10 +100,18 @@ class ExpertReader:
         Raise StoreError, before anyone uses the bytes, when this process's first read of the expert does
         not match the manifest."""
         entry = self.store.experts[(layer, expert)]
+        return self.finish(layer, expert, buf, self.read_range(layer, expert, buf, 0, entry.length))
+
+    def read_range(self, layer: int, expert: int, buf: mmap.mmap | memoryview, start: int, stop: int) -> int:
+        """Read bytes `start:stop` of the expert's range into the same place of `buf` (both multiples of
+        the alignment, or `stop` the range's end); return where the bytes read end (less than `stop` at a
+        truncated file). The loader reads an expert in such chunks so a demand load can overtake a
+        prefetch; `finish` checks the whole once it is read."""
+        entry = self.store.experts[(layer, expert)]
         fd = self._fd(entry.file)
-        view = memoryview(buf)[: entry.length]
+        view = memoryview(buf)[start:stop]
         try:
-            n = os.preadv(fd, [view], entry.offset)
+            n = os.preadv(fd, [view], entry.offset + start)
         except OSError as e:
             if not self.direct:
                 raise
@@ -111,20 +119,26 @@ class ExpertReader:
             self.close()
             self.direct = False
             fd = self._fd(entry.file)
-            n = os.preadv(fd, [view], entry.offset)
+            n = os.preadv(fd, [view], entry.offset + start)
             del e
-        if n < entry.nbytes:
+        return start + n
+
+    def finish(self, layer: int, expert: int, buf: mmap.mmap | memoryview, end: int) -> ExpertEntry:
+        """After the expert's bytes were read up to `end`: refuse a truncated file, drop the pages when
+        they went through the page cache, count the read and check the bytes the first time."""
+        entry = self.store.experts[(layer, expert)]
+        if end < entry.nbytes:
             raise StoreError(
                 f"{self.store.path / entry.file} is truncated at expert ({layer}, {expert}); "
                 "run `adapmoe verify` and re-shard"
             )
         if not self.direct:
-            os.posix_fadvise(fd, entry.offset, entry.length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd(entry.file), entry.offset, entry.length, os.POSIX_FADV_DONTNEED)
         self.bytes_read += entry.length
         self.reads += 1
         key = (layer, expert)
         if self.check and key not in self.store.checked_experts:
-            problem = expert_problem(entry, view, n)
+            problem = expert_problem(entry, memoryview(buf)[: entry.length], end)
             if problem is not None:
                 raise StoreError(f"store {self.store.path} failed verification: {problem}; run `adapmoe verify` "
                                  f"on it and re-run `{REMEDY}`")
