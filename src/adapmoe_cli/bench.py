@@ -427,7 +427,11 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
 
     if not prompts:
         raise UsageError("no prompts to run")
+    from adapmoe_cli.store.verify import check_experts
+
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
+    if runner is in_process:
+        check_experts(store)  # each expert's first-read check once, before any timing (workers do the same)
     runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
     peaks: dict[str, list[int]] = {n: [] for n in plan}
     failed: dict[str, dict[str, Any]] = {}

@@ -36,6 +36,7 @@ def run_job(text: str) -> dict[str, Any]:
     from adapmoe_cli.runtime.gating import GatePolicy
     from adapmoe_cli.runtime.measure import run_setup
     from adapmoe_cli.settings import load_settings
+    from adapmoe_cli.store.verify import check_experts
 
     j = json.loads(text)
     store = Store.open(j["store"])
@@ -43,6 +44,7 @@ def run_job(text: str) -> dict[str, Any]:
     g = j["gate"]
     gate = GatePolicy({int(k): float(v) for k, v in g["thresholds"].items()}, rule=g["rule"], scale=g["scale"])
     setup = Setup(budget, gate, load_settings(overrides=j["settings"]), bool(j["preload"]))
+    check_experts(store)  # outside the timing, as in-process (bench.measure)
     t = run_setup(store, setup, j["prompts"], int(j["tokens"]))
     return {"prompt_tokens": t.prompt_tokens, "prefill_s": t.prefill_s, "decode_tokens": t.decode_tokens,
             "decode_s": t.decode_s, "stats": vars(t.stats), "direct_io": t.direct_io}
