@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapmoe_cli import budget as budgets
+from adapmoe_cli.bench_runs import Outcome, Runner, capped_runner, in_process, last_line, worker_argv
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
@@ -27,11 +28,11 @@ from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
 from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
-from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, policy_budget
+from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.progress import Steps
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.measure import DecodeTiming, Setup, run_setup
+from adapmoe_cli.runtime.measure import DecodeTiming, Setup
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
@@ -50,6 +51,7 @@ class BenchRequest:
     text: Path | None = None  # held-out text for perplexity (default: the embedded held-out split)
     calibration: Path | None = None  # profiling and the quality search (default: the embedded calibration split)
     memory_caps: tuple[str, ...] = ()  # each a size or a share of the model's bytes on disk: one run per cap
+    peer_width: str | None = None  # the GGUF llama.cpp runs (f32, bf16, f16, q8_0, q4_0); default: the store's
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.repeat < 1:
@@ -77,7 +79,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         qstore = quality_store or store
         calib = stack.enter_context(gate_quality(qstore, settings, calib_text))
         held = stack.enter_context(gate_perplexity(qstore, settings, req.text or default_text("heldout"), 8192))
-        bench = _Bench(store, settings, req, prompt_ids, calib, held, say)
+        bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok)
         before = cpu_times()
         if req.memory_caps:
             result = capped_runs(bench, names, say)
@@ -85,7 +87,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
             result = bench.at(names, slots, simulate=req.simulate)
         result["machine_load"] = machine_load(before)
         if req.sweep:
-            swept = [n for n in names if POLICIES[n].slots == "budget"]
+            swept = [n for n in names if n in POLICIES and POLICIES[n].slots == "budget"]
             points = [result] + [bench.at(swept, s) for s in budgets.sweep_totals(shape) if s != slots]
             result["sweep"] = sorted(
                 ({"budget_slots": r["budget_slots"],
@@ -98,6 +100,8 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
     return result
 
 
+#: the GGUF width of the same weights as a store of this dtype
+GGUF_WIDTH = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 #: kept free under a cap beyond the measured baseline and the slots: activations, the KV cache, allocator slack
 CAP_MARGIN = 64 << 20
 
@@ -134,7 +138,7 @@ def runtime_baseline(bench: _Bench) -> int:
     run = run_capped(worker_argv(), _available_bytes(), input=bench_worker.job(bench.store, setup,
                                                                                 bench.prompts[:1], 2))
     if not run.ok or run.peak_bytes is None:
-        raise AdapmoeError(f"measuring the runtime's baseline memory failed: {_last_line(run.stderr)}")
+        raise AdapmoeError(f"measuring the runtime's baseline memory failed: {last_line(run.stderr)}")
     return run.peak_bytes - len(shape.layers) * shape.slot_bytes
 
 
@@ -142,17 +146,6 @@ def _available_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def worker_argv() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "adapmoe_cli.bench_worker"]
 
 
 def capped_runs(bench: _Bench, names: list[str], say: Steps) -> dict[str, Any]:
@@ -250,6 +243,7 @@ class _Bench:
     calibration: Callable[[GatePolicy], GateQuality]
     heldout: Callable[[GatePolicy], float]
     say: Steps
+    tokenizer: Any = None
     plans: dict[tuple[int, bool], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
 
     def plan(self, slots: int, gated: bool) -> tuple[dict[int, int], GatePolicy]:
@@ -266,6 +260,28 @@ class _Bench:
                                        progress=self.say))
             self.plans[(slots, gated)] = (plan.quotas_for(slots), plan.gate)
         return self.plans[(slots, gated)]
+
+    def peers(self, names: list[str], cap: int | None, skipped: dict[str, str]) -> dict[str, PeerRun]:
+        """The peer programs' runs (`llama.cpp` under `cap`, `llama.cpp-uncapped` never capped); one that
+        cannot run here (not built, a failed conversion) is skipped with its one-line reason."""
+        if not names:
+            return {}
+        from adapmoe_cli.bench_runs import llamacpp_runner
+        from adapmoe_cli.peers.llamacpp import why_unavailable
+
+        out: dict[str, PeerRun] = {}
+        width = self.req.peer_width or GGUF_WIDTH.get(self.store.dtype_name, "f32")
+        for name in names:
+            why = why_unavailable()
+            if why is not None:
+                skipped[name] = why
+                continue
+            try:
+                out[name] = llamacpp_runner(self.store, self.tokenizer, cap if name == "llama.cpp" else None, width,
+                                            note=lambda m: self.say(m, 0, 0))
+            except AdapmoeError as e:
+                skipped[name] = str(e)
+        return out
 
     def _stores_plan(self) -> Plan | None:
         """STORE/plan.json if it was searched at this quality budget, rule, eviction and prefetch, on the
@@ -288,11 +304,12 @@ class _Bench:
         return plan if made_so else None
 
     def at(self, names: list[str], slots: int, simulate: bool = False, cap: int | None = None) -> dict[str, Any]:
-        plan, skipped = setups(self.store, self.settings, names, slots, lambda gated: self.plan(slots, gated),
-                               capped=cap is not None)
+        plan, skipped = setups(self.store, self.settings, [n for n in names if n in POLICIES], slots,
+                               lambda gated: self.plan(slots, gated), capped=cap is not None)
+        peers = self.peers([n for n in names if n in PEERS], cap, skipped)
         runner = in_process if cap is None else capped_runner(cap)
         result = measure(self.store, plan, skipped, slots, self.prompts, self.req.tokens, self.req.repeat,
-                         self.heldout, self.say, runner)
+                         self.heldout, self.say, runner, peers)
         if simulate:
             from adapmoe_cli.simulate.check import simulate_bench
 
@@ -372,79 +389,41 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
     return out, skipped
 
 
-@dataclass
-class Outcome:
-    """One timed run: its timing, or why there is none (killed by the memory cap, failed), and the peak
-    memory of its process group when it ran capped."""
-
-    timing: DecodeTiming | None
-    peak_bytes: int | None = None
-    failure: str | None = None
-
-
-Runner = Callable[[Store, Setup, list[list[int]], int], Outcome]
-
-
-def in_process(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> Outcome:
-    return Outcome(run_setup(store, setup, prompts, tokens))
-
-
-def capped_runner(cap: int) -> Runner:
-    """Each run in a worker process of its own inside a memory cgroup capped at `cap` bytes, the store's
-    pages dropped from the page cache first (a cold start, nothing charged elsewhere)."""
-    from adapmoe_cli import bench_worker
-    from adapmoe_cli.memcap import run_capped
-
-    def run(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> Outcome:
-        drop_store_pages(store)
-        r = run_capped(worker_argv(), cap, input=bench_worker.job(store, setup, prompts, tokens))
-        if r.killed_for_memory:
-            return Outcome(None, r.peak_bytes, f"killed by the memory cap ({format_bytes(cap)})")
-        if r.returncode != 0:
-            return Outcome(None, r.peak_bytes, f"failed: {_last_line(r.stderr)}")
-        return Outcome(bench_worker.timing_from(r.stdout), r.peak_bytes)
-
-    return run
-
-
-def drop_store_pages(store: Store) -> None:
-    from adapmoe_cli.store.reader import drop_page_cache
-
-    for f in store.path.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            try:
-                drop_page_cache(f)
-            except OSError:
-                pass
+PeerRun = Callable[[list[list[int]], int], Outcome]
 
 
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
             tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
-            progress: Steps | None = None, runner: Runner = in_process) -> dict[str, Any]:
-    """Run the policies of `plan` (from `setups`) `repeats` times, interleaved; one result dict. A policy
-    whose run fails (killed by a memory cap) is listed under `failed` with why, and not run again."""
+            progress: Steps | None = None, runner: Runner = in_process,
+            peers: dict[str, PeerRun] | None = None) -> dict[str, Any]:
+    """Run the policies of `plan` (from `setups`) and the `peers` (other programs, bench_runs.py) `repeats`
+    times, interleaved; one result dict. One whose run fails (killed by a memory cap) is listed under
+    `failed` with why, and not run again."""
     from adapmoe_cli.store.reader import read_bandwidth
+    from adapmoe_cli.store.verify import check_experts
 
     if not prompts:
         raise UsageError("no prompts to run")
-    from adapmoe_cli.store.verify import check_experts
-
+    peers = peers or {}
     bandwidth, bw_direct = read_bandwidth(store, max_bytes=512 << 20)
     if runner is in_process:
         check_experts(store)  # each expert's first-read check once, before any timing (workers do the same)
-    runs: dict[str, list[DecodeTiming]] = {n: [] for n in plan}
-    peaks: dict[str, list[int]] = {n: [] for n in plan}
+    jobs: dict[str, Callable[[], Outcome]] = {
+        **{n: (lambda s=s: runner(store, s, prompts, tokens)) for n, s in plan.items()},
+        **{n: (lambda p=p: p(prompts, tokens)) for n, p in peers.items()}}
+    runs: dict[str, list[DecodeTiming]] = {n: [] for n in jobs}
+    peaks: dict[str, list[int]] = {n: [] for n in jobs}
     failed: dict[str, dict[str, Any]] = {}
-    count = repeats * len(plan)
+    count = repeats * len(jobs)
     done = 0
     for _ in range(repeats):
-        for name, setup in plan.items():
+        for name, job in jobs.items():
             if progress:
                 progress(name, done, count)
             done += 1
             if name in failed:
                 continue
-            out = runner(store, setup, prompts, tokens)
+            out = job()
             if out.peak_bytes is not None:
                 peaks[name].append(out.peak_bytes)
             if out.timing is None:
@@ -453,9 +432,8 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
             runs[name].append(out.timing)
     if progress:
         progress("perplexity", done, count)
-    runs = {n: rs for n, rs in runs.items() if n not in failed}
     # from the file descriptors of the engines that ran, not from a probe of the file system
-    direct = all(r.direct_io for rs in runs.values() for r in rs)
+    direct = all(r.direct_io for n, rs in runs.items() if n in plan and n not in failed for r in rs)
     ppl: dict[tuple, float] = {}
     result: dict[str, Any] = {
         "machine": machine_info(),
@@ -484,6 +462,19 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         entry["slots_per_layer"] = [setup.budget.quotas[layer] for layer in store.shape.moe_layers]
         entry["gate"] = {"rule": setup.gate.rule, "scale": setup.gate.scale}
         entry["peak_bytes"] = max(peaks[name]) if peaks[name] else None
+        result["policies"][name] = entry
+    for name in peers:
+        if name in failed:
+            continue
+        entry = summarise(runs[name], bandwidth, store.shape.top_k)
+        # what only our runtime counts does not apply; llama.cpp's reads go through the page cache
+        for key in ("experts_per_token", "experts_per_token_ratio", "hit_rate", "prefetch_precision",
+                    "prefetch_recall", "bytes_read_per_token", "stall_s_per_token", "io_floor_s_per_token",
+                    "io_floor_tokens_per_s", "perplexity", "slots"):
+            entry[key] = None
+        entry["description"] = PEERS[name]
+        entry["peak_bytes"] = max(peaks[name]) if peaks[name] else None
+        entry["peer"] = True
         result["policies"][name] = entry
     return result
 

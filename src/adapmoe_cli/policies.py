@@ -51,14 +51,22 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("oracle", "limit: LRU, even split, prefetch of exactly the next layer's experts", prefetch="oracle"),
 )}
 LIMITS = tuple(n for n, p in POLICIES.items() if p.is_limit)
+#: other programs `bench` runs on the same model, prompts and memory cap (peers/): not configurations of
+#: our runtime, so the simulator does not know them
+PEERS: dict[str, str] = {
+    "llama.cpp": "llama.cpp's llama-completion, weights memory-mapped from a GGUF of the same model and width, "
+                 "under the same memory cap as the policies (when one is given)",
+    "llama.cpp-uncapped": "the same, never capped: its ceiling",
+}
 BENCH_DEFAULT = ("naive", "lru", "lru+prefetch", "adapmoe", "resident")
 SIMULATE_DEFAULT = ("naive", "lru", "lru+prefetch", "planned", "adapmoe", "resident")
 
 
-def parse_policies(text: str, limits: bool = False) -> list[str]:
-    """Comma-separated names. `limits`: the simulator's, which may name the limits and always adds them."""
+def parse_policies(text: str, limits: bool = False, peers: bool = False) -> list[str]:
+    """Comma-separated names. `limits`: the simulator's, which may name the limits and always adds them;
+    `peers`: the bench's, which may name other programs (`PEERS`)."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    known = [n for n, p in POLICIES.items() if limits or not p.is_limit]
+    known = [n for n, p in POLICIES.items() if limits or not p.is_limit] + (list(PEERS) if peers else [])
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(known)}")

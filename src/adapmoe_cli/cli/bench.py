@@ -27,7 +27,7 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
-from adapmoe_cli.policies import BENCH_DEFAULT, POLICIES, parse_policies
+from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, parse_policies
 from adapmoe_cli.units import parse_fraction, parse_size
 
 
@@ -39,7 +39,8 @@ def bench_cmd(
     model: ModelArg = None,
     budget: BudgetOpt = None,
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated, from: "
-                                          f"{', '.join(n for n, p in POLICIES.items() if not p.is_limit)}.")
+                                          f"{', '.join(n for n, p in POLICIES.items() if not p.is_limit)}; "
+                                          f"and other programs on the same model: {', '.join(PEERS)}.")
                         ] = ",".join(BENCH_DEFAULT),
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line.",
                                                  show_default=False)] = None,
@@ -67,6 +68,9 @@ def bench_cmd(
         "--memory-cap", help="Run every policy in its own process under this memory cap, page cache included "
         "(a cgroup; needs root): sizes or shares of the model's size on disk, comma-separated (e.g. 60%,90%). "
         "The expert slots are what the cap leaves.", show_default=False)] = None,
+    gguf: Annotated[str | None, typer.Option(
+        "--gguf", help="The weights llama.cpp runs: f32, bf16, f16, q8_0 or q4_0 (default: the store's width).",
+        show_default=False)] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -82,10 +86,11 @@ def bench_cmd(
     """
     settings = runtime_settings(config, budget=budget, device=device)
     texts = tuple(read_prompts(prompts)) if prompts else ()
-    req = BenchRequest(policies=tuple(parse_policies(policies)), prompts=texts, tokens=tokens, repeat=repeat,
+    req = BenchRequest(policies=tuple(parse_policies(policies, peers=True)), prompts=texts, tokens=tokens,
+                       repeat=repeat,
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
                        simulate=simulate, text=text, calibration=calibration,
-                       memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()))
+                       memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
     store = source = open_store(model)
     if expert_size is not None:
         from adapmoe_cli.store.export import full_size_store
@@ -141,7 +146,8 @@ def render_table(r: dict[str, Any]) -> None:
         row = [name, _spread(p, "decode_tokens_per_s", r["repeats"]),
                _spread(p, "prefill_tokens_per_s", r["repeats"], ".0f"), _fmt(p["experts_per_token"], ".2f"),
                _fmt(p["hit_rate"], ".1%"), _fmt(p["stall_s_per_token"], ".2f", 1e3),
-               _fmt(p["bytes_read_per_token"], ".0f", 1 / 1024), "∞" if floor is None else f"{floor:.0f}",
+               _fmt(p["bytes_read_per_token"], ".0f", 1 / 1024),
+               "—" if p.get("peer") else "∞" if floor is None else f"{floor:.0f}",
                _fmt(p["perplexity"], ".3f")]
         if capped:
             row.append(_fmt(p.get("peak_bytes"), ".0f", 2**-20))
@@ -222,12 +228,13 @@ def draw(r: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, ncol, figsize=(3.2 * ncol, 3.6), squeeze=False)
     colors = ["#c44e52" if n == "adapmoe" else "#4c72b0" for n in names]
     for ax, (title, key, scale) in zip(axes[0], panels, strict=False):
-        vals = [pol[n][key] * scale for n in names]
+        shown = [n for n in names if pol[n][key] is not None]  # peers have no counts of ours
+        vals = [pol[n][key] * scale for n in shown]
         err = None
         if key == "decode_tokens_per_s" and r["repeats"] > 1:
-            err = [[v - pol[n][key + "_min"] for n, v in zip(names, vals, strict=True)],
-                   [pol[n][key + "_max"] - v for n, v in zip(names, vals, strict=True)]]
-        ax.bar(names, vals, yerr=err, capsize=3, color=colors)
+            err = [[v - pol[n][key + "_min"] for n, v in zip(shown, vals, strict=True)],
+                   [pol[n][key + "_max"] - v for n, v in zip(shown, vals, strict=True)]]
+        ax.bar(shown, vals, yerr=err, capsize=3, color=[colors[names.index(n)] for n in shown])
         if key == "perplexity":
             lo = min(vals)
             ax.set_ylim(lo * 0.98, max(vals) * 1.01)
