@@ -57,7 +57,7 @@ def test_bench_runs_each_policy_inside_the_cap(setup, tmp_path):  # noqa: F811
     shape_total = point["total_experts"]
     assert point["budget_slots"] == shape_total  # a tiny model: the cap leaves room for every expert
     for name, p in point["policies"].items():
-        assert p["peak_bytes"] is not None and cap["baseline_bytes"] < p["peak_bytes"] <= 700 * MiB, name
+        assert p["peak_bytes"] is not None and 100 * MiB < p["peak_bytes"] <= 700 * MiB, name
         assert p["counts"]["expert_uses"] > 0
     assert set(point["policies"]) == {"naive", "lru", "adapmoe", "resident"}
     assert "memory cap 700MiB" in r.stdout and "peak" in r.stdout
