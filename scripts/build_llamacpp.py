@@ -16,6 +16,7 @@ its own tree; its requirements file is never installed (it would replace torch a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -105,6 +106,8 @@ def main() -> int:
         return 1
     for tool in TOOLS:
         print(llama.tool(tool))
+    if importlib.util.find_spec("sentencepiece") is None:
+        print("note: converting models to GGUF also needs sentencepiece: pip install 'adapmoe-cli[peers]'")
     if llama.root != default_root().resolve() and env is None:
         print(f"built outside the default place: export {ENV_VAR}={llama.root}")
     return 0

@@ -11,6 +11,7 @@ This module runs nothing at bench time: the bench runs `completion_argv` and fee
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -134,10 +135,15 @@ def _store_key(store: Store) -> str:
     return hashlib.sha256((store.path / "manifest.json").read_bytes()).hexdigest()
 
 
+#: a log line's prefix: llama.cpp's `0.00.030.580 E ` (time, level) or Python logging's `ERROR:hf-to-gguf:`
+_LOG_PREFIX = re.compile(r"^(?:[\d.]+ [A-Z] |(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.-]+:)")
+
+
 def _last_line(text: str) -> str:
-    """A tool's last message, without traceback frames or a Python logging prefix (`ERROR:hf-to-gguf:`)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(" ")]
-    return re.sub(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.-]+:", "", lines[-1]) if lines else "no message"
+    """A tool's last message, without traceback frames or a log prefix."""
+    lines = [_LOG_PREFIX.sub("", ln).strip() for ln in text.splitlines() if not ln.startswith((" ", "\t"))]
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else "no message"
 
 
 def gguf_for(store: Store, width: str, note: Callable[[str], None] | None = None) -> Path:
@@ -163,6 +169,8 @@ def gguf_for(store: Store, width: str, note: Callable[[str], None] | None = None
             _run([str(llama.tool("llama-quantize")), str(source), str(made), qtype],
                  f"llama-quantize failed on {source.name} ({qtype})")
         else:
+            if importlib.util.find_spec("sentencepiece") is None:  # their converter imports it for every llama
+                raise PeerError("llama.cpp's converter needs sentencepiece: pip install 'adapmoe-cli[peers]'")
             if note:
                 note(f"converting {store.path.name} to GGUF ({width}) with llama.cpp's converter")
             ckpt = export_checkpoint(store, Path(tmp) / "checkpoint")
@@ -224,19 +232,31 @@ def completion_argv(gguf: Path, prompt: str | Path, tokens: int, threads: int = 
 
 
 _PERF = re.compile(r"(?P<what>load|prompt eval|eval) time\s*=\s*(?P<ms>[\d.]+) ms(?: /\s*(?P<n>\d+) (?:tokens|runs))?")
-_PROMPT_ID = re.compile(r"^\s*(\d+) -> '", re.MULTILINE)
+# `--verbose-prompt` lines, after the log's optional `0.00.030.580 I ` prefix (time, level)
+_PROMPT_ID = re.compile(r"^(?:[\d.]+ [A-Z] )?\s*(\d+) -> '", re.MULTILINE)
+_GENERATING = re.compile(r"generate: n_ctx = \d+")
 _PROMPT_COUNT = re.compile(r"number of tokens in prompt = (\d+)")
 
 
+class TimingsLost(PeerError):
+    """llama-completion generated but exited before its log thread wrote the timings out: its log is a
+    queue drained by a thread the process does not wait for at exit (llama.cpp says so in
+    `common_log_main`), so on a busy CPU the tail of stdout and stderr is sometimes lost. Run it again."""
+
+
 def parse_timings(stdout: str, stderr: str) -> dict[str, float | int]:
-    """The counts and times of llama.cpp's own performance print (`llama_perf_context_print`):
-    prompt_tokens, prefill_s, decode_tokens (eval runs: tokens fed after the prompt), decode_s, load_s.
-    Raises PeerError with llama.cpp's last message when the run printed none (it failed)."""
+    """The counts and times of llama.cpp's own performance print (`common_perf_print`): prompt_tokens,
+    prefill_s, decode_tokens (eval runs: tokens fed after the prompt's pass), decode_s, load_s.
+    Raises TimingsLost when the run reached generation but its log's tail never came out (run it again),
+    PeerError with llama.cpp's last message when it failed before."""
     found: dict[str, tuple[float, int | None]] = {}
     for text in (stderr, stdout):
         for m in _PERF.finditer(text):
             found.setdefault(m["what"], (float(m["ms"]) / 1000, int(m["n"]) if m["n"] else None))
     if "prompt eval" not in found or "eval" not in found:
+        if _GENERATING.search(stderr):
+            raise TimingsLost("llama.cpp exited before its log printed the timings (its log thread is not "
+                              "waited for at exit); run it again")
         raise PeerError(f"llama.cpp printed no timings: {_last_line(stderr or stdout)}")
     (prefill_s, prompt_tokens), (decode_s, decode_tokens) = found["prompt eval"], found["eval"]
     timings: dict[str, float | int] = {"prompt_tokens": prompt_tokens or 0, "prefill_s": prefill_s,
