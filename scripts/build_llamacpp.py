@@ -56,17 +56,22 @@ def fetch_source(root: Path) -> None:
         (top,) = [p for p in out.iterdir() if p.is_dir()]
         if not (top / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
             raise BuildFailed(f"{archives[0].name} holds no vendor/llama.cpp; not the expected source package")
-        if root.exists():
-            shutil.rmtree(root)  # an earlier tree without llama.cpp in it
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        if root.exists():  # never removed: it may be someone's folder
+            raise BuildFailed(f"{root} exists and holds no llama.cpp source; remove it or give another --root")
         os.replace(top, root)
 
 
-def build(llama: LlamaCpp, jobs: int) -> None:
+def check_toolchain() -> None:
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
             raise BuildFailed(f"{tool} is not installed; install it (e.g. `apt-get install cmake ninja-build`)")
-    if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
+    if not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
         raise BuildFailed("no C++ compiler found; install one (e.g. `apt-get install g++`)")
+
+
+def build(llama: LlamaCpp, jobs: int) -> None:
     build_dir = llama.root / "build"
     log = llama.root / "build.log"
     steps = []
@@ -94,6 +99,7 @@ def main() -> int:
     llama = LlamaCpp((args.root or (Path(env).expanduser() if env else default_root())).resolve())
     try:
         if why_unavailable(llama) is not None:
+            check_toolchain()
             if not llama.converter.is_file():
                 fetch_source(llama.root)
             build(llama, args.jobs)

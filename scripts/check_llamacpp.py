@@ -14,7 +14,8 @@ checks
    another summation order may pick the runner-up); other widths only report how far they agree;
 3. the timings parse, with the decode count llama.cpp reports.
 
-With --full-size, checks 1 and 3 for the full-size variant (`full_size_store`) at bf16. Prints the
+With --full-size, the same for the full-size variant (`full_size_store`) at --full-size-width (bf16:
+checks 1 and 3; f32: all three, the runtime holding every padded expert in memory). Prints the
 counts and speeds it saw; they are not a benchmark (nothing here controls the machine). Exit status 1
 when a check fails."""
 
@@ -141,6 +142,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--widths", default="f32,bf16,q8_0,q4_0")
     parser.add_argument("--full-size", help="also check the full-size variant with experts of this size")
+    parser.add_argument("--full-size-width", default="bf16", help="its GGUF width (f32: tokens compared too)")
     args = parser.parse_args()
     reason = llamacpp.why_unavailable()
     if reason:
@@ -154,7 +156,7 @@ def main() -> int:
         from adapmoe_cli.store.export import full_size_store
 
         big = full_size_store(store, parse_size(args.full_size), note=print)
-        ok &= check(big, ["bf16"], args.tokens, exact=False)
+        ok &= check(big, [args.full_size_width], args.tokens, exact=args.full_size_width == "f32")
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 
