@@ -37,6 +37,8 @@ class BuildFailed(Exception):
 
 def fetch_source(root: Path) -> None:
     """The source package extracted at `root` (a temporary sibling renamed into place when complete)."""
+    if root.is_dir() and any(root.iterdir()):
+        raise BuildFailed(f"{root} exists and holds no llama.cpp source; remove it or give another --root")
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".llama-src-", dir=root.parent) as tmp:
         print(f"downloading the source package llama-cpp-python=={PACKAGE_VERSION} (about 75 MB)", flush=True)
