@@ -203,7 +203,8 @@ def _run(cmd: list[str], failure: str) -> None:
 
 def prompt_text(tokenizer: Any, ids: list[int]) -> str:
     """The text whose tokenization, with special tokens parsed and nothing added, is `ids` (the chat
-    template's output: `<s><|user|>\\n…<|end|>\\n<|assistant|>\\n`)."""
+    template's output: `<s><|user|>\\n…<|end|>\\n<|assistant|>\\n`): decoding a byte-level BPE gives back
+    the exact text. Run with `verbose_prompt` and compare `parse_prompt_ids` to be sure for a tokenizer."""
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -212,7 +213,8 @@ def completion_argv(gguf: Path, prompt: str | Path, tokens: int, threads: int = 
     """`llama-completion` decoding exactly `tokens` tokens greedily after `prompt` (text, or a file holding
     it: `prompt_text`), its weights memory-mapped, on `threads` threads. The prompt is taken as is:
     special tokens parsed, no escapes processed, no BOS added (the template already has it), no chat
-    template applied again. `context` sizes the KV cache (default: the model's trained context)."""
+    template applied again. `context` sizes the KV cache; give it (prompt + tokens is enough): without
+    it llama.cpp allocates the model's whole trained context (4 GiB of KV cache for Mixtral's 32k)."""
     llama = llama or locate()
     argv = [str(llama.tool("llama-completion")), "-m", str(gguf),
             "-no-cnv", "--no-escape", "--no-display-prompt",
