@@ -38,3 +38,7 @@ class ProfileError(AdapmoeError):
 
 class OutputError(AdapmoeError):
     """A file or folder adapmoe must write cannot be: read-only, a file where a folder should be, no space."""
+
+
+class PeerError(AdapmoeError):
+    """A peer engine (llama.cpp) that is not built, or that could not convert or run the model."""
