@@ -76,8 +76,9 @@ def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
                     note: Callable[[str], None] | None = None) -> Callable[[list[list[int]], int], Outcome]:
     """llama.cpp on a GGUF of `store` at `width` (made once), one `llama-completion` process per prompt, each
     from a cold page cache, inside a memory cap of `cap` bytes (None: uncapped, its peak still measured in
-    a group of its own when one can be made). The prompts are our token ids, given as the text that
-    tokenizes to them; a different prompt length, or a run the cap kills, is a failure, not a number."""
+    a group of its own when one can be made; with llama.cpp's warmup pass: its ceiling). The prompts are
+    our token ids, given as the text that tokenizes to them; a different prompt length, or a run the cap
+    kills, is a failure, not a number."""
     import torch
 
     from adapmoe_cli.memcap import run_capped, why_unavailable
@@ -91,8 +92,11 @@ def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
     def run(prompts: list[list[int]], tokens: int) -> Outcome:
         total, peak = DecodeTiming(stats=Stats()), 0
         for ids in prompts:
+            # the KV cache for this prompt only (not the model's whole context); capped, no warmup pass over
+            # every expert first: it starts as cold as our runtime does
             argv = llamacpp.completion_argv(gguf, llamacpp.prompt_text(tokenizer, ids), tokens + 1,
-                                            threads=torch.get_num_threads())
+                                            threads=torch.get_num_threads(), context=len(ids) + tokens + 1,
+                                            warmup=cap is None)
             for attempt in range(3):  # its log thread sometimes loses the timings' lines at exit
                 drop_page_cache(gguf)
                 r = run_capped(argv, group)
