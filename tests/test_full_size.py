@@ -80,3 +80,30 @@ def test_shard_expert_size_from_a_checkpoint_and_bad_sizes(make_checkpoint, monk
     assert code != 0 and "is not above this model's experts" in err and not (tmp_path / "t").exists()
     code, _, err = run_cli(monkeypatch, capsys, "shard", str(src), str(tmp_path / "t"), "--expert-size", "lots")
     assert code != 0 and "cannot parse size 'lots'" in err
+
+
+def test_bench_expert_size_builds_once_and_measures_quality_on_the_source(make_store, tmp_path, monkeypatch):
+    """`bench --expert-size` benchmarks the full-size variant (built in ADAPMOE_HOME, reused on the second
+    run) and computes perplexity on its unpadded source; a peer that is not built is a skipped row saying
+    how to build it, and the rest of the bench runs."""
+    import shutil
+
+    from tests.test_bench import TEXT, _run
+
+    src = tmp_path / "src"
+    shutil.copytree(make_store(TinySpec(), dtype=torch.float32), src)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    monkeypatch.setenv("ADAPMOE_LLAMA_CPP", str(tmp_path / "no-llama"))
+    out = tmp_path / "b.json"
+    args = ("bench", str(src), "--expert-size", "1MiB", "--text", str(text), "--calibration", str(text),
+            "--tokens", "3", "--repeat", "1", "--policies", "lru,adapmoe,llama.cpp", "--out", str(out))
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"lru", "adapmoe"} and "scripts/build_llamacpp.py" in data["skipped"]["llama.cpp"]
+    assert data["perplexity_from"].startswith(str(src))
+    big = next(p for p in (tmp_path / "adapmoe-home" / "stores").iterdir() if p.name.endswith("-experts-1MiB"))
+    assert Store.open(big).expert_payload_bytes >= 1 << 20 and (big / "profile.json").exists()
+    mtime = (big / "manifest.json").stat().st_mtime_ns
+    assert _run(*args).returncode == 0 and (big / "manifest.json").stat().st_mtime_ns == mtime  # reused
