@@ -73,9 +73,11 @@ class _Group:
             except OSError:
                 pass
 
-    def join(self) -> None:
-        """Move the calling process into the group (a child calls it before exec)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+    def wrap(self, argv: list[str]) -> list[str]:
+        """`argv` started by a shell that first moves itself into the group, then becomes `argv` (exec): the
+        whole run is charged to the group, and nothing runs in the forked child before exec (the bench's
+        own process has threads, where a `preexec_fn` is not safe)."""
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
 
     def peak(self) -> int | None:
         name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
@@ -115,8 +117,7 @@ def run_capped(argv: list[str], cap_bytes: int | None, input: str | None = None,
         return CappedRun(r.returncode, r.stdout, r.stderr, None, None, False)
     group = _Group(cap_bytes)
     try:
-        r = subprocess.run(argv, input=input, capture_output=True, text=True, env=env, timeout=timeout,
-                           preexec_fn=group.join)  # noqa: PLW1509 - only a file write before exec
+        r = subprocess.run(group.wrap(argv), input=input, capture_output=True, text=True, env=env, timeout=timeout)
         kills = group.oom_kills()
         killed = kills > 0 or r.returncode == -signal.SIGKILL
         return CappedRun(r.returncode, r.stdout, r.stderr, cap_bytes, group.peak(), killed)
