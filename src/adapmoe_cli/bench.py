@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapmoe_cli import budget as budgets
-from adapmoe_cli.bench_runs import Outcome, Runner, capped_runner, in_process, last_line, worker_argv
+from adapmoe_cli.bench_runs import Outcome, Runner, capped_runner, in_process, last_line, ram_bytes, worker_argv
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
@@ -82,7 +82,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok)
         before = cpu_times()
         if req.memory_caps:
-            result = capped_runs(bench, names, say)
+            result = capped_runs(bench, names, slots, say)
         else:
             result = bench.at(names, slots, simulate=req.simulate)
         result["machine_load"] = machine_load(before)
@@ -135,23 +135,17 @@ def runtime_baseline(bench: _Bench) -> int:
     shape = bench.store.cache_shape
     setup = Setup(budgets.per_layer(shape, 1, "one per layer"), GatePolicy.off(),
                   replace(bench.settings, prefetch=False), False)
-    run = run_capped(worker_argv(), _available_bytes(), input=bench_worker.job(bench.store, setup,
+    run = run_capped(worker_argv(), ram_bytes(), input=bench_worker.job(bench.store, setup,
                                                                                 bench.prompts[:1], 2))
     if not run.ok or run.peak_bytes is None:
         raise AdapmoeError(f"measuring the runtime's baseline memory failed: {last_line(run.stderr)}")
     return run.peak_bytes - len(shape.layers) * shape.slot_bytes
 
 
-def _available_bytes() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().total)
-
-
-def capped_runs(bench: _Bench, names: list[str], say: Steps) -> dict[str, Any]:
+def capped_runs(bench: _Bench, names: list[str], slots: int, say: Steps) -> dict[str, Any]:
     """One bench run per memory cap, every timed run in a worker process inside the cap; the slots under a
     cap are what it leaves after the runtime's measured baseline (`runtime_baseline`) and `CAP_MARGIN`.
-    Without permission for a cgroup, one uncapped run at the budget, saying why."""
+    Without permission for a cgroup, one uncapped run at the budget (`slots`), saying why."""
     from adapmoe_cli.memcap import why_unavailable
 
     store, shape = bench.store, bench.store.cache_shape
@@ -159,7 +153,6 @@ def capped_runs(bench: _Bench, names: list[str], say: Steps) -> dict[str, Any]:
     caps = [(text, parse_cap(text, model_bytes)) for text in bench.req.memory_caps]
     why = why_unavailable()
     if why is not None:
-        slots, _ = budgets.total_slots(BudgetRequest(fraction=0.5, flag="--budget"), shape)
         result = bench.at(names, slots)
         result["memory_cap"] = {"applied": False, "why": f"cannot cap memory: {why}; ran uncapped"}
         return result
@@ -168,13 +161,13 @@ def capped_runs(bench: _Bench, names: list[str], say: Steps) -> dict[str, Any]:
     minimum = baseline + CAP_MARGIN + len(shape.layers) * shape.slot_bytes
     points, refused = [], {}
     for text, cap in caps:
-        slots = min(shape.total_experts, (cap - baseline - CAP_MARGIN) // shape.slot_bytes)
-        if slots < len(shape.layers):
+        left = min(shape.total_experts, (cap - baseline - CAP_MARGIN) // shape.slot_bytes)
+        if left < len(shape.layers):
             refused[text] = (f"a cap of {format_bytes(cap)} is below what the runtime needs: its baseline "
                              f"{format_bytes(baseline)} (Python, torch, dense weights) + one expert slot per layer + "
                              f"{format_bytes(CAP_MARGIN)} margin = {format_bytes(minimum)}; give at least that")
             continue
-        r = bench.at(names, int(slots), cap=cap)
+        r = bench.at(names, int(left), cap=cap)
         r["memory_cap"] = {"applied": True, "text": text, "cap_bytes": cap, "baseline_bytes": baseline,
                            "margin_bytes": CAP_MARGIN, "model_bytes": model_bytes}
         points.append(r)

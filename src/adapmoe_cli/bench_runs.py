@@ -87,7 +87,7 @@ def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
     from adapmoe_cli.store.reader import drop_page_cache
 
     gguf = llamacpp.gguf_for(store, width, note)
-    group = cap if cap is not None else (None if why_unavailable() else _ram())
+    group = cap if cap is not None else (None if why_unavailable() else ram_bytes())
 
     def run(prompts: list[list[int]], tokens: int) -> Outcome:
         total, peak = DecodeTiming(stats=Stats()), 0
@@ -121,7 +121,8 @@ def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
     return run
 
 
-def _ram() -> int:
+def ram_bytes() -> int:
+    """This machine's memory: the cap of a group that only measures a run's peak."""
     import psutil
 
     return int(psutil.virtual_memory().total)
