@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.runtime.engine import Engine
@@ -39,6 +41,25 @@ def textbook_lru(calls: Iterable[Iterable[int]], slots: int) -> tuple[int, int, 
                     order.remove(next(x for x in order if x not in needed))
             order.append(e)
     return hits, misses, order
+
+
+def reference_models(make_checkpoint: Callable[..., Path], shapes: Mapping[str, Any],
+                     experts_implementation: str | None = None) -> Callable[[str], Any]:
+    """name → transformers' own model for `shapes[name]` (float32, loaded once): the reference the
+    runtime is compared with. `experts_implementation="eager"` where the router may send a token to the
+    skip index (num_experts): transformers' CPU default leaves those rows uninitialised."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, Any] = {}
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            path = make_checkpoint(shapes[name], dtype=torch.float32)
+            cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+        return cache[name]
+
+    return get
 
 
 def o_direct_allowed(folder: Path) -> bool:

@@ -14,14 +14,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import runtime_engine
+from tests.helpers import reference_models, runtime_engine
 
 SHAPES = {
     "top2": TinySpec(num_hidden_layers=3, num_local_experts=6, hidden_size=48, intermediate_size=64,
@@ -77,19 +76,10 @@ def gated_routers(model, thresholds: dict[int, float]) -> Iterator[dict[int, lis
 
 @pytest.fixture(scope="module")
 def reference(make_checkpoint):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = make_checkpoint(SHAPES[name], dtype=torch.float32)
-            # eager experts: transformers' default on CPU (grouped_mm) leaves the rows of a skipped expert
-            # (index num_experts, what the gate sets) uninitialised outside expert parallelism, so the
-            # reference read whatever memory held (wrong tokens, NaN logits now and then, under load most)
-            cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                               experts_implementation="eager").eval()
-        return cache[name]
-
-    return get
+    # eager experts: transformers' default on CPU (grouped_mm) leaves the rows of a skipped expert (index
+    # num_experts, what the gate sets) uninitialised outside expert parallelism, so the reference read
+    # whatever memory held (wrong tokens, NaN logits now and then, under load most)
+    return reference_models(make_checkpoint, SHAPES, experts_implementation="eager")
 
 
 def thresholds_for(model) -> dict[int, float]:

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from adapmoe_cli.conversation import Conversation, load_tokenizer
 from adapmoe_cli.errors import UsageError
@@ -18,7 +17,7 @@ from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import o_direct_allowed, open_fds_under, runtime_engine, textbook_lru
+from tests.helpers import o_direct_allowed, open_fds_under, reference_models, runtime_engine, textbook_lru
 
 SHAPES = {
     "default": TinySpec(),
@@ -31,15 +30,7 @@ PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 
 @pytest.fixture(scope="module")
 def reference(make_checkpoint):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = make_checkpoint(SHAPES[name], dtype=torch.float32)
-            cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return cache[name]
-
-    return get
+    return reference_models(make_checkpoint, SHAPES)
 
 
 def _engine(make_store, name: str, slots_per_layer: int | None, prefetch: bool, **kw) -> Engine:

@@ -27,6 +27,7 @@ from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 from adapmoe_cli.store.verify import ensure_files, verify
 from adapmoe_cli.store.writer import shard
 from adapmoe_cli.synthetic import TinySpec
+from tests.helpers import o_direct_allowed
 
 ODD = TinySpec(num_hidden_layers=3, num_local_experts=5, hidden_size=48, intermediate_size=80,
                num_attention_heads=4, num_key_value_heads=1)
@@ -245,18 +246,6 @@ def test_output_folder_holding_something_else_is_refused(make_checkpoint: Callab
 # --- reader -------------------------------------------------------------------------------------------
 
 
-def _direct_io_works(folder: Path) -> bool:
-    probe = folder / ".odirect-probe"
-    probe.write_bytes(b"\0" * ALIGNMENT)
-    try:
-        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
 def _record_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     real, opened = os.open, []
 
@@ -286,7 +275,7 @@ def test_reader_with_o_direct_returns_the_source_tensors(
     make_checkpoint: Callable[..., Path], make_store: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ):
     store = Store.open(make_store(ODD))
-    if not _direct_io_works(store.path):
+    if not o_direct_allowed(store.path):
         pytest.skip("this file system refuses O_DIRECT")
     opened = _record_opens(monkeypatch)
     with ExpertReader(store, direct=True) as reader:

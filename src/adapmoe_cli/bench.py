@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from adapmoe_cli import budget as budgets
-from adapmoe_cli.bench_runs import Outcome, Runner, capped_runner, in_process, last_line, ram_bytes, worker_argv
+from adapmoe_cli.bench_runs import (
+    Outcome,
+    PeerRun,
+    Runner,
+    capped_runner,
+    in_process,
+    last_line,
+    ram_bytes,
+    worker_argv,
+)
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
@@ -111,18 +120,19 @@ def parse_cap(text: str, model_bytes: int) -> int:
     from adapmoe_cli.units import parse_size
 
     text = text.strip()
+    bad = UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)")
     if text.endswith("%"):
         try:
             share = float(text[:-1]) / 100
         except ValueError:
             share = -1.0
         if not 0 < share <= 10:
-            raise UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)")
+            raise bad
         return int(share * model_bytes)
     try:
         return parse_size(text)
     except UsageError:
-        raise UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)") from None
+        raise bad from None
 
 
 def runtime_baseline(bench: _Bench) -> int:
@@ -380,9 +390,6 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
         runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction))
         out[name] = Setup(budget, gate, runtime, policy.preload)
     return out, skipped
-
-
-PeerRun = Callable[[list[list[int]], int], Outcome]
 
 
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],

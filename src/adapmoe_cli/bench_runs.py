@@ -35,6 +35,7 @@ class Outcome:
 
 
 Runner = Callable[[Store, Setup, list[list[int]], int], Outcome]
+PeerRun = Callable[[list[list[int]], int], Outcome]  # a peer program over the prompts, decoding N tokens
 
 
 def in_process(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> Outcome:
@@ -70,10 +71,8 @@ def drop_store_pages(store: Store) -> None:
                 pass
 
 
-
-
 def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
-                    note: Callable[[str], None] | None = None) -> Callable[[list[list[int]], int], Outcome]:
+                    note: Callable[[str], None] | None = None) -> PeerRun:
     """llama.cpp on a GGUF of `store` at `width` (made once), one `llama-completion` process per prompt, each
     from a cold page cache, inside a memory cap of `cap` bytes (None: uncapped, its peak still measured in
     a group of its own when one can be made; with llama.cpp's warmup pass: its ceiling). The prompts are

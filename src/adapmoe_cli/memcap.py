@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,6 @@ class _Group:
                 self.path.rmdir()
                 return
             except OSError:
-                import time
-
                 time.sleep(0.05)  # the group empties a moment after its last process exits
 
 

@@ -53,7 +53,6 @@ def shard_cmd(
 
 def _full_size(src: Path, out: Path, expert_bytes: int, dtype: str, force: bool) -> None:
     """SRC (a store, or a checkpoint sharded first into a temporary store) → its full-size variant at OUT."""
-    import shutil
     import tempfile
 
     from adapmoe_cli.store.export import full_size_store
@@ -66,7 +65,6 @@ def _full_size(src: Path, out: Path, expert_bytes: int, dtype: str, force: bool)
             with byte_progress("sharding") as progress:
                 source = Store.open(shard(src, Path(tmp) / "store", dtype=dtype, progress=progress).store)
         made = full_size_store(source, expert_bytes, Path(out), force=force, note=lambda m: console.print(m))
-        shutil.rmtree(tmp, ignore_errors=True)
     console.print(f"wrote {made.path}: {made.shape.num_experts * len(made.shape.moe_layers)} experts of "
                   f"{format_bytes(made.expert_payload_bytes)} (intermediate size {made.shape.intermediate_size}), "
                   f"{format_bytes(made.total_bytes)} in all", soft_wrap=True)
