@@ -14,7 +14,7 @@ checks
    another summation order may pick the runner-up); other widths only report how far they agree;
 3. the timings parse, with the decode count llama.cpp reports.
 
-With --full-size, the same for the full-size variant (`full_size_store`) at --full-size-width (bf16:
+With --full-size, the same for the full-size variant (`variant_store`) at --full-size-width (bf16:
 checks 1 and 3; f32: all three, the runtime holding every padded expert in memory). Prints the
 counts and speeds it saw; they are not a benchmark (nothing here controls the machine). Exit status 1
 when a check fails."""
@@ -153,9 +153,9 @@ def main() -> int:
     store = open_model(None)
     ok = check(store, args.widths.split(","), args.tokens, exact=True)
     if args.full_size:
-        from adapmoe_cli.store.export import full_size_store
+        from adapmoe_cli.store.export import variant_store
 
-        big = full_size_store(store, parse_size(args.full_size), note=print)
+        big = variant_store(store, parse_size(args.full_size), note=print)
         ok &= check(big, [args.full_size_width], args.tokens, exact=args.full_size_width == "f32")
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

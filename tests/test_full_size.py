@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapmoe_cli.store import Store
-from adapmoe_cli.store.export import PAD_MULTIPLE, export_checkpoint, full_size_store, padded_intermediate
+from adapmoe_cli.store.export import PAD_MULTIPLE, export_checkpoint, padded_intermediate, variant_store
 from adapmoe_cli.synthetic import TinySpec
 from tests.helpers import runtime_engine
 from tests.test_cli_store import run_cli
@@ -38,7 +38,7 @@ def small(make_store):
 
 
 def test_padded_store_computes_exactly_what_the_original_does(small, tmp_path):
-    big = full_size_store(small, 4 * small.expert_payload_bytes, tmp_path / "big")
+    big = variant_store(small, 4 * small.expert_payload_bytes, out=tmp_path / "big")
     inter = padded_intermediate(small, 4 * small.expert_payload_bytes)
     assert big.shape.intermediate_size == inter and inter % PAD_MULTIPLE == 0
     assert big.expert_payload_bytes >= 4 * small.expert_payload_bytes - PAD_MULTIPLE * 3 * 64 * 4
@@ -51,7 +51,7 @@ def test_padded_store_computes_exactly_what_the_original_does(small, tmp_path):
     assert (big_logits - logits).abs().max().item() <= 1e-5
     # built once: the second call reuses it (its manifest is not rewritten)
     mtime = (big.path / "manifest.json").stat().st_mtime_ns
-    assert full_size_store(small, 4 * small.expert_payload_bytes, tmp_path / "big").path == big.path
+    assert variant_store(small, 4 * small.expert_payload_bytes, out=tmp_path / "big").path == big.path
     assert (big.path / "manifest.json").stat().st_mtime_ns == mtime
 
 

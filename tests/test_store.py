@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from adapmoe_cli.errors import StoreError, StoreExistsError
 from adapmoe_cli.store import FORMAT_VERSION, Store, is_store
-from adapmoe_cli.store.manifest import ALIGNMENT
+from adapmoe_cli.store.manifest import ALIGNMENT, NATIVE_FORMAT_VERSION
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 from adapmoe_cli.store.verify import ensure_files, verify
 from adapmoe_cli.store.writer import shard
@@ -79,7 +79,7 @@ def test_manifest_and_expert_bytes_match_the_source(
     src = _source(make_checkpoint(spec))
     m = json.loads((store_path / "manifest.json").read_text())
     dname = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[want]
-    assert m["format"] == "adapmoe-store" and m["format_version"] == FORMAT_VERSION
+    assert m["format"] == "adapmoe-store" and m["format_version"] == NATIVE_FORMAT_VERSION  # older adapmoe reads it
     assert m["model_type"] == "mixtral" and m["dtype"] == dname
     assert m["config"]["num_local_experts"] == spec.num_local_experts
     assert m["config"]["num_hidden_layers"] == spec.num_hidden_layers

@@ -32,6 +32,7 @@ from adapmoe_cli.bench_runs import (
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
+from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
@@ -68,10 +69,13 @@ class BenchRequest:
 
 
 def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None,
-        quality_store: Store | None = None) -> dict[str, Any]:
+        quality_store: Store | None = None, native_store: Store | None = None) -> dict[str, Any]:
     """Everything `adapmoe bench` measures, as one result dict (the sweep under `sweep`, the simulator's
     check under `simulated`). `quality_store`: where perplexity is computed when it is the same model at a
-    lower cost (the unpadded source of a full-size store: the same outputs, store/export.py)."""
+    lower cost (the unpadded source of a full-size store: the same outputs, store/export.py).
+    `native_store`: for a store of quantized experts, the store they were quantized from — the format's own
+    perplexity increase is measured against it and the gate's quality budget is what the format leaves of
+    `req.quality_budget` (the budget is for the sum of the two losses)."""
     say = progress or (lambda _what, _done, _total: None)
     names = list(req.policies)
     if req.simulate:  # the runtime's two ends calibrate the simulator
@@ -87,7 +91,12 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
     with contextlib.ExitStack() as stack:
         qstore = quality_store or store
         calib = stack.enter_context(gate_quality(qstore, settings, calib_text))
-        held = stack.enter_context(gate_perplexity(qstore, settings, req.text or default_text("heldout"), 8192))
+        heldout_text = req.text or default_text("heldout")
+        held = stack.enter_context(gate_perplexity(qstore, settings, heldout_text, 8192))
+        formats = None
+        if native_store is not None:
+            formats = format_quality(native_store, qstore, settings, calib, held, calib_text, heldout_text, req)
+            req = replace_field(req, quality_budget=formats["gate_quality_budget"])
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok)
         before = cpu_times()
         if req.memory_caps:
@@ -105,12 +114,70 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
     if quality_store is not None:
         result["perplexity_from"] = (f"{quality_store.path} (the unpadded source of this full-size store: the same "
                                      "outputs, at a fraction of the compute)")
+    result["experts_format"] = store.experts_format.label()
+    if formats is not None:
+        result["format_quality"] = formats
     result["warnings"] = warnings(result)
     return result
 
 
+@dataclass(frozen=True)
+class BenchStores:
+    """What one bench times (`store`), where its perplexity is computed (`quality`: None for the store
+    itself) and, for quantized experts, the native store they were made from (`native`)."""
+
+    store: Store
+    quality: Store | None = None
+    native: Store | None = None
+
+
+def bench_stores(model: Store, expert_bytes: int | None, fmt: ExpertsFormat | None, settings: Settings,
+                 calibration: Path | None = None, note: Callable[[str], None] | None = None,
+                 progress: Steps | None = None) -> BenchStores:
+    """MODEL's store → the variant `bench --expert-size/--experts-format` times, built once in ADAPMOE_HOME
+    (store/export.py). A quantized full-size store gets its profile from the unpadded quantized store (the
+    same weights: HQQ quantizes each row's groups on their own, and zero padding quantizes to zeros)."""
+    from adapmoe_cli.store.export import carry_method, variant_store
+
+    quantized = fmt is not None and fmt.spec() is not None
+    source = variant_store(model, fmt=fmt, note=note) if quantized else model
+    if expert_bytes is None:
+        return BenchStores(source, None, model if quantized else None)
+    big = variant_store(model, expert_bytes, fmt, note=note)
+    if quantized and not (big.path / "profile.json").exists():
+        calib_text = calibration or default_text("calibration")
+        ensure_profile(source, settings, calib_text, str(calib_text), progress=progress)
+        carry_method(source, big)
+    return BenchStores(big, source, model if quantized else None)
+
+
+def format_quality(native: Store, quantized: Store, settings: Settings, calib: Callable[[GatePolicy], GateQuality],
+                   held: Callable[[GatePolicy], float], calib_text: Path, heldout_text: Path,
+                   req: BenchRequest) -> dict[str, Any]:
+    """What quantizing the experts costs, ungated: perplexity against the native store on held-out text
+    (reported) and on calibration text (what the gate's search budgets), and the gate's share of the
+    quality budget that is left."""
+    off = GatePolicy.off()
+    with gate_perplexity(native, settings, calib_text) as native_calib, \
+            gate_perplexity(native, settings, heldout_text, 8192) as native_held:
+        n_cal, n_held = native_calib(off), native_held(off)
+    q_cal, q_held = calib(off).perplexity, held(off)
+    loss = q_cal / n_cal - 1
+    return {"native_store": str(native.path), "native_perplexity": n_held, "perplexity": q_held,
+            "increase": q_held / n_held - 1, "calibration_increase": loss, "quality_budget": req.quality_budget,
+            "gate_quality_budget": max(0.0, req.quality_budget - loss)}
+
+
+def replace_field(req: BenchRequest, **changes: Any) -> BenchRequest:
+    import dataclasses
+
+    return dataclasses.replace(req, **changes)
+
+
 #: the GGUF width of the same weights as a store of this dtype
 GGUF_WIDTH = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+#: … and of a store of quantized experts (its nearest llama.cpp type; int2 has none in the peer's list)
+GGUF_OF_FORMAT = {"int8": "q8_0", "int4": "q4_0"}
 #: kept free under a cap beyond the measured baseline and the slots: activations, the KV cache, allocator slack
 CAP_MARGIN = 64 << 20
 
@@ -273,7 +340,8 @@ class _Bench:
         from adapmoe_cli.peers.llamacpp import why_unavailable
 
         out: dict[str, PeerRun] = {}
-        width = self.req.peer_width or GGUF_WIDTH.get(self.store.dtype_name, "f32")
+        width = self.req.peer_width or GGUF_OF_FORMAT.get(self.store.experts_format.name) or \
+            GGUF_WIDTH.get(self.store.dtype_name, "f32")
         for name in names:
             why = why_unavailable()
             if why is not None:
@@ -443,6 +511,8 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
                        "O_DIRECT refused by the file system: pages dropped with posix_fadvise(DONTNEED) after reads"),
         "bandwidth_measured_with": "O_DIRECT sequential reads of the expert files" if bw_direct else "buffered reads",
         "budget_slots": total,
+        "budget_bytes": total * store.slot_bytes,
+        "expert_slot_bytes": store.slot_bytes,
         "total_experts": len(store.experts),
         "tokens": tokens, "prompts": len(prompts), "repeats": repeats,
         "policies": {},

@@ -15,6 +15,7 @@ import yaml
 
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
+from adapmoe_cli.experts_format import ACTIVATIONS
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -102,9 +103,13 @@ class Settings:
     device: str = "auto"
     plan: str = "auto"  # auto: the store's plan.json (re-solved for the budget); none; or a file
     auto_profile: str = "ask"  # a store without a profile: ask (interactive chat), yes (profile and plan), no
+    quantized_activations: str = "bfloat16"  # what quantized experts multiply: bfloat16 (fast) | model (exact)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.quantized_activations not in ACTIVATIONS:
+            raise UsageError(f"quantized_activations must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {self.quantized_activations!r}")
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
         if self.auto_profile not in AUTO_PROFILE:

@@ -10,12 +10,14 @@ import typer
 from rich import box
 from rich.table import Table
 
-from adapmoe_cli.bench import BenchRequest, read_prompts
+from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
 from adapmoe_cli.bench import run as run_bench
 from adapmoe_cli.cli.common import (
     BudgetOpt,
     ConfigOpt,
     DeviceOpt,
+    ExpertsFormatOpt,
+    GroupSizeOpt,
     JsonFlag,
     ModelArg,
     QualityBudgetOpt,
@@ -27,6 +29,7 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
+from adapmoe_cli.experts_format import parse_format
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, parse_policies
 from adapmoe_cli.units import parse_fraction, parse_size
 
@@ -71,6 +74,8 @@ def bench_cmd(
     gguf: Annotated[str | None, typer.Option(
         "--gguf", help="The weights llama.cpp runs: f32, bf16, f16, q8_0 or q4_0 (default: the store's width).",
         show_default=False)] = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -79,6 +84,8 @@ def bench_cmd(
       adapmoe bench --out bench.json --plot bench.png
 
       adapmoe bench --expert-size 16MiB --memory-cap 60%,90% --policies lru+prefetch,adapmoe,llama.cpp
+
+      adapmoe bench --expert-size 16MiB --experts-format int4 --budget 150MiB
 
       adapmoe bench ./mixtral-store --budget 24GiB --policies lru+prefetch,adapmoe --tokens 64 --repeat 5
 
@@ -91,13 +98,12 @@ def bench_cmd(
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
                        simulate=simulate, text=text, calibration=calibration,
                        memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
-    store = source = open_store(model)
-    if expert_size is not None:
-        from adapmoe_cli.store.export import full_size_store
-
-        store = full_size_store(source, parse_size(expert_size), note=note)
+    fmt = parse_format(experts_format, group_size)
     with steps_progress("bench") as progress:
-        result = run_bench(store, settings, req, progress, quality_store=source if store is not source else None)
+        stores = bench_stores(open_store(model), parse_size(expert_size) if expert_size is not None else None, fmt,
+                              settings, calibration, note=note, progress=progress)
+        result = run_bench(stores.store, settings, req, progress, quality_store=stores.quality,
+                           native_store=stores.native)
     result["command"] = "adapmoe bench " + " ".join(_argv())
     emit(result, as_json, render, out, plot, draw)
 
@@ -157,7 +163,8 @@ def render_table(r: dict[str, Any]) -> None:
         if capped:
             row[-1] = _fmt(f.get("peak_bytes"), ".0f", 2**-20)
         rows.append(row)
-    title = (f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots · {r['tokens']} tokens × "
+    size = f" ({r['budget_bytes'] / 2**20:.0f} MiB)" if "budget_bytes" in r else ""
+    title = (f"adapmoe bench · {r['budget_slots']}/{r['total_experts']} expert slots{size} · {r['tokens']} tokens × "
              f"{r['prompts']} prompts × {r['repeats']} repeats")
     if capped:
         c = r["memory_cap"]
@@ -179,6 +186,12 @@ def render_table(r: dict[str, Any]) -> None:
 def render_notes(r: dict[str, Any]) -> None:
     console.print(f"disk: {r['disk_read_bytes_per_s'] / 1e6:.0f} MB/s raw ({r['bandwidth_measured_with']}); "
                   f"page cache {r['page_cache']}")
+    fq = r.get("format_quality")
+    if fq is not None:
+        console.print(f"experts {r['experts_format']}: held-out perplexity {fq['perplexity']:.3f} ungated against "
+                      f"{fq['native_perplexity']:.3f} native ({fq['increase']:+.2%}); the gate's quality budget is "
+                      f"what the format leaves of {fq['quality_budget']:.1%}: {fq['gate_quality_budget']:.2%}",
+                      soft_wrap=True)
     for warning in r.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
     if "simulated" in r:

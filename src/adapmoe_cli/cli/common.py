@@ -125,6 +125,11 @@ GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adapti
                                                     show_default="the plan's")]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.",
                                                show_default=DEFAULTS.cache.policy)]
+ExpertsFormatOpt = Annotated[str, typer.Option(
+    "--experts-format", help="How experts are stored and cached: native (the store's dtype) | int8 (per channel) | "
+    "int4 | int2 (group-wise, HQQ); dense weights stay as they are (docs/quantization.md).")]
+GroupSizeOpt = Annotated[int | None, typer.Option(
+    "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
                                              "weighted (docs/gating.md).", show_default=DEFAULTS.gate.rule)]
 

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from adapmoe_cli.cli.common import byte_progress, console
+from adapmoe_cli.cli.common import ExpertsFormatOpt, GroupSizeOpt, byte_progress, console
+from adapmoe_cli.experts_format import ExpertsFormat, parse_format
+from adapmoe_cli.store.manifest import is_store
 from adapmoe_cli.store.writer import DTYPE_CHOICES, shard
 from adapmoe_cli.units import format_bytes, parse_size
 
@@ -24,6 +26,8 @@ def shard_cmd(
     expert_size: Annotated[str | None, typer.Option(
         "--expert-size", help="Write the full-size variant: experts zero-padded to about this size (e.g. 16MiB); "
         "same outputs, the bytes and FLOPs of a larger model. SRC may then be a store.", show_default=False)] = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
 ) -> None:
     """Examples:
 
@@ -32,12 +36,15 @@ def shard_cmd(
       adapmoe shard ./ckpt ./store --dtype float32 --force
 
       adapmoe shard ./ckpt ./store-16m --expert-size 16MiB
+
+      adapmoe shard ./ckpt ./store-int4 --experts-format int4 --group-size 64
     """
-    if expert_size is not None:
-        _full_size(src, out, parse_size(expert_size), dtype, force)
+    fmt = parse_format(experts_format, group_size)
+    if expert_size is not None or is_store(src):
+        _variant(src, out, parse_size(expert_size) if expert_size is not None else None, fmt, dtype, force)
         return
     with byte_progress("sharding") as progress:
-        res = shard(src, out, dtype=dtype, force=force, progress=progress)
+        res = shard(src, out, dtype=dtype, force=force, progress=progress, experts_format=fmt)
     if res.reused:
         console.print(
             f"{res.store} already holds this store; nothing to do (pass --force to rebuild)", soft_wrap=True
@@ -51,20 +58,22 @@ def shard_cmd(
     )
 
 
-def _full_size(src: Path, out: Path, expert_bytes: int, dtype: str, force: bool) -> None:
-    """SRC (a store, or a checkpoint sharded first into a temporary store) → its full-size variant at OUT."""
+def _variant(src: Path, out: Path, expert_bytes: int | None, fmt: ExpertsFormat, dtype: str, force: bool) -> None:
+    """SRC (a store, or a checkpoint sharded first into a temporary store) → its full-size and/or quantized
+    variant at OUT."""
     import tempfile
 
-    from adapmoe_cli.store.export import full_size_store
-    from adapmoe_cli.store.manifest import Store, is_store
+    from adapmoe_cli.store.export import variant_store
+    from adapmoe_cli.store.manifest import Store
 
     with tempfile.TemporaryDirectory(dir=Path(out).absolute().parent, prefix=f".{Path(out).name}.") as tmp:
-        if is_store(src) and dtype == "keep":
+        if is_store(src):
             source = Store.open(src)
         else:
             with byte_progress("sharding") as progress:
                 source = Store.open(shard(src, Path(tmp) / "store", dtype=dtype, progress=progress).store)
-        made = full_size_store(source, expert_bytes, Path(out), force=force, note=lambda m: console.print(m))
+        made = variant_store(source, expert_bytes, fmt, Path(out), force=force, note=lambda m: console.print(m),
+                             dtype=dtype)
     console.print(f"wrote {made.path}: {made.shape.num_experts * len(made.shape.moe_layers)} experts of "
-                  f"{format_bytes(made.expert_payload_bytes)} (intermediate size {made.shape.intermediate_size}), "
-                  f"{format_bytes(made.total_bytes)} in all", soft_wrap=True)
+                  f"{format_bytes(made.expert_payload_bytes)} ({made.experts_format.label()}, intermediate size "
+                  f"{made.shape.intermediate_size}), {format_bytes(made.total_bytes)} in all", soft_wrap=True)

@@ -11,6 +11,7 @@ import torch
 
 from adapmoe_cli.budget import Budget, check_fits
 from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.experts_format import by_part
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
@@ -52,9 +53,10 @@ class Engine:
         self.gate = gate or GatePolicy.off()
         self.observers = Observers()
         layout = next(iter(store.experts.values()))
+        store.experts_format.check_runtime()
         self.cache = ExpertCache(
             self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
-            make_views=lambda buf: expert_views(buf, layout),
+            make_views=lambda buf: by_part(expert_views(buf, layout)),
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
@@ -84,6 +86,11 @@ class Engine:
         _materialise_buffers(model)
         shape = store.shape
         layers = list(shape.moe_layers)
+        fmt, activations = store.experts_format, self.settings.quantized_activations
+
+        def linear(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            return fmt.linear(x, w, activations)
+
         old = {layer: fam.moe_block(model, layer) for layer in layers}
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
@@ -91,6 +98,7 @@ class Engine:
                 layer, old[layer].gate, self.manager, act=old[layer].experts.act_fn, top_k=shape.top_k,
                 routing=fam.routing, gate_policy=lambda: self.gate, observers=self.observers, next_layer=nxt,
                 next_gate=old[nxt].gate if nxt is not None else None, prefetch=self.settings.prefetch,
+                linear=linear,
             )
             fam.set_moe_block(model, layer, block)
         for p in model.parameters():

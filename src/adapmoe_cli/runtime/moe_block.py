@@ -51,6 +51,7 @@ class OffloadedMoE(nn.Module):
         next_layer: int | None = None,
         next_gate: nn.Module | None = None,
         prefetch: bool = True,
+        linear: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -65,6 +66,8 @@ class OffloadedMoE(nn.Module):
         # the next layer's router, held without registering the module twice
         self._next_gate = [next_gate] if next_gate is not None else []
         self.prefetch_enabled = prefetch and next_gate is not None
+        #: x × one expert part's weights (a part's tensors: `{"": w}` natively; quantized, experts_format.py)
+        self.linear = linear or (lambda x, w: F.linear(x, w[""]))
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
@@ -86,11 +89,13 @@ class OffloadedMoE(nn.Module):
         record = self.observers.expert_outputs and bool(self.observers.callbacks)
         expert_out = x.new_zeros((x.shape[0], self.top_k, h)) if record else None
 
-        def compute(expert: int, w: dict[str, torch.Tensor]) -> None:
+        lin = self.linear
+
+        def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
             token_idx, k_pos = torch.where(gated_ids == expert)
             cur = x[token_idx]  # [t, H]
-            hidden = self.act(F.linear(cur, w["w1"])) * F.linear(cur, w["w3"])  # [t, I]
-            y = F.linear(hidden, w["w2"])  # [t, H]
+            hidden = self.act(lin(cur, w["w1"])) * lin(cur, w["w3"])  # [t, I]
+            y = lin(hidden, w["w2"])  # [t, H]
             if expert_out is not None:
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))

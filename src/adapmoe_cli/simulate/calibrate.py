@@ -147,18 +147,23 @@ def memory_bandwidth(dtype: torch.dtype, nbytes: int = 128 << 20) -> float:
 
 def expert_compute_s(store: Store) -> float:
     """One expert on one token, computed as the MoE block computes it, from real weights in an aligned slot."""
+    from adapmoe_cli.experts_format import by_part
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 
     entry = next(iter(store.experts.values()))
     buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store) as reader:
         reader.read_into(entry.layer, entry.expert, buf)
-    w = expert_views(buf, entry)
-    x = torch.randn(1, store.shape.hidden_size).to(w["w1"].dtype)
+    w = by_part(expert_views(buf, entry))
+    x = torch.randn(1, store.shape.hidden_size).to(store.dtype)
+    fmt = store.experts_format
+
+    def lin(v: torch.Tensor, part: str) -> torch.Tensor:
+        return fmt.linear(v, w[part], "bfloat16")
 
     def run() -> None:
-        h = F.silu(F.linear(x, w["w1"])) * F.linear(x, w["w3"])
-        F.linear(h, w["w2"])
+        h = F.silu(lin(x, "w1")) * lin(x, "w3")
+        lin(h, "w2")
 
     run()
     return _best(run, 20)

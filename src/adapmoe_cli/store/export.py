@@ -7,8 +7,9 @@ zero-padded in the intermediate dimension (extra rows of the gate and up project
 the down projection): the padded units compute act(0)·0 = 0, so every output is exactly the same, while
 the bytes on disk and the FLOPs per expert are those of a larger model.
 
-`full_size_store`: the padded variant of a store whose experts are about `expert_bytes` each, built
-once into ADAPMOE_HOME (export, then `shard`) and reused. The routing, the gate's sensitivities and the
+`variant_store`: the padded variant of a store whose experts are about `expert_bytes` each, and/or the
+variant whose experts are quantized (experts_format.py), built once into ADAPMOE_HOME (export, then
+`shard`) and reused. The routing, the gate's sensitivities and the
 quality are the source model's; what changes is what loading an expert costs (docs/bench.md)."""
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.experts_format import ExpertsFormat, by_part
 from adapmoe_cli.paths import stores_dir
 from adapmoe_cli.store.manifest import Store
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
@@ -79,9 +82,10 @@ def export_checkpoint(store: Store, out: Path, intermediate_size: int | None = N
             tensors: dict[str, torch.Tensor] = {}
             for expert in range(store.shape.num_experts):
                 entry = reader.read_into(layer, expert, buf)
-                for part, t in expert_views(buf, entry).items():
+                for part, t in by_part(expert_views(buf, entry)).items():
                     name = fam.expert_tensor_name(layer, expert, part)
-                    tensors[name] = _pad(t, shapes[part]).clone()
+                    w = store.experts_format.decode(t).to(store.dtype)  # quantized: the weights it computes with
+                    tensors[name] = _pad(w, shapes[part]).clone()
             save_file(tensors, out / files[i + 1], metadata={"format": "pt"})
             weight_map.update({k: files[i + 1] for k in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -99,38 +103,73 @@ def size_label(n: int) -> str:
     return f"{n >> 20}MiB" if n % (1 << 20) == 0 else f"{n}B"
 
 
-def full_size_store(store: Store, expert_bytes: int, out: Path | None = None, force: bool = False,
-                    note: Callable[[str], None] | None = None) -> Store:
-    """The variant of `store` with experts zero-padded to about `expert_bytes` (`padded_intermediate`),
-    built once at `out` (default ADAPMOE_HOME/stores/NAME-experts-SIZE, replaced when it was made from
-    another store) and reused while it was made from this very store."""
+def variant_name(store: Store, expert_bytes: int | None = None, fmt: ExpertsFormat | None = None,
+                 dtype: str = "keep") -> str:
+    """`NAME-experts-16MiB`, `NAME-int4-g64`, `NAME-experts-16MiB-int4-g64`, `NAME-bfloat16`: where a variant
+    is kept."""
+    name = store.path.name
+    if dtype not in ("keep", store.dtype_name):
+        name += f"-{dtype}"
+    if expert_bytes is not None:
+        name += f"-experts-{size_label(expert_bytes)}"
+    if fmt is not None and fmt.spec() is not None:
+        name += f"-{fmt.label()}"
+    return name
+
+
+def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFormat | None = None,
+                  out: Path | None = None, force: bool = False, note: Callable[[str], None] | None = None,
+                  dtype: str = "keep") -> Store:
+    """The variant of `store` with experts zero-padded to about `expert_bytes` (`padded_intermediate`, in the
+    source's dtype; the full-size store), and/or written in experts format `fmt` (quantized), and/or in
+    another `dtype`, built once at `out` (default
+    ADAPMOE_HOME/stores/`variant_name`, replaced when it was made from another store) and reused while it
+    was made from this very store in this very way."""
     from adapmoe_cli.store.writer import shard
 
-    inter = padded_intermediate(store, expert_bytes)
+    if store.experts_format.spec() is not None and fmt is not None and fmt.spec() is not None:
+        raise UsageError(f"{store.path.name} already holds {store.experts_format.label()} experts; quantize the "
+                         "store they were made from")
+    inter = padded_intermediate(store, expert_bytes) if expert_bytes is not None else None
     if out is None:
-        out, force = stores_dir() / f"{store.path.name}-experts-{size_label(expert_bytes)}", True
-    origin = {"padded_from": store.fingerprint, "intermediate_size": inter}
+        out, force = stores_dir() / variant_name(store, expert_bytes, fmt, dtype), True
+    origin: dict[str, Any] = {"padded_from": store.fingerprint, "intermediate_size": inter} if inter else \
+        {"derived_from": store.fingerprint}
+    if fmt is not None and fmt.spec() is not None:
+        origin["experts_format"] = fmt.label()
+    target = store.dtype_name if dtype == "keep" else dtype
+    if target != store.dtype_name:
+        origin["dtype"] = target
     if (out / "manifest.json").exists():
         try:
             made: Store | None = Store.open(out)
         except StoreError:
             made = None
-        if made is not None and all(made.manifest.get("source", {}).get(k) == v for k, v in origin.items()):
+        source = made.manifest.get("source", {}) if made is not None else {}
+        if made is not None and all(source.get(k) == v for k, v in origin.items()) and \
+                source.get("experts_format") == origin.get("experts_format") and made.dtype_name == target:
             if not (made.path / "profile.json").exists():
                 carry_method(store, made)
             return made
     if note is not None:
-        note(f"building the full-size variant of {store.path.name} (experts padded from "
-             f"{format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}) in {out}")
+        what = [f"experts padded from {format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}"
+                ] if expert_bytes is not None else []
+        if fmt is not None and fmt.spec() is not None:
+            what.append(f"experts in {fmt.label()}")
+        if target != store.dtype_name:
+            what.append(f"weights in {target}")
+        note(f"building the variant of {store.path.name} ({', '.join(what)}) in {out}")
     tmp = out.parent / f".{out.name}.export"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         export_checkpoint(store, tmp, inter)
-        shard(tmp, out, force=force, source={"path": str(store.path), **origin})
+        shard(tmp, out, dtype=target, force=force, source={"path": str(store.path), **origin},
+              experts_format=fmt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     made = Store.open(out)
-    carry_method(store, made)
+    if (fmt is None or fmt.spec() is None) and target == store.dtype_name:
+        carry_method(store, made)  # same outputs: the source's profile and plan hold (else: its own)
     return made
 
 

@@ -9,14 +9,17 @@ Layout of a store directory:
     experts/layer-LLL.bin      the experts of one layer, each at a 4096-aligned offset, zero padded
     tokenizer.json, …          tokenizer, chat template and generation config copied from the source
 
-Format versions: 2 (this one) adds `manifest_sha256` (over the rest of the manifest) and `source.files`
-(what `shard` compares before reusing a store); version 1 stores are read without the manifest check.
+Format versions: 3 adds `experts_format` (quantized experts, experts_format.py; a store of native experts
+is still written as version 2, so older adapmoe reads it); 2 adds `manifest_sha256` (over the rest of the
+manifest) and `source.files` (what `shard` compares before reusing a store); version 1 stores are read
+without the manifest check.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,17 +31,22 @@ import torch
 from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.checkpoint import SIDE_FILES, TORCH_DTYPE_BY_NAME
 from adapmoe_cli.errors import AdapmoeError, StoreError
+from adapmoe_cli.experts_format import QUANT_ALIGNMENT, ExpertsFormat, from_spec
 from adapmoe_cli.families import ModelFamily, MoEShape, get_family
 from adapmoe_cli.safe_io import MAX_MANIFEST_BYTES, inside, read_capped, relative_name
 from adapmoe_cli.versioned import parse_versioned, read_versioned
 
 FORMAT = "adapmoe-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the version a store of native (unquantized) experts is written as
+NATIVE_FORMAT_VERSION = 2
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 REMEDY = "adapmoe shard --force"
 #: store dtypes (the names `--dtype` takes) and torch's
 STORE_DTYPES = TORCH_DTYPE_BY_NAME
+#: dtypes of the tensors inside an expert (quantized formats hold integers)
+TENSOR_DTYPES = {**TORCH_DTYPE_BY_NAME, "int8": torch.int8, "uint8": torch.uint8}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -92,23 +100,24 @@ class ExpertLayout:
     stride: int  # nbytes rounded up to the alignment: one slot, one read
 
     @staticmethod
-    def of(family: ModelFamily, config: dict[str, Any], dtype: str) -> ExpertLayout:
-        """Each part starts on a 4096-byte boundary, in the family's order."""
-        esize = STORE_DTYPES[dtype].itemsize
+    def of(family: ModelFamily, config: dict[str, Any], dtype: str, fmt: ExpertsFormat | None = None) -> ExpertLayout:
+        """Each part starts on a 4096-byte boundary, in the family's order; in a quantized format each part is
+        its tensors (`w1.q`, `w1.s`, …), each on a 64-byte boundary."""
+        fmt = fmt or ExpertsFormat()
+        quantized = fmt.spec() is not None
         shapes = family.expert_part_shapes(config)
         parts, off = [], 0
         for part in family.expert_parts:
-            numel = 1
-            for d in shapes[part]:
-                numel *= d
-            parts.append(TensorSlice(part, tuple(shapes[part]), dtype, off, numel * esize))
-            off = align(off + numel * esize)
+            for sub in fmt.subs(tuple(shapes[part]), dtype):
+                nbytes = math.prod(sub.shape) * TENSOR_DTYPES[sub.dtype].itemsize
+                parts.append(TensorSlice(part + sub.suffix, sub.shape, sub.dtype, off, nbytes))
+                off = align(off + nbytes, QUANT_ALIGNMENT if quantized else ALIGNMENT)
         nbytes = parts[-1].offset + parts[-1].nbytes
         return ExpertLayout(tuple(parts), nbytes, align(nbytes))
 
 
-def align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
+def align(n: int, to: int = ALIGNMENT) -> int:
+    return -(-n // to) * to
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -210,7 +219,10 @@ class Store:
             raise ValueError(f"dtype {m.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
         self.dtype_name: str = m["dtype"]
         self.shape: MoEShape = self.family.moe_shape(self.config)
-        self.layout = ExpertLayout.of(self.family, self.config, self.dtype_name)
+        if "experts_format" in m and m["format_version"] < 3:
+            raise ValueError(f"experts_format is not part of format version {m['format_version']}")
+        self.experts_format: ExpertsFormat = from_spec(m.get("experts_format"))
+        self.layout = ExpertLayout.of(self.family, self.config, self.dtype_name, self.experts_format)
         self.experts: dict[tuple[int, int], ExpertEntry] = _experts(m.get("experts"), self.shape, self.layout)
         self.dense_files = _files(m.get("dense"), "dense")
         if not self.dense_files:
@@ -343,6 +355,9 @@ class Store:
             "dense_bytes": self.dense_bytes,
             "total_bytes": self.total_bytes,
             "dtype": self.dtype_name,
+            "experts_format": self.experts_format.label(),
+            "expert_bits_per_weight": round(self.experts_format.weight_bits(
+                self.family.expert_part_shapes(self.config), self.dtype.itemsize), 3),
             "format_version": self.manifest["format_version"],
             "source": self.manifest.get("source", {}),
         }

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from adapmoe_cli.checkpoint import TORCH_DTYPE_BY_NAME
 from adapmoe_cli.errors import StoreError
-from adapmoe_cli.store.manifest import ALIGNMENT, REMEDY, ExpertEntry, Store
+from adapmoe_cli.store.manifest import ALIGNMENT, REMEDY, TENSOR_DTYPES, ExpertEntry, Store
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -29,7 +28,7 @@ def expert_views(buf: memoryview | mmap.mmap, entry: ExpertEntry) -> dict[str, t
     """Part name → tensor viewing `buf` (no copy). `buf` must outlive the views."""
     out = {}
     for t in entry.tensors:
-        dtype = TORCH_DTYPE_BY_NAME[t.dtype]
+        dtype = TENSOR_DTYPES[t.dtype]
         count = t.nbytes // torch.tensor([], dtype=dtype).element_size()
         out[t.name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=t.offset).view(t.shape)
     return out

@@ -32,12 +32,14 @@ from adapmoe_cli.checkpoint import (
     side_files,
 )
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
+from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.safe_io import ensure_dir, read_capped, write_atomic
 from adapmoe_cli.store.manifest import (
     ALIGNMENT,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    NATIVE_FORMAT_VERSION,
     ExpertLayout,
     Store,
     is_store,
@@ -90,16 +92,19 @@ def content_digest(digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
 
 
-def fingerprint(ckpt: Checkpoint, dtype: torch.dtype, content: str) -> str:
-    """Identity of (source weights, target dtype): equal fingerprints mean the same store content.
-    `content` (`content_digest`) covers every byte of every tensor."""
-    desc = {
+def fingerprint(ckpt: Checkpoint, dtype: torch.dtype, content: str, fmt: ExpertsFormat | None = None) -> str:
+    """Identity of (source weights, target dtype, experts format): equal fingerprints mean the same store
+    content. `content` (`content_digest`) covers every byte of every tensor."""
+    desc: dict[str, Any] = {
         "config": ckpt.config,
         "dtype": str(dtype),
         "tensors": sorted((t.name, list(t.shape), str(t.dtype), t.nbytes) for t in ckpt.tensors.values()),
         "side": sorted((p.name, _sha256_file(p)) for p in side_files(ckpt.path)),
         "content": content,
     }
+    spec = fmt.spec() if fmt is not None else None
+    if spec is not None:  # native stores keep the fingerprint they always had
+        desc["experts_format"] = spec
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
@@ -185,7 +190,7 @@ def _remove_stale_partials(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool) -> bool:
+def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool, fmt: ExpertsFormat) -> bool:
     """True when OUT already holds this store. Raise when OUT holds something we must not replace.
     Cheap when the checkpoint's files are unchanged since the store was made (`_unchanged`: stat and
     sampled blocks); otherwise every tensor is read and hashed before the answer."""
@@ -200,9 +205,9 @@ def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool)
         if old is not None and old.manifest["format_version"] >= 2:
             source = old.manifest.get("source", {})
             if _unchanged(ckpt, source.get("files")):
-                same = old.fingerprint == fingerprint(ckpt, target, str(source.get("content")))
+                same = old.fingerprint == fingerprint(ckpt, target, str(source.get("content")), fmt)
             else:
-                same = old.fingerprint == fingerprint(ckpt, target, content_digest(ckpt.digests()))
+                same = old.fingerprint == fingerprint(ckpt, target, content_digest(ckpt.digests()), fmt)
                 if same:  # touched or copied, same bytes: record the new stat so the next check is cheap
                     _refresh_source(old, source_files(ckpt))
         if same and not force:
@@ -235,20 +240,25 @@ def shard(
     force: bool = False,
     progress: Progress | None = None,
     source: dict[str, Any] | None = None,
+    experts_format: ExpertsFormat | None = None,
 ) -> ShardResult:
+    """`experts_format` (experts_format.py; default native: the experts in `dtype`) is how the experts are
+    written; dense weights are always in `dtype`."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out).absolute()
+    fmt = experts_format or ExpertsFormat()
     ckpt = open_checkpoint(src)
     target = _target_dtype(ckpt, dtype)
+    fmt.check_shapes({k: tuple(v) for k, v in ckpt.family.expert_part_shapes(ckpt.config).items()})
     ensure_dir(out.parent)
-    if _check_target(out, ckpt, target, force):
+    if _check_target(out, ckpt, target, force, fmt):
         return ShardResult(out, 0, time.perf_counter() - t0, reused=True)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.{_PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
         _own(tmp, out)
-        written = _write_store(ckpt, target, tmp, progress, source or {"path": str(src.absolute())})
+        written = _write_store(ckpt, target, fmt, tmp, progress, source or {"path": str(src.absolute())})
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -282,7 +292,7 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_store(ckpt: Checkpoint, target: torch.dtype, tmp: Path, progress: Progress | None,
+def _write_store(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tmp: Path, progress: Progress | None,
                  source: dict[str, Any]) -> int:
     fam, shape = ckpt.family, ckpt.family.moe_shape(ckpt.config)
     esize = torch.tensor([], dtype=target).element_size()
@@ -297,7 +307,7 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, tmp: Path, progress: Pro
         if progress:
             progress(done, total)
 
-    experts = _write_experts(ckpt, target, tmp, tick, digests)
+    experts = _write_experts(ckpt, target, fmt, tmp, tick, digests)
     dense = _write_dense(ckpt, target, tmp, tick, digests)
     sides = []
     for p in side_files(ckpt.path):
@@ -313,19 +323,21 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, tmp: Path, progress: Pro
     config["dtype"] = config["torch_dtype"] = DTYPE_NAMES_BY_TORCH[target]
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": NATIVE_FORMAT_VERSION if fmt.spec() is None else FORMAT_VERSION,
         "created_by": f"adapmoe {__version__}",
         "model_type": fam.model_type,
         "config": config,
         "dtype": DTYPE_NAMES_BY_TORCH[target],
         "alignment": ALIGNMENT,
         "num_moe_layers": len(shape.moe_layers),
-        "source": {**source, "fingerprint": fingerprint(ckpt, target, content), "content": content,
+        "source": {**source, "fingerprint": fingerprint(ckpt, target, content, fmt), "content": content,
                    "files": files},
         "dense": dense,
         "side_files": sides,
         "experts": experts,
     }
+    if fmt.spec() is not None:
+        manifest["experts_format"] = fmt.spec()
     manifest["manifest_sha256"] = manifest_digest(manifest)
     data = json.dumps(manifest, indent=1).encode()
     fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -341,12 +353,13 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, tmp: Path, progress: Pro
 DTYPE_NAMES_BY_TORCH = {v: k for k, v in TORCH_DTYPE_BY_NAME.items()}
 
 
-def _write_experts(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None],
-                   digests: dict[str, str]) -> list[dict[str, Any]]:
+def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tmp: Path,
+                   tick: Callable[[int], None], digests: dict[str, str]) -> list[dict[str, Any]]:
     fam, shape = ckpt.family, ckpt.family.moe_shape(ckpt.config)
     (tmp / "experts").mkdir()
     # the layout is the same for every expert: each part starts on an aligned offset
-    layout = ExpertLayout.of(fam, ckpt.config, DTYPE_NAMES_BY_TORCH[target])
+    layout = ExpertLayout.of(fam, ckpt.config, DTYPE_NAMES_BY_TORCH[target], fmt)
+    where = {t.name: t for t in layout.tensors}
     stride, nbytes = layout.stride, layout.nbytes
     tensors = [t.to_json() for t in layout.tensors]
     entries = []
@@ -357,10 +370,13 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Calla
         try:
             for e in range(shape.num_experts):
                 payload[:] = bytes(stride)
-                for part in layout.tensors:
-                    t = ckpt.read(fam.expert_tensor_name(layer, e, part.name), digests).to(target).contiguous()
-                    payload[part.offset : part.offset + part.nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                    del t
+                for part in fam.expert_parts:
+                    w = ckpt.read(fam.expert_tensor_name(layer, e, part), digests)
+                    for suffix, t in fmt.encode(w, target).items():
+                        s = where[part + suffix]
+                        assert t.nbytes == s.nbytes and tuple(t.shape) == s.shape, (part + suffix, t.shape, s)
+                        payload[s.offset : s.offset + s.nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                    del w
                 _write_all(fd, payload)
                 entries.append({
                     "layer": layer, "expert": e, "file": rel, "offset": e * stride, "length": stride,

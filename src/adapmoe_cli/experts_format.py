@@ -1,0 +1,283 @@
+"""How a store holds its experts and how a layer computes with them: `native` (the store's dtype, as
+before), `int8` (per output channel, symmetric), `int4` and `int2` (group-wise, affine, the scales and
+zeros chosen by HQQ's half-quadratic optimiser, the anchors' quantizer).
+
+Compute uses PyTorch's own CPU kernels (docs/quantization.md has the measurement behind the choice):
+`torch._weight_int8pack_mm` (int8 weights × per-channel scales) and `torch._weight_int4pack_mm_for_cpu`
+(int4 weights in the kernel's packed layout × group scales and zeros, w = (q − 8)·scale + zero). Both
+read the weights straight from the cache slot's bytes, no copy. 2-bit values are stored four to a byte in
+the int4 layout's nibble order, so a layer widens them to the int4 layout with two masks and one
+interleave, then calls the int4 kernel. The kernels are fast with bfloat16 activations (the default:
+`quantized_activations`); with `model` activations a float32 model runs them in float32 — exact, slower.
+
+Each expert part (e.g. `w1`, [N, K]) becomes tensors named `PART.q` (the integers) and `PART.s` (scales,
+or the kernel's scales-and-zeros) inside the expert's one aligned byte range, so one read still loads one
+expert. The int4 kernel's packed layout belongs to this PyTorch: the store records a probe of it (a fixed
+pattern packed at shard time) and a runtime whose PyTorch packs differently refuses the store by name."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapmoe_cli.errors import StoreError, UsageError
+
+NAMES = ("native", "int8", "int4", "int2")
+#: group sizes the int4 CPU kernel takes
+KERNEL_GROUPS = (32, 64, 128, 256)
+DEFAULT_GROUP = {"int4": 64, "int2": 32}
+ACTIVATIONS = ("bfloat16", "model")
+#: int4/int2 layout name recorded in the store; the probe checks this PyTorch still packs that way
+INT4_LAYOUT = "aten-cpu-int4pack"
+#: tensors inside a quantized expert start on this boundary (the expert itself on 4096)
+QUANT_ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class Sub:
+    """One tensor of a part: its name suffix, shape and store dtype name."""
+
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class ExpertsFormat:
+    name = "native"
+    bits = 0  # 0: the store's dtype
+    group_size: int | None = None
+
+    def spec(self) -> dict[str, Any] | None:
+        """What the manifest records (None for native: stores as before)."""
+        return None
+
+    def label(self) -> str:
+        return self.name if self.group_size is None else f"{self.name}-g{self.group_size}"
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise UsageError when a part's shape does not suit the format."""
+
+    def subs(self, shape: tuple[int, ...], dtype: str) -> list[Sub]:
+        return [Sub("", shape, dtype)]
+
+    def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Suffix → tensor for one part [N, K] given in any float dtype."""
+        return {"": w.to(dtype).contiguous()}
+
+    def decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The part's weights [N, K] in float32 as the compute sees them (dequantized)."""
+        return t[""].float()
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], activations: str) -> torch.Tensor:
+        return torch.nn.functional.linear(x, t[""])
+
+    def check_runtime(self) -> None:
+        """Raise StoreError when this PyTorch cannot compute the store's experts as they were written."""
+
+    def weight_bits(self, shapes: dict[str, tuple[int, ...]], dtype_bytes: int) -> float:
+        """Stored bits per weight, scales included."""
+        numel = sum(math.prod(s) for s in shapes.values())
+        nbytes = sum(math.prod(sub.shape) * _ITEMSIZE.get(sub.dtype, dtype_bytes)
+                     for s in shapes.values() for sub in self.subs(s, "store"))
+        return 8 * nbytes / numel
+
+
+_ITEMSIZE = {"int8": 1, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _act(x: torch.Tensor, activations: str) -> torch.Tensor:
+    return x.to(torch.bfloat16) if activations == "bfloat16" else x
+
+
+class Int8(ExpertsFormat):
+    """Symmetric per output channel: w = q · scale, q in −127…127, scale in bfloat16."""
+
+    name, bits = "int8", 8
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": 8, "scales": "per output channel, bfloat16"}
+
+    def subs(self, shape: tuple[int, ...], dtype: str) -> list[Sub]:
+        return [Sub(".q", shape, "int8"), Sub(".s", shape[:1], "bfloat16")]
+
+    def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        w = w.float()
+        amax = w.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(torch.bfloat16)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return {".q": q.contiguous(), ".s": scale.contiguous()}
+
+    def decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t[".q"].float() * t[".s"].float()[:, None]
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], activations: str) -> torch.Tensor:
+        if x.requires_grad:  # the kernels have no derivative: the profiler's gradient pass uses the weights
+            return torch.nn.functional.linear(x, self.decode(t).to(x.dtype))
+        xa = _act(x, activations)
+        return torch._weight_int8pack_mm(xa.contiguous(), t[".q"], t[".s"].to(xa.dtype)).to(x.dtype)
+
+
+def _int4_probe() -> str:
+    """sha256 of a fixed pattern packed by this PyTorch's int4 CPU packing."""
+    q = (torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64) * 7 + 3) % 16
+    return hashlib.sha256(torch._convert_weight_to_int4pack_for_cpu(q, 1).numpy().tobytes()).hexdigest()
+
+
+def _hqq(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ's optimised affine quantization of w [N, K] in groups along K: integers [N, K] (int32),
+    scale and zero [N, K / group] with w ≈ (q − zero) · scale."""
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise UsageError("quantizing experts needs the hqq package: pip install hqq") from None
+    n, k = w.shape
+    q, meta = Quantizer.quantize(w.float().contiguous(), nbits=bits, group_size=group, optimize=True, axis=1,
+                                 bitpack=False, compute_dtype=torch.float32, device="cpu")
+    return (q.reshape(n, k).to(torch.int32), meta["scale"].reshape(n, k // group).float(),
+            meta["zero"].reshape(n, k // group).float())
+
+
+class Int4(ExpertsFormat):
+    """Group-wise affine 4-bit (HQQ), in the int4 CPU kernel's packed layout: `.q` [N, K/2] uint8, `.s`
+    [K/group, N, 2] bfloat16 (scale, zero) with w = (q − 8)·scale + zero."""
+
+    name, bits = "int4", 4
+    offset = 0  # what the kernel's value adds to the quantizer's integer
+
+    def __init__(self, group_size: int | None = None, probe: str | None = None):
+        self.group_size = group_size or DEFAULT_GROUP[self.name]
+        if self.group_size not in KERNEL_GROUPS:
+            raise UsageError(f"--group-size {self.group_size} is not one the int4 kernel takes: "
+                             f"{', '.join(map(str, KERNEL_GROUPS))}")
+        self.probe = probe
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "quantizer": "hqq",
+                "layout": INT4_LAYOUT, "layout_probe": _int4_probe()}
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for part, (n, k) in shapes.items():
+            if k % self.group_size:
+                fit = ", ".join(str(g) for g in KERNEL_GROUPS if k % g == 0) or "none of the kernel's"
+                raise UsageError(f"--group-size {self.group_size} does not divide expert part {part}'s input "
+                                 f"dimension {k}; choose {fit}")
+            if n % 16:
+                raise UsageError(f"expert part {part} has {n} output rows; the int4 kernel needs a multiple of 16")
+
+    def _q_sub(self, shape: tuple[int, ...]) -> Sub:
+        return Sub(".q", (shape[0], shape[1] // 2), "uint8")
+
+    def subs(self, shape: tuple[int, ...], dtype: str) -> list[Sub]:
+        n, k = shape
+        return [self._q_sub(shape), Sub(".s", (k // self.group_size, n, 2), "bfloat16")]
+
+    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integers [N, K] and the kernel's scales-and-zeros [K/group, N, 2] (bfloat16)."""
+        q, scale, zero = _hqq(w, self.bits, self.group_size)
+        # (q + offset − 8)·scale + Z = (q − zero)·scale  ⇒  Z = (8 − offset − zero)·scale
+        sz = torch.stack([scale, scale * (8 - self.offset - zero)], dim=-1).transpose(0, 1).contiguous()
+        return q, sz.to(torch.bfloat16)
+
+    def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        q, sz = self._quantize(w)
+        return {".q": torch._convert_weight_to_int4pack_for_cpu(q, 1).contiguous(), ".s": sz}
+
+    def packed4(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t[".q"]
+
+    def decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Through the kernel itself in float32: the identity times the weights, one block of rows at a time
+        (each output is one weight times 1 plus zeros: exact)."""
+        packed, sz = self.packed4(t), t[".s"].float()
+        k = sz.shape[0] * self.group_size
+        cols = []
+        for start in range(0, k, 1024):
+            eye = torch.eye(k, dtype=torch.float32)[start : start + 1024]
+            cols.append(torch._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, sz))
+        return torch.cat(cols).T.contiguous()
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], activations: str) -> torch.Tensor:
+        if x.requires_grad:  # as Int8.linear
+            return torch.nn.functional.linear(x, self.decode(t).to(x.dtype))
+        xa = _act(x, activations)
+        return torch._weight_int4pack_mm_for_cpu(xa.contiguous(), self.packed4(t), self.group_size,
+                                                 t[".s"].to(xa.dtype)).to(x.dtype)
+
+    def check_runtime(self) -> None:
+        if self.probe is not None and self.probe != _int4_probe():
+            raise StoreError(f"this store's {self.name} experts were packed in a layout this PyTorch "
+                             f"({torch.__version__}) does not use; re-shard them with this version "
+                             "(`adapmoe shard SRC OUT --experts-format ... --force`)")
+
+
+class Int2(Int4):
+    """Group-wise affine 2-bit (HQQ), computed by the int4 kernel. The kernel's values are q + 6 (6…9, around
+    its midpoint 8, so the zero it adds stays small and bfloat16 keeps it precise): w = (q + 6 − 8)·scale +
+    zero. On disk four values share a byte: byte c holds the nibbles n0 n1 of the layout's byte 2i and n2 n3
+    of byte 2i + 1 (each n = q, 0…3) as n0 | n2 << 2 | n1 << 4 | n3 << 6, so `(c & 0x33) + 0x66` and
+    `((c >> 2) & 0x33) + 0x66` are those two bytes."""
+
+    name, bits = "int2", 2
+    offset = 6
+
+    def _q_sub(self, shape: tuple[int, ...]) -> Sub:
+        return Sub(".q", (shape[0], shape[1] // 4), "uint8")
+
+    def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        q, sz = self._quantize(w)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2], nibbles 0…3
+        b0, b1 = packed[:, 0::2], packed[:, 1::2]
+        c = (b0 & 0x3) | ((b1 & 0x3) << 2) | ((b0 >> 4) << 4) | ((b1 >> 4) << 6)
+        return {".q": c.contiguous(), ".s": sz}
+
+    def packed4(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = t[".q"]
+        return torch.stack([(c & 0x33) + 0x66, ((c >> 2) & 0x33) + 0x66], dim=-1).reshape(c.shape[0], c.shape[1] * 2)
+
+
+def by_part(views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """An expert's flat views (`w1`, or `w1.q` and `w1.s`) grouped by part: what `linear` and `decode` take."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in views.items():
+        part, dot, rest = name.partition(".")
+        out.setdefault(part, {})[dot + rest] = t
+    return out
+
+
+_CLASSES: dict[str, type[ExpertsFormat]] = {"native": ExpertsFormat, "int8": Int8, "int4": Int4, "int2": Int2}
+
+
+def parse_format(name: str, group_size: int | None = None) -> ExpertsFormat:
+    """`--experts-format NAME [--group-size G]` → the format; a one-line UsageError otherwise."""
+    if name not in _CLASSES:
+        raise UsageError(f"unknown --experts-format {name!r}: choose one of {', '.join(NAMES)}")
+    if group_size is not None and name not in DEFAULT_GROUP:
+        raise UsageError(f"--group-size applies to {' and '.join(DEFAULT_GROUP)}, not {name}")
+    cls = _CLASSES[name]
+    return cls(group_size) if issubclass(cls, Int4) else cls()
+
+
+def from_spec(spec: Any) -> ExpertsFormat:
+    """A manifest's `experts_format` (absent: native) → the format; ValueError/StoreError say what is wrong."""
+    if spec is None:
+        return ExpertsFormat()
+    if not isinstance(spec, dict):
+        raise ValueError("experts_format is not an object")
+    name = spec.get("name")
+    if name not in _CLASSES or name == "native":
+        raise StoreError(f"its experts are in format {name!r}, which this adapmoe cannot read (it reads "
+                         f"{', '.join(NAMES)}); upgrade adapmoe or re-shard the store")
+    cls = _CLASSES[name]
+    if issubclass(cls, Int4):
+        group = spec.get("group_size")
+        if isinstance(group, bool) or group not in KERNEL_GROUPS:
+            raise ValueError(f"experts_format group_size {group!r} is not one of {KERNEL_GROUPS}")
+        if spec.get("layout") != INT4_LAYOUT or not isinstance(spec.get("layout_probe"), str):
+            raise StoreError(f"its {name} experts are in layout {spec.get('layout')!r}, which this adapmoe cannot "
+                             "read; upgrade adapmoe or re-shard the store")
+        return cls(group, probe=spec["layout_probe"])
+    return cls()
