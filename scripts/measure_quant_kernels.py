@@ -49,23 +49,32 @@ def measure(inter: int, tokens: int) -> dict[str, float | str]:
              "w2": torch.randn(HIDDEN, inter, generator=g) * 0.02}
     x = torch.randn(tokens, HIDDEN, generator=g)
     out: dict[str, float | str] = {}
+    def native(w: dict[str, torch.Tensor]):
+        return lambda a, part: F.linear(a, w[part])
+
+    def kernel(fmt, enc, act):
+        return lambda a, part: fmt.linear(a, enc[part], act)
+
+    def hqq_path(q):
+        return lambda a, part: F.linear(a, Quantizer.dequantize(*q[part]).reshape(parts[part].shape))
+
     for dtype in (torch.float32, torch.bfloat16):
-        w = {k: v.to(dtype) for k, v in parts.items()}
-        out[f"native {str(dtype)[6:]}: F.linear"] = best_us(lambda w=w, xd=x.to(dtype): expert(
-            lambda v, p: F.linear(v, w[p]), xd))
+        lin, xd = native({k: t.to(dtype) for k, t in parts.items()}), x.to(dtype)
+        out[f"native {str(dtype)[6:]}: F.linear"] = best_us(lambda lin=lin, xd=xd: expert(lin, xd))
     for name in ("int8", "int4", "int2"):
         fmt = parse_format(name)
-        enc = by_part({f"{p}{s}": t for p, v in parts.items() for s, t in fmt.encode(v, torch.float32).items()})
+        enc = by_part({f"{k}{s}": t for k, w in parts.items() for s, t in fmt.encode(w, torch.float32).items()})
         for act in ("bfloat16", "model"):
             label = f"{fmt.label()}: PyTorch kernel, {'bfloat16' if act == 'bfloat16' else 'float32'} activations"
-            out[label] = best_us(lambda fmt=fmt, enc=enc, act=act: expert(lambda v, p: fmt.linear(v, enc[p], act), x))
+            lin = kernel(fmt, enc, act)
+            out[label] = best_us(lambda lin=lin: expert(lin, x))
     from hqq.core.quantize import Quantizer
 
     for bits, group in ((4, 64), (2, 32)):
-        q = {p: Quantizer.quantize(v, nbits=bits, group_size=group, optimize=True, axis=1, bitpack=True,
-                                   compute_dtype=torch.float32, device="cpu") for p, v in parts.items()}
-        out[f"int{bits}-g{group}: HQQ dequantize + F.linear"] = best_us(lambda q=q: expert(
-            lambda v, p: F.linear(v, Quantizer.dequantize(*q[p]).reshape(parts[p].shape)), x), calls=5)
+        q = {k: Quantizer.quantize(w, nbits=bits, group_size=group, optimize=True, axis=1, bitpack=True,
+                                   compute_dtype=torch.float32, device="cpu") for k, w in parts.items()}
+        lin = hqq_path(q)
+        out[f"int{bits}-g{group}: HQQ dequantize + F.linear"] = best_us(lambda lin=lin: expert(lin, x), calls=5)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
@@ -77,7 +86,7 @@ def measure(inter: int, tokens: int) -> dict[str, float | str]:
             quantize_(m, Int8WeightOnlyConfig())
         with torch.no_grad():
             out["int8: torchao Int8WeightOnlyConfig, bfloat16"] = best_us(lambda: expert(
-                lambda v, p: mods[p](v), x.to(torch.bfloat16)))
+                lambda a, part: mods[part](a), x.to(torch.bfloat16)))
     return out
 
 

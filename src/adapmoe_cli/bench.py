@@ -319,7 +319,9 @@ class _Bench:
     def plan(self, slots: int, gated: bool) -> tuple[dict[int, int], GatePolicy]:
         """Slots per layer and gate of the DP plan for `slots`, with (adapmoe) or without (planned) the gate
         at the quality budget. The store's own plan is reused (re-solved for `slots`) when it was made the
-        way the bench would make it; else a plan is made under STORE/bench."""
+        way the bench would make it; else a plan is made under STORE/bench. With no quality budget left (the
+        experts' format took it all) the gate stays off."""
+        gated = gated and self.req.quality_budget > 0
         if (slots, gated) not in self.plans:
             plan = self._stores_plan() if gated else None
             if plan is None:

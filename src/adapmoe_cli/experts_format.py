@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,9 +218,10 @@ class Int4(ExpertsFormat):
 class Int2(Int4):
     """Group-wise affine 2-bit (HQQ), computed by the int4 kernel. The kernel's values are q + 6 (6…9, around
     its midpoint 8, so the zero it adds stays small and bfloat16 keeps it precise): w = (q + 6 − 8)·scale +
-    zero. On disk four values share a byte: byte c holds the nibbles n0 n1 of the layout's byte 2i and n2 n3
-    of byte 2i + 1 (each n = q, 0…3) as n0 | n2 << 2 | n1 << 4 | n3 << 6, so `(c & 0x33) + 0x66` and
-    `((c >> 2) & 0x33) + 0x66` are those two bytes."""
+    zero. On disk four values share a byte: in each row of the int4 layout's bytes (K/2 of them), byte j of
+    the first half holds nibbles n0 n1 and byte j of the second half n2 n3 (each n = q, 0…3); the stored
+    byte j is n0 | n2 << 2 | n1 << 4 | n3 << 6. So `(c & 0x33) + 0x66` is the first half and
+    `((c >> 2) & 0x33) + 0x66` the second, computed four bytes at a time in int32 words."""
 
     name, bits = "int2", 2
     offset = 6
@@ -230,13 +232,24 @@ class Int2(Int4):
     def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         q, sz = self._quantize(w)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2], nibbles 0…3
-        b0, b1 = packed[:, 0::2], packed[:, 1::2]
+        half = packed.shape[1] // 2
+        b0, b1 = packed[:, :half], packed[:, half:]
         c = (b0 & 0x3) | ((b1 & 0x3) << 2) | ((b0 >> 4) << 4) | ((b1 >> 4) << 6)
         return {".q": c.contiguous(), ".s": sz}
 
     def packed4(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The int4 layout's bytes, in a buffer this thread reuses (it is read by the very next kernel call)."""
         c = t[".q"]
-        return torch.stack([(c & 0x33) + 0x66, ((c >> 2) & 0x33) + 0x66], dim=-1).reshape(c.shape[0], c.shape[1] * 2)
+        n, quarter = c.shape
+        scratch = _SCRATCH.__dict__.setdefault("buffers", {})
+        out = scratch.get((n, quarter))
+        if out is None:
+            out = scratch[(n, quarter)] = torch.empty(n, 2 * quarter, dtype=torch.uint8)
+        words, half = c.view(torch.int32), out.view(torch.int32)  # K/4 bytes a row: a multiple of 8
+        w = words.shape[1]
+        torch.bitwise_and(words, 0x33333333, out=half[:, :w]).add_(0x66666666)
+        torch.bitwise_and(words >> 2, 0x33333333, out=half[:, w:]).add_(0x66666666)
+        return out
 
 
 def by_part(views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -247,6 +260,8 @@ def by_part(views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
         out.setdefault(part, {})[dot + rest] = t
     return out
 
+
+_SCRATCH = threading.local()  # Int2.packed4's buffers, one per shape and thread
 
 _CLASSES: dict[str, type[ExpertsFormat]] = {"native": ExpertsFormat, "int8": Int8, "int4": Int4, "int2": Int2}
 
