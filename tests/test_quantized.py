@@ -202,6 +202,9 @@ def test_a_store_in_a_format_this_version_cannot_read_is_refused_by_name(quantiz
         Store.open(_rewrite_manifest(quantized["int4"], tmp_path / "b", relabelled))
     with pytest.raises(StoreError, match="layout 'some-gpu-tiles'"):
         Store.open(_rewrite_manifest(quantized["int4"], tmp_path / "c", other_layout))
+    with pytest.raises(StoreError, match="int2 experts are packed as 'interleaved'"):
+        Store.open(_rewrite_manifest(quantized["int2"], tmp_path / "e",
+                                     lambda m: m["experts_format"].update(packing="interleaved")))
     # a store packed by a PyTorch whose int4 layout differs opens (info, verify work) but does not run
     probe = _rewrite_manifest(quantized["int4"], tmp_path / "d",
                               lambda m: m["experts_format"].update(layout_probe="0" * 64))

@@ -34,6 +34,8 @@ DEFAULT_GROUP = {"int4": 64, "int2": 32}
 ACTIVATIONS = ("bfloat16", "model")
 #: int4/int2 layout name recorded in the store; the probe checks this PyTorch still packs that way
 INT4_LAYOUT = "aten-cpu-int4pack"
+#: how int2 values share a byte (Int2's docstring); a store packed otherwise is refused
+INT2_PACKING = "int4-layout-halves"
 #: tensors inside a quantized expert start on this boundary (the expert itself on 4096)
 QUANT_ALIGNMENT = 64
 
@@ -226,6 +228,9 @@ class Int2(Int4):
     name, bits = "int2", 2
     offset = 6
 
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "packing": INT2_PACKING}
+
     def _q_sub(self, shape: tuple[int, ...]) -> Sub:
         return Sub(".q", (shape[0], shape[1] // 4), "uint8")
 
@@ -293,6 +298,9 @@ def from_spec(spec: Any) -> ExpertsFormat:
             raise ValueError(f"experts_format group_size {group!r} is not one of {KERNEL_GROUPS}")
         if spec.get("layout") != INT4_LAYOUT or not isinstance(spec.get("layout_probe"), str):
             raise StoreError(f"its {name} experts are in layout {spec.get('layout')!r}, which this adapmoe cannot "
+                             "read; upgrade adapmoe or re-shard the store")
+        if cls is Int2 and spec.get("packing") != INT2_PACKING:
+            raise StoreError(f"its int2 experts are packed as {spec.get('packing')!r}, which this adapmoe cannot "
                              "read; upgrade adapmoe or re-shard the store")
         return cls(group, probe=spec["layout_probe"])
     return cls()

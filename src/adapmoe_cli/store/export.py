@@ -147,7 +147,8 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
             made = None
         source = made.manifest.get("source", {}) if made is not None else {}
         if made is not None and all(source.get(k) == v for k, v in origin.items()) and \
-                source.get("experts_format") == origin.get("experts_format") and made.dtype_name == target:
+                source.get("experts_format") == origin.get("experts_format") and made.dtype_name == target and \
+                made.manifest.get("experts_format") == (fmt.spec() if fmt is not None else None):
             if not (made.path / "profile.json").exists():
                 carry_method(store, made)
             return made
