@@ -64,6 +64,38 @@ def test_bench_runs_every_policy_and_writes_json_and_chart(setup, tmp_path):
     assert (store / "profile.json").exists()  # made on first use
 
 
+def test_bench_of_quantized_full_size_experts_counts_their_bytes_and_budgets_their_quality(setup, tmp_path):
+    from adapmoe_cli.store import Store
+
+    store, text = setup
+    small = Store.open(store)
+    size = 4 * small.expert_payload_bytes
+    r = _run("bench", str(store), "--text", str(text), "--calibration", str(text), "--tokens", "3", "--repeat", "1",
+             "--expert-size", str(size), "--experts-format", "int4", "--group-size", "32", "--budget", "1MiB",
+             "--policies", "lru,adapmoe", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["experts_format"] == "int4-g32"
+    home = tmp_path / "adapmoe-home" / "stores"
+    big = Store.open(home / f"store-experts-{size}B-int4-g32")
+    unpadded = Store.open(home / "store-int4-g32")
+    assert big.shape.intermediate_size > small.shape.intermediate_size
+    # the budget is bytes of the stored format: slots of the quantized full-size expert
+    assert data["expert_slot_bytes"] == big.slot_bytes < small.slot_bytes * 4
+    assert data["budget_slots"] == min(len(big.experts), (1 << 20) // big.slot_bytes)
+    # perplexity on the unpadded quantized store; the format's loss is measured against the native store and
+    # taken out of the gate's budget
+    assert data["perplexity_from"].startswith(str(unpadded.path))
+    fq = data["format_quality"]
+    assert fq["native_store"] == str(store) and fq["quality_budget"] == 0.01
+    assert fq["gate_quality_budget"] == pytest.approx(max(0.0, 0.01 - fq["calibration_increase"]))
+    assert fq["perplexity"] == data["policies"]["lru"]["perplexity"]
+    for p in data["policies"].values():
+        c = p["counts"]
+        assert c["hits"] + c["prefetch_hits"] + c["misses"] == c["expert_uses"]
+        assert c["bytes_read"] == c["loads"] * big.slot_bytes
+
+
 def test_bench_simulate_replays_its_own_run_with_equal_counts(setup, tmp_path):
     """`--simulate` records the bench's own routing and replays each policy's setup: every counted hit,
     miss and prefetch hit equals the measured run's; resident and naive are added as its calibration."""
