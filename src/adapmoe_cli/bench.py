@@ -62,6 +62,7 @@ class BenchRequest:
     calibration: Path | None = None  # profiling and the quality search (default: the embedded calibration split)
     memory_caps: tuple[str, ...] = ()  # each a size or a share of the model's bytes on disk: one run per cap
     peer_width: str | None = None  # the GGUF llama.cpp runs (f32, bf16, f16, q8_0, q4_0); default: the store's
+    fallback_format: str = "int4"  # the resident low-bit copy of the *+fallback policies
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.repeat < 1:
@@ -69,13 +70,15 @@ class BenchRequest:
 
 
 def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None,
-        quality_store: Store | None = None, native_store: Store | None = None) -> dict[str, Any]:
+        quality_store: Store | None = None, native_store: Store | None = None,
+        fallback: tuple[Store, Store] | None = None) -> dict[str, Any]:
     """Everything `adapmoe bench` measures, as one result dict (the sweep under `sweep`, the simulator's
     check under `simulated`). `quality_store`: where perplexity is computed when it is the same model at a
     lower cost (the unpadded source of a full-size store: the same outputs, store/export.py).
     `native_store`: for a store of quantized experts, the store they were quantized from — the format's own
     perplexity increase is measured against it and the gate's quality budget is what the format leaves of
-    `req.quality_budget` (the budget is for the sum of the two losses)."""
+    `req.quality_budget` (the budget is for the sum of the two losses). `fallback`: the low-bit copies the
+    *+fallback policies hold (of `store`, and of `quality_store` or `store` for their quality cost)."""
     say = progress or (lambda _what, _done, _total: None)
     names = list(req.policies)
     if req.simulate:  # the runtime's two ends calibrate the simulator
@@ -97,7 +100,8 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         if native_store is not None:
             formats = format_quality(native_store, qstore, settings, calib, held, calib_text, heldout_text, req)
             req = replace_field(req, quality_budget=formats["gate_quality_budget"])
-        bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok)
+        bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok, fallback=fallback,
+                       quality=qstore, heldout_text=heldout_text)
         before = cpu_times()
         if req.memory_caps:
             result = capped_runs(bench, names, slots, say)
@@ -129,26 +133,33 @@ class BenchStores:
     store: Store
     quality: Store | None = None
     native: Store | None = None
+    fallback: tuple[Store, Store] | None = None  # the low-bit copy of `store`, and of the quality store
 
 
 def bench_stores(model: Store, expert_bytes: int | None, fmt: ExpertsFormat | None, settings: Settings,
                  calibration: Path | None = None, note: Callable[[str], None] | None = None,
-                 progress: Steps | None = None) -> BenchStores:
+                 progress: Steps | None = None, fallback: ExpertsFormat | None = None) -> BenchStores:
     """MODEL's store → the variant `bench --expert-size/--experts-format` times, built once in ADAPMOE_HOME
     (store/export.py). A quantized full-size store gets its profile from the unpadded quantized store (the
     same weights: HQQ quantizes each row's groups on their own, and zero padding quantizes to zeros)."""
     from adapmoe_cli.store.export import carry_method, variant_store
 
     quantized = fmt is not None and fmt.spec() is not None
+    if fallback is not None and fallback.spec() is None:
+        raise UsageError("--fallback-format must be a quantized format (int8, int4, int2)")
     source = variant_store(model, fmt=fmt, note=note) if quantized else model
+    small_fb = variant_store(model, fmt=fallback, note=note) if fallback is not None else None
     if expert_bytes is None:
-        return BenchStores(source, None, model if quantized else None)
+        return BenchStores(source, None, model if quantized else None,
+                           (small_fb, small_fb) if small_fb is not None else None)
     big = variant_store(model, expert_bytes, fmt, note=note)
     if quantized and not (big.path / "profile.json").exists():
         calib_text = calibration or default_text("calibration")
         ensure_profile(source, settings, calib_text, str(calib_text), progress=progress)
         carry_method(source, big)
-    return BenchStores(big, source, model if quantized else None)
+    big_fb = variant_store(model, expert_bytes, fallback, note=note) if fallback is not None else None
+    return BenchStores(big, source, model if quantized else None,
+                       (big_fb, small_fb) if big_fb is not None and small_fb is not None else None)
 
 
 def format_quality(native: Store, quantized: Store, settings: Settings, calib: Callable[[GatePolicy], GateQuality],
@@ -315,6 +326,23 @@ class _Bench:
     say: Steps
     tokenizer: Any = None
     plans: dict[tuple[int, bool], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
+    fallback: tuple[Store, Store] | None = None  # (the copy the runs hold, the quality store's copy)
+    quality: Store | None = None  # where perplexity is computed
+    heldout_text: Path | None = None
+
+    def perplexity(self, setup: Setup) -> tuple[float, float | None]:
+        """Held-out perplexity of a setup, and for a fallback one the increase its copies cost (`fallback_cost`
+        on the quality store at the same slots per layer; the perplexity is the gate's times that)."""
+        ppl = self.heldout(setup.gate)
+        if setup.fallback is None or self.fallback is None:
+            return ppl, None
+        from adapmoe_cli.planning.quality import fallback_cost
+
+        store = self.quality or self.store
+        budget = budgets.planned(store.cache_shape, setup.budget.quotas, setup.budget.source)
+        cost = fallback_cost(store, setup.settings, self.heldout_text or default_text("heldout"), budget,
+                             setup.gate, self.fallback[1])
+        return ppl * (1 + cost), cost
 
     def plan(self, slots: int, gated: bool) -> tuple[dict[int, int], GatePolicy]:
         """Slots per layer and gate of the DP plan for `slots`, with (adapmoe) or without (planned) the gate
@@ -378,15 +406,17 @@ class _Bench:
 
     def at(self, names: list[str], slots: int, simulate: bool = False, cap: int | None = None) -> dict[str, Any]:
         plan, skipped = setups(self.store, self.settings, [n for n in names if n in POLICIES], slots,
-                               lambda gated: self.plan(slots, gated), capped=cap is not None)
+                               self.plan, capped=cap is not None,
+                               fallback=self.fallback[0] if self.fallback is not None else None)
         peers = self.peers([n for n in names if n in PEERS], cap, skipped)
         runner = in_process if cap is None else capped_runner(cap)
         result = measure(self.store, plan, skipped, slots, self.prompts, self.req.tokens, self.req.repeat,
-                         self.heldout, self.say, runner, peers)
-        if simulate:
+                         self.perplexity, self.say, runner, peers)
+        if simulate:  # the simulator does not model the fallback's compute
             from adapmoe_cli.simulate.check import simulate_bench
 
-            result["simulated"] = simulate_bench(self.store, plan, self.prompts, self.req.tokens, result,
+            result["simulated"] = simulate_bench(self.store, {n: s for n, s in plan.items() if s.fallback is None},
+                                                 self.prompts, self.req.tokens, result,
                                                  progress=lambda m: self.say(m, 0, 0))
         return result
 
@@ -438,15 +468,27 @@ def machine_info() -> dict[str, Any]:
 
 
 def setups(store: Store, settings: Settings, names: list[str], total: int,
-           plan: Callable[[bool], tuple[dict[int, int], GatePolicy]],
-           capped: bool = False) -> tuple[dict[str, Setup], dict[str, str]]:
-    """Each policy's setup at a budget of `total` slots (`plan(gated)`: the DP plan for the policies that
-    split by one); a policy that cannot run here is skipped with a note. `capped`: `total` is all a memory
-    cap leaves, so a policy that holds every expert runs only if they all fit in it."""
+           plan: Callable[[int, bool], tuple[dict[int, int], GatePolicy]],
+           capped: bool = False, fallback: Store | None = None) -> tuple[dict[str, Setup], dict[str, str]]:
+    """Each policy's setup at a budget of `total` slots (`plan(slots, gated)`: the DP plan for the policies
+    that split by one); a policy that cannot run here is skipped with a note. `capped`: `total` is all a
+    memory cap leaves, so a policy that holds every expert runs only if they all fit in it. A fallback
+    policy pays for its resident copy (`fallback`: every expert of it) out of the same budget."""
     shape = store.cache_shape
     out, skipped = {}, {}
     for name in names:
         policy = POLICIES[name]
+        slots = total
+        if policy.fallback:
+            if fallback is None:
+                skipped[name] = "no fallback copy was made (bench makes one of --fallback-format)"
+                continue
+            copy = len(fallback.experts) * fallback.slot_bytes
+            slots = total - -(-copy // shape.slot_bytes)
+            if slots < len(shape.layers):
+                skipped[name] = (f"its resident copy ({copy / 2**20:.1f} MiB) leaves fewer than one slot a layer "
+                                 f"of the budget's {total}")
+                continue
         if policy.slots == "all" and capped and total < shape.total_experts:
             skipped[name] = (f"needs all {shape.total_experts} experts; the memory cap leaves room for {total}")
             continue
@@ -455,15 +497,15 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
             skipped[name] = (f"needs {need / 2**30:.1f} GiB, more than {budgets.RESIDENT_SHARE:.0%} of the "
                              "available memory")
             continue
-        budget = policy_budget(policy, shape, total, lambda gated: plan(gated)[0])
-        gate = plan(True)[1] if policy.gate else GatePolicy.off()
+        budget = policy_budget(policy, shape, slots, lambda gated, n=slots: plan(n, gated)[0])
+        gate = plan(slots, True)[1] if policy.gate else GatePolicy.off()
         runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction))
-        out[name] = Setup(budget, gate, runtime, policy.preload)
+        out[name] = Setup(budget, gate, runtime, policy.preload, fallback if policy.fallback else None)
     return out, skipped
 
 
 def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total: int, prompts: list[list[int]],
-            tokens: int, repeats: int, perplexity: Callable[[GatePolicy], float],
+            tokens: int, repeats: int, perplexity: Callable[[Setup], tuple[float, float | None]],
             progress: Steps | None = None, runner: Runner = in_process,
             peers: dict[str, PeerRun] | None = None) -> dict[str, Any]:
     """Run the policies of `plan` (from `setups`) and the `peers` (other programs, bench_runs.py) `repeats`
@@ -504,7 +546,7 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         progress("perplexity", done, count)
     # from the file descriptors of the engines that ran, not from a probe of the file system
     direct = all(r.direct_io for n, rs in runs.items() if n in plan and n not in failed for r in rs)
-    ppl: dict[tuple, float] = {}
+    ppl: dict[tuple, tuple[float, float | None]] = {}
     result: dict[str, Any] = {
         "machine": machine_info(),
         "disk_read_bytes_per_s": bandwidth,
@@ -524,11 +566,16 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
     for name, setup in plan.items():
         if name in failed:
             continue
-        key = tuple(sorted(setup.gate.thresholds.items()))
+        # perplexity depends on the gate alone, except with the fallback (then on the cache too)
+        key = (tuple(sorted(setup.gate.thresholds.items())),) + (
+            (tuple(sorted(setup.budget.quotas.items())), setup.settings.prefetch) if setup.fallback else ())
         if key not in ppl:
-            ppl[key] = perplexity(setup.gate)
+            ppl[key] = perplexity(setup)
         entry = summarise(runs[name], bandwidth, store.shape.top_k)
-        entry["perplexity"] = ppl[key]
+        entry["perplexity"] = ppl[key][0]
+        if ppl[key][1] is not None:
+            entry["fallback_perplexity_increase"] = ppl[key][1]
+            entry["fallback_store"] = str(setup.fallback.path) if setup.fallback is not None else None
         entry["description"] = POLICIES[name].description
         entry["slots"] = setup.budget.total
         entry["slots_per_layer"] = [setup.budget.quotas[layer] for layer in store.shape.moe_layers]

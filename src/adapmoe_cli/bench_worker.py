@@ -26,6 +26,7 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
         "settings": {"cache.policy": setup.settings.cache.policy, "prefetch": setup.settings.prefetch,
                      "device": setup.settings.device},
         "preload": setup.preload,
+        "fallback": str(setup.fallback.path) if setup.fallback is not None else None,
         "prompts": prompts,
         "tokens": tokens,
     })
@@ -43,7 +44,8 @@ def run_job(text: str) -> dict[str, Any]:
     budget = budgets.planned(store.cache_shape, {int(k): int(v) for k, v in j["quotas"].items()}, j["source"])
     g = j["gate"]
     gate = GatePolicy({int(k): float(v) for k, v in g["thresholds"].items()}, rule=g["rule"], scale=g["scale"])
-    setup = Setup(budget, gate, load_settings(overrides=j["settings"]), bool(j["preload"]))
+    fallback = Store.open(j["fallback"]) if j.get("fallback") else None
+    setup = Setup(budget, gate, load_settings(overrides=j["settings"]), bool(j["preload"]), fallback)
     check_experts(store)  # outside the timing, as in-process (bench.measure)
     t = run_setup(store, setup, j["prompts"], int(j["tokens"]))
     return {"prompt_tokens": t.prompt_tokens, "prefill_s": t.prefill_s, "decode_tokens": t.decode_tokens,

@@ -90,3 +90,19 @@ def evaluate(
             progress(i + 1, len(spans))
     nll = torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64)
     return EvalResult(float(nll.sum()), int(nll.numel()), engine.stats.delta(before), nll)
+
+
+@torch.inference_mode()
+def stepwise_nll(engine: Engine, tokens: list[int], segment: int = 256) -> torch.Tensor:
+    """Each token's loss [n] with the text fed one token at a time, as decoding feeds it (teacher forcing),
+    the KV cache restarted every `segment` tokens; the expert cache carries over. What a policy whose
+    outputs depend on the cache's state (the miss fallback) is scored with."""
+    from adapmoe_cli.runtime.generate import new_kv_cache
+
+    out = []
+    for start in range(0, len(tokens) - 1, segment):
+        cache = new_kv_cache(engine)
+        for i in range(start, min(start + segment, len(tokens) - 1)):
+            logits = engine.model(input_ids=torch.tensor([[tokens[i]]]), cache=cache, use_cache=True).logits
+            out.append(torch.nn.functional.cross_entropy(logits[0, -1:].double(), torch.tensor([tokens[i + 1]])))
+    return torch.stack(out)

@@ -24,6 +24,7 @@ class Policy:
     prefetch: str = "none"  # none | predicted (the next layer's router on this layer's input) | oracle
     gate: bool = False  # route with the adaptive gate
     preload: bool = False  # every expert loaded before the first token
+    fallback: bool = False  # a resident low-bit copy of every expert computes misses (the runtime only)
 
     @property
     def is_limit(self) -> bool:
@@ -46,6 +47,11 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("adapmoe", "adaptive gate at the quality budget, gate-aware prefetch, DP slot plan", split="plan",
            prefetch="predicted", gate=True),
     Policy("resident", "every expert in memory (upper bound)", slots="all", preload=True),
+    Policy("lru+prefetch+fallback", "HOBBIT's idea on lru+prefetch: a resident low-bit copy of every expert "
+           "(--fallback-format, out of the budget) computes a missed expert while the full one loads",
+           prefetch="predicted", fallback=True),
+    Policy("adapmoe+fallback", "adapmoe with the same resident low-bit copy for misses", split="plan",
+           prefetch="predicted", gate=True, fallback=True),
     Policy("belady", "limit: Belady's optimal eviction (knows the future), even split, no prefetch",
            eviction="belady"),
     Policy("oracle", "limit: LRU, even split, prefetch of exactly the next layer's experts", prefetch="oracle"),
@@ -66,7 +72,9 @@ def parse_policies(text: str, limits: bool = False, peers: bool = False) -> list
     """Comma-separated names. `limits`: the simulator's, which may name the limits and always adds them;
     `peers`: the bench's, which may name other programs (`PEERS`)."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    known = [n for n, p in POLICIES.items() if limits or not p.is_limit] + (list(PEERS) if peers else [])
+    # the simulator runs the limits and not the fallback (it does not model the copy's compute)
+    runs = (lambda p: p.is_limit or not p.fallback) if limits else (lambda p: not p.is_limit)
+    known = [n for n, p in POLICIES.items() if runs(p)] + (list(PEERS) if peers else [])
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(known)}")

@@ -76,6 +76,9 @@ def bench_cmd(
         show_default=False)] = None,
     experts_format: ExpertsFormatOpt = "native",
     group_size: GroupSizeOpt = None,
+    fallback_format: Annotated[str, typer.Option(
+        "--fallback-format", help="The resident low-bit copy of every expert the *+fallback policies compute "
+        "misses with (paid out of the same budget): int8 | int4 | int2.")] = "int4",
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -86,6 +89,8 @@ def bench_cmd(
       adapmoe bench --expert-size 16MiB --memory-cap 60%,90% --policies lru+prefetch,adapmoe,llama.cpp
 
       adapmoe bench --expert-size 16MiB --experts-format int4 --budget 150MiB
+
+      adapmoe bench --expert-size 16MiB --budget 256MiB --policies adapmoe,adapmoe+fallback --fallback-format int2
 
       adapmoe bench ./mixtral-store --budget 24GiB --policies lru+prefetch,adapmoe --tokens 64 --repeat 5
 
@@ -99,11 +104,13 @@ def bench_cmd(
                        simulate=simulate, text=text, calibration=calibration,
                        memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
     fmt = parse_format(experts_format, group_size)
+    fallback = parse_format(fallback_format) if any(POLICIES[n].fallback for n in req.policies if n in POLICIES) \
+        else None
     with steps_progress("bench") as progress:
         stores = bench_stores(open_store(model), parse_size(expert_size) if expert_size is not None else None, fmt,
-                              settings, calibration, note=note, progress=progress)
+                              settings, calibration, note=note, progress=progress, fallback=fallback)
         result = run_bench(stores.store, settings, req, progress, quality_store=stores.quality,
-                           native_store=stores.native)
+                           native_store=stores.native, fallback=stores.fallback)
     result["command"] = "adapmoe bench " + " ".join(_argv())
     emit(result, as_json, render, out, plot, draw)
 

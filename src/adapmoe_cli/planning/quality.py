@@ -117,3 +117,21 @@ def search_scale(store: Store, settings: Settings, quality_budget: float, text: 
     layers = read_profile(default_path(store), store).layers
     with gate_quality(store, settings, text, tokens) as quality:
         return gate_rules.find_scale(settings.gate.rule, layers, quality_budget, counted(quality, progress))
+
+
+FALLBACK_TOKENS = 1024  # held-out tokens the miss fallback's cost is measured on, one at a time
+
+
+def fallback_cost(store: Store, settings: Settings, text: Path, budget: budgets.Budget, gate: GatePolicy,
+                  fallback: Store, tokens: int = FALLBACK_TOKENS) -> float:
+    """What computing misses with `fallback`'s low-bit copies costs at this cache (`budget`, the settings'
+    eviction and prefetch, `gate`): the relative perplexity increase over the same run without it, both fed
+    the text one token at a time (`stepwise_nll`: which experts miss depends on the cache's state)."""
+    from adapmoe_cli.perplexity import stepwise_nll
+
+    ids = read_text_tokens(load_tokenizer(store), text, min_tokens=64)[:tokens]
+    losses = []
+    for fb in (None, fallback):
+        with Engine(store, settings, budget, gate=gate, fallback=fb) as engine:
+            losses.append(stepwise_nll(engine, ids))
+    return math.exp(float(losses[1].mean() - losses[0].mean())) - 1

@@ -38,7 +38,9 @@ class Engine:
     """A ready-to-run offloaded model. Use as a context manager or call `close()`."""
 
     def __init__(self, store: Store, settings: Settings, budget: Budget, verify: bool = True,
-                 gate: GatePolicy | None = None):
+                 gate: GatePolicy | None = None, fallback: Store | None = None):
+        """`fallback`: a low-bit store of the same model (`variant_store`) whose every expert is held in memory
+        and computes a missed expert while the full one loads (manager.py)."""
         from adapmoe_cli.store.verify import ensure_files
 
         self.store = store
@@ -60,7 +62,32 @@ class Engine:
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
+        self._fallback_buffers: list[Any] = []
+        self.fallback_bytes = 0  # memory the fallback copy holds
+        if fallback is not None:
+            self.manager.fallback = self._hold_fallback(fallback)
         self.model = self._build_model()
+
+    def _hold_fallback(self, fallback: Store) -> Any:
+        """Every expert of `fallback` read (and checked) into memory; (layer, expert) → its weights, each part
+        a function of the input (the store's format computes it)."""
+        from adapmoe_cli.store.reader import aligned_buffer
+
+        if fallback.family.model_type != self.store.family.model_type or fallback.shape != self.store.shape:
+            raise UsageError(f"the fallback store {fallback.path} holds another model than {self.store.path}")
+        fallback.experts_format.check_runtime()
+        fmt, activations = fallback.experts_format, self.settings.quantized_activations
+        weights: dict[tuple[int, int], dict[str, Any]] = {}
+        with ExpertReader(fallback) as reader:
+            for (layer, expert), entry in fallback.experts.items():
+                buf = aligned_buffer(fallback.slot_bytes)
+                reader.read_into(layer, expert, buf)
+                self._fallback_buffers.append(buf)
+                weights[(layer, expert)] = {
+                    part: (lambda x, t=t: fmt.linear(x, t, activations))
+                    for part, t in by_part(expert_views(buf, entry)).items()}
+        self.fallback_bytes = len(weights) * fallback.slot_bytes
+        return lambda layer, expert: weights[(layer, expert)]
 
     def _build_model(self) -> Any:
         store, fam = self.store, self.store.family
@@ -88,8 +115,9 @@ class Engine:
         layers = list(shape.moe_layers)
         fmt, activations = store.experts_format, self.settings.quantized_activations
 
-        def linear(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-            return fmt.linear(x, w, activations)
+        def linear(x: torch.Tensor, w: Any) -> torch.Tensor:
+            # a part's tensors, or (the fallback copy's) a function computing with them in their own format
+            return w(x) if callable(w) else fmt.linear(x, w, activations)
 
         old = {layer: fam.moe_block(model, layer) for layer in layers}
         for i, layer in enumerate(layers):

@@ -9,7 +9,11 @@ Per layer call (one forward of one MoE layer):
 3. when every needed expert has a slot: count and touch them in ascending order, then compute those
    already in memory first and the others as their reads finish (compute overlaps the loads; the books
    do not depend on timing); else, for each in ascending order, wait until it is resident (loading it
-   now if step 2 could not) and compute. Then release them for eviction."""
+   now if step 2 could not) and compute. Then release them for eviction.
+With a `fallback` (a resident low-bit copy of every expert, HOBBIT's idea), a miss does not wait: it is
+computed at once from the copy while its read goes on, so the next use finds it resident. Only demand
+misses take the copy — a prefetched expert still being read is waited for — so which experts use it
+depends on the routing alone, never on I/O timing."""
 
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class ExpertManager:
         self._abandoned: list[LoadRequest] = []  # useless prefetches whose read had already started
         #: observers of each layer call: (layer, needed experts); the profiler and tests record traces
         self.on_layer: list[Callable[[int, list[int]], None]] = []
+        #: (layer, expert) → the weights a missed expert is computed with while it loads, or None: wait
+        self.fallback: Callable[[int, int], Any] | None = None
 
     # -- loads -------------------------------------------------------------------------------------
     def _settle(self) -> None:
@@ -139,8 +145,17 @@ class ExpertManager:
             self.cache.touch(layer, e)
         ready = [e for e in needed if (layer, e) not in self._pending or self._pending[(layer, e)].done.is_set()]
         for e in ready + [e for e in needed if e not in ready]:
-            self._wait(layer, e)
-            compute(e, self.cache.views[self.cache.slot(layer, e)])
+            if not self._compute_fallback(layer, e, origin[e], compute):
+                self._wait(layer, e)
+                compute(e, self.cache.views[self.cache.slot(layer, e)])
+
+    def _compute_fallback(self, layer: int, expert: int, origin: str, compute: Callable[[int, Any], None]) -> bool:
+        """A demand miss computed from the fallback copy (its read goes on); False when there is none."""
+        if self.fallback is None or origin != ORIGIN_DEMAND:
+            return False
+        self.stats.fallbacks += 1
+        compute(expert, self.fallback(layer, expert))
+        return True
 
     def _run_in_order(self, layer: int, needed: list[int], origin: dict[int, str],
                       compute: Callable[[int, Any], None]) -> None:
@@ -154,10 +169,11 @@ class ExpertManager:
                 if req is None:  # every slot holds a needed expert: evict one, to be reloaded later
                     req = self._load(layer, e, DEMAND, keep=())
                     assert req is not None, "a layer with at least one slot can always load"
-            self._wait(layer, e)
             getattr(self, self._COUNT[origin[e]])()
             self.cache.touch(layer, e)
-            compute(e, self.cache.views[self.cache.slot(layer, e)])
+            if not self._compute_fallback(layer, e, origin[e], compute):
+                self._wait(layer, e)
+                compute(e, self.cache.views[self.cache.slot(layer, e)])
             remaining.discard(e)
 
     def _hit(self) -> None:

@@ -29,6 +29,7 @@ class Setup:
     gate: GatePolicy
     settings: Settings
     preload: bool = False
+    fallback: Store | None = None  # a low-bit store of the same model computing missed experts (HOBBIT)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
     the page cache. `observe(engine)` gives a `LayerRecord` callback that then sees every MoE layer call
     (recording the routing)."""
     total = DecodeTiming()
-    with Engine(store, setup.settings, setup.budget, gate=setup.gate, verify=False) as eng:
+    with Engine(store, setup.settings, setup.budget, gate=setup.gate, verify=False, fallback=setup.fallback) as eng:
         if observe is not None:
             eng.observers.callbacks.append(observe(eng))
         if setup.preload:

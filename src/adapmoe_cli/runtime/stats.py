@@ -15,6 +15,7 @@ class Stats:
     hits: int = 0  # needed and already resident before this forward's prefetches
     prefetch_hits: int = 0  # needed and brought in (or in flight) by a prefetch
     misses: int = 0  # needed and loaded on demand
+    fallbacks: int = 0  # misses computed with the resident low-bit copy while the full one loads
     prefetches_issued: int = 0
     wasted_prefetches: int = 0  # prefetched for a layer that then did not need it (it stays cached)
     prefetches_dropped: int = 0  # queued reads cancelled before they started (their expert was evicted)
