@@ -249,3 +249,77 @@ def test_weight_bits_count_the_scales():
     assert math.isclose(ef.parse_format("int2").weight_bits(shapes, 4), 2 + 1)
     with pytest.raises(UsageError):
         ef.parse_format("int4", 16)
+
+
+# -- the miss fallback (a resident low-bit copy computes a missed expert while the full one loads) -----------
+
+def _run_with(store, fallback, slots, prefetch=True):
+    from adapmoe_cli import budget as budgets
+    from adapmoe_cli.runtime.engine import Engine
+    from adapmoe_cli.settings import load_settings
+
+    settings = load_settings(overrides={"prefetch": prefetch, "quantized_activations": "model"})
+    budget = budgets.even(store.cache_shape, slots)
+    with Engine(store, settings, budget, fallback=fallback) as eng, torch.no_grad():
+        tokens = _greedy(eng, 12)
+        eng.manager.drain()
+        return tokens, eng.stats.copy(), eng.fallback_bytes
+
+
+def test_fallback_computes_every_demand_miss_from_the_copy_and_keeps_the_books(native, quantized, tmp_path):
+    # a copy with the very same weights (native, another folder): the same tokens, and every miss was
+    # computed from it, none waited for
+    same = variant_store(native, out=tmp_path / "copy")
+    slots = len(native.shape.moe_layers) * 2
+    for prefetch in (False, True):
+        want, base, _ = _run_with(native, None, slots, prefetch)
+        got, stats, held = _run_with(native, same, slots, prefetch)
+        assert got == want
+        assert held == len(same.experts) * same.slot_bytes
+        assert stats.fallbacks == stats.misses > 0 and base.fallbacks == 0
+        # the cache's books do not depend on the fallback: the same hits, misses and reads asked for — but a
+        # read nobody waits for may be cancelled (its expert evicted before the read started): not read
+        for key in ("hits", "prefetch_hits", "misses", "expert_uses"):
+            assert getattr(stats, key) == getattr(base, key), key
+        assert stats.loads + stats.prefetches_dropped == base.loads + base.prefetches_dropped
+        assert stats.bytes_read == stats.loads * native.slot_bytes
+    # an int4 copy: the misses compute with int4 weights, the rest as before
+    got, stats, _ = _run_with(native, quantized["int4"], slots)
+    assert stats.fallbacks == stats.misses > 0
+
+
+def test_a_fallback_of_another_model_is_refused(native, make_store, tmp_path):
+    from adapmoe_cli import budget as budgets
+    from adapmoe_cli.runtime.engine import Engine
+    from adapmoe_cli.settings import load_settings
+
+    other = Store.open(make_store(TinySpec(num_hidden_layers=3), dtype=torch.float32))
+    with pytest.raises(UsageError, match="holds another model"):
+        Engine(native, load_settings(), budgets.even(native.cache_shape, 8), fallback=other)
+
+
+def test_fallback_policies_pay_for_their_copy_and_the_simulator_refuses_them(native, quantized):
+    from adapmoe_cli.bench import setups
+    from adapmoe_cli.policies import parse_policies
+    from adapmoe_cli.runtime.gating import GatePolicy
+    from adapmoe_cli.settings import load_settings
+
+    copy = quantized["int4"]
+    total = len(native.experts)
+    plan = lambda slots, gated: (budgets_even(native, slots), GatePolicy.off())  # noqa: E731
+    out, skipped = setups(native, load_settings(), ["lru+prefetch", "lru+prefetch+fallback"], total, plan,
+                          fallback=copy)
+    held = -(-len(copy.experts) * copy.slot_bytes // native.slot_bytes)
+    assert out["lru+prefetch"].budget.total == total and out["lru+prefetch"].fallback is None
+    assert out["lru+prefetch+fallback"].budget.total == total - held and out["lru+prefetch+fallback"].fallback is copy
+    out, skipped = setups(native, load_settings(), ["lru+prefetch+fallback"], held + 1, plan, fallback=copy)
+    assert not out and "leaves fewer than one slot a layer" in skipped["lru+prefetch+fallback"]
+    with pytest.raises(UsageError, match="unknown policy adapmoe\\+fallback"):
+        parse_policies("adapmoe+fallback", limits=True)
+    assert parse_policies("adapmoe+fallback", peers=True) == ["adapmoe+fallback"]
+
+
+def budgets_even(store, slots):
+    from adapmoe_cli import budget as budgets
+
+    return dict(budgets.even(store.cache_shape, slots).quotas)

@@ -18,7 +18,8 @@ class Stats:
     fallbacks: int = 0  # misses computed with the resident low-bit copy while the full one loads
     prefetches_issued: int = 0
     wasted_prefetches: int = 0  # prefetched for a layer that then did not need it (it stays cached)
-    prefetches_dropped: int = 0  # queued reads cancelled before they started (their expert was evicted)
+    prefetches_dropped: int = 0  # queued reads cancelled before they started (their expert was evicted; with
+    #                              the miss fallback, demand reads nobody waits for too)
     loads: int = 0  # reads completed by the loader
     bytes_read: int = 0
     stall_s: float = 0.0  # time the compute thread waited for loads
