@@ -323,3 +323,27 @@ def budgets_even(store, slots):
     from adapmoe_cli import budget as budgets
 
     return dict(budgets.even(store.cache_shape, slots).quotas)
+
+
+def test_commands_that_shard_on_first_use_take_the_format(make_checkpoint, quantized, tmp_path, monkeypatch, capsys):
+    from adapmoe_cli.model_arg import open_model
+
+    ckpt = make_checkpoint(SPEC, dtype=torch.float32)
+    made = open_model(str(ckpt), experts_format=ef.Int4(32))
+    assert made.path.name.endswith("-int4-g32") and made.experts_format.label() == "int4-g32"
+    assert not made.path.with_name(made.path.name.removesuffix("-int4-g32")).exists()  # sharded straight into it
+    assert open_model(str(ckpt), experts_format=ef.Int4(32)).path == made.path
+    assert open_model(str(quantized["int8"].path), experts_format=ef.parse_format("int8")).path == quantized["int8"].path
+    with pytest.raises(UsageError, match="holds int8 experts, not int4-g32"):
+        open_model(str(quantized["int8"].path), experts_format=ef.Int4(32))
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(ckpt), "--experts-format", "int2", "--tokens", "64",
+                             "--text", str(_text(tmp_path)), "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] > 0
+    assert list((tmp_path / "adapmoe-home" / "stores").glob("*-int2-g32"))
+
+
+def _text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("json encodes and decodes JSON; os talks to the operating system. " * 30)
+    return path

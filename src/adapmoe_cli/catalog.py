@@ -78,6 +78,13 @@ def touch(store_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _dtype(manifest: dict) -> str:
+    """The store's dtype, and its experts' format when they are quantized (`float32, int4 experts`)."""
+    fmt = manifest.get("experts_format")
+    name = fmt.get("name") if isinstance(fmt, dict) else None
+    return str(manifest.get("dtype", "?")) + (f", {name} experts" if isinstance(name, str) else "")
+
+
 def list_stores() -> list[StoreEntry]:
     """Every folder of ADAPMOE_HOME/stores that is a complete store, by name."""
     root, used = stores_dir(), _last_used()
@@ -90,7 +97,7 @@ def list_stores() -> list[StoreEntry]:
             continue
         out.append(StoreEntry(
             name=path.name, path=path, source=describe_source(m.get("source", {})), bytes=_size(path),
-            dtype=str(m.get("dtype", "?")), format_version=m.get("format_version"),
+            dtype=_dtype(m), format_version=m.get("format_version"),
             profile=(path / "profile.json").exists(), plan=(path / "plan.json").exists(), last_used=used.get(path.name),
         ))
     return out

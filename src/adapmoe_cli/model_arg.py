@@ -13,6 +13,7 @@ from pathlib import Path
 
 from adapmoe_cli.catalog import EMBEDDED, checkpoint_store_dir, touch
 from adapmoe_cli.errors import StoreExistsError, UsageError
+from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.hub import looks_like_repo_id
 from adapmoe_cli.paths import store_dir_for_repo, stores_dir
 from adapmoe_cli.store import Store, is_store
@@ -59,14 +60,30 @@ def install_shipped_method(src: Path, store_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def open_model(model: str | None, progress: Progress | None = None) -> Store:
-    """MODEL → an opened store (see the module's docstring); `embedded` names the embedded model too."""
-    store = _open(model, progress)
+def open_model(model: str | None, progress: Progress | None = None,
+               experts_format: ExpertsFormat | None = None) -> Store:
+    """MODEL → an opened store (see the module's docstring); `embedded` names the embedded model too. With a
+    quantized `experts_format`, the store of MODEL with its experts in that format, kept beside the native
+    one (`NAME-int4-g64`): a checkpoint or a hub model is sharded straight into it, a store or the embedded
+    model quantized from its store (store/export.py)."""
+    fmt = experts_format if experts_format is not None and experts_format.spec() is not None else None
+    store = _open(model, progress, fmt)
+    if fmt is not None and store.experts_format.spec() is None:
+        from adapmoe_cli.store.export import variant_store
+
+        store = variant_store(store, fmt=fmt)
+    elif fmt is not None and store.experts_format.spec() != fmt.spec():
+        raise UsageError(f"{store.path} holds {store.experts_format.label()} experts, not {fmt.label()}; give "
+                         "the store they were made from")
     touch(store.path)
     return store
 
 
-def _open(model: str | None, progress: Progress | None) -> Store:
+def _suffixed(out: Path, fmt: ExpertsFormat | None) -> Path:
+    return out if fmt is None else out.with_name(f"{out.name}-{fmt.label()}")
+
+
+def _open(model: str | None, progress: Progress | None, fmt: ExpertsFormat | None = None) -> Store:
     from adapmoe_cli.store.writer import shard
 
     path = Path(model).expanduser() if model is not None else None
@@ -89,21 +106,21 @@ def _open(model: str | None, progress: Progress | None) -> Store:
         if is_store(path):
             return Store.open(path)
         if (path / "config.json").exists():
-            out = checkpoint_store_dir(path)
+            out = _suffixed(checkpoint_store_dir(path), fmt)
             try:
-                shard(path, out, progress=progress)
+                shard(path, out, progress=progress, experts_format=fmt)
             except StoreExistsError:  # the checkpoint changed since: its store under ADAPMOE_HOME is stale
-                shard(path, out, force=True, progress=progress)
+                shard(path, out, force=True, progress=progress, experts_format=fmt)
             return Store.open(out)
         raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
     if looks_like_repo_id(model):
-        if is_store(store_dir_for_repo(model)):
-            return Store.open(store_dir_for_repo(model))
+        out = _suffixed(store_dir_for_repo(model), fmt)
+        if is_store(out):
+            return Store.open(out)
         from adapmoe_cli.hub import download_checkpoint
 
         ckpt = download_checkpoint(model)
-        out = store_dir_for_repo(model)
-        shard(ckpt, out, progress=progress, source={"repo_id": model, "revision": "main"})
+        shard(ckpt, out, progress=progress, source={"repo_id": model, "revision": "main"}, experts_format=fmt)
         return Store.open(out)
     raise UsageError(
         f"{model!r} is not a store, a checkpoint folder or a hub id (ORG/NAME); check the path"

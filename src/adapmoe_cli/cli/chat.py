@@ -23,7 +23,9 @@ from adapmoe_cli.cli.common import (
     CacheExpertsOpt,
     ConfigOpt,
     DeviceOpt,
+    ExpertsFormatOpt,
     GateScaleOpt,
+    GroupSizeOpt,
     JsonFlag,
     MemoryOpt,
     ModelArg,
@@ -97,6 +99,8 @@ def chat_cmd(
         "--auto-profile/--no-auto-profile", help="A store with no profile: profile and plan it first (yes) or "
         "route plain top-k (no).", show_default=f"ask ({DEFAULTS.auto_profile})")] = None,
     device: DeviceOpt = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
@@ -122,7 +126,7 @@ def chat_cmd(
     if as_json and prompt is None:
         raise typer.BadParameter("answers one prompt as JSON: give --prompt or a prompt on stdin",
                                  param_hint="--json")
-    store = open_store(model)
+    store = open_store(model, experts_format, group_size)
     _offer_method(store, settings, interactive=prompt is None and sys.stdin.isatty())
     with open_engine(store, settings, note=note) as engine:
         conv = Conversation(engine, load_tokenizer(store), settings.generation, system=system, raw=raw)

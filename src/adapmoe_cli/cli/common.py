@@ -164,12 +164,15 @@ def note(text: str) -> None:
     err_console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
-def open_store(model: str | None) -> Store:
-    """Resolve MODEL (sharding or downloading on first use, with a progress bar)."""
+def open_store(model: str | None, experts_format: str = "native", group_size: int | None = None) -> Store:
+    """Resolve MODEL (sharding or downloading on first use, with a progress bar), its experts in the format
+    asked for (`--experts-format`, `--group-size`)."""
+    from adapmoe_cli.experts_format import parse_format
     from adapmoe_cli.model_arg import open_model
 
+    fmt = parse_format(experts_format, group_size)
     with byte_progress("preparing the store") as progress:
-        return open_model(model, progress=progress)
+        return open_model(model, progress=progress, experts_format=fmt)
 
 
 def runtime_settings(config: Path | None, *, cache_experts: int | None = None, memory: str | None = None,

@@ -13,7 +13,9 @@ from adapmoe_cli.cli.common import (
     CacheExpertsOpt,
     ConfigOpt,
     DeviceOpt,
+    ExpertsFormatOpt,
     GateScaleOpt,
+    GroupSizeOpt,
     JsonFlag,
     MemoryOpt,
     ModelArg,
@@ -62,6 +64,8 @@ def eval_cmd(
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
     device: DeviceOpt = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
@@ -79,7 +83,7 @@ def eval_cmd(
     req = EvalRequest(text=text, tokens=tokens or None, window=window, stride=stride, calibration=calibration,
                       calibration_tokens=calibration_tokens,
                       quality_budget=parse_fraction(quality_budget) if quality_budget is not None else None)
-    store = open_store(model)
+    store = open_store(model, experts_format, group_size)
     with steps_progress("eval") as progress:
         out = evaluate_model(store, settings, req, note=note, progress=progress)
     emit(out, as_json, render)

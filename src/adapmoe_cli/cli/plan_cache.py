@@ -14,6 +14,8 @@ from adapmoe_cli.cli.common import (
     BudgetOpt,
     ConfigOpt,
     DeviceOpt,
+    ExpertsFormatOpt,
+    GroupSizeOpt,
     JsonFlag,
     ModelArg,
     PolicyOpt,
@@ -57,6 +59,8 @@ def plan_cmd(
     prefetch: PrefetchOpt = None,
     policy: PolicyOpt = None,
     device: DeviceOpt = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
@@ -66,7 +70,7 @@ def plan_cmd(
       adapmoe plan-cache ./mixtral-store --budget 24GiB --quality-budget 0.5% --json
     """
     settings = runtime_settings(config, budget=budget, prefetch=prefetch, device=device, policy=policy, rule=rule)
-    store = open_store(model)
+    store = open_store(model, experts_format, group_size)
     slots, _ = total_slots(settings.cache.budget, store.cache_shape)
     mode = "off" if not adaptive_gate else ("scale" if gate_scale is not None else "quality")
     req = PlanRequest(budget_slots=slots, gate_mode=mode, rule=settings.gate.rule, scale=gate_scale, profile=profile,

@@ -12,6 +12,8 @@ from adapmoe_cli.cli.common import (
     CacheExpertsOpt,
     ConfigOpt,
     DeviceOpt,
+    ExpertsFormatOpt,
+    GroupSizeOpt,
     MemoryOpt,
     ModelArg,
     console,
@@ -42,6 +44,8 @@ def profile_cmd(
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
     device: DeviceOpt = None,
+    experts_format: ExpertsFormatOpt = "native",
+    group_size: GroupSizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
@@ -60,7 +64,7 @@ def profile_cmd(
         validate_text=default_text("heldout") if validate else None,
         validate_label="embedded held-out split" if validate else "", out=out,
     )
-    store = open_store(model)
+    store = open_store(model, experts_format, group_size)
     with steps_progress("profile") as progress:
         path = make_profile(store, settings, req, progress=progress)
     prof = read_profile(path)
