@@ -262,8 +262,8 @@ def test_every_policy_gets_its_slots_from_one_function():
     got = {n: dict(policy_budget(p, SHAPE, 12, plan_for).quotas) for n, p in POLICIES.items()}
     assert got["naive"] == {layer: 2 for layer in SHAPE.layers}
     assert got["resident"] == {layer: 8 for layer in SHAPE.layers}
-    assert got["planned"] == got["adapmoe"] == plan and asked == [False, True]
-    for name in ("lru", "lru+prefetch", "lfu", "belady", "oracle"):
+    assert got["planned"] == got["adapmoe"] == got["adapmoe+fallback"] == plan and asked == [False, True, True]
+    for name in ("lru", "lru+prefetch", "lru+prefetch+fallback", "lfu", "belady", "oracle"):
         assert got[name] == {layer: 3 for layer in SHAPE.layers}
 
 

@@ -84,7 +84,7 @@ def test_a_run_the_cap_kills_is_a_row(setup, capsys):  # noqa: F811
     def runner(store, setup, prompts, tokens):
         return (small if setup.preload else large)(store, setup, prompts, tokens)
 
-    r = bench.measure(store, plan, {}, 4, [[1, 2, 3, 4]], 3, 1, lambda gate: 1.0, runner=runner)
+    r = bench.measure(store, plan, {}, 4, [[1, 2, 3, 4]], 3, 1, lambda setup: (1.0, None), runner=runner)
     assert set(r["policies"]) == {"lru"} and r["policies"]["lru"]["peak_bytes"] <= 900 * MiB
     assert r["failed"]["resident"]["why"] == "killed by the memory cap (64.00 MiB)"
     assert r["failed"]["resident"]["peak_bytes"] <= 64 * MiB

@@ -333,9 +333,10 @@ def test_commands_that_shard_on_first_use_take_the_format(make_checkpoint, quant
     assert made.path.name.endswith("-int4-g32") and made.experts_format.label() == "int4-g32"
     assert not made.path.with_name(made.path.name.removesuffix("-int4-g32")).exists()  # sharded straight into it
     assert open_model(str(ckpt), experts_format=ef.Int4(32)).path == made.path
-    assert open_model(str(quantized["int8"].path), experts_format=ef.parse_format("int8")).path == quantized["int8"].path
+    int8 = quantized["int8"].path
+    assert open_model(str(int8), experts_format=ef.parse_format("int8")).path == int8
     with pytest.raises(UsageError, match="holds int8 experts, not int4-g32"):
-        open_model(str(quantized["int8"].path), experts_format=ef.Int4(32))
+        open_model(str(int8), experts_format=ef.Int4(32))
     code, out, err = run_cli(monkeypatch, capsys, "eval", str(ckpt), "--experts-format", "int2", "--tokens", "64",
                              "--text", str(_text(tmp_path)), "--json")
     assert code == 0, err

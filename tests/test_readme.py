@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapmoe_cli.synthetic import TinySpec
 from tests.hub_server import HubServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -50,7 +51,8 @@ def test_the_readme_has_the_commands_a_newcomer_needs():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, make_checkpoint: Callable[..., Path]) -> Path:
     work = tmp_path_factory.mktemp("readme")
-    shutil.copytree(make_checkpoint(dtype=torch.float32), work / "Mixtral-8x7B-v0.1")
+    # an intermediate size the default int4 group (64) divides, as real models' do
+    shutil.copytree(make_checkpoint(TinySpec(intermediate_size=128), dtype=torch.float32), work / "Mixtral-8x7B-v0.1")
     return work
 
 

@@ -11,6 +11,7 @@ when it has no profile (adapmoe's gate and the DP plans need one); the plans are
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import statistics
 from collections.abc import Callable
@@ -99,7 +100,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         formats = None
         if native_store is not None:
             formats = format_quality(native_store, qstore, settings, calib, held, calib_text, heldout_text, req)
-            req = replace_field(req, quality_budget=formats["gate_quality_budget"])
+            req = dataclasses.replace(req, quality_budget=formats["gate_quality_budget"])
         bench = _Bench(store, settings, req, prompt_ids, calib, held, say, tok, fallback=fallback,
                        quality=qstore, heldout_text=heldout_text)
         before = cpu_times()
@@ -177,12 +178,6 @@ def format_quality(native: Store, quantized: Store, settings: Settings, calib: C
     return {"native_store": str(native.path), "native_perplexity": n_held, "perplexity": q_held,
             "increase": q_held / n_held - 1, "calibration_increase": loss, "quality_budget": req.quality_budget,
             "gate_quality_budget": max(0.0, req.quality_budget - loss)}
-
-
-def replace_field(req: BenchRequest, **changes: Any) -> BenchRequest:
-    import dataclasses
-
-    return dataclasses.replace(req, **changes)
 
 
 #: the GGUF width of the same weights as a store of this dtype

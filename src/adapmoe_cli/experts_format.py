@@ -5,9 +5,9 @@ zeros chosen by HQQ's half-quadratic optimiser, the anchors' quantizer).
 Compute uses PyTorch's own CPU kernels (docs/quantization.md has the measurement behind the choice):
 `torch._weight_int8pack_mm` (int8 weights × per-channel scales) and `torch._weight_int4pack_mm_for_cpu`
 (int4 weights in the kernel's packed layout × group scales and zeros, w = (q − 8)·scale + zero). Both
-read the weights straight from the cache slot's bytes, no copy. 2-bit values are stored four to a byte in
-the int4 layout's nibble order, so a layer widens them to the int4 layout with two masks and one
-interleave, then calls the int4 kernel. The kernels are fast with bfloat16 activations (the default:
+read the weights straight from the cache slot's bytes, no copy. 2-bit values are stored four to a byte,
+arranged so that two masks and an add (four bytes at a time, into a reused buffer) widen them to the int4
+layout; then the int4 kernel runs. The kernels are fast with bfloat16 activations (the default:
 `quantized_activations`); with `model` activations a float32 model runs them in float32 — exact, slower.
 
 Each expert part (e.g. `w1`, [N, K]) becomes tensors named `PART.q` (the integers) and `PART.s` (scales,
