@@ -34,6 +34,7 @@ from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.conversation import chat_ids, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat
+from adapmoe_cli.experts_format import quantized as is_quantized
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
@@ -145,8 +146,8 @@ def bench_stores(model: Store, expert_bytes: int | None, fmt: ExpertsFormat | No
     same weights: HQQ quantizes each row's groups on their own, and zero padding quantizes to zeros)."""
     from adapmoe_cli.store.export import carry_method, variant_store
 
-    quantized = fmt is not None and fmt.spec() is not None
-    if fallback is not None and fallback.spec() is None:
+    quantized = is_quantized(fmt)
+    if fallback is not None and not fallback.quantized:
         raise UsageError("--fallback-format must be a quantized format (int8, int4, int2)")
     source = variant_store(model, fmt=fmt, note=note) if quantized else model
     small_fb = variant_store(model, fmt=fallback, note=note) if fallback is not None else None

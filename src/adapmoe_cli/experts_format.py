@@ -58,6 +58,10 @@ class ExpertsFormat:
         """What the manifest records (None for native: stores as before)."""
         return None
 
+    @property
+    def quantized(self) -> bool:
+        return self.name != "native"
+
     def label(self) -> str:
         return self.name if self.group_size is None else f"{self.name}-g{self.group_size}"
 
@@ -255,6 +259,11 @@ class Int2(Int4):
         torch.bitwise_and(words, 0x33333333, out=half[:, :w]).add_(0x66666666)
         torch.bitwise_and(words >> 2, 0x33333333, out=half[:, w:]).add_(0x66666666)
         return out
+
+
+def quantized(fmt: ExpertsFormat | None) -> bool:
+    """A format was given and it is not native."""
+    return fmt is not None and fmt.quantized
 
 
 def by_part(views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -66,9 +66,9 @@ def open_model(model: str | None, progress: Progress | None = None,
     quantized `experts_format`, the store of MODEL with its experts in that format, kept beside the native
     one (`NAME-int4-g64`): a checkpoint or a hub model is sharded straight into it, a store or the embedded
     model quantized from its store (store/export.py)."""
-    fmt = experts_format if experts_format is not None and experts_format.spec() is not None else None
+    fmt = experts_format if experts_format is not None and experts_format.quantized else None
     store = _open(model, progress, fmt)
-    if fmt is not None and store.experts_format.spec() is None:
+    if fmt is not None and not store.experts_format.quantized:
         from adapmoe_cli.store.export import variant_store
 
         store = variant_store(store, fmt=fmt)

@@ -41,7 +41,7 @@ def download_cmd(
     fmt = parse_format(experts_format, group_size)  # a bad format is refused before anything is downloaded
     ckpt = download_checkpoint(repo_id, revision)
     target = out or store_dir_for_repo(repo_id, revision)
-    if out is None and fmt.spec() is not None:  # beside the native store, not in its place
+    if out is None and fmt.quantized:  # beside the native store, not in its place
         target = target.with_name(f"{target.name}-{fmt.label()}")
     with byte_progress("sharding") as progress:
         res = shard(ckpt, target, dtype=dtype, force=force, progress=progress,

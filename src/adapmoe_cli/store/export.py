@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
-from adapmoe_cli.experts_format import ExpertsFormat, by_part
+from adapmoe_cli.experts_format import ExpertsFormat, by_part, quantized
 from adapmoe_cli.paths import stores_dir
 from adapmoe_cli.store.manifest import Store
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
@@ -112,7 +112,7 @@ def variant_name(store: Store, expert_bytes: int | None = None, fmt: ExpertsForm
         name += f"-{dtype}"
     if expert_bytes is not None:
         name += f"-experts-{size_label(expert_bytes)}"
-    if fmt is not None and fmt.spec() is not None:
+    if quantized(fmt):
         name += f"-{fmt.label()}"
     return name
 
@@ -127,7 +127,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     was made from this very store in this very way."""
     from adapmoe_cli.store.writer import shard
 
-    if store.experts_format.spec() is not None and fmt is not None and fmt.spec() is not None:
+    if store.experts_format.quantized and quantized(fmt):
         raise UsageError(f"{store.path.name} already holds {store.experts_format.label()} experts; quantize the "
                          "store they were made from")
     inter = padded_intermediate(store, expert_bytes) if expert_bytes is not None else None
@@ -135,7 +135,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
         out, force = stores_dir() / variant_name(store, expert_bytes, fmt, dtype), True
     origin: dict[str, Any] = {"padded_from": store.fingerprint, "intermediate_size": inter} if inter else \
         {"derived_from": store.fingerprint}
-    if fmt is not None and fmt.spec() is not None:
+    if quantized(fmt):
         origin["experts_format"] = fmt.label()
     target = store.dtype_name if dtype == "keep" else dtype
     if target != store.dtype_name:
@@ -155,7 +155,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     if note is not None:
         what = [f"experts padded from {format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}"
                 ] if expert_bytes is not None else []
-        if fmt is not None and fmt.spec() is not None:
+        if quantized(fmt):
             what.append(f"experts in {fmt.label()}")
         if target != store.dtype_name:
             what.append(f"weights in {target}")
@@ -169,7 +169,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     made = Store.open(out)
-    if (fmt is None or fmt.spec() is None) and target == store.dtype_name:
+    if not quantized(fmt) and target == store.dtype_name:
         carry_method(store, made)  # same outputs: the source's profile and plan hold (else: its own)
     return made
 

@@ -104,14 +104,13 @@ class ExpertLayout:
         """Each part starts on a 4096-byte boundary, in the family's order; in a quantized format each part is
         its tensors (`w1.q`, `w1.s`, …), each on a 64-byte boundary."""
         fmt = fmt or ExpertsFormat()
-        quantized = fmt.spec() is not None
         shapes = family.expert_part_shapes(config)
         parts, off = [], 0
         for part in family.expert_parts:
             for sub in fmt.subs(tuple(shapes[part]), dtype):
                 nbytes = math.prod(sub.shape) * TENSOR_DTYPES[sub.dtype].itemsize
                 parts.append(TensorSlice(part + sub.suffix, sub.shape, sub.dtype, off, nbytes))
-                off = align(off + nbytes, QUANT_ALIGNMENT if quantized else ALIGNMENT)
+                off = align(off + nbytes, QUANT_ALIGNMENT if fmt.quantized else ALIGNMENT)
         nbytes = parts[-1].offset + parts[-1].nbytes
         return ExpertLayout(tuple(parts), nbytes, align(nbytes))
 

@@ -323,7 +323,7 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tmp:
     config["dtype"] = config["torch_dtype"] = DTYPE_NAMES_BY_TORCH[target]
     manifest = {
         "format": FORMAT,
-        "format_version": NATIVE_FORMAT_VERSION if fmt.spec() is None else FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if fmt.quantized else NATIVE_FORMAT_VERSION,
         "created_by": f"adapmoe {__version__}",
         "model_type": fam.model_type,
         "config": config,
@@ -336,7 +336,7 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tmp:
         "side_files": sides,
         "experts": experts,
     }
-    if fmt.spec() is not None:
+    if fmt.quantized:
         manifest["experts_format"] = fmt.spec()
     manifest["manifest_sha256"] = manifest_digest(manifest)
     data = json.dumps(manifest, indent=1).encode()
