@@ -79,7 +79,7 @@ def test_quality_recomputed_through_the_runtime():
 
         hooks = []
         for i in range(store.config["num_hidden_layers"]):
-            router = store.family.moe_block(eng.model, i).gate
+            router = store.family.router(eng.model, i)
             router.layer_index = i
             hooks.append(router.register_forward_hook(router_entropy))
         ppl = evaluate(eng, held, 256).perplexity

@@ -175,7 +175,8 @@ def test_prefetch_asks_for_exactly_the_next_layers_gated_experts(make_store, ref
     k, n = spec.num_experts_per_tok, spec.num_local_experts
     with runtime_engine(store, {"cache.budget": 2 * spec.num_hidden_layers, "prefetch": True},
                         gate=GatePolicy(th, rule="test")) as eng:
-        blocks = [eng.store.family.moe_block(eng.model, i) for i in range(spec.num_hidden_layers)]
+        fam = eng.store.family
+        experts = [fam.experts(eng.model, i) for i in range(spec.num_hidden_layers)]
         asked: list[tuple[int, list[int]]] = []
         expected: list[tuple[int, list[int]]] = []
         real_prefetch = eng.manager.prefetch
@@ -185,18 +186,17 @@ def test_prefetch_asks_for_exactly_the_next_layers_gated_experts(make_store, ref
             return real_prefetch(layer, experts)
 
         def entering(module, args):
-            (h,) = args
-            x = h.reshape(-1, h.shape[-1])  # [T, H]
+            x = args[0]  # [T, H], entering layer l's experts
             if x.shape[0] != 1 or module.layer + 1 >= spec.num_hidden_layers:
                 return  # the prompt pass prefetches nothing; the last layer has no next
             nxt = module.layer + 1
-            probs = torch.softmax(F.linear(x, blocks[nxt].gate.weight).float(), -1)  # [1, E]
+            probs = torch.softmax(F.linear(x, fam.router(eng.model, nxt).weight).float(), -1)  # [1, E]
             w, ids = torch.topk(probs, k, dim=-1)
             _, ids = reference_gate(w / w.sum(-1, keepdim=True), ids, th.get(nxt), n)
             expected.append((nxt, sorted(e for e in ids[0].tolist() if e != n)))
 
         eng.manager.prefetch = prefetch
-        hooks = [b.register_forward_pre_hook(entering) for b in blocks]
+        hooks = [e.register_forward_pre_hook(entering) for e in experts]
         try:
             greedy(eng, PROMPT, STEPS)
         finally:

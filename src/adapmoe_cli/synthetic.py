@@ -158,3 +158,70 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer(out, min(spec.vocab_size, 400))
     return out
+
+
+#: tiny configs of each supported family, odd where the family allows it: experts not a power of two,
+#: one KV head, dense first layers or dense layers between sparse ones, k > 2, groups in the router
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 6, "num_experts_per_tok": 2, "intermediate_size": 48},
+    "phimoe": {"num_local_experts": 6, "num_experts_per_tok": 2, "intermediate_size": 48},
+    "qwen2_moe": {"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                  "shared_expert_intermediate_size": 80, "intermediate_size": 96, "mlp_only_layers": [1]},
+    "qwen3_moe": {"num_experts": 10, "num_experts_per_tok": 4, "moe_intermediate_size": 48,
+                  "intermediate_size": 96, "norm_topk_prob": True},
+    "olmoe": {"num_experts": 6, "num_experts_per_tok": 3, "intermediate_size": 48},
+    "deepseek_v2": {"n_routed_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                    "intermediate_size": 96, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                    "routed_scaling_factor": 1.5, "kv_lora_rank": 16, "q_lora_rank": None,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16},
+    "deepseek_v3": {"n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                    "intermediate_size": 96, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                    "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 16,
+                    "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                    "head_dim": 8},
+    "glm4_moe": {"n_routed_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                 "intermediate_size": 96, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                 "n_group": 1, "topk_group": 1},
+}
+_TINY_COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 16, "vocab_size": 320, "max_position_embeddings": 256, "bos_token_id": 1,
+                "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False}
+
+
+def _randomise(model: Any, gen: torch.Generator) -> None:
+    """Weights of the scale trained models have (decisive routing, unit-ish activations): transformers'
+    own initialisation leaves routers at zero or near it."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not name.endswith(("inv_freq", "original_inv_freq")):
+                if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                    new = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+                elif name.endswith(("bias", "e_score_correction_bias")) or t.dim() < 2:
+                    new = 0.1 * torch.randn(t.shape, generator=gen)
+                elif name.endswith((".mlp.gate.weight", ".mlp.router.weight")):
+                    new = torch.randn(t.shape, generator=gen) * (2.0 / t.shape[-1] ** 0.5)
+                else:
+                    new = torch.randn(t.shape, generator=gen) * (1.0 / t.shape[-1] ** 0.5)
+                t.copy_(new.to(t.dtype))
+
+
+def write_family_checkpoint(out: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                            max_shard_size: str = "200KB", **overrides: Any) -> Path:
+    """A random checkpoint of `model_type` made by transformers itself: its config class (TINY_FAMILIES
+    and `overrides`), its model class, `save_pretrained` (the hub's names, sharded with the index file),
+    plus the tokenizer files. What the family tests shard and compare against."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = Path(out)
+    cfg = CONFIG_MAPPING[model_type](**{**_TINY_COMMON, **TINY_FAMILIES[model_type], **overrides})
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    gen = torch.Generator().manual_seed(seed)
+    model = cls(cfg)
+    _randomise(model, gen)
+    model.to(dtype).save_pretrained(str(out), max_shard_size=max_shard_size)
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, 6], "do_sample": False}, indent=2))
+    write_tokenizer(out, cfg.vocab_size)
+    return out

@@ -1,22 +1,26 @@
-"""Registry of supported model families, keyed by the config's `model_type`."""
+"""Registry of supported model families, keyed by the config's `model_type` (rows in table.py)."""
 
 from __future__ import annotations
 
+import difflib
+
 from adapmoe_cli.errors import CheckpointError
-from adapmoe_cli.families.base import ExpertKey, ModelFamily, MoEShape
-from adapmoe_cli.families.mixtral import Mixtral
+from adapmoe_cli.families.base import EXPERT_PARTS, ExpertKey, ModelFamily, MoEShape
+from adapmoe_cli.families.table import FAMILY_ROWS
 
-FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (Mixtral(),)}
+FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in FAMILY_ROWS}
 
-__all__ = ["FAMILIES", "ExpertKey", "ModelFamily", "MoEShape", "get_family"]
+__all__ = ["EXPERT_PARTS", "FAMILIES", "ExpertKey", "ModelFamily", "MoEShape", "get_family"]
 
 
-def get_family(model_type: str | None) -> ModelFamily:
+def get_family(model_type: object) -> ModelFamily:
     try:
         return FAMILIES[str(model_type)]
     except KeyError:
         known = ", ".join(sorted(FAMILIES))
+        near = difflib.get_close_matches(str(model_type), list(FAMILIES), n=1, cutoff=0.5)
+        hint = f"; the nearest is {near[0]}" if near else ""
         raise CheckpointError(
-            f"unsupported model family {model_type!r}: adapmoe supports {known} "
-            "(see docs/architecture.md to add one)"
+            f"unsupported model family {model_type!r}: adapmoe supports {known}{hint} "
+            "(docs/architecture.md says how to add one)"
         ) from None

@@ -1,17 +1,25 @@
-"""What adapmoe must know about a model family: the hub's tensor names, which are experts, the shapes
-the config implies, the transformers class, where the sparse-MoE block sits in a layer and how its
-router turns logits into expert weights. One subclass per family, looked up by `model_type`."""
+"""What adapmoe must know about a model family, as one table row (`ModelFamily`): the config keys of its
+MoE shape (with transformers' defaults for the keys a config may leave out), which layers are sparse, the
+hub names of its expert tensors, how its dense hub names map onto transformers' module names, where the
+router sits in the MoE block, and whether the router renormalises the kept weights (what dropping an
+expert means, docs/gating.md). Everything else — the router's own maths, shared experts, attention,
+norms — stays transformers' own module; the runtime replaces only the block's `experts` module (the
+experts seam of `transformers.integrations.moe`, runtime/moe_block.py)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+#: the parts of one expert, in the order they are packed into the store: gate (w1), up (w3), down (w2)
+EXPERT_PARTS = ("w1", "w3", "w2")
 
 
 @dataclass(frozen=True)
 class ExpertKey:
-    """A hub tensor that belongs to one expert: `part` is the family's short name (e.g. `w1`)."""
+    """A hub tensor that belongs to one expert: `part` is adapmoe's name for it (`w1`, `w3`, `w2`)."""
 
     layer: int
     expert: int
@@ -30,7 +38,7 @@ class MoEShape:
     moe_layers: tuple[int, ...]
 
 
-def config_int(config: dict[str, Any], key: str, lo: int, hi: int) -> int:
+def config_int(config: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     """An integer setting of a model's config within [lo, hi]; ValueError (with the key) otherwise. The
     bounds keep a hostile or damaged config from sizing loops and buffers."""
     value = config.get(key)
@@ -41,50 +49,144 @@ def config_int(config: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
+def every_layer(config: Mapping[str, Any], n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+def after_dense_layers(config: Mapping[str, Any], n: int) -> tuple[int, ...]:
+    """DeepSeek, GLM: the first `first_k_dense_replace` layers are dense."""
+    first = config_int(config, "first_k_dense_replace", 0, n)
+    return tuple(range(first, n))
+
+
+def sparse_step_layers(config: Mapping[str, Any], n: int) -> tuple[int, ...]:
+    """Qwen2/3-MoE: every `decoder_sparse_step`-th layer is sparse, except those in `mlp_only_layers`."""
+    step = config_int(config, "decoder_sparse_step", 1, max(n, 1))
+    only = config.get("mlp_only_layers")
+    if not isinstance(only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in only):
+        raise ValueError(f"config mlp_only_layers must be a list of layer numbers, got {only!r}")
+    return tuple(layer for layer in range(n) if layer not in only and (layer + 1) % step == 0)
+
+
+def always(config: Mapping[str, Any]) -> bool:
+    return True
+
+
+def never(config: Mapping[str, Any]) -> bool:
+    return False
+
+
+def norm_topk_prob(config: Mapping[str, Any]) -> bool:
+    value = config.get("norm_topk_prob")
+    if not isinstance(value, bool):
+        raise ValueError(f"config norm_topk_prob must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
 class ModelFamily:
-    """Base class. Subclasses set the class attributes and implement the few methods below."""
+    """One supported `model_type`. Adding a family is adding one of these (families/__init__.py)."""
 
-    model_type: str = ""
+    model_type: str
     #: name of the `transformers` causal-LM class, e.g. "MixtralForCausalLM"
-    causal_lm_class: str = ""
-    #: the per-expert tensor parts in the order they are packed into the store
-    expert_parts: tuple[str, ...] = ()
-    #: regex over hub names with groups (layer, expert, part)
-    expert_pattern: re.Pattern[str] = re.compile(r"$^")
-    #: how the router turns logits into weights; see runtime/gating.py
-    routing: str = "softmax_topk_renorm"
-    #: the config key of an expert's intermediate size (what `store/export.py` pads)
-    intermediate_key: str = "intermediate_size"
+    causal_lm_class: str
+    #: config key of the routed experts per MoE layer
+    experts_key: str
+    #: config key of one expert's intermediate size (what `store/export.py` pads)
+    intermediate_key: str
+    #: hub name of one expert tensor, with {layer}, {expert} and {part} (the hub's part name)
+    hub_expert_name: str
+    #: adapmoe's part (w1 gate, w3 up, w2 down) → the hub's name for it
+    hub_parts: Mapping[str, str]
+    #: (config with defaults, number of layers) → the sparse layers
+    moe_layers: Callable[[Mapping[str, Any], int], tuple[int, ...]] = every_layer
+    #: whether the router rescales its kept weights to a fixed total (then a dropped expert's weight goes
+    #: to the kept ones in proportion; otherwise the kept weights stay as the router gave them)
+    renormalises: Callable[[Mapping[str, Any]], bool] = always
+    #: hub substring → model substring for dense tensors, applied in order (and in reverse order back)
+    dense_renames: tuple[tuple[str, str], ...] = ()
+    #: attribute of the router inside the MoE block (`gate`, or `router`)
+    router_attr: str = "gate"
+    #: whether a full-size variant may pad the intermediate dimension (not when dense weights depend on it)
+    pads: bool = True
+    #: transformers' defaults of the config keys the functions above read (checked by tests)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: another name a config.json may give a key (transformers' `attribute_map`) → the name read here
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
-    def moe_shape(self, config: dict[str, Any]) -> MoEShape:
-        raise NotImplementedError
+    expert_parts = EXPERT_PARTS
+
+    def __post_init__(self) -> None:
+        alt = "|".join(re.escape(p) for p in self.hub_parts.values())
+        pattern = (re.escape(self.hub_expert_name).replace(r"\{layer\}", r"(\d+)")
+                   .replace(r"\{expert\}", r"(\d+)").replace(r"\{part\}", f"({alt})"))
+        object.__setattr__(self, "_pattern", re.compile(pattern))
+        object.__setattr__(self, "_part_of", {hub: part for part, hub in self.hub_parts.items()})
+
+    def settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The config with transformers' defaults for the keys it leaves out (and aliases resolved)."""
+        named = {key: config[alias] for alias, key in self.aliases.items() if alias in config and key not in config}
+        return {**self.defaults, **named, **config}
+
+    def moe_shape(self, config: Mapping[str, Any]) -> MoEShape:
+        cfg = self.settings(config)
+        n = config_int(cfg, "num_hidden_layers", 1, 1 << 10)
+        experts = config_int(cfg, self.experts_key, 1, 1 << 12)
+        layers = self.moe_layers(cfg, n)
+        if not layers:
+            raise ValueError("the config has no MoE layer: there are no experts to offload")
+        return MoEShape(
+            num_layers=n,
+            num_experts=experts,
+            top_k=config_int(cfg, "num_experts_per_tok", 1, experts),
+            hidden_size=config_int(cfg, "hidden_size", 1, 1 << 17),
+            intermediate_size=config_int(cfg, self.intermediate_key, 1, 1 << 19),
+            moe_layers=layers,
+        )
+
+    def router_renormalises(self, config: Mapping[str, Any]) -> bool:
+        return self.renormalises(self.settings(config))
 
     def expert_key(self, name: str) -> ExpertKey | None:
-        m = self.expert_pattern.fullmatch(name)
+        m = self._pattern.fullmatch(name)  # type: ignore[attr-defined]
         if not m:
             return None
-        return ExpertKey(int(m.group(1)), int(m.group(2)), m.group(3))
+        return ExpertKey(int(m.group(1)), int(m.group(2)), self._part_of[m.group(3)])  # type: ignore[attr-defined]
 
     def expert_tensor_name(self, layer: int, expert: int, part: str) -> str:
-        raise NotImplementedError
+        return self.hub_expert_name.format(layer=layer, expert=expert, part=self.hub_parts[part])
 
-    def expert_part_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Shape of each expert part as stored on the hub."""
-        raise NotImplementedError
+    def expert_part_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Shape of each expert part as stored on the hub (nn.Linear layout: out × in)."""
+        cfg = self.settings(config)
+        h, i = int(cfg["hidden_size"]), int(cfg[self.intermediate_key])
+        return {"w1": (i, h), "w3": (i, h), "w2": (h, i)}
 
     def hub_to_model_key(self, name: str) -> str:
         """Rename a dense hub tensor to its name in the in-memory transformers model."""
+        for hub, model in self.dense_renames:
+            name = name.replace(hub, model)
         return name
 
     def model_to_hub_key(self, name: str) -> str:
+        for hub, model in self.dense_renames:
+            name = name.replace(model, hub)
         return name
 
     def is_expert_param(self, model_key: str) -> bool:
-        """True for the in-memory parameters that hold expert weights (left on the meta device)."""
-        raise NotImplementedError
+        """True for the in-memory parameters that hold expert weights (never loaded: the block's experts
+        module is replaced)."""
+        return ".mlp.experts." in model_key
 
     def moe_block(self, model: Any, layer: int) -> Any:
-        raise NotImplementedError
+        """The family's own sparse-MoE block of `layer` (router, experts, shared experts …)."""
+        return model.model.layers[layer].mlp
 
-    def set_moe_block(self, model: Any, layer: int, block: Any) -> None:
-        raise NotImplementedError
+    def router(self, model: Any, layer: int) -> Any:
+        return getattr(self.moe_block(model, layer), self.router_attr)
+
+    def experts(self, model: Any, layer: int) -> Any:
+        return self.moe_block(model, layer).experts
+
+    def set_experts(self, model: Any, layer: int, experts: Any) -> None:
+        self.moe_block(model, layer).experts = experts

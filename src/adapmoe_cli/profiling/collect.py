@@ -4,8 +4,10 @@ docs/profile.md.
 
 Two methods, recorded in the profile:
 - `gradient` (models whose experts all fit in memory): one forward and backward pass per window with
-  the loss summed over the window; for each token t and layer l, g = ∂L/∂y_l(t) at the MoE output,
-  Δy = y_top1 − y (the change when only the top-1 expert is kept and renormalised). Then
+  the loss summed over the window; for each token t and layer l, g = ∂L/∂y_l(t) at the routed experts'
+  output, Δy = y_top1 − y (the change when only the top-1 expert is kept, weighted as the family's router
+  would weight it alone: its whole total when the router renormalises, its own weight otherwise), and
+  w₂ = 1 − s₁ the share of the router's weight that this drops (with top-2, the second weight). Then
       F_l          = mean_t ‖g‖²                       the paper's sensitivity
       predicted_l  = F_l · mean_t w₂²                  the paper's loss model ΔL ≈ F·w²
       second_l     = ½ mean_t (g·Δy)²                  the Fisher (second-order) term of the derivation
@@ -110,13 +112,15 @@ def collect(
                     pids, pw = rec.pred[layer]
                     trace.pred_ids[start:end, i] = pids.to(torch.int16)
                     trace.pred_weights[start:end, i] = pw.float()
-                w = r.weights.detach().double()  # [T, k]
-                sums["w2sq"][i] += (w[:, 1] ** 2).sum()
+                w = r.weights.detach().double()  # [T, k] shares, descending
+                sums["w2sq"][i] += ((1 - w[:, 0]) ** 2).sum()  # the share dropped with all but the top-1
                 if grads:
                     g = r.output.grad.double()  # [T, H]
                     e = r.expert_outputs.double()  # [T, k, H]
-                    # keep only the top-1: y' = E1, so Δy = E1 - Σ_j w_j E_j
-                    dy = e[:, 0] - (w[:, :, None] * e).sum(1)
+                    mass = r.mass.detach().double()[:, None]  # [T, 1] the router's total weight
+                    # keep only the top-1: y = m Σ_j s_j E_j becomes m E1 (renormalising) or m s_1 E1
+                    top1 = e[:, 0] if r.renormalises else w[:, :1] * e[:, 0]
+                    dy = mass * (top1 - (w[:, :, None] * e).sum(1))
                     gd = (g * dy).sum(-1)
                     sums["g2"][i] += (g**2).sum()
                     sums["second"][i] += 0.5 * (gd**2).sum()

@@ -7,30 +7,28 @@ it was recorded from can be replayed (`simulate`, `bench --simulate`). Arrays on
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.gating import route
-from adapmoe_cli.runtime.moe_block import LayerRecord
+from adapmoe_cli.runtime.moe_block import LayerRecord, predict
 
 
 class NextLayerPredictor:
-    """Router l+1 applied to the hidden state entering block l: (next layer, ids, weights), descending."""
+    """Router l+1 applied to the hidden state entering layer l's experts: (next layer, ids, shares),
+    descending."""
 
     def __init__(self, engine: Engine):
         fam = engine.store.family
         self.layers = list(engine.store.shape.moe_layers)
-        self.routing = fam.routing
-        self.routers = {layer: fam.moe_block(engine.model, layer).gate for layer in self.layers}
+        self.routers = {layer: fam.router(engine.model, layer) for layer in self.layers}
 
     def __call__(self, rec: LayerRecord) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         i = self.layers.index(rec.layer)
         if i + 1 == len(self.layers):
             return None
         nxt = self.layers[i + 1]
-        logits = F.linear(rec.hidden.detach(), self.routers[nxt].weight)  # [T, E]
-        w, ids = route(logits, rec.ids.shape[1], self.routing)
+        with torch.no_grad():
+            w, ids = predict(self.routers[nxt], rec.hidden.detach())
         return nxt, ids, w
 
 

@@ -1,6 +1,7 @@
 """The engine: builds transformers' model for a store's config with no expert weights (meta device),
-loads the dense weights, swaps every sparse-MoE block for `OffloadedMoE`, and owns the cache, loader
-and statistics behind them. It is given its `Budget` (budget.py) and gate; it decides neither.
+loads the dense weights, puts `OffloadedExperts` in place of every MoE block's experts module (the
+family's block, router and shared experts stay transformers'), and owns the cache, loader and statistics
+behind them. It is given its `Budget` (budget.py) and gate; it decides neither.
 Generation lives in `generate.py`; the engine knows nothing of text."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
-from adapmoe_cli.runtime.moe_block import Observers, OffloadedMoE
+from adapmoe_cli.runtime.moe_block import Observers, OffloadedExperts
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.skeleton import config_errors, describe, empty_model
@@ -119,16 +120,20 @@ class Engine:
             # a part's tensors, or (the fallback copy's) a function computing with them in their own format
             return w(x) if callable(w) else fmt.linear(x, w, activations)
 
-        old = {layer: fam.moe_block(model, layer) for layer in layers}
+        sparse = tuple(i for i in range(shape.num_layers) if hasattr(fam.moe_block(model, i), "experts"))
+        if sparse != shape.moe_layers:
+            raise StoreError(f"{store.path}: transformers builds MoE layers {list(sparse)} from this config, "
+                             f"the {fam.model_type} family expects {list(shape.moe_layers)}")
+        renormalises = fam.router_renormalises(store.config)
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            block = OffloadedMoE(
-                layer, old[layer].gate, self.manager, act=old[layer].experts.act_fn, top_k=shape.top_k,
-                routing=fam.routing, gate_policy=lambda: self.gate, observers=self.observers, next_layer=nxt,
-                next_gate=old[nxt].gate if nxt is not None else None, prefetch=self.settings.prefetch,
+            experts = OffloadedExperts(
+                layer, self.manager, act=fam.experts(model, layer).act_fn, gate_policy=lambda: self.gate,
+                observers=self.observers, renormalises=renormalises, next_layer=nxt,
+                next_router=fam.router(model, nxt) if nxt is not None else None, prefetch=self.settings.prefetch,
                 linear=linear,
             )
-            fam.set_moe_block(model, layer, block)
+            fam.set_experts(model, layer, experts)
         for p in model.parameters():
             p.requires_grad_(False)  # inference engine; the profiler asks for activation gradients only
         leftover = [n for n, p in model.named_parameters() if p.is_meta]
@@ -143,8 +148,8 @@ class Engine:
         """Prefetch the next layer's predicted experts (or not) from the next forward on."""
         self.settings = replace(self.settings, prefetch=on)
         for layer in self.store.shape.moe_layers:
-            block = self.store.family.moe_block(self.model, layer)
-            block.prefetch_enabled = on and block.next_layer is not None
+            experts = self.store.family.experts(self.model, layer)
+            experts.prefetch_enabled = on and experts.next_layer is not None
 
     def direct_io(self) -> bool:
         """Whether this engine's expert reads bypass the page cache (O_DIRECT on its reader's own file

@@ -1,6 +1,8 @@
-"""Routing as pure tensor functions: router logits → top-k expert ids and normalised weights, per the
-family's semantics, and the adaptive gate that drops low-weight experts below a per-layer threshold
-(the top-1 is always kept). No modules, no state."""
+"""The adaptive gate as pure tensor functions. A family's own router gives each token k experts and
+their weights; `rank` orders them by weight and expresses each as its share of the k weights' total;
+the gate keeps the top-1 and every other expert whose share reaches the layer's threshold (with top-2
+this is the paper's rule on the normalised second weight); `reweigh` gives the kept experts the weights
+the family's router would give them had it chosen only those (docs/gating.md). No modules, no state."""
 
 from __future__ import annotations
 
@@ -10,23 +12,27 @@ from dataclasses import dataclass, field
 import torch
 
 
-def route(logits: torch.Tensor, top_k: int, scheme: str = "softmax_topk_renorm") -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] → (weights [T, k] float32, ids [T, k]) sorted by weight, descending."""
-    if scheme == "softmax_topk_renorm":
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), ids
-    if scheme == "softmax_topk":
-        probs = torch.softmax(logits.float(), dim=-1)
-        return torch.topk(probs, top_k, dim=-1)
-    if scheme == "topk_softmax":
-        values, ids = torch.topk(logits.float(), top_k, dim=-1)
-        return torch.softmax(values, dim=-1), ids
-    raise ValueError(f"unknown routing scheme {scheme!r}")
+def rank(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router's (weights, ids) [T, k] → (shares, ids, weights), all ordered by weight, descending (ties
+    keep the router's order): `shares` are float32 and sum to 1 per token, `weights` are the router's own
+    (any total: 1, less than 1 without renormalisation, a scaling factor)."""
+    w = weights.float()
+    order = torch.argsort(w, dim=-1, descending=True, stable=True)
+    w, ids = w.gather(-1, order), ids.gather(-1, order)
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30), ids, w
+
+
+def reweigh(weights: torch.Tensor, keep: torch.Tensor, renormalises: bool) -> torch.Tensor:
+    """The router's weights [T, k] with the dropped experts' set to 0. A router that renormalises its
+    top-k gives the kept experts the whole total, in proportion; one that does not leaves them as they are."""
+    kept = torch.where(keep, weights, torch.zeros_like(weights))
+    if not renormalises:
+        return kept
+    return kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True))
 
 
 def adaptive_keep(weights: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """weights [T, k] (descending, summing to 1) → keep mask [T, k]: top-1 always, others ≥ threshold."""
+    """shares [T, k] (descending, summing to 1) → keep mask [T, k]: top-1 always, others ≥ threshold."""
     keep = torch.ones_like(weights, dtype=torch.bool)
     if threshold is not None and weights.shape[-1] > 1:
         keep[:, 1:] = weights[:, 1:] >= threshold
@@ -62,7 +68,8 @@ class GatePolicy:
 
 def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights, ids) [T, k] → (weights renormalised over kept, ids with dropped set to -1, keep mask)."""
+    """(shares, ids) [T, k] → (shares renormalised over kept, ids with dropped set to -1, keep mask): what
+    a trace's replay needs (planning/replay.py)."""
     keep = adaptive_keep(weights, threshold)
     if threshold is None:
         return weights, ids, keep

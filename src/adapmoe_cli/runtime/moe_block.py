@@ -1,7 +1,9 @@
-"""The module swapped into each decoder layer in place of the family's sparse-MoE block. Glue only:
-routes with the original router module (so transformers' router-logit hooks still fire), applies the
-adaptive gate, asks the manager to prefetch the next layer's predicted experts, and computes each needed
-expert from the slot the manager hands it. Attention, norms and the KV cache stay transformers'."""
+"""The module put in place of a family's `experts` module — the seam every transformers 5 MoE family
+calls as `experts(hidden_states, top_k_index, top_k_weights)` (`transformers.integrations.moe`). The
+family's own block stays: its router, shared experts and their gates, and everything around the layer
+(attention, norms, KV cache) are transformers'. Glue only: ranks the router's choice, applies the
+adaptive gate, asks the manager to prefetch what the next layer's router predicts from this hidden state,
+and computes each needed expert from the slot the manager hands it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapmoe_cli.runtime.gating import GatePolicy, apply_gate, route
+from adapmoe_cli.runtime.gating import GatePolicy, adaptive_keep, rank, reweigh
 from adapmoe_cli.runtime.manager import ExpertManager
 
 
@@ -21,12 +23,14 @@ class LayerRecord:
     """What one MoE layer call saw, handed to observers (the profiler, trace recorders)."""
 
     layer: int
-    hidden: torch.Tensor  # [T, H] entering the block
-    weights: torch.Tensor  # [T, k] normalised routing weights, descending, before the adaptive gate
+    hidden: torch.Tensor  # [T, H] entering the experts
+    weights: torch.Tensor  # [T, k] each expert's share of the router's weights (sum 1), descending, before the gate
     ids: torch.Tensor  # [T, k]
     keep: torch.Tensor  # [T, k] bool: what the gate kept
-    output: torch.Tensor  # [T, H] the block's output (in the autograd graph when grad is on)
+    output: torch.Tensor  # [T, H] the routed experts' output (in the autograd graph when grad is on)
     expert_outputs: torch.Tensor | None  # [T, k, H] unweighted expert outputs, when requested
+    mass: torch.Tensor | None = None  # [T] the total of the router's weights (1 for a renormalising top-k)
+    renormalises: bool = True  # whether the router gives the kept experts the whole total
 
 
 @dataclass
@@ -37,57 +41,68 @@ class Observers:
     expert_outputs: bool = False
 
 
-class OffloadedMoE(nn.Module):
+def predict(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `router` (a family's own router module) would choose for hidden states x [T, H]: (shares, ids),
+    descending. Its `forward` is called directly, so hooks counting the model's routing do not see a
+    prediction."""
+    _, weights, ids = router.forward(x)
+    shares, ids, _ = rank(weights, ids)
+    return shares, ids
+
+
+class OffloadedExperts(nn.Module):
     def __init__(
         self,
         layer: int,
-        gate: nn.Module,
         manager: ExpertManager,
         act: Callable[[torch.Tensor], torch.Tensor],
-        top_k: int,
-        routing: str,
         gate_policy: Callable[[], GatePolicy],
         observers: Observers,
+        renormalises: bool = True,
         next_layer: int | None = None,
-        next_gate: nn.Module | None = None,
+        next_router: nn.Module | None = None,
         prefetch: bool = True,
         linear: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.layer = layer
-        self.gate = gate
         self.manager = manager
         self.act = act
-        self.top_k = top_k
-        self.routing = routing
         self.gate_policy = gate_policy
         self.observers = observers
+        self.renormalises = renormalises
         self.next_layer = next_layer
         # the next layer's router, held without registering the module twice
-        self._next_gate = [next_gate] if next_gate is not None else []
-        self.prefetch_enabled = prefetch and next_gate is not None
+        self._next_router = [next_router] if next_router is not None else []
+        self.prefetch_enabled = prefetch and next_router is not None
         #: x × one expert part's weights (a part's tensors: `{"": w}` natively; quantized, experts_format.py)
         self.linear = linear or (lambda x, w: F.linear(x, w[""]))
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
-        block and the next layer's adaptive gate (prefetch follows the gate)."""
-        logits = F.linear(x, self._next_gate[0].weight)  # [T, E]
-        weights, ids = route(logits, self.top_k, self.routing)
-        _, ids, keep = apply_gate(weights, ids, self.gate_policy().threshold(self.next_layer))
+        layer's experts and the next layer's adaptive gate (prefetch follows the gate)."""
+        shares, ids = predict(self._next_router[0], x)
+        keep = adaptive_keep(shares, self.gate_policy().threshold(self.next_layer))
         return sorted(set(ids[keep].tolist()))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, s, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [T, H]
-        _, weights, ids = self.gate(x)  # [T, k] float32, [T, k]
-        gated_w, gated_ids, keep = apply_gate(weights, ids, self.gate_policy().threshold(self.layer))
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        x = hidden_states  # [T, H]
+        h = x.shape[-1]
+        shares, ids, weights = rank(top_k_weights, top_k_index)
+        threshold = self.gate_policy().threshold(self.layer)
+        keep = adaptive_keep(shares, threshold)
+        if threshold is None:
+            gated_w, gated_ids = weights, ids
+        else:
+            gated_w, gated_ids = reweigh(weights, keep, self.renormalises), ids.masked_fill(~keep, -1)
+        gated_w = gated_w.to(top_k_weights.dtype)
         if self.prefetch_enabled and x.shape[0] == 1:
             self.manager.prefetch(self.next_layer, self.predict_next(x))
         out = torch.zeros_like(x)
         needed = sorted(set(gated_ids[keep].tolist()))
         record = self.observers.expert_outputs and bool(self.observers.callbacks)
-        expert_out = x.new_zeros((x.shape[0], self.top_k, h)) if record else None
+        expert_out = x.new_zeros((x.shape[0], ids.shape[1], h)) if record else None
 
         lin = self.linear
 
@@ -102,7 +117,7 @@ class OffloadedMoE(nn.Module):
 
         self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=int(keep.sum()))
         if self.observers.callbacks:
-            rec = LayerRecord(self.layer, x, weights, ids, keep, out, expert_out)
+            rec = LayerRecord(self.layer, x, shares, ids, keep, out, expert_out, weights.sum(-1), self.renormalises)
             for fn in self.observers.callbacks:
                 fn(rec)
-        return out.reshape(b, s, h)
+        return out

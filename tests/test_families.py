@@ -1,0 +1,327 @@
+"""Every supported family through one checker. Each tiny checkpoint is made by transformers itself (its
+config class, its model, `save_pretrained`: the hub's names, sharded with the index; odd shapes — experts
+not a power of two, one KV head, dense first layers or dense layers between sparse ones, k > 2, grouped
+routers), sharded by adapmoe, and run through the offloading runtime against transformers' own model from
+the same checkpoint: greedy tokens equal and logits within 1e-4 (float32) at one slot per MoE layer, half
+and all, with and without prefetch; the adaptive gate at fixed thresholds equals the same gate applied
+inside transformers' model (written here, independently of runtime/gating.py); profile and plan-cache
+run; the family's row agrees with transformers' config class; a download from a local hub fetches only
+what a store needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapmoe_cli.families import FAMILIES, get_family
+from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+from adapmoe_cli.settings import GenerationSettings
+from adapmoe_cli.store import Store
+from adapmoe_cli.store.writer import shard
+from adapmoe_cli.synthetic import TINY_FAMILIES, write_family_checkpoint
+from tests.helpers import runtime_engine
+from tests.test_cli_store import run_cli
+
+NAMES = sorted(TINY_FAMILIES)
+PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
+STEPS = 12
+GREEDY = GenerationSettings(max_new_tokens=STEPS, temperature=0.0, repetition_penalty=1.0)
+TEXT = ("The quick brown fox jumps over the lazy dog. Mixture of experts models route every token to a few "
+        "experts; the others stay on disk. A cache keeps the experts that are used often in memory. ") * 12
+
+
+def test_every_supported_family_has_a_tiny_checkpoint():
+    assert set(TINY_FAMILIES) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path, object]]:
+    """model_type → (checkpoint, float32 store, transformers' model with eager experts), made once."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, tuple[Path, Path, object]] = {}
+
+    def get(name: str) -> tuple[Path, Path, object]:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            ckpt = write_family_checkpoint(root / "ckpt", name)
+            shard(ckpt, root / "store")
+            # eager experts: the CPU default leaves the rows of a skipped expert (what the gate sets) unset
+            ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="eager")
+            cache[name] = (ckpt, root / "store", ref.eval())
+        return cache[name]
+
+    return get
+
+
+def _greedy(engine, prompt: list[int], n: int) -> list[int]:
+    out = []
+    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), GREEDY):
+        out.append(tok)
+        if len(out) == n:
+            return out
+    raise AssertionError("unreachable")
+
+
+def _ref_greedy(model, prompt: list[int], n: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # n raw greedy steps, no stopping
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_row_agrees_with_transformers(name):
+    """The defaults the row assumes are the config class's, its aliases are the class's attribute map,
+    and the sparse layers it computes are those transformers builds (for the tiny config and a variant)."""
+    from transformers import CONFIG_MAPPING
+
+    from adapmoe_cli.skeleton import empty_model
+
+    fam = get_family(name)
+    cls = CONFIG_MAPPING[name]
+    default = cls()
+    for key, value in fam.defaults.items():
+        assert getattr(default, key) == value, key
+    amap = getattr(cls, "attribute_map", {})
+    for alias, key in fam.aliases.items():
+        assert amap.get(alias) == key or amap.get(key) == alias, (alias, key)
+    variants = [{}, {"first_k_dense_replace": 2} if "first_k_dense_replace" in fam.defaults else
+                {"decoder_sparse_step": 2, "mlp_only_layers": []} if "decoder_sparse_step" in fam.defaults else {}]
+    for extra in variants:
+        config = {"model_type": name, **_tiny_config(name), **extra}
+        model = empty_model(fam, config)
+        built = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+        assert fam.moe_shape(config).moe_layers == built, extra
+
+
+def _tiny_config(name: str) -> dict:
+    from transformers import CONFIG_MAPPING
+
+    from adapmoe_cli.synthetic import _TINY_COMMON
+
+    cfg = CONFIG_MAPPING[name](**{**_TINY_COMMON, **TINY_FAMILIES[name]}).to_dict()
+    cfg.pop("model_type", None)
+    return cfg
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+@pytest.mark.parametrize("slots", ["one", "half", "all"])
+def test_tokens_and_logits_equal_transformers(family, name, slots, prefetch):
+    _, store_path, ref = family(name)
+    store = Store.open(store_path)
+    n, layers = store.shape.num_experts, len(store.shape.moe_layers)
+    per_layer = {"one": 1, "half": n // 2, "all": n}[slots]
+    with runtime_engine(store, {"cache.budget": per_layer * layers, "prefetch": prefetch}) as eng:
+        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+            theirs = ref(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        s = eng.stats
+        assert eng.cache.num_slots == per_layer * layers
+        assert s.expert_uses == s.hits + s.prefetch_hits + s.misses > 0
+        assert s.experts_per_token == store.shape.top_k  # no gate: plain top-k
+        if prefetch and slots == "half":  # (one slot is never free for it; with all, nothing is missing)
+            assert s.prefetches_issued > 0
+        elif not prefetch:
+            assert s.prefetches_issued == 0
+
+
+#: what the family's router does with the weights it keeps, written here from transformers' modelling code
+#: (not from families/): a renormalising router gives the kept experts its whole total, in proportion
+RENORMALISES = {
+    "mixtral": lambda c: True, "phimoe": lambda c: False, "deepseek_v2": lambda c: False,
+    "qwen2_moe": lambda c: c.norm_topk_prob, "qwen3_moe": lambda c: c.norm_topk_prob,
+    "olmoe": lambda c: c.norm_topk_prob, "deepseek_v3": lambda c: c.norm_topk_prob,
+    "glm4_moe": lambda c: c.norm_topk_prob,
+}
+
+
+def reference_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None, num_experts: int,
+                   renormalises: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate on a router's (weights, ids) in the router's own order: an expert other than the
+    highest-weighted whose share of the k weights is below `threshold` gets the skip index."""
+    if threshold is None:
+        return weights, ids
+    share = weights / weights.sum(-1, keepdim=True)
+    top = share.argmax(-1, keepdim=True)
+    drop = share < threshold
+    drop.scatter_(-1, top, False)
+    kept = weights.masked_fill(drop, 0.0)
+    if renormalises:
+        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    return kept, ids.masked_fill(drop, num_experts)
+
+
+@contextmanager
+def gated_experts(model, thresholds: dict[int, float], renormalises: bool) -> Iterator[list[int]]:
+    """Apply `reference_gate` to what each MoE layer's experts module of transformers' model receives;
+    yields [choices seen, dropped]."""
+    counts = [0, 0]
+    saved = []
+    for i, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        orig = experts.forward
+
+        def forward(x, idx, w, orig=orig, i=i, n=experts.num_experts):
+            w, kept = reference_gate(w, idx, thresholds.get(i), n, renormalises)
+            counts[0] += idx.numel()
+            counts[1] += int((kept == n).sum())
+            return orig(x, kept, w)
+
+        saved.append((experts, orig))
+        experts.forward = forward
+    try:
+        yield counts
+    finally:
+        for experts, orig in saved:
+            experts.forward = orig
+
+
+def _thresholds(model, store: Store) -> dict[int, float]:
+    """Per MoE layer, a threshold between two non-top shares seen on the prompt (never on one), so some
+    but not all are dropped; the first MoE layer is left ungated."""
+    shares: dict[int, list[torch.Tensor]] = {}
+    hooks = []
+    for layer in store.shape.moe_layers:
+        def seen(module, args, layer=layer):
+            w = args[2] / args[2].sum(-1, keepdim=True)
+            shares.setdefault(layer, []).append(torch.sort(w, -1, descending=True).values[:, 1:].flatten())
+        hooks.append(model.model.layers[layer].mlp.experts.register_forward_pre_hook(seen))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([PROMPT]))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for layer in store.shape.moe_layers[1:]:
+        v = torch.sort(torch.cat(shares[layer])).values
+        at = len(v) // 2
+        while at + 2 < len(v) and v[at + 1] - v[at] < 1e-4:
+            at += 1
+        out[layer] = float((v[at] + v[at + 1]) / 2)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gate_equals_the_gate_inside_transformers(family, name):
+    _, store_path, ref = family(name)
+    store = Store.open(store_path)
+    th = _thresholds(ref, store)
+    renorm = RENORMALISES[name](ref.config)
+    with gated_experts(ref, th, renorm) as counts:
+        want = _ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([PROMPT])).logits
+    assert 0 < counts[1] < counts[0]  # some, not all, dropped
+    budget = len(store.shape.moe_layers) * 2
+    with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=GatePolicy(th, rule="test")) as eng:
+        assert _greedy(eng, PROMPT, STEPS) == want
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert eng.stats.experts_per_token < store.shape.top_k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_profile_plan_and_info_run(family, name, tmp_path, monkeypatch, capsys):
+    _, store_path, _ = family(name)
+    store = tmp_path / "store"
+    shutil.copytree(store_path, store)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(monkeypatch, capsys, "profile", str(store), "--text", str(text), "--tokens", "256",
+                           "--window", "64", "--method", "gradient")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "plan-cache", str(store), "--budget", "50%", "--text", str(text),
+                             "--tokens", "256")
+    assert code == 0, err
+    plan = json.loads((store / "plan.json").read_text())
+    shape = Store.open(store).shape
+    assert [x["layer"] for x in plan["layers"]] == list(shape.moe_layers)
+    assert sum(x["slots"] for x in plan["layers"]) == len(shape.moe_layers) * shape.num_experts // 2
+    code, out, err = run_cli(monkeypatch, capsys, "info", str(store), "--json")
+    assert code == 0, err
+    assert json.loads(out)["model_type"] == name
+
+
+def test_unsupported_model_type_names_the_supported_and_the_nearest(family, tmp_path, monkeypatch, capsys):
+    ckpt, _, _ = family("qwen3_moe")
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "qwen3moe"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(bad), str(tmp_path / "out"))
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "unsupported model family 'qwen3moe'" in err and "the nearest is qwen3_moe" in err
+    for known in FAMILIES:
+        assert known in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_and_tensors_that_disagree_name_the_first_mismatch(family, tmp_path, monkeypatch, capsys):
+    ckpt, _, _ = family("deepseek_v3")
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 40
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(bad), str(tmp_path / "out"))
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "model.layers.1.mlp." in err and "config.json implies" in err
+
+
+DOWNLOAD = """
+import json, os, sys
+from adapmoe_cli.hub import download_checkpoint
+from adapmoe_cli.store import Store
+from adapmoe_cli.store.writer import shard
+out = {}
+for name in sys.argv[1:]:
+    path = download_checkpoint("tiny/" + name)
+    shard(path, os.path.join(os.environ["ADAPMOE_HOME"], name))
+    out[name] = Store.open(os.path.join(os.environ["ADAPMOE_HOME"], name)).family.model_type
+print(json.dumps(out))
+"""
+
+
+def test_download_fetches_what_each_family_needs(family, tmp_path):
+    """Every family from a local hub holding decoys beside the checkpoint (pickles, `original/`,
+    `consolidated.*`): only the checkpoint's files are fetched, and each shards into a store."""
+    from tests.hub_server import HubServer
+
+    decoys = ["pytorch_model.bin", "consolidated.00.pth", "original/model.safetensors", "metal/model.bin"]
+    with HubServer() as hub:
+        for name in NAMES:
+            folder = tmp_path / "hub" / name
+            shutil.copytree(family(name)[0], folder)
+            for d in decoys:
+                (folder / d).parent.mkdir(exist_ok=True)
+                (folder / d).write_bytes(b"decoy" * 100)
+            hub.add(f"tiny/{name}", folder)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") or k == "HF_HOME"}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        r = subprocess.run([sys.executable, "-c", DOWNLOAD, *NAMES], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == {n: n for n in NAMES}
+        for name in NAMES:
+            prefix = f"/tiny/{name}/resolve/"
+            got = {p.split("/", 5)[-1] for p in hub.state.files(f"tiny/{name}") if p.startswith(prefix)}
+            assert not got & set(decoys)
+            assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= got
