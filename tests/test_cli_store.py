@@ -123,7 +123,8 @@ def _pickle_only(ckpt: Path) -> None:
 
 
 BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "llama": (lambda c: _set_config(c, model_type="llama"), r"unsupported model family 'llama'.*supports mixtral"),
+    "llama": (lambda c: _set_config(c, model_type="llama"),
+              r"unsupported model family 'llama': adapmoe supports deepseek_v2, .*mixtral"),
     "missing-tensor": (_drop_expert,
                        r"1 tensor\(s\) missing, e\.g\. model\.layers\.1\.block_sparse_moe\.experts\.3\.w3"),
     "extra-tensor": (_add_extra,

@@ -107,6 +107,9 @@ class ModelFamily:
     dense_renames: tuple[tuple[str, str], ...] = ()
     #: attribute of the router inside the MoE block (`gate`, or `router`)
     router_attr: str = "gate"
+    #: whether the router returns its k weights in descending order (a sorted `torch.topk` on the weights
+    #: themselves); otherwise the runtime orders them (tests/test_families.py would catch a wrong `True`)
+    ordered: bool = True
     #: whether a full-size variant may pad the intermediate dimension (not when dense weights depend on it)
     pads: bool = True
     #: transformers' defaults of the config keys the functions above read (checked by tests)

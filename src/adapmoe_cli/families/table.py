@@ -24,7 +24,7 @@ FAMILY_ROWS: tuple[ModelFamily, ...] = (
                 aliases={"num_experts": "num_local_experts"}),
     # sparsemixer: each kept weight a masked softmax of its own, not renormalised
     ModelFamily("phimoe", "PhimoeForCausalLM", "num_local_experts", "intermediate_size", BLOCK_SPARSE,
-                MIXTRAL_PARTS, renormalises=never, router_attr="router",
+                MIXTRAL_PARTS, renormalises=never, router_attr="router", ordered=False,
                 dense_renames=((".block_sparse_moe.gate.", ".mlp.router."), (".block_sparse_moe.", ".mlp."))),
     # softmax, top-k, renormalised when norm_topk_prob; a shared expert with its own sigmoid gate
     ModelFamily("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", MLP_EXPERTS,
@@ -40,15 +40,16 @@ FAMILY_ROWS: tuple[ModelFamily, ...] = (
     # softmax (greedy or group-limited), × routed_scaling_factor, never renormalised; shared experts whose
     # size is a multiple of the expert's (so the intermediate size cannot be padded alone); dense first layers
     ModelFamily("deepseek_v2", "DeepseekV2ForCausalLM", "n_routed_experts", "moe_intermediate_size",
-                MLP_EXPERTS, PROJ_PARTS, moe_layers=after_dense_layers, renormalises=never, pads=False,
+                MLP_EXPERTS, PROJ_PARTS, moe_layers=after_dense_layers, renormalises=never, pads=False, ordered=False,
                 defaults={"first_k_dense_replace": 0}, aliases={"num_experts": "n_routed_experts"}),
     # sigmoid scores + correction bias, grouped top-k, renormalised when norm_topk_prob, × scaling factor
     ModelFamily("deepseek_v3", "DeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size",
                 MLP_EXPERTS, PROJ_PARTS, moe_layers=after_dense_layers, renormalises=norm_topk_prob, pads=False,
+                ordered=False,
                 defaults={"first_k_dense_replace": 3, "norm_topk_prob": True},
                 aliases={"num_local_experts": "n_routed_experts"}),
     ModelFamily("glm4_moe", "Glm4MoeForCausalLM", "n_routed_experts", "moe_intermediate_size", MLP_EXPERTS,
-                PROJ_PARTS, moe_layers=after_dense_layers, renormalises=norm_topk_prob, pads=False,
+                PROJ_PARTS, moe_layers=after_dense_layers, renormalises=norm_topk_prob, pads=False, ordered=False,
                 defaults={"first_k_dense_replace": 1, "norm_topk_prob": True},
                 aliases={"num_local_experts": "n_routed_experts"}),
 )

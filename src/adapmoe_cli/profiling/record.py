@@ -21,6 +21,7 @@ class NextLayerPredictor:
         fam = engine.store.family
         self.layers = list(engine.store.shape.moe_layers)
         self.routers = {layer: fam.router(engine.model, layer) for layer in self.layers}
+        self.ordered = fam.ordered
 
     def __call__(self, rec: LayerRecord) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         i = self.layers.index(rec.layer)
@@ -28,7 +29,7 @@ class NextLayerPredictor:
             return None
         nxt = self.layers[i + 1]
         with torch.no_grad():
-            w, ids = predict(self.routers[nxt], rec.hidden.detach())
+            w, ids = predict(self.routers[nxt], rec.hidden.detach(), self.ordered)
         return nxt, ids, w
 
 

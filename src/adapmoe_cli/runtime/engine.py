@@ -129,7 +129,7 @@ class Engine:
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             experts = OffloadedExperts(
                 layer, self.manager, act=fam.experts(model, layer).act_fn, gate_policy=lambda: self.gate,
-                observers=self.observers, renormalises=renormalises, next_layer=nxt,
+                observers=self.observers, renormalises=renormalises, ordered=fam.ordered, next_layer=nxt,
                 next_router=fam.router(model, nxt) if nxt is not None else None, prefetch=self.settings.prefetch,
                 linear=linear,
             )

@@ -12,23 +12,27 @@ from dataclasses import dataclass, field
 import torch
 
 
-def rank(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rank(weights: torch.Tensor, ids: torch.Tensor, ordered: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A router's (weights, ids) [T, k] → (shares, ids, weights), all ordered by weight, descending (ties
     keep the router's order): `shares` are float32 and sum to 1 per token, `weights` are the router's own
-    (any total: 1, less than 1 without renormalisation, a scaling factor)."""
+    (any total: 1, less than 1 without renormalisation, a scaling factor). `ordered`: the router already
+    returns them descending (a sorted top-k), so nothing is reordered."""
     w = weights.float()
-    order = torch.argsort(w, dim=-1, descending=True, stable=True)
-    w, ids = w.gather(-1, order), ids.gather(-1, order)
-    return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30), ids, w
+    if not ordered:
+        order = torch.argsort(w, dim=-1, descending=True, stable=True)
+        w, ids = w.gather(-1, order), ids.gather(-1, order)
+    return w / w.sum(dim=-1, keepdim=True), ids, w
 
 
-def reweigh(weights: torch.Tensor, keep: torch.Tensor, renormalises: bool) -> torch.Tensor:
+def reweigh(weights: torch.Tensor, shares: torch.Tensor, keep: torch.Tensor, renormalises: bool) -> torch.Tensor:
     """The router's weights [T, k] with the dropped experts' set to 0. A router that renormalises its
-    top-k gives the kept experts the whole total, in proportion; one that does not leaves them as they are."""
-    kept = torch.where(keep, weights, torch.zeros_like(weights))
+    top-k gives the kept experts the whole total, in proportion (kept weight × total / kept total = kept
+    weight / kept share); one that does not leaves them as they are."""
+    kept = weights.masked_fill(~keep, 0.0)
     if not renormalises:
         return kept
-    return kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True))
+    return kept / shares.masked_fill(~keep, 0.0).sum(dim=-1, keepdim=True)
 
 
 def adaptive_keep(weights: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -41,12 +41,12 @@ class Observers:
     expert_outputs: bool = False
 
 
-def predict(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(router: nn.Module, x: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What `router` (a family's own router module) would choose for hidden states x [T, H]: (shares, ids),
     descending. Its `forward` is called directly, so hooks counting the model's routing do not see a
     prediction."""
     _, weights, ids = router.forward(x)
-    shares, ids, _ = rank(weights, ids)
+    shares, ids, _ = rank(weights, ids, ordered)
     return shares, ids
 
 
@@ -59,6 +59,7 @@ class OffloadedExperts(nn.Module):
         gate_policy: Callable[[], GatePolicy],
         observers: Observers,
         renormalises: bool = True,
+        ordered: bool = False,
         next_layer: int | None = None,
         next_router: nn.Module | None = None,
         prefetch: bool = True,
@@ -71,6 +72,7 @@ class OffloadedExperts(nn.Module):
         self.gate_policy = gate_policy
         self.observers = observers
         self.renormalises = renormalises
+        self.ordered = ordered  # the router's k weights come descending (families/base.py)
         self.next_layer = next_layer
         # the next layer's router, held without registering the module twice
         self._next_router = [next_router] if next_router is not None else []
@@ -81,28 +83,36 @@ class OffloadedExperts(nn.Module):
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
         layer's experts and the next layer's adaptive gate (prefetch follows the gate)."""
-        shares, ids = predict(self._next_router[0], x)
-        keep = adaptive_keep(shares, self.gate_policy().threshold(self.next_layer))
-        return sorted(set(ids[keep].tolist()))
+        threshold = self.gate_policy().threshold(self.next_layer)
+        if threshold is None:  # plain top-k: no shares needed
+            return sorted(set(self._next_router[0].forward(x)[2].view(-1).tolist()))
+        shares, ids = predict(self._next_router[0], x, self.ordered)
+        return sorted(set(ids[adaptive_keep(shares, threshold)].tolist()))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         x = hidden_states  # [T, H]
         h = x.shape[-1]
-        shares, ids, weights = rank(top_k_weights, top_k_index)
         threshold = self.gate_policy().threshold(self.layer)
-        keep = adaptive_keep(shares, threshold)
-        if threshold is None:
-            gated_w, gated_ids = weights, ids
+        observed = bool(self.observers.callbacks)
+        if threshold is None and not observed:  # plain top-k, nobody watching: the router's choice as it is
+            gated_w, gated_ids, activations = top_k_weights, top_k_index, top_k_index.numel()
+            needed = sorted(set(top_k_index.view(-1).tolist()))
         else:
-            gated_w, gated_ids = reweigh(weights, keep, self.renormalises), ids.masked_fill(~keep, -1)
-        gated_w = gated_w.to(top_k_weights.dtype)
+            shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
+            keep = adaptive_keep(shares, threshold)
+            if threshold is None:
+                gated_w, gated_ids = weights.to(top_k_weights.dtype), ids
+            else:
+                gated_w = reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
+                gated_ids = ids.masked_fill(~keep, -1)
+            activations = int(keep.sum())
+            needed = sorted(set(gated_ids[keep].tolist()))
         if self.prefetch_enabled and x.shape[0] == 1:
             self.manager.prefetch(self.next_layer, self.predict_next(x))
         out = torch.zeros_like(x)
-        needed = sorted(set(gated_ids[keep].tolist()))
-        record = self.observers.expert_outputs and bool(self.observers.callbacks)
-        expert_out = x.new_zeros((x.shape[0], ids.shape[1], h)) if record else None
+        record = self.observers.expert_outputs and observed
+        expert_out = x.new_zeros((x.shape[0], gated_ids.shape[1], h)) if record else None
 
         lin = self.linear
 
@@ -115,8 +125,8 @@ class OffloadedExperts(nn.Module):
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
 
-        self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=int(keep.sum()))
-        if self.observers.callbacks:
+        self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=activations)
+        if observed:
             rec = LayerRecord(self.layer, x, shares, ids, keep, out, expert_out, weights.sum(-1), self.renormalises)
             for fn in self.observers.callbacks:
                 fn(rec)
