@@ -325,3 +325,24 @@ def test_download_fetches_what_each_family_needs(family, tmp_path):
             got = {p.split("/", 5)[-1] for p in hub.state.files(f"tiny/{name}") if p.startswith(prefix)}
             assert not got & set(decoys)
             assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= got
+
+
+def test_full_size_variant_of_a_family_with_shared_and_dense_layers(family, tmp_path):
+    """qwen2_moe (a sigmoid-gated shared expert, a dense layer between sparse ones): the padded variant
+    computes what the original does; DeepSeek, whose shared experts are sized from the experts', refuses."""
+    from adapmoe_cli.errors import UsageError
+    from adapmoe_cli.store.export import variant_store
+
+    small = Store.open(family("qwen2_moe")[1])
+    big = variant_store(small, 4 * small.expert_payload_bytes, out=tmp_path / "big")
+    assert big.shape.intermediate_size > small.shape.intermediate_size
+    budget = {"cache.budget": len(small.shape.moe_layers) * 3}
+    results = []
+    for store in (small, big):
+        with runtime_engine(store, budget) as eng, torch.no_grad():
+            results.append((_greedy(eng, PROMPT, STEPS), eng.model(torch.tensor([PROMPT])).logits))
+    assert results[0][0] == results[1][0]
+    assert (results[0][1] - results[1][1]).abs().max().item() <= 1e-5
+    with pytest.raises(UsageError, match="deepseek_v3 experts cannot be padded"):
+        variant_store(Store.open(family("deepseek_v3")[1]), 1 << 20, out=tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()

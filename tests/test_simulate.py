@@ -307,6 +307,34 @@ def test_shipped_files_load_with_sources():
         models.load_model("gpt-5")
 
 
+DEEPSEEK_V3_CONFIG = {  # the published config.json's sizes (deepseek-ai/DeepSeek-V3)
+    "num_hidden_layers": 61, "first_k_dense_replace": 3, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_every_family_flagship_ships_and_agrees_with_its_config():
+    """A shipped model config per family; DeepSeek-V3's (MoE layers less the dense ones, MLA attention,
+    a shared expert, dense layers) equals what `fit` derives from the published config.json."""
+    names = set(models.known())
+    assert names >= {"mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen2-57b-a14b", "olmoe-1b-7b",
+                     "deepseek-v2", "deepseek-v3", "glm-4.5-air", "phi-3.5-moe", "gpt-oss-120b"}
+    for name in names:
+        m = models.load_model(name)
+        assert m.sources and m.slot_bytes > 0 and m.dense_bytes_per_layer > 0
+    v3 = models.load_model("deepseek-v3")
+    assert (v3.num_layers, v3.num_experts, v3.top_k) == (58, 256, 8)
+    assert models.mla_attention_params(DEEPSEEK_V3_CONFIG) == 187_107_328
+    derived = models.from_hf_config({**DEEPSEEK_V3_CONFIG, "dtype": "bfloat16"}, "v3", bits=8)
+    assert derived.num_layers == 58
+    assert abs(derived.dense_bytes_per_layer / 2 - v3.dense_bytes_per_layer) <= 1  # bf16 dense vs the file's 8 bits
+    params = 3 * 7168 * 2048  # gate, up and down of one routed expert
+    assert v3.slot_bytes == params + params // 16384 * 4  # FP8 with one scale per 128×128 block
+    assert derived.slot_bytes == params + params // 64 * 4  # 8 bits projected with the default groups of 64
+
+
 def test_calibration_writes_this_machine_under_home(make_store):
     from adapmoe_cli.settings import load_settings
     from adapmoe_cli.simulate.calibrate import calibrate

@@ -36,7 +36,8 @@ def _config(model: str | None) -> tuple[dict[str, Any], str]:
         raise UsageError(f"{model} holds no config.json")
     if looks_like_repo_id(model):
         return download_config(model), model
-    raise UsageError(f"{model!r} is not a store, a checkpoint folder or a hub id (ORG/NAME)")
+    raise UsageError(f"{model!r} is not a store, a checkpoint folder, a hub id (ORG/NAME) or a shipped model "
+                     "config (configs/models)")
 
 
 def fit_cmd(
@@ -53,13 +54,18 @@ def fit_cmd(
       adapmoe fit mistralai/Mixtral-8x7B-Instruct-v0.1
 
       adapmoe fit Qwen/Qwen3-30B-A3B --bits 4 --hardware rtx4090-pcie4
+
+      adapmoe fit deepseek-v3    (a shipped model config: `adapmoe simulate --help` lists them; no network)
     """
     from adapmoe_cli.fit import fit
     from adapmoe_cli.simulate.hardware import load_hardware
-    from adapmoe_cli.simulate.model_spec import from_hf_config
+    from adapmoe_cli.simulate.model_spec import from_hf_config, known, load_model
 
-    cfg, name = _config(model)
-    spec = from_hf_config(cfg, name, bits)
+    if model in known() and not Path(model).expanduser().exists():
+        spec = load_model(model, bits)
+    else:
+        cfg, name = _config(model)
+        spec = from_hf_config(cfg, name, bits)
     emit(fit(spec, load_hardware(hardware)), as_json, render)
 
 

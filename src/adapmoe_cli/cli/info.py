@@ -30,5 +30,8 @@ def info_cmd(model: ModelArg = None, as_json: JsonFlag = False) -> None:
     for key, value in data.items():
         if key.endswith("_bytes"):
             value = f"{format_bytes(value)} ({value:,} B)"
+        elif key == "source" and isinstance(value, dict):  # the whole record is in --json
+            value = (f"{value.get('path', '?')} (fingerprint {str(value.get('fingerprint', ''))[:16]}…, "
+                     f"{len(value.get('files') or [])} weight files)")
         table.add_row(key, str(value))
     console.print(table)

@@ -72,7 +72,11 @@ def quantized_expert_bytes(hidden: int, intermediate: int, bits: float, group_si
 
 
 def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") -> ModelSpec:
-    """A published configuration: hidden/intermediate sizes, heads, vocabulary → bytes."""
+    """A published configuration: hidden/intermediate sizes, heads, vocabulary → bytes. Optional keys for
+    the families that have them: `attention_params` (per layer, where attention is not plain multi-head:
+    DeepSeek's MLA), `shared_expert_intermediate_size` (dense experts every token reads in each MoE layer)
+    and `dense_layers` with `dense_intermediate_size` (dense decoder layers, their bytes spread over the MoE
+    layers so that a token reads them once)."""
     try:
         h, inter = int(d["hidden_size"]), int(d["moe_intermediate_size"] if "moe_intermediate_size" in d
                                               else d["intermediate_size"])
@@ -80,11 +84,16 @@ def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") ->
         head_dim = int(d.get("head_dim", h // heads))
         n_exp, dense_bits = int(d["num_experts"]), float(d.get("dense_bits", 16))
         b = float(bits if bits is not None else d.get("bits", 16))
-        # q and o are heads×head_dim wide, k and v kv_heads×head_dim; the router is E×H; two norms
-        attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-        dense = int((attn + h * n_exp + 2 * h) * dense_bits / 8)
+        layers = int(d["num_layers"])
+        # q and o are heads×head_dim wide, k and v kv_heads×head_dim (unless given); the router is E×H; two norms
+        attn = int(d.get("attention_params") or h * heads * head_dim * 2 + h * kv * head_dim * 2)
+        shared = 3 * h * int(d.get("shared_expert_intermediate_size", 0))
+        dense_layers = int(d.get("dense_layers", 0))
+        dense_ffn = 3 * h * int(d.get("dense_intermediate_size", 0))
+        extra = dense_layers * (attn + dense_ffn + 2 * h) / max(layers, 1)
+        dense = int((attn + h * n_exp + 2 * h + shared + extra) * dense_bits / 8)
         return ModelSpec(
-            name=str(d["name"]) + ("" if b == 16 else f"@{b:g}bit"), num_layers=int(d["num_layers"]),
+            name=str(d["name"]) + ("" if b == 16 else f"@{b:g}bit"), num_layers=layers,
             num_experts=n_exp, top_k=int(d["top_k"]),
             slot_bytes=quantized_expert_bytes(h, inter, b, int(d.get("group_size", 64))),
             dense_bytes_per_layer=dense, head_bytes=int(int(d["vocab_size"]) * h * dense_bits / 8), bits=b,
@@ -94,13 +103,25 @@ def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") ->
         raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md") from None
 
 
+def mla_attention_params(cfg: dict[str, Any]) -> int | None:
+    """Parameters of one DeepSeek-style multi-head latent attention layer (None when the config has none)."""
+    if not cfg.get("kv_lora_rank"):
+        return None
+    h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    nope, rope, v = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"])
+    kv_rank, q_rank = int(cfg["kv_lora_rank"]), int(cfg.get("q_lora_rank") or 0)
+    q = h * q_rank + q_rank + q_rank * heads * (nope + rope) if q_rank else h * heads * (nope + rope)
+    return q + h * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v) + heads * v * h
+
+
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8}
 
 
 def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) -> ModelSpec:
     """A Hugging Face `config.json` of an MoE model (Mixtral, Qwen-MoE, OLMoE, DeepSeek, … key names) →
     bytes. MoE layers are the decoder layers less the dense ones (`first_k_dense_replace`,
-    `mlp_only_layers`, `decoder_sparse_step`); shared experts are not counted (they are dense)."""
+    `mlp_only_layers`, `decoder_sparse_step`); shared experts and dense layers count as dense bytes, and
+    DeepSeek's latent attention by its own sizes."""
     def first(*keys: str) -> Any:
         for k in keys:
             if cfg.get(k) is not None:
@@ -123,6 +144,18 @@ def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) ->
     }
     if cfg.get("head_dim"):
         d["head_dim"] = cfg["head_dim"]
+    shared = cfg.get("shared_expert_intermediate_size") or (
+        int(cfg.get("n_shared_experts") or 0) * int(d["moe_intermediate_size"]))
+    if shared:
+        d["shared_expert_intermediate_size"] = shared
+    if layers - len(moe) and cfg.get("intermediate_size"):
+        d["dense_layers"], d["dense_intermediate_size"] = layers - len(moe), cfg["intermediate_size"]
+    try:
+        mla = mla_attention_params(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{name}: config.json's latent attention sizes are incomplete ({e!r})") from None
+    if mla:
+        d["attention_params"] = mla
     if not moe:
         raise UsageError(f"{name}: no Mixture-of-Experts layer in this config")
     return from_config(d, bits, name)

@@ -36,7 +36,11 @@ PAD_MULTIPLE = 256
 
 def padded_intermediate(store: Store, expert_bytes: int) -> int:
     """The intermediate size at which one expert of `store` (its dtype) holds about `expert_bytes`."""
-    shapes = store.family.expert_part_shapes(store.config)
+    fam = store.family
+    if not fam.pads:
+        raise UsageError(f"{fam.model_type} experts cannot be padded: its dense weights depend on the experts' "
+                         f"size ({fam.intermediate_key}); benchmark it without --expert-size")
+    shapes = fam.expert_part_shapes(store.config)
     inter = store.shape.intermediate_size
     per_unit = sum(math.prod(s) for s in shapes.values()) // inter * store.dtype.itemsize  # bytes per unit of I
     target = -(-expert_bytes // per_unit)
@@ -63,6 +67,7 @@ def export_checkpoint(store: Store, out: Path, intermediate_size: int | None = N
     fam = store.family
     config = dict(store.config)
     inter = intermediate_size or store.shape.intermediate_size
+    assert inter == store.shape.intermediate_size or fam.pads, "padded_intermediate refuses this family"
     if inter < store.shape.intermediate_size:
         raise UsageError(f"cannot pad experts to {inter}, below the model's {store.shape.intermediate_size}")
     config[fam.intermediate_key] = inter

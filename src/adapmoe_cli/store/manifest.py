@@ -342,6 +342,8 @@ class Store:
             "model_type": self.family.model_type,
             "num_layers": s.num_layers,
             "moe_layers": len(s.moe_layers),
+            "sparse_layers": list(s.moe_layers),
+            "router_renormalises": self.family.router_renormalises(self.config),
             "num_experts": s.num_experts,
             "experts_per_token": s.top_k,
             "hidden_size": s.hidden_size,
