@@ -1,7 +1,8 @@
 """Decode speed of the runtime on one store, for comparing two versions of the code (the experts seam
 against the block it replaced): run it with PYTHONPATH pointing at each version's `src`, alternating.
 Prints one JSON line: tokens/s per setup (all experts resident; half of them, LRU with prefetch; the same
-with the store's planned gate thresholds), and the loads counted. Usage: python scripts/measure_seam.py [STORE] [--tokens 64] [--prompts 4]"""
+with the store's planned gate thresholds), and the loads counted.
+Usage: python scripts/measure_seam.py [STORE] [--tokens 64] [--prompts 4]"""
 
 from __future__ import annotations
 
