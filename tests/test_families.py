@@ -144,24 +144,25 @@ RENORMALISES = {
     "mixtral": lambda c: True, "phimoe": lambda c: False, "deepseek_v2": lambda c: False,
     "qwen2_moe": lambda c: c.norm_topk_prob, "qwen3_moe": lambda c: c.norm_topk_prob,
     "olmoe": lambda c: c.norm_topk_prob, "deepseek_v3": lambda c: c.norm_topk_prob,
-    "glm4_moe": lambda c: c.norm_topk_prob,
+    "glm4_moe": lambda c: c.norm_topk_prob, "gpt_oss": lambda c: True,
 }
 
 
-def reference_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None, num_experts: int,
-                   renormalises: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate on a router's (weights, ids) in the router's own order: an expert other than the
-    highest-weighted whose share of the k weights is below `threshold` gets the skip index."""
+def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate on a router's weights [T, k] in the router's own order: an expert other than the
+    highest-weighted whose share of the k weights is below `threshold` is dropped — its weight set to 0
+    (GPT-OSS's experts module has no skip index); (new weights, dropped mask)."""
+    drop = torch.zeros_like(weights, dtype=torch.bool)
     if threshold is None:
-        return weights, ids
+        return weights, drop
     share = weights / weights.sum(-1, keepdim=True)
-    top = share.argmax(-1, keepdim=True)
     drop = share < threshold
-    drop.scatter_(-1, top, False)
+    drop.scatter_(-1, share.argmax(-1, keepdim=True), False)
     kept = weights.masked_fill(drop, 0.0)
     if renormalises:
         kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
-    return kept, ids.masked_fill(drop, num_experts)
+    return kept, drop
 
 
 @contextmanager
@@ -176,11 +177,11 @@ def gated_experts(model, thresholds: dict[int, float], renormalises: bool) -> It
             continue
         orig = experts.forward
 
-        def forward(x, idx, w, orig=orig, i=i, n=experts.num_experts):
-            w, kept = reference_gate(w, idx, thresholds.get(i), n, renormalises)
+        def forward(x, idx, w, orig=orig, i=i):
+            w, drop = reference_gate(w, thresholds.get(i), renormalises)
             counts[0] += idx.numel()
-            counts[1] += int((kept == n).sum())
-            return orig(x, kept, w)
+            counts[1] += int(drop.sum())
+            return orig(x, idx, w)
 
         saved.append((experts, orig))
         experts.forward = forward
@@ -327,13 +328,15 @@ def test_download_fetches_what_each_family_needs(family, tmp_path):
             assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= got
 
 
-def test_full_size_variant_of_a_family_with_shared_and_dense_layers(family, tmp_path):
-    """qwen2_moe (a sigmoid-gated shared expert, a dense layer between sparse ones): the padded variant
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_full_size_variant_computes_what_the_original_does(family, name, tmp_path):
+    """qwen2_moe (a sigmoid-gated shared expert, a dense layer between sparse ones) and gpt_oss (stacked
+    experts with biases, exported back to the hub's stacked layout and re-sharded): the padded variant
     computes what the original does; DeepSeek, whose shared experts are sized from the experts', refuses."""
     from adapmoe_cli.errors import UsageError
     from adapmoe_cli.store.export import variant_store
 
-    small = Store.open(family("qwen2_moe")[1])
+    small = Store.open(family(name)[1])
     big = variant_store(small, 4 * small.expert_payload_bytes, out=tmp_path / "big")
     assert big.shape.intermediate_size > small.shape.intermediate_size
     budget = {"cache.budget": len(small.shape.moe_layers) * 3}
@@ -346,3 +349,23 @@ def test_full_size_variant_of_a_family_with_shared_and_dense_layers(family, tmp_
     with pytest.raises(UsageError, match="deepseek_v3 experts cannot be padded"):
         variant_store(Store.open(family("deepseek_v3")[1]), 1 << 20, out=tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+
+
+def test_quantized_experts_of_a_family_with_biases(family, tmp_path):
+    """gpt_oss in int8: the weights are quantized, the biases are kept in the store's dtype, and the
+    runtime computes within int8's error of the native store."""
+    from adapmoe_cli.experts_format import parse_format
+    from adapmoe_cli.store.export import variant_store
+
+    native = Store.open(family("gpt_oss")[1])
+    q = variant_store(native, fmt=parse_format("int8"), out=tmp_path / "int8")
+    layout = {t.name: t for t in q.experts[(0, 0)].tensors}
+    assert {"w1.q", "w1.s", "w3.q", "w3.s", "w2.q", "w2.s", "b1", "b3", "b2"} == set(layout)
+    assert layout["w1.q"].dtype == "int8" and layout["b1"].dtype == native.dtype_name
+    budget = {"cache.budget": len(native.shape.moe_layers) * native.shape.num_experts}
+    logits = []
+    for store in (native, q):
+        with runtime_engine(store, budget) as eng, torch.no_grad():
+            logits.append(eng.model(torch.tensor([PROMPT])).logits)
+    err = (logits[0] - logits[1]).abs().max().item()
+    assert 0 < err <= 0.05 * logits[0].abs().max().item()

@@ -62,17 +62,31 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
-    def read_bytes(self, name: str) -> bytearray:
+    def read_row(self, name: str, index: int, hashers: dict[str, Any]) -> torch.Tensor:
+        """Row `index` (along dim 0) of a stacked tensor: one expert of a fused family. Rows must be read in
+        order, 0 first; `hashers[name]` then ends as the sha256 of the whole tensor (the fingerprint's)."""
         info = self.tensors[name]
-        buf = bytearray(info.nbytes)
+        row = info.nbytes // info.shape[0]
+        h = hashers.setdefault(name, [hashlib.sha256(), 0])
+        assert h[1] == index, f"rows of {name} read out of order"
+        buf = self.read_bytes(name, info.offset + index * row, row)
+        h[0].update(buf)
+        h[1] += 1
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape[1:]) if row else \
+            torch.empty(info.shape[1:], dtype=info.dtype)
+
+    def read_bytes(self, name: str, offset: int | None = None, nbytes: int | None = None) -> bytearray:
+        info = self.tensors[name]
+        nbytes = info.nbytes if nbytes is None else nbytes
+        buf = bytearray(nbytes)
         fd = open_regular(info.file, info.file.name, CheckpointError, follow=True)
         try:
             with os.fdopen(fd, "rb") as f:
-                f.seek(info.offset)
+                f.seek(info.offset if offset is None else offset)
                 n = f.readinto(buf)
         except OSError as e:
             raise CheckpointError(f"{info.file.name} cannot be read ({e.strerror})") from None
-        if n != info.nbytes:
+        if n != nbytes:
             raise CheckpointError(f"{info.file.name} is truncated: tensor {name} ends past the end of the file")
         return buf
 
@@ -218,17 +232,12 @@ def validate(ckpt: Checkpoint) -> None:
     from adapmoe_cli.skeleton import config_errors, describe, expected_dense_tensors
 
     fam, cfg = ckpt.family, ckpt.config
-    shape = fam.moe_shape(cfg)
     try:
         expected = expected_dense_tensors(fam, cfg)
     except config_errors() as e:
         raise CheckpointError(f"{ckpt.path}/config.json cannot build a {fam.model_type} model: {describe(e)}"
                               ) from None
-    part_shapes = fam.expert_part_shapes(cfg)
-    for layer in shape.moe_layers:
-        for e in range(shape.num_experts):
-            for part, s in part_shapes.items():
-                expected[fam.expert_tensor_name(layer, e, part)] = s
+    expected.update(fam.expert_tensor_shapes(cfg))
     have = set(ckpt.tensors)
     missing = sorted(set(expected) - have, key=_natural)
     extra = sorted(have - set(expected), key=_natural)

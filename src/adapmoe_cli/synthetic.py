@@ -182,6 +182,9 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "glm4_moe": {"n_routed_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
                  "intermediate_size": 96, "first_k_dense_replace": 1, "n_shared_experts": 1,
                  "n_group": 1, "topk_group": 1},
+    # sliding and full attention alternate, sinks, biases, yarn as published (a context the factor fits)
+    "gpt_oss": {"num_local_experts": 6, "num_experts_per_tok": 3, "intermediate_size": 48, "sliding_window": 8,
+                "max_position_embeddings": 131072},
 }
 _TINY_COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
                 "head_dim": 16, "vocab_size": 320, "max_position_embeddings": 256, "bos_token_id": 1,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import difflib
 
 from adapmoe_cli.errors import CheckpointError
-from adapmoe_cli.families.base import EXPERT_PARTS, ExpertKey, ModelFamily, MoEShape
+from adapmoe_cli.families.base import EXPERT_PARTS, ExpertKey, ModelFamily, MoEShape, is_weight
 from adapmoe_cli.families.table import FAMILY_ROWS
 
 FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in FAMILY_ROWS}
 
-__all__ = ["EXPERT_PARTS", "FAMILIES", "ExpertKey", "ModelFamily", "MoEShape", "get_family"]
+__all__ = ["EXPERT_PARTS", "FAMILIES", "ExpertKey", "ModelFamily", "MoEShape", "get_family", "is_weight"]
 
 
 def get_family(model_type: object) -> ModelFamily:

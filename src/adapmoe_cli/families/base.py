@@ -13,8 +13,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: the parts of one expert, in the order they are packed into the store: gate (w1), up (w3), down (w2)
+#: the parts of one expert, in the order they are packed into the store: gate (w1), up (w3), down (w2) …
 EXPERT_PARTS = ("w1", "w3", "w2")
+#: … and, for families whose experts have biases, theirs (always kept in the store's dtype, never quantized)
+BIAS_PARTS = ("b1", "b3", "b2")
+
+
+def is_weight(part: str) -> bool:
+    """A weight matrix (what an experts format may quantize), not a bias."""
+    return part in EXPERT_PARTS
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """A family whose hub checkpoints stack a layer's experts in a few tensors (experts along dim 0)."""
+
+    #: kind → hub name of the stacked tensor, with {layer}
+    tensors: Mapping[str, str]
+    #: (hidden, intermediate) → kind → the shape of one expert's row
+    rows: Callable[[int, int], dict[str, tuple[int, ...]]]
+    #: one expert's rows → adapmoe's parts (w1 [I, H], w3 [I, H], w2 [H, I], biases)
+    split: Callable[[Mapping[str, Any]], dict[str, Any]]
+    #: adapmoe's parts → one expert's rows (export)
+    join: Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -94,7 +115,7 @@ class ModelFamily:
     experts_key: str
     #: config key of one expert's intermediate size (what `store/export.py` pads)
     intermediate_key: str
-    #: hub name of one expert tensor, with {layer}, {expert} and {part} (the hub's part name)
+    #: hub name of one expert tensor, with {layer}, {expert} and {part} (the hub's part name); "" when fused
     hub_expert_name: str
     #: adapmoe's part (w1 gate, w3 up, w2 down) → the hub's name for it
     hub_parts: Mapping[str, str]
@@ -116,15 +137,28 @@ class ModelFamily:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     #: another name a config.json may give a key (transformers' `attribute_map`) → the name read here
     aliases: Mapping[str, str] = field(default_factory=dict)
-
-    expert_parts = EXPERT_PARTS
+    #: the hub's stacked expert tensors, for families that fuse them (then hub_expert_name is unused)
+    fused: FusedExperts | None = None
+    #: whether each expert has biases (b1, b3, b2)
+    biases: bool = False
+    #: the gated activation: `act` (act_fn(gate) × up, the experts module's act_fn) or `clamped_swiglu`
+    #: (GPT-OSS: gate and up clamped, gate × sigmoid(α gate) × (up + 1), α and the limit from the module)
+    activation: str = "act"
 
     def __post_init__(self) -> None:
-        alt = "|".join(re.escape(p) for p in self.hub_parts.values())
+        alt = "|".join(re.escape(p) for p in self.hub_parts.values()) or "$^"
         pattern = (re.escape(self.hub_expert_name).replace(r"\{layer\}", r"(\d+)")
-                   .replace(r"\{expert\}", r"(\d+)").replace(r"\{part\}", f"({alt})"))
+                   .replace(r"\{expert\}", r"(\d+)").replace(r"\{part\}", f"({alt})")) or "$^"
         object.__setattr__(self, "_pattern", re.compile(pattern))
         object.__setattr__(self, "_part_of", {hub: part for part, hub in self.hub_parts.items()})
+        fused = "|".join(re.escape(t).replace(r"\{layer\}", r"\d+") for t in (self.fused.tensors.values()
+                                                                             if self.fused else ())) or "$^"
+        object.__setattr__(self, "_fused_pattern", re.compile(fused))
+
+    @property
+    def expert_parts(self) -> tuple[str, ...]:
+        """The parts of one expert in the order they are packed into the store."""
+        return EXPERT_PARTS + (BIAS_PARTS if self.biases else ())
 
     def settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """The config with transformers' defaults for the keys it leaves out (and aliases resolved)."""
@@ -160,10 +194,34 @@ class ModelFamily:
         return self.hub_expert_name.format(layer=layer, expert=expert, part=self.hub_parts[part])
 
     def expert_part_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Shape of each expert part as stored on the hub (nn.Linear layout: out × in)."""
+        """Shape of each expert part as the store holds it (nn.Linear layout: out × in)."""
         cfg = self.settings(config)
         h, i = int(cfg["hidden_size"]), int(cfg[self.intermediate_key])
-        return {"w1": (i, h), "w3": (i, h), "w2": (h, i)}
+        shapes: dict[str, tuple[int, ...]] = {"w1": (i, h), "w3": (i, h), "w2": (h, i)}
+        if self.biases:
+            shapes.update({"b1": (i,), "b3": (i,), "b2": (h,)})
+        return shapes
+
+    def expert_tensor_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Hub name → shape of every expert tensor a checkpoint of this config holds."""
+        shape = self.moe_shape(config)
+        out: dict[str, tuple[int, ...]] = {}
+        if self.fused is not None:
+            rows = self.fused.rows(shape.hidden_size, shape.intermediate_size)
+            for layer in shape.moe_layers:
+                for kind, name in self.fused.tensors.items():
+                    out[name.format(layer=layer)] = (shape.num_experts, *rows[kind])
+            return out
+        parts = self.expert_part_shapes(config)
+        for layer in shape.moe_layers:
+            for e in range(shape.num_experts):
+                for part, s in parts.items():
+                    out[self.expert_tensor_name(layer, e, part)] = s
+        return out
+
+    def is_expert_tensor(self, name: str) -> bool:
+        """A hub tensor holding expert weights (one expert's part, or a fused family's stacked tensor)."""
+        return self.expert_key(name) is not None or bool(self._fused_pattern.fullmatch(name))  # type: ignore[attr-defined]
 
     def hub_to_model_key(self, name: str) -> str:
         """Rename a dense hub tensor to its name in the in-memory transformers model."""

@@ -4,7 +4,10 @@ config class's for the keys a config.json may omit (tests/test_families.py check
 
 from __future__ import annotations
 
+from typing import Any
+
 from adapmoe_cli.families.base import (
+    FusedExperts,
     ModelFamily,
     after_dense_layers,
     never,
@@ -16,6 +19,34 @@ MIXTRAL_PARTS = {"w1": "w1", "w3": "w3", "w2": "w2"}
 PROJ_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 BLOCK_SPARSE = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight"
 MLP_EXPERTS = "model.layers.{layer}.mlp.experts.{expert}.{part}.weight"
+
+GPT_OSS_EXPERTS = "model.layers.{layer}.mlp.experts."
+
+
+def _gpt_oss_rows(h: int, i: int) -> dict[str, tuple[int, ...]]:
+    # x @ gate_up [H, 2I] with gate and up interleaved (even, odd columns); x @ down [I, H]
+    return {"gate_up": (h, 2 * i), "gate_up_bias": (2 * i,), "down": (i, h), "down_bias": (h,)}
+
+
+def _gpt_oss_split(rows: Any) -> dict[str, Any]:
+    gu, gub = rows["gate_up"], rows["gate_up_bias"]
+    return {"w1": gu[:, 0::2].T.contiguous(), "w3": gu[:, 1::2].T.contiguous(), "w2": rows["down"].T.contiguous(),
+            "b1": gub[0::2].contiguous(), "b3": gub[1::2].contiguous(), "b2": rows["down_bias"].contiguous()}
+
+
+def _gpt_oss_join(parts: Any) -> dict[str, Any]:
+    w1, w3, b1, b3 = parts["w1"], parts["w3"], parts["b1"], parts["b3"]
+    gu = w1.new_empty((w1.shape[1], 2 * w1.shape[0]))
+    gu[:, 0::2], gu[:, 1::2] = w1.T, w3.T
+    gub = b1.new_empty((2 * b1.shape[0],))
+    gub[0::2], gub[1::2] = b1, b3
+    return {"gate_up": gu, "gate_up_bias": gub, "down": parts["w2"].T.contiguous(), "down_bias": parts["b2"]}
+
+
+GPT_OSS_FUSED = FusedExperts(
+    tensors={"gate_up": GPT_OSS_EXPERTS + "gate_up_proj", "gate_up_bias": GPT_OSS_EXPERTS + "gate_up_proj_bias",
+             "down": GPT_OSS_EXPERTS + "down_proj", "down_bias": GPT_OSS_EXPERTS + "down_proj_bias"},
+    rows=_gpt_oss_rows, split=_gpt_oss_split, join=_gpt_oss_join)
 
 FAMILY_ROWS: tuple[ModelFamily, ...] = (
     # softmax over all experts, top-k, renormalised
@@ -52,6 +83,11 @@ FAMILY_ROWS: tuple[ModelFamily, ...] = (
                 PROJ_PARTS, moe_layers=after_dense_layers, renormalises=norm_topk_prob, pads=False, ordered=False,
                 defaults={"first_k_dense_replace": 1, "norm_topk_prob": True},
                 aliases={"num_local_experts": "n_routed_experts"}),
+    # logits (with a bias) → top-k → softmax over the k (renormalised by construction); experts stacked on
+    # the hub (bf16 checkpoints; MXFP4 ones are not read yet), with biases and a clamped SwiGLU
+    ModelFamily("gpt_oss", "GptOssForCausalLM", "num_local_experts", "intermediate_size", "", {},
+                router_attr="router", fused=GPT_OSS_FUSED, biases=True, activation="clamped_swiglu",
+                aliases={"num_experts": "num_local_experts"}),
 )
 
 __all__ = ["FAMILY_ROWS"]

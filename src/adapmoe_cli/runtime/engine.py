@@ -13,11 +13,12 @@ import torch
 from adapmoe_cli.budget import Budget, check_fits
 from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.experts_format import by_part
+from adapmoe_cli.families import is_weight
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
-from adapmoe_cli.runtime.moe_block import Observers, OffloadedExperts
+from adapmoe_cli.runtime.moe_block import Observers, OffloadedExperts, gated_activation
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.skeleton import config_errors, describe, empty_model
@@ -85,7 +86,7 @@ class Engine:
                 reader.read_into(layer, expert, buf)
                 self._fallback_buffers.append(buf)
                 weights[(layer, expert)] = {
-                    part: (lambda x, t=t: fmt.linear(x, t, activations))
+                    part: (lambda x, t=t: fmt.linear(x, t, activations)) if is_weight(part) else t
                     for part, t in by_part(expert_views(buf, entry)).items()}
         self.fallback_bytes = len(weights) * fallback.slot_bytes
         return lambda layer, expert: weights[(layer, expert)]
@@ -128,7 +129,8 @@ class Engine:
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             experts = OffloadedExperts(
-                layer, self.manager, act=fam.experts(model, layer).act_fn, gate_policy=lambda: self.gate,
+                layer, self.manager, glu=gated_activation(fam.activation, fam.experts(model, layer)),
+                gate_policy=lambda: self.gate, biases=fam.biases,
                 observers=self.observers, renormalises=renormalises, ordered=fam.ordered, next_layer=nxt,
                 next_router=fam.router(model, nxt) if nxt is not None else None, prefetch=self.settings.prefetch,
                 linear=linear,

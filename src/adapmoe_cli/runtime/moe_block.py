@@ -41,6 +41,21 @@ class Observers:
     expert_outputs: bool = False
 
 
+def gated_activation(kind: str, experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(gate, up) → the expert's hidden activation, as the family's own experts module computes it."""
+    if kind == "clamped_swiglu":  # GPT-OSS (GptOssExperts._apply_gate, on de-interleaved halves)
+        alpha, limit = float(experts.alpha), float(experts.limit)
+
+        def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            gate = gate.clamp(max=limit)
+            return (up.clamp(min=-limit, max=limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+        return swiglu
+    if kind != "act":
+        raise ValueError(f"unknown gated activation {kind!r}")
+    act = experts.act_fn
+    return lambda gate, up: act(gate) * up
+
+
 def predict(router: nn.Module, x: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What `router` (a family's own router module) would choose for hidden states x [T, H]: (shares, ids),
     descending. Its `forward` is called directly, so hooks counting the model's routing do not see a
@@ -55,7 +70,7 @@ class OffloadedExperts(nn.Module):
         self,
         layer: int,
         manager: ExpertManager,
-        act: Callable[[torch.Tensor], torch.Tensor],
+        glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         gate_policy: Callable[[], GatePolicy],
         observers: Observers,
         renormalises: bool = True,
@@ -64,11 +79,13 @@ class OffloadedExperts(nn.Module):
         next_router: nn.Module | None = None,
         prefetch: bool = True,
         linear: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        biases: bool = False,
     ):
         super().__init__()
         self.layer = layer
         self.manager = manager
-        self.act = act
+        self.glu = glu  # (gate, up) → hidden (gated_activation)
+        self.biases = biases  # the experts have b1, b3, b2 (added after w1, w3, w2)
         self.gate_policy = gate_policy
         self.observers = observers
         self.renormalises = renormalises
@@ -114,13 +131,17 @@ class OffloadedExperts(nn.Module):
         record = self.observers.expert_outputs and observed
         expert_out = x.new_zeros((x.shape[0], gated_ids.shape[1], h)) if record else None
 
-        lin = self.linear
+        lin, glu, biases = self.linear, self.glu, self.biases
 
         def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
             token_idx, k_pos = torch.where(gated_ids == expert)
             cur = x[token_idx]  # [t, H]
-            hidden = self.act(lin(cur, w["w1"])) * lin(cur, w["w3"])  # [t, I]
-            y = lin(hidden, w["w2"])  # [t, H]
+            gate, up = lin(cur, w["w1"]), lin(cur, w["w3"])  # [t, I]
+            if biases:
+                gate, up = gate + w["b1"][""], up + w["b3"][""]
+            y = lin(glu(gate, up), w["w2"])  # [t, H]
+            if biases:
+                y = y + w["b2"][""]
             if expert_out is not None:
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))

@@ -25,6 +25,7 @@ import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat, by_part, quantized
+from adapmoe_cli.families import is_weight
 from adapmoe_cli.paths import stores_dir
 from adapmoe_cli.store.manifest import Store
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
@@ -85,12 +86,21 @@ def export_checkpoint(store: Store, out: Path, intermediate_size: int | None = N
     with ExpertReader(store) as reader:
         for i, layer in enumerate(store.shape.moe_layers):
             tensors: dict[str, torch.Tensor] = {}
+            rows: dict[str, list[torch.Tensor]] = {}
             for expert in range(store.shape.num_experts):
                 entry = reader.read_into(layer, expert, buf)
+                parts = {}
                 for part, t in by_part(expert_views(buf, entry)).items():
-                    name = fam.expert_tensor_name(layer, expert, part)
-                    w = store.experts_format.decode(t).to(store.dtype)  # quantized: the weights it computes with
-                    tensors[name] = _pad(w, shapes[part]).clone()
+                    fmt = store.experts_format if is_weight(part) else ExpertsFormat()
+                    w = fmt.decode(t).to(store.dtype)  # quantized: the weights it computes with
+                    parts[part] = _pad(w, shapes[part]).clone()
+                if fam.fused is not None:
+                    for kind, row in fam.fused.join(parts).items():
+                        rows.setdefault(kind, []).append(row)
+                else:
+                    tensors.update({fam.expert_tensor_name(layer, expert, p): w for p, w in parts.items()})
+            if fam.fused is not None:  # the hub's stacked tensors, experts along dim 0
+                tensors = {fam.fused.tensors[kind].format(layer=layer): torch.stack(r) for kind, r in rows.items()}
             save_file(tensors, out / files[i + 1], metadata={"format": "pt"})
             weight_map.update({k: files[i + 1] for k in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())

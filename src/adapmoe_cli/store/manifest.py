@@ -32,7 +32,7 @@ from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.checkpoint import SIDE_FILES, TORCH_DTYPE_BY_NAME
 from adapmoe_cli.errors import AdapmoeError, StoreError
 from adapmoe_cli.experts_format import QUANT_ALIGNMENT, ExpertsFormat, from_spec
-from adapmoe_cli.families import ModelFamily, MoEShape, get_family
+from adapmoe_cli.families import ModelFamily, MoEShape, get_family, is_weight
 from adapmoe_cli.safe_io import MAX_MANIFEST_BYTES, inside, read_capped, relative_name
 from adapmoe_cli.versioned import parse_versioned, read_versioned
 
@@ -107,7 +107,7 @@ class ExpertLayout:
         shapes = family.expert_part_shapes(config)
         parts, off = [], 0
         for part in family.expert_parts:
-            for sub in fmt.subs(tuple(shapes[part]), dtype):
+            for sub in (fmt if is_weight(part) else ExpertsFormat()).subs(tuple(shapes[part]), dtype):
                 nbytes = math.prod(sub.shape) * TENSOR_DTYPES[sub.dtype].itemsize
                 parts.append(TensorSlice(part + sub.suffix, sub.shape, sub.dtype, off, nbytes))
                 off = align(off + nbytes, QUANT_ALIGNMENT if fmt.quantized else ALIGNMENT)
@@ -358,7 +358,8 @@ class Store:
             "dtype": self.dtype_name,
             "experts_format": self.experts_format.label(),
             "expert_bits_per_weight": round(self.experts_format.weight_bits(
-                self.family.expert_part_shapes(self.config), self.dtype.itemsize), 3),
+                {k: v for k, v in self.family.expert_part_shapes(self.config).items() if is_weight(k)},
+                self.dtype.itemsize), 3),
             "format_version": self.manifest["format_version"],
             "source": self.manifest.get("source", {}),
         }

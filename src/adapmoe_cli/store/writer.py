@@ -33,6 +33,7 @@ from adapmoe_cli.checkpoint import (
 )
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat
+from adapmoe_cli.families import is_weight
 from adapmoe_cli.safe_io import ensure_dir, read_capped, write_atomic
 from adapmoe_cli.store.manifest import (
     ALIGNMENT,
@@ -80,8 +81,7 @@ def _target_dtype(ckpt: Checkpoint, dtype: str) -> torch.dtype:
         raise UsageError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype != "keep":
         return TORCH_DTYPE_BY_NAME[dtype]
-    fam = ckpt.family
-    first = ckpt.tensors[fam.expert_tensor_name(fam.moe_shape(ckpt.config).moe_layers[0], 0, fam.expert_parts[0])]
+    first = ckpt.tensors[next(iter(ckpt.family.expert_tensor_shapes(ckpt.config)))]
     if first.dtype not in TORCH_DTYPE_BY_NAME.values():
         raise UsageError(f"experts are stored as {first.dtype}; pass --dtype bfloat16, float16 or float32")
     return first.dtype
@@ -249,7 +249,7 @@ def shard(
     fmt = experts_format or ExpertsFormat()
     ckpt = open_checkpoint(src)
     target = _target_dtype(ckpt, dtype)
-    fmt.check_shapes({k: tuple(v) for k, v in ckpt.family.expert_part_shapes(ckpt.config).items()})
+    fmt.check_shapes({k: tuple(v) for k, v in ckpt.family.expert_part_shapes(ckpt.config).items() if is_weight(k)})
     ensure_dir(out.parent)
     if _check_target(out, ckpt, target, force, fmt):
         return ShardResult(out, 0, time.perf_counter() - t0, reused=True)
@@ -364,19 +364,26 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
     tensors = [t.to_json() for t in layout.tensors]
     entries = []
     payload = bytearray(stride)
+    native = ExpertsFormat()
+    hashers: dict[str, Any] = {}  # a fused family's stacked tensors, hashed row by row
     for layer in shape.moe_layers:
         rel = f"experts/layer-{layer:03d}.bin"
         fd = os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             for e in range(shape.num_experts):
                 payload[:] = bytes(stride)
+                if fam.fused is not None:  # one row of each stacked tensor: this expert only
+                    parts = fam.fused.split({kind: ckpt.read_row(name.format(layer=layer), e, hashers)
+                                             for kind, name in fam.fused.tensors.items()})
+                else:
+                    parts = {part: ckpt.read(fam.expert_tensor_name(layer, e, part), digests)
+                             for part in fam.expert_parts}
                 for part in fam.expert_parts:
-                    w = ckpt.read(fam.expert_tensor_name(layer, e, part), digests)
-                    for suffix, t in fmt.encode(w, target).items():
+                    encoded = (fmt if is_weight(part) else native).encode(parts.pop(part), target)
+                    for suffix, t in encoded.items():
                         s = where[part + suffix]
                         assert t.nbytes == s.nbytes and tuple(t.shape) == s.shape, (part + suffix, t.shape, s)
                         payload[s.offset : s.offset + s.nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                    del w
                 _write_all(fd, payload)
                 entries.append({
                     "layer": layer, "expert": e, "file": rel, "offset": e * stride, "length": stride,
@@ -387,6 +394,7 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
             os.fsync(fd)
         finally:
             os.close(fd)
+    digests.update({name: h.hexdigest() for name, (h, _) in hashers.items()})
     return entries
 
 
@@ -395,7 +403,7 @@ def _write_dense(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callabl
     from safetensors.torch import save
 
     fam = ckpt.family
-    names = sorted((n for n in ckpt.tensors if fam.expert_key(n) is None), key=_natural)
+    names = sorted((n for n in ckpt.tensors if not fam.is_expert_tensor(n)), key=_natural)
     files: list[dict[str, Any]] = []
     chunk: dict[str, torch.Tensor] = {}
     size = 0
