@@ -369,3 +369,38 @@ def test_quantized_experts_of_a_family_with_biases(family, tmp_path):
             logits.append(eng.model(torch.tensor([PROMPT])).logits)
     err = (logits[0] - logits[1]).abs().max().item()
     assert 0 < err <= 0.05 * logits[0].abs().max().item()
+
+
+def test_gpt_oss_mxfp4_checkpoint_as_published(tmp_path, monkeypatch, capsys):
+    """GPT-OSS as the hub publishes it: experts in MXFP4 (`_blocks`, `_scales`, a quantization_config).
+    Sharded, the experts are dequantized exactly, and the runtime equals transformers' own model loaded
+    from the same checkpoint (Mxfp4Config(dequantize=True)); the store is a plain model (no
+    quantization_config) that records where it came from. A checkpoint quantized some other way is refused
+    in one line."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", "gpt_oss", dtype=torch.bfloat16, mxfp4=True,
+                                   intermediate_size=64)
+    names = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in names
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in names
+    shard(ckpt, tmp_path / "store", dtype="float32")
+    store = Store.open(tmp_path / "store")
+    assert "quantization_config" not in store.config
+    assert store.manifest["source"]["quantization"]["quant_method"] == "mxfp4"
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.float32).eval()
+    with runtime_engine(store, {"cache.budget": 2 * len(store.shape.moe_layers)}) as eng:
+        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+            theirs = ref(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(ckpt), str(tmp_path / "int4"), "--experts-format", "int4")
+    assert code == 0, err
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(ckpt), str(tmp_path / "fp8"))
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "quantized (fp8)" in err and not (tmp_path / "fp8").exists()

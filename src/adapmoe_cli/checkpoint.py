@@ -15,6 +15,7 @@ import torch
 
 from adapmoe_cli.errors import CheckpointError
 from adapmoe_cli.families import ModelFamily, get_family
+from adapmoe_cli.families.base import quant_method
 from adapmoe_cli.safe_io import MAX_DOC_BYTES, open_regular, parse_json, read_capped, relative_name
 
 #: safetensors' own cap on a header
@@ -96,6 +97,19 @@ class Checkpoint:
         for info in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset)):
             out[info.name] = hashlib.sha256(self.read_bytes(info.name)).hexdigest()
         return out
+
+
+#: the sixteen E2M1 (FP4) values by code: sign bit 3, then magnitudes 0, ½, 1, 1½, 2, 3, 4, 6
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 weights of one expert → float32 [out, in]: `blocks` [out, in/32, 16] (two E2M1 codes a byte,
+    the low nibble first), `scales` [out, in/32] (E8M0: 2^(s − 127) for each 32 values along `in`).
+    Every value is exact in float32 (and bfloat16)."""
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32).long()
+    values = torch.tensor(E2M1_VALUES)[codes]  # [out, in/32, 32]
+    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).reshape(blocks.shape[0], -1)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -219,6 +233,11 @@ def open_checkpoint(path: Path) -> Checkpoint:
         family.moe_shape(config)
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
+    method = quant_method(config)
+    if method is not None and not family.reads_mxfp4(config):
+        raise CheckpointError(f"{cfg_path}: the weights are quantized ({method}), which adapmoe does not read for "
+                              f"{family.model_type}; use a bf16/float16 checkpoint of the model (then --experts-format "
+                              "int8/int4 quantizes the experts)")
     tensors: dict[str, TensorInfo] = {}
     for f in _weight_files(path):
         tensors.update(read_safetensors_header(f))

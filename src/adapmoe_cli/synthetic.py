@@ -191,6 +191,31 @@ _TINY_COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads"
                 "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False}
 
 
+def _to_mxfp4(out: Path) -> None:
+    """Rewrite a saved GPT-OSS checkpoint's stacked experts (gate_up_proj [E, H, 2I], down_proj [E, I, H])
+    as MXFP4 blocks and scales over the transposed rows, as openai/gpt-oss-* are published."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for name, t in load_file(out / fname).items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[name + "_blocks"], tensors[name + "_scales"] = quantize_mxfp4(t.transpose(1, 2))
+            else:
+                tensors[name] = t
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+    index["weight_map"] = weight_map
+    index_path.write_text(json.dumps(index, indent=2))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def _randomise(model: Any, gen: torch.Generator) -> None:
     """Weights of the scale trained models have (decisive routing, unit-ish activations): transformers'
     own initialisation leaves routers at zero or near it."""
@@ -208,11 +233,27 @@ def _randomise(model: Any, gen: torch.Generator) -> None:
                 t.copy_(new.to(t.dtype))
 
 
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] → MXFP4 (blocks [..., out, in/32, 16] uint8, scales [..., out, in/32] uint8): per 32
+    values along `in`, the power of two that brings the largest to at most 6, then each to the nearest
+    E2M1 value (round to nearest; codes 8-15 negative), two codes a byte with the low nibble first."""
+    from adapmoe_cli.checkpoint import E2M1_VALUES
+
+    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2((g.abs().amax(-1) / 6).clamp_min(2.0 ** -126))).clamp(-127, 127)
+    v = g / torch.exp2(exp)[..., None]
+    mag = (v.abs()[..., None] - torch.tensor(E2M1_VALUES[:8])).abs().argmin(-1)
+    codes = (mag + 8 * (v < 0).long()).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
+
+
 def write_family_checkpoint(out: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                            max_shard_size: str = "200KB", **overrides: Any) -> Path:
+                            max_shard_size: str = "200KB", mxfp4: bool = False, **overrides: Any) -> Path:
     """A random checkpoint of `model_type` made by transformers itself: its config class (TINY_FAMILIES
     and `overrides`), its model class, `save_pretrained` (the hub's names, sharded with the index file),
-    plus the tokenizer files. What the family tests shard and compare against."""
+    plus the tokenizer files. What the family tests shard and compare against. `mxfp4` (gpt_oss): the experts
+    rewritten as the hub publishes GPT-OSS — `_blocks` and `_scales` (`quantize_mxfp4`) with a
+    `quantization_config` — and the rest in `dtype`."""
     import transformers
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -224,6 +265,8 @@ def write_family_checkpoint(out: Path, model_type: str, dtype: torch.dtype = tor
     model = cls(cfg)
     _randomise(model, gen)
     model.to(dtype).save_pretrained(str(out), max_shard_size=max_shard_size)
+    if mxfp4:
+        _to_mxfp4(out)
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": [2, 6], "do_sample": False}, indent=2))
     write_tokenizer(out, cfg.vocab_size)

@@ -36,6 +36,16 @@ class FusedExperts:
     split: Callable[[Mapping[str, Any]], dict[str, Any]]
     #: adapmoe's parts → one expert's rows (export)
     join: Callable[[Mapping[str, Any]], dict[str, Any]]
+    #: kinds an MXFP4 checkpoint (`quantization_config.quant_method: mxfp4`) holds as `NAME_blocks`
+    #: [E, out, in/32, 16] and `NAME_scales` [E, out, in/32]: the row transposed, 4-bit E2M1 values two to
+    #: a byte (low nibble first) with one power-of-two scale (E8M0) per 32 along `in`
+    mxfp4: tuple[str, ...] = ()
+
+
+def quant_method(config: Mapping[str, Any]) -> str | None:
+    """The checkpoint's `quantization_config.quant_method` (None: plain weights)."""
+    q = config.get("quantization_config")
+    return str(q.get("quant_method")) if isinstance(q, dict) else (None if q is None else "?")
 
 
 @dataclass(frozen=True)
@@ -151,8 +161,8 @@ class ModelFamily:
                    .replace(r"\{expert\}", r"(\d+)").replace(r"\{part\}", f"({alt})")) or "$^"
         object.__setattr__(self, "_pattern", re.compile(pattern))
         object.__setattr__(self, "_part_of", {hub: part for part, hub in self.hub_parts.items()})
-        fused = "|".join(re.escape(t).replace(r"\{layer\}", r"\d+") for t in (self.fused.tensors.values()
-                                                                             if self.fused else ())) or "$^"
+        fused = "|".join(re.escape(t).replace(r"\{layer\}", r"\d+") + "(?:_blocks|_scales)?"
+                         for t in (self.fused.tensors.values() if self.fused else ())) or "$^"
         object.__setattr__(self, "_fused_pattern", re.compile(fused))
 
     @property
@@ -208,9 +218,16 @@ class ModelFamily:
         out: dict[str, tuple[int, ...]] = {}
         if self.fused is not None:
             rows = self.fused.rows(shape.hidden_size, shape.intermediate_size)
+            mx = self.fused.mxfp4 if self.reads_mxfp4(config) else ()
             for layer in shape.moe_layers:
                 for kind, name in self.fused.tensors.items():
-                    out[name.format(layer=layer)] = (shape.num_experts, *rows[kind])
+                    name = name.format(layer=layer)
+                    if kind in mx:
+                        n_in, n_out = rows[kind]
+                        out[name + "_blocks"] = (shape.num_experts, n_out, n_in // 32, 16)
+                        out[name + "_scales"] = (shape.num_experts, n_out, n_in // 32)
+                    else:
+                        out[name] = (shape.num_experts, *rows[kind])
             return out
         parts = self.expert_part_shapes(config)
         for layer in shape.moe_layers:
@@ -218,6 +235,10 @@ class ModelFamily:
                 for part, s in parts.items():
                     out[self.expert_tensor_name(layer, e, part)] = s
         return out
+
+    def reads_mxfp4(self, config: Mapping[str, Any]) -> bool:
+        """A checkpoint whose fused experts are MXFP4 (what the hub holds for GPT-OSS)."""
+        return quant_method(config) == "mxfp4" and self.fused is not None and bool(self.fused.mxfp4)
 
     def is_expert_tensor(self, name: str) -> bool:
         """A hub tensor holding expert weights (one expert's part, or a fused family's stacked tensor)."""

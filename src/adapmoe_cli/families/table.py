@@ -46,7 +46,7 @@ def _gpt_oss_join(parts: Any) -> dict[str, Any]:
 GPT_OSS_FUSED = FusedExperts(
     tensors={"gate_up": GPT_OSS_EXPERTS + "gate_up_proj", "gate_up_bias": GPT_OSS_EXPERTS + "gate_up_proj_bias",
              "down": GPT_OSS_EXPERTS + "down_proj", "down_bias": GPT_OSS_EXPERTS + "down_proj_bias"},
-    rows=_gpt_oss_rows, split=_gpt_oss_split, join=_gpt_oss_join)
+    rows=_gpt_oss_rows, split=_gpt_oss_split, join=_gpt_oss_join, mxfp4=("gate_up", "down"))
 
 FAMILY_ROWS: tuple[ModelFamily, ...] = (
     # softmax over all experts, top-k, renormalised
@@ -84,7 +84,7 @@ FAMILY_ROWS: tuple[ModelFamily, ...] = (
                 defaults={"first_k_dense_replace": 1, "norm_topk_prob": True},
                 aliases={"num_local_experts": "n_routed_experts"}),
     # logits (with a bias) → top-k → softmax over the k (renormalised by construction); experts stacked on
-    # the hub (bf16 checkpoints; MXFP4 ones are not read yet), with biases and a clamped SwiGLU
+    # the hub (MXFP4 as published, or bf16), with biases and a clamped SwiGLU
     ModelFamily("gpt_oss", "GptOssForCausalLM", "num_local_experts", "intermediate_size", "", {},
                 router_attr="router", fused=GPT_OSS_FUSED, biases=True, activation="clamped_swiglu",
                 aliases={"num_experts": "num_local_experts"}),

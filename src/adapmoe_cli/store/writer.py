@@ -28,6 +28,7 @@ from adapmoe_cli.checkpoint import (
     TORCH_DTYPE_BY_NAME,
     Checkpoint,
     _natural,
+    dequantize_mxfp4,
     open_checkpoint,
     side_files,
 )
@@ -81,6 +82,8 @@ def _target_dtype(ckpt: Checkpoint, dtype: str) -> torch.dtype:
         raise UsageError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype != "keep":
         return TORCH_DTYPE_BY_NAME[dtype]
+    if ckpt.family.reads_mxfp4(ckpt.config):
+        return torch.bfloat16  # MXFP4 experts are dequantized exactly into bfloat16, the checkpoint's other weights'
     first = ckpt.tensors[next(iter(ckpt.family.expert_tensor_shapes(ckpt.config)))]
     if first.dtype not in TORCH_DTYPE_BY_NAME.values():
         raise UsageError(f"experts are stored as {first.dtype}; pass --dtype bfloat16, float16 or float32")
@@ -321,6 +324,8 @@ def _write_store(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tmp:
     content = content_digest(digests)
     config = dict(ckpt.config)
     config["dtype"] = config["torch_dtype"] = DTYPE_NAMES_BY_TORCH[target]
+    if fam.reads_mxfp4(ckpt.config):  # the store holds the experts dequantized: a plain model of that dtype
+        source = {**source, "quantization": config.pop("quantization_config")}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if fmt.quantized else NATIVE_FORMAT_VERSION,
@@ -366,6 +371,7 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
     payload = bytearray(stride)
     native = ExpertsFormat()
     hashers: dict[str, Any] = {}  # a fused family's stacked tensors, hashed row by row
+    mxfp4 = fam.fused.mxfp4 if fam.fused is not None and fam.reads_mxfp4(ckpt.config) else ()
     for layer in shape.moe_layers:
         rel = f"experts/layer-{layer:03d}.bin"
         fd = os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -373,7 +379,8 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
             for e in range(shape.num_experts):
                 payload[:] = bytes(stride)
                 if fam.fused is not None:  # one row of each stacked tensor: this expert only
-                    parts = fam.fused.split({kind: ckpt.read_row(name.format(layer=layer), e, hashers)
+                    parts = fam.fused.split({kind: _read_fused(ckpt, name.format(layer=layer), e, hashers,
+                                                               kind in mxfp4)
                                              for kind, name in fam.fused.tensors.items()})
                 else:
                     parts = {part: ckpt.read(fam.expert_tensor_name(layer, e, part), digests)
@@ -396,6 +403,16 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
             os.close(fd)
     digests.update({name: h.hexdigest() for name, (h, _) in hashers.items()})
     return entries
+
+
+def _read_fused(ckpt: Checkpoint, name: str, expert: int, hashers: dict[str, Any], mxfp4: bool) -> torch.Tensor:
+    """One expert's row of a stacked tensor; of an MXFP4 one, its blocks and scales dequantized (float32,
+    exact) and transposed to the row layout of the unquantized checkpoint."""
+    if not mxfp4:
+        return ckpt.read_row(name, expert, hashers)
+    blocks = ckpt.read_row(name + "_blocks", expert, hashers)
+    scales = ckpt.read_row(name + "_scales", expert, hashers)
+    return dequantize_mxfp4(blocks, scales).T
 
 
 def _write_dense(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None],
