@@ -404,3 +404,45 @@ def test_gpt_oss_mxfp4_checkpoint_as_published(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "shard", str(ckpt), str(tmp_path / "fp8"))
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     assert "quantized (fp8)" in err and not (tmp_path / "fp8").exists()
+
+
+def test_mxfp4_experts_kept_at_four_bits(tmp_path, monkeypatch, capsys):
+    """`--experts-format mxfp4` on a GPT-OSS MXFP4 checkpoint keeps the published codes and scales byte for
+    byte (4.25 bits a weight) and computes what transformers' dequantized model does."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from adapmoe_cli.experts_format import dequantize_mxfp4, quantize_mxfp4
+    from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
+
+    w = torch.randn(8, 64) * torch.logspace(-3, 2, 8)[:, None]  # rows of very different scales
+    again = dequantize_mxfp4(*quantize_mxfp4(w))
+    assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(again)), again)  # MXFP4 values stay what they are
+    step = torch.exp2(torch.ceil(torch.log2(w.abs().reshape(8, 2, 32).amax(-1) / 6)))  # the scale per 32
+    assert ((again - w).abs().reshape(8, 2, 32) <= step[..., None] + 1e-12).all()  # the grid's widest gap: 2
+
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", "gpt_oss", dtype=torch.bfloat16, mxfp4=True,
+                                   intermediate_size=64)
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(ckpt), str(tmp_path / "store"), "--experts-format",
+                           "mxfp4", "--dtype", "float32")
+    assert code == 0, err
+    store = Store.open(tmp_path / "store")
+    assert store.experts_format.name == "mxfp4" and store.info()["expert_bits_per_weight"] == 4.25
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(ckpt / index[name + "_blocks"], "pt") as f, safe_open(ckpt / index[name + "_scales"], "pt") as g:
+        blocks, hub_scales = f.get_tensor(name + "_blocks")[2], g.get_tensor(name + "_scales")[2]  # expert 2
+    buf = aligned_buffer(store.slot_bytes)
+    with ExpertReader(store) as reader:
+        views = expert_views(buf, reader.read_into(1, 2, buf))
+    # the gate rows are the even rows of the hub's [2I, H] (gate and up interleaved): same bytes
+    assert torch.equal(views["w1.q"], blocks[0::2].reshape(64, 32)) and torch.equal(views["w1.s"], hub_scales[0::2])
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.float32).eval()
+    settings = {"cache.budget": 2 * len(store.shape.moe_layers), "quantized_activations": "model"}
+    with runtime_engine(store, settings) as eng:
+        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+            theirs = ref(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4

@@ -99,19 +99,6 @@ class Checkpoint:
         return out
 
 
-#: the sixteen E2M1 (FP4) values by code: sign bit 3, then magnitudes 0, ½, 1, 1½, 2, 3, 4, 6
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """MXFP4 weights of one expert → float32 [out, in]: `blocks` [out, in/32, 16] (two E2M1 codes a byte,
-    the low nibble first), `scales` [out, in/32] (E8M0: 2^(s − 127) for each 32 values along `in`).
-    Every value is exact in float32 (and bfloat16)."""
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32).long()
-    values = torch.tensor(E2M1_VALUES)[codes]  # [out, in/32, 32]
-    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).reshape(blocks.shape[0], -1)
-
-
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse the header of one safetensors file (8-byte little-endian length, then JSON) and check every
     tensor's byte range lies inside the file, so truncation is caught before any data is used."""

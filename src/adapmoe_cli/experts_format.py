@@ -1,6 +1,7 @@
 """How a store holds its experts and how a layer computes with them: `native` (the store's dtype, as
 before), `int8` (per output channel, symmetric), `int4` and `int2` (group-wise, affine, the scales and
-zeros chosen by HQQ's half-quadratic optimiser, the anchors' quantizer).
+zeros chosen by HQQ's half-quadratic optimiser, the anchors' quantizer), and `mxfp4` (the OCP microscaling
+FP4 that GPT-OSS is published in, kept as the checkpoint had it).
 
 Compute uses PyTorch's own CPU kernels (docs/quantization.md has the measurement behind the choice):
 `torch._weight_int8pack_mm` (int8 weights × per-channel scales) and `torch._weight_int4pack_mm_for_cpu`
@@ -27,7 +28,7 @@ import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
 
-NAMES = ("native", "int8", "int4", "int2")
+NAMES = ("native", "int8", "int4", "int2", "mxfp4")
 #: group sizes the int4 CPU kernel takes
 KERNEL_GROUPS = (32, 64, 128, 256)
 DEFAULT_GROUP = {"int4": 64, "int2": 32}
@@ -261,6 +262,69 @@ class Int2(Int4):
         return out
 
 
+#: the sixteen E2M1 (FP4) values by code: the sign in bit 3, then the magnitudes 0, ½, 1, 1½, 2, 3, 4, 6
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+#: every byte's two values (low nibble first): decoding is one lookup per byte
+_E2M1_PAIRS = torch.tensor([[E2M1_VALUES[b & 15], E2M1_VALUES[b >> 4]] for b in range(256)])
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] → MXFP4 (codes [..., N, K/2] uint8, scales [..., N, K/32] uint8): per 32 values along K
+    the power of two (E8M0, biased by 127) that brings the largest to at most 6, then each value to the
+    nearest E2M1 value, two codes a byte with the low nibble first. Values that came from MXFP4 come back
+    with the same codes."""
+    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2((g.abs().amax(-1) / 6).clamp_min(2.0 ** -126))).clamp(-127, 127)
+    v = g / torch.exp2(exp)[..., None]
+    mag = (v.abs()[..., None] - torch.tensor(E2M1_VALUES[:8])).abs().argmin(-1)
+    codes = (mag + 8 * torch.signbit(v).long()).to(torch.uint8).reshape(*w.shape)  # −0 keeps its code
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
+
+
+def dequantize_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+    """MXFP4 → [N, K] in `dtype` (every value is exact in float32 and bfloat16): `codes` [N, K/2] or the
+    hub's [N, K/32, 16], `scales` [N, K/32]."""
+    n, groups = scales.shape
+    pairs = _E2M1_PAIRS.to(dtype)[codes.reshape(n, groups, 16).long()]  # [N, K/32, 16, 2]
+    scale = torch.exp2(scales.to(torch.int32) - 127).to(dtype)  # a power of two: exact
+    return (pairs.reshape(n, groups, 32) * scale[..., None]).reshape(n, groups * 32)
+
+
+class Mxfp4(ExpertsFormat):
+    """MXFP4 (OCP microscaling): per 32 weights along K, one power-of-two scale and 4-bit E2M1 values, 4.25
+    bits a weight — GPT-OSS's experts as published, kept at 4 bits. No CPU kernel reads it: a part is
+    decoded (one lookup per byte, one multiply per value) into bfloat16 for each matmul."""
+
+    name, bits = "mxfp4", 4
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": 4, "block": 32, "values": "e2m1, two a byte, low nibble first",
+                "scales": "e8m0 (2^(s-127)) per 32 along the input"}
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for part, (_, k) in shapes.items():
+            if k % 32:
+                raise UsageError(f"mxfp4 needs an input size divisible by 32; expert part {part} has {k}")
+
+    def subs(self, shape: tuple[int, ...], dtype: str) -> list[Sub]:
+        n, k = shape
+        return [Sub(".q", (n, k // 2), "uint8"), Sub(".s", (n, k // 32), "uint8")]
+
+    def encode(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        codes, scales = quantize_mxfp4(w)
+        return {".q": codes, ".s": scales}
+
+    def decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize_mxfp4(t[".q"], t[".s"])
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], activations: str) -> torch.Tensor:
+        if x.requires_grad:
+            return torch.nn.functional.linear(x, self.decode(t).to(x.dtype))
+        xa = _act(x, activations)
+        return torch.nn.functional.linear(xa, dequantize_mxfp4(t[".q"], t[".s"], xa.dtype)).to(x.dtype)
+
+
 def quantized(fmt: ExpertsFormat | None) -> bool:
     """A format was given and it is not native."""
     return fmt is not None and fmt.quantized
@@ -277,7 +341,8 @@ def by_part(views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 
 _SCRATCH = threading.local()  # Int2.packed4's buffers, one per shape and thread
 
-_CLASSES: dict[str, type[ExpertsFormat]] = {"native": ExpertsFormat, "int8": Int8, "int4": Int4, "int2": Int2}
+_CLASSES: dict[str, type[ExpertsFormat]] = {"native": ExpertsFormat, "int8": Int8, "int4": Int4, "int2": Int2,
+                                             "mxfp4": Mxfp4}
 
 
 def parse_format(name: str, group_size: int | None = None) -> ExpertsFormat:

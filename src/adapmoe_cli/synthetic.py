@@ -196,6 +196,8 @@ def _to_mxfp4(out: Path) -> None:
     as MXFP4 blocks and scales over the transposed rows, as openai/gpt-oss-* are published."""
     from safetensors.torch import load_file, save_file
 
+    from adapmoe_cli.experts_format import quantize_mxfp4
+
     index_path = out / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     weight_map = {}
@@ -203,7 +205,9 @@ def _to_mxfp4(out: Path) -> None:
         tensors = {}
         for name, t in load_file(out / fname).items():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                tensors[name + "_blocks"], tensors[name + "_scales"] = quantize_mxfp4(t.transpose(1, 2))
+                blocks, scales = quantize_mxfp4(t.transpose(1, 2))  # [E, out, in/2], [E, out, in/32]
+                tensors[name + "_blocks"] = blocks.reshape(*scales.shape, 16)
+                tensors[name + "_scales"] = scales
             else:
                 tensors[name] = t
         save_file(tensors, out / fname, metadata={"format": "pt"})
@@ -231,20 +235,6 @@ def _randomise(model: Any, gen: torch.Generator) -> None:
                 else:
                     new = torch.randn(t.shape, generator=gen) * (1.0 / t.shape[-1] ** 0.5)
                 t.copy_(new.to(t.dtype))
-
-
-def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] → MXFP4 (blocks [..., out, in/32, 16] uint8, scales [..., out, in/32] uint8): per 32
-    values along `in`, the power of two that brings the largest to at most 6, then each to the nearest
-    E2M1 value (round to nearest; codes 8-15 negative), two codes a byte with the low nibble first."""
-    from adapmoe_cli.checkpoint import E2M1_VALUES
-
-    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
-    exp = torch.ceil(torch.log2((g.abs().amax(-1) / 6).clamp_min(2.0 ** -126))).clamp(-127, 127)
-    v = g / torch.exp2(exp)[..., None]
-    mag = (v.abs()[..., None] - torch.tensor(E2M1_VALUES[:8])).abs().argmin(-1)
-    codes = (mag + 8 * (v < 0).long()).to(torch.uint8)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
 
 
 def write_family_checkpoint(out: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0,

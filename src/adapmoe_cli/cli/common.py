@@ -127,7 +127,8 @@ PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy
                                                show_default=DEFAULTS.cache.policy)]
 ExpertsFormatOpt = Annotated[str, typer.Option(
     "--experts-format", help="How experts are stored and cached: native (the store's dtype) | int8 (per channel) | "
-    "int4 | int2 (group-wise, HQQ); dense weights stay as they are (docs/quantization.md).")]
+    "int4 | int2 (group-wise, HQQ) | mxfp4 (GPT-OSS's 4-bit format, kept as published); dense weights stay as "
+    "they are (docs/quantization.md).")]
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "

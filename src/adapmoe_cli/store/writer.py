@@ -28,12 +28,11 @@ from adapmoe_cli.checkpoint import (
     TORCH_DTYPE_BY_NAME,
     Checkpoint,
     _natural,
-    dequantize_mxfp4,
     open_checkpoint,
     side_files,
 )
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
-from adapmoe_cli.experts_format import ExpertsFormat
+from adapmoe_cli.experts_format import ExpertsFormat, dequantize_mxfp4
 from adapmoe_cli.families import is_weight
 from adapmoe_cli.safe_io import ensure_dir, read_capped, write_atomic
 from adapmoe_cli.store.manifest import (
@@ -372,13 +371,16 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
     native = ExpertsFormat()
     hashers: dict[str, Any] = {}  # a fused family's stacked tensors, hashed row by row
     mxfp4 = fam.fused.mxfp4 if fam.fused is not None and fam.reads_mxfp4(ckpt.config) else ()
+    keep_mxfp4 = bool(mxfp4) and fmt.name == "mxfp4"
     for layer in shape.moe_layers:
         rel = f"experts/layer-{layer:03d}.bin"
         fd = os.open(tmp / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             for e in range(shape.num_experts):
                 payload[:] = bytes(stride)
-                if fam.fused is not None:  # one row of each stacked tensor: this expert only
+                if fam.fused is not None and keep_mxfp4:  # the published codes and scales, byte for byte
+                    parts = _split_mxfp4(fam, ckpt, layer, e, hashers)
+                elif fam.fused is not None:  # one row of each stacked tensor: this expert only
                     parts = fam.fused.split({kind: _read_fused(ckpt, name.format(layer=layer), e, hashers,
                                                                kind in mxfp4)
                                              for kind, name in fam.fused.tensors.items()})
@@ -386,7 +388,8 @@ def _write_experts(ckpt: Checkpoint, target: torch.dtype, fmt: ExpertsFormat, tm
                     parts = {part: ckpt.read(fam.expert_tensor_name(layer, e, part), digests)
                              for part in fam.expert_parts}
                 for part in fam.expert_parts:
-                    encoded = (fmt if is_weight(part) else native).encode(parts.pop(part), target)
+                    w = parts.pop(part)
+                    encoded = w if isinstance(w, dict) else (fmt if is_weight(part) else native).encode(w, target)
                     for suffix, t in encoded.items():
                         s = where[part + suffix]
                         assert t.nbytes == s.nbytes and tuple(t.shape) == s.shape, (part + suffix, t.shape, s)
@@ -413,6 +416,23 @@ def _read_fused(ckpt: Checkpoint, name: str, expert: int, hashers: dict[str, Any
     blocks = ckpt.read_row(name + "_blocks", expert, hashers)
     scales = ckpt.read_row(name + "_scales", expert, hashers)
     return dequantize_mxfp4(blocks, scales).T
+
+
+def _split_mxfp4(fam: Any, ckpt: Checkpoint, layer: int, expert: int, hashers: dict[str, Any]) -> dict[str, Any]:
+    """One expert of an MXFP4 checkpoint into the mxfp4 format's parts without decoding: the family's split
+    only slices and transposes along the output axis, so it applies to the codes and to the scales as they
+    are (each transposed like the unquantized row); biases as read."""
+    rows, codes, scales = {}, {}, {}
+    for kind, template in fam.fused.tensors.items():
+        name = template.format(layer=layer)
+        if kind in fam.fused.mxfp4:
+            blocks = ckpt.read_row(name + "_blocks", expert, hashers)  # [out, in/32, 16]
+            codes[kind] = blocks.reshape(blocks.shape[0], -1).T  # [in/2, out], as the row [in, out]
+            scales[kind] = ckpt.read_row(name + "_scales", expert, hashers).T  # [in/32, out]
+        else:
+            rows[kind] = ckpt.read_row(name, expert, hashers)
+    q, s = fam.fused.split({**rows, **codes}), fam.fused.split({**rows, **scales})
+    return {part: ({".q": q[part], ".s": s[part]} if is_weight(part) else q[part]) for part in fam.expert_parts}
 
 
 def _write_dense(ckpt: Checkpoint, target: torch.dtype, tmp: Path, tick: Callable[[int], None],
