@@ -61,7 +61,7 @@ def measure(inter: int, tokens: int) -> dict[str, float | str]:
     for dtype in (torch.float32, torch.bfloat16):
         lin, xd = native({k: t.to(dtype) for k, t in parts.items()}), x.to(dtype)
         out[f"native {str(dtype)[6:]}: F.linear"] = best_us(lambda lin=lin, xd=xd: expert(lin, xd))
-    for name in ("int8", "int4", "int2"):
+    for name in ("int8", "int4", "int2", "mxfp4"):
         fmt = parse_format(name)
         enc = by_part({f"{k}{s}": t for k, w in parts.items() for s, t in fmt.encode(w, torch.float32).items()})
         for act in ("bfloat16", "model"):

@@ -286,7 +286,9 @@ def dequantize_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     """MXFP4 → [N, K] in `dtype` (every value is exact in float32 and bfloat16): `codes` [N, K/2] or the
     hub's [N, K/32, 16], `scales` [N, K/32]."""
     n, groups = scales.shape
-    pairs = _E2M1_PAIRS.to(dtype)[codes.reshape(n, groups, 16).long()]  # [N, K/32, 16, 2]
+    # a byte → its two values: `embedding` is the fastest gather on CPU (2.6× plain indexing, 1.3 ms for a
+    # 7424 × 192 part; docs/quantization.md)
+    pairs = torch.nn.functional.embedding(codes.reshape(n, groups * 16).int(), _E2M1_PAIRS.to(dtype))
     scale = torch.exp2(scales.to(torch.int32) - 127).to(dtype)  # a power of two: exact
     return (pairs.reshape(n, groups, 32) * scale[..., None]).reshape(n, groups * 32)
 
