@@ -55,7 +55,7 @@ def fit_cmd(
 
       adapmoe fit Qwen/Qwen3-30B-A3B --bits 4 --hardware rtx4090-pcie4
 
-      adapmoe fit deepseek-v3    (a shipped model config: `adapmoe simulate --help` lists them; no network)
+      adapmoe fit deepseek-v3    (a shipped model config, configs/models; no network)
     """
     from adapmoe_cli.fit import fit
     from adapmoe_cli.simulate.hardware import load_hardware
