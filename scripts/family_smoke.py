@@ -1,6 +1,7 @@
 """The commands a user runs, on a tiny random checkpoint of each supported family (written by transformers
 itself, `synthetic.write_family_checkpoint`): `info`, `chat -p` (one answer), `chat --experts-format int8`,
-and `bench` (lru+prefetch and adapmoe: the store is profiled and planned on first use). Prints one line per
+`bench` (lru+prefetch and adapmoe: the store is profiled and planned on first use), `eval` and `simulate`
+(the store's own routing trace, from its profile). Prints one line per
 command with its exit code and last line; exits non-zero if any failed. Usage:
 python scripts/family_smoke.py OUT_DIR [FAMILY ...]"""
 
@@ -29,7 +30,9 @@ def main() -> int:
                      ["chat", str(ckpt), "-p", "Hello, what do experts do?", "-n", "12", "-c", "4"],
                      ["chat", str(ckpt), "-p", "Hello", "-n", "8", "--experts-format", "int8"],
                      ["bench", str(ckpt), "--policies", "lru+prefetch,adapmoe", "-n", "8", "-r", "1",
-                      "--budget", "50%"]):
+                      "--budget", "50%"],
+                     ["eval", str(ckpt), "--tokens", "512"],
+                     ["simulate", str(ckpt), "--budget", "50%"]):
             r = subprocess.run([sys.executable, "-m", "adapmoe_cli", *args], capture_output=True, text=True,
                                env=env, timeout=600)
             lines = (r.stdout.strip() or r.stderr.strip()).splitlines() or [""]
