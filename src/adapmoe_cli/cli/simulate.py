@@ -13,9 +13,12 @@ from rich.table import Table
 from adapmoe_cli.budget import BudgetRequest, total_slots
 from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, console, emit, err_console
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
+from adapmoe_cli.simulate.model_spec import known as known_models
 from adapmoe_cli.simulate.simulator import SimRequest, simulate
 from adapmoe_cli.simulate.traces import SHIPPED
 from adapmoe_cli.units import format_bytes
+
+MODEL_CONFIGS = known_models()
 
 
 def register(app: typer.Typer) -> None:
@@ -33,7 +36,7 @@ def simulate_cmd(
                                           )] = "this-machine",
     budget: BudgetOpt = None,
     model_config: Annotated[str | None, typer.Option("--model-config", help="Project onto a published model "
-                                                     "(mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b) or a YAML file.",
+                                                     f"({', '.join(MODEL_CONFIGS)}) or a YAML file.",
                                                      show_default=False)] = None,
     bits: Annotated[float | None, typer.Option("--bits", help="Expert quantisation of the --model-config (2, 4, 16).",
                                                show_default=False)] = None,
