@@ -122,3 +122,24 @@ def count_shard_runs(monkeypatch: Any) -> list[Path]:
 
     monkeypatch.setattr(writer, "shard", counted)
     return runs
+
+
+def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from the offloading runtime (no stopping, no repetition penalty)."""
+    from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
+    from adapmoe_cli.settings import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0)
+    out = []
+    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), settings):  # the caller stops it
+        out.append(tok)
+        if len(out) == n:
+            return out
+    raise AssertionError("generate_step ended early")
+
+
+def ref_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    """n raw greedy tokens from transformers' own model (no stopping at eos, no eos suppression)."""
+    model.generation_config.eos_token_id = None
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return ids[0, len(prompt):].tolist()

@@ -24,18 +24,15 @@ import torch
 
 from adapmoe_cli.families import FAMILIES, get_family
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.writer import shard
 from adapmoe_cli.synthetic import TINY_FAMILIES, write_family_checkpoint
-from tests.helpers import runtime_engine
+from tests.helpers import greedy, ref_greedy, runtime_engine
 from tests.test_cli_store import run_cli
 
 NAMES = sorted(TINY_FAMILIES)
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 STEPS = 12
-GREEDY = GenerationSettings(max_new_tokens=STEPS, temperature=0.0, repetition_penalty=1.0)
 TEXT = ("The quick brown fox jumps over the lazy dog. Mixture of experts models route every token to a few "
         "experts; the others stay on disk. A cache keeps the experts that are used often in memory. ") * 12
 
@@ -62,21 +59,6 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Pa
         return cache[name]
 
     return get
-
-
-def _greedy(engine, prompt: list[int], n: int) -> list[int]:
-    out = []
-    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), GREEDY):
-        out.append(tok)
-        if len(out) == n:
-            return out
-    raise AssertionError("unreachable")
-
-
-def _ref_greedy(model, prompt: list[int], n: int) -> list[int]:
-    model.generation_config.eos_token_id = None  # n raw greedy steps, no stopping
-    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,7 +105,7 @@ def test_tokens_and_logits_equal_transformers(family, name, slots, prefetch):
     n, layers = store.shape.num_experts, len(store.shape.moe_layers)
     per_layer = {"one": 1, "half": n // 2, "all": n}[slots]
     with runtime_engine(store, {"cache.budget": per_layer * layers, "prefetch": prefetch}) as eng:
-        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        assert greedy(eng, PROMPT, STEPS) == ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
             theirs = ref(torch.tensor([PROMPT])).logits
@@ -225,13 +207,13 @@ def test_gate_equals_the_gate_inside_transformers(family, name):
     th = _thresholds(ref, store)
     renorm = RENORMALISES[name](ref.config)
     with gated_experts(ref, th, renorm) as counts:
-        want = _ref_greedy(ref, PROMPT, STEPS)
+        want = ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             theirs = ref(torch.tensor([PROMPT])).logits
     assert 0 < counts[1] < counts[0]  # some, not all, dropped
     budget = len(store.shape.moe_layers) * 2
     with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=GatePolicy(th, rule="test")) as eng:
-        assert _greedy(eng, PROMPT, STEPS) == want
+        assert greedy(eng, PROMPT, STEPS) == want
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
         assert (ours - theirs).abs().max().item() <= 1e-4
@@ -343,7 +325,7 @@ def test_full_size_variant_computes_what_the_original_does(family, name, tmp_pat
     results = []
     for store in (small, big):
         with runtime_engine(store, budget) as eng, torch.no_grad():
-            results.append((_greedy(eng, PROMPT, STEPS), eng.model(torch.tensor([PROMPT])).logits))
+            results.append((greedy(eng, PROMPT, STEPS), eng.model(torch.tensor([PROMPT])).logits))
     assert results[0][0] == results[1][0]
     assert (results[0][1] - results[1][1]).abs().max().item() <= 1e-5
     with pytest.raises(UsageError, match="deepseek_v3 experts cannot be padded"):
@@ -391,7 +373,7 @@ def test_gpt_oss_mxfp4_checkpoint_as_published(tmp_path, monkeypatch, capsys):
     ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True),
                                                dtype=torch.float32).eval()
     with runtime_engine(store, {"cache.budget": 2 * len(store.shape.moe_layers)}) as eng:
-        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        assert greedy(eng, PROMPT, STEPS) == ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
             theirs = ref(torch.tensor([PROMPT])).logits
@@ -441,7 +423,7 @@ def test_mxfp4_experts_kept_at_four_bits(tmp_path, monkeypatch, capsys):
                                                dtype=torch.float32).eval()
     settings = {"cache.budget": 2 * len(store.shape.moe_layers), "quantized_activations": "model"}
     with runtime_engine(store, settings) as eng:
-        assert _greedy(eng, PROMPT, STEPS) == _ref_greedy(ref, PROMPT, STEPS)
+        assert greedy(eng, PROMPT, STEPS) == ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
             theirs = ref(torch.tensor([PROMPT])).logits

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import reference_models, runtime_engine
+from tests.helpers import greedy, ref_greedy, reference_models, runtime_engine
 
 SHAPES = {
     "top2": TinySpec(num_hidden_layers=3, num_local_experts=6, hidden_size=48, intermediate_size=64,
@@ -30,7 +28,6 @@ SHAPES = {
 }
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 STEPS = 16
-GREEDY = GenerationSettings(max_new_tokens=STEPS, temperature=0.0, repetition_penalty=1.0)
 # quantiles of each layer's non-top-1 weights on the prompt: a different share dropped in every layer,
 # and layer 1 left ungated (a layer without a threshold routes plain top-k)
 QUANTILES = {0: 0.5, 2: 0.3}
@@ -101,21 +98,6 @@ def thresholds_for(model) -> dict[int, float]:
             at += 1
         th[i] = float((second[at] + second[at + 1]) / 2)
     return th
-
-
-def ref_greedy(model, prompt: list[int], n: int) -> list[int]:
-    model.generation_config.eos_token_id = None  # n raw greedy steps, no stopping
-    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
-
-
-def greedy(engine, prompt: list[int], n: int) -> list[int]:
-    out = []
-    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), GREEDY):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

@@ -13,18 +13,24 @@ import torch
 from adapmoe_cli.conversation import Conversation, load_tokenizer
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import o_direct_allowed, open_fds_under, reference_models, runtime_engine, textbook_lru
+from tests.helpers import (
+    greedy,
+    o_direct_allowed,
+    open_fds_under,
+    ref_greedy,
+    reference_models,
+    runtime_engine,
+    textbook_lru,
+)
 
 SHAPES = {
     "default": TinySpec(),
     "odd": TinySpec(num_hidden_layers=3, num_local_experts=5, num_attention_heads=4, num_key_value_heads=1,
                     hidden_size=48, intermediate_size=80),
 }
-GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 
 
@@ -40,21 +46,6 @@ def _engine(make_store, name: str, slots_per_layer: int | None, prefetch: bool, 
     return runtime_engine(store, {"cache.budget": total, "prefetch": prefetch, **kw})
 
 
-def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
-    out = []
-    for tok, _ in generate_step(engine, prompt, new_kv_cache(engine), GREEDY):
-        out.append(tok)
-        if len(out) == n:
-            return out
-    raise AssertionError("unreachable")
-
-
-def _ref_greedy(model, prompt: list[int], n: int) -> list[int]:
-    model.generation_config.eos_token_id = None  # n raw greedy steps, no stopping (and no eos suppression)
-    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
 @pytest.mark.parametrize("slots", ["one", "half", "all"])
@@ -63,7 +54,7 @@ def test_greedy_tokens_and_logits_match_transformers(make_store, reference, name
     per_layer = {"one": 1, "half": spec.num_local_experts // 2, "all": spec.num_local_experts}[slots]
     ref = reference(name)
     with _engine(make_store, name, per_layer, prefetch) as eng:
-        assert _greedy(eng, PROMPT, 24) == _ref_greedy(ref, PROMPT, 24)
+        assert greedy(eng, PROMPT, 24) == ref_greedy(ref, PROMPT, 24)
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
             theirs = ref(torch.tensor([PROMPT])).logits
@@ -101,7 +92,7 @@ def test_prefill_loads_each_needed_expert_once(make_store, reference):
 def test_prefetch_is_counted_and_used(make_store):
     """With room for prefetches, some needed experts arrive by prefetch; every issued one is accounted."""
     with _engine(make_store, "odd", 3, prefetch=True) as eng:
-        _greedy(eng, PROMPT, 24)
+        greedy(eng, PROMPT, 24)
         eng.manager.drain()
         s = eng.stats
         assert s.prefetches_issued > 0
@@ -118,7 +109,7 @@ def test_lru_order_equals_a_textbook_lru(make_store, policy):
     with _engine(make_store, "odd", 3, prefetch=False, **{"cache.policy": policy}) as eng:
         calls: dict[int, list[list[int]]] = {layer: [] for layer in range(spec.num_hidden_layers)}
         eng.manager.on_layer.append(lambda layer, needed: calls[layer].append(list(needed)))
-        _greedy(eng, PROMPT[:1], 40)
+        greedy(eng, PROMPT[:1], 40)
         books = [textbook_lru(calls[layer], 3) for layer in calls]
         got = (eng.stats.hits, eng.stats.misses)
         want = (sum(b[0] for b in books), sum(b[1] for b in books))
@@ -139,7 +130,7 @@ def test_engine_reads_experts_with_o_direct(make_store):
     expected = o_direct_allowed(store / "experts")
     before = open_fds_under(store / "experts")
     with _engine(make_store, "odd", 2, prefetch=True) as eng:
-        _greedy(eng, PROMPT, 4)
+        greedy(eng, PROMPT, 4)
         assert eng.direct_io() is expected
         mine = {fd: flags for fd, flags in open_fds_under(store / "experts").items() if fd not in before}
         assert eng.stats.loads > 0 and len(mine) == SHAPES["odd"].num_hidden_layers  # one per layer file
