@@ -172,7 +172,7 @@ def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
 
 def test_settings_layering(tmp_path: Path):
     s = load_settings()
-    assert s.prefetch is True and s.cache.policy == "lru"
+    assert s.prefetch is True and s.cache.policy == "auto"
     preset = tmp_path / "p.yaml"
     assert s.cache.budget == BudgetRequest() and not s.cache.budget.explicit  # configs/default.yaml: auto
     preset.write_text("cache:\n  budget: 2GiB\nprefetch: false\ngeneration:\n  temperature: 0.5\n")

@@ -306,7 +306,7 @@ def test_fallback_policies_pay_for_their_copy_and_the_simulator_refuses_them(nat
 
     copy = quantized["int4"]
     total = len(native.experts)
-    plan = lambda slots, gated: (budgets_even(native, slots), GatePolicy.off())  # noqa: E731
+    plan = lambda slots, gated, eviction: (budgets_even(native, slots), GatePolicy.off())  # noqa: E731
     out, skipped = setups(native, load_settings(), ["lru+prefetch", "lru+prefetch+fallback"], total, plan,
                           fallback=copy)
     held = -(-len(copy.experts) * copy.slot_bytes // native.slot_bytes)

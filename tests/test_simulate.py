@@ -109,7 +109,7 @@ def test_cancel_and_demote():
 
 
 # -- exact replay of the runtime's own run ---------------------------------------------------------
-def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, tokens: int = 20):
+def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, tokens: int = 20, policy: str = "lru"):
     from adapmoe_cli.profiling.record import RoutingRecorder
     from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
     from adapmoe_cli.settings import GenerationSettings
@@ -117,7 +117,7 @@ def _record_run(store_path: Path, slots: int, prefetch: bool, gate: GatePolicy, 
     from tests.helpers import runtime_engine
 
     store = Store.open(store_path)
-    with runtime_engine(store, {"cache.budget": slots, "prefetch": prefetch}, gate=gate) as eng:
+    with runtime_engine(store, {"cache.budget": slots, "prefetch": prefetch, "cache.policy": policy}, gate=gate) as eng:
         rec = RoutingRecorder(eng)
         eng.observers.callbacks.append(rec)
         gen = GenerationSettings(max_new_tokens=tokens + 1, temperature=0.0, repetition_penalty=1.0)

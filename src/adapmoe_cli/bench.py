@@ -40,7 +40,7 @@ from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
 from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
-from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, policy_budget
+from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, get, is_policy, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.progress import Steps
 from adapmoe_cli.runtime.gating import GatePolicy
@@ -111,7 +111,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
             result = bench.at(names, slots, simulate=req.simulate)
         result["machine_load"] = machine_load(before)
         if req.sweep:
-            swept = [n for n in names if n in POLICIES and POLICIES[n].slots == "budget"]
+            swept = [n for n in names if is_policy(n) and get(n).slots == "budget"]
             points = [result] + [bench.at(swept, s) for s in budgets.sweep_totals(shape) if s != slots]
             result["sweep"] = sorted(
                 ({"budget_slots": r["budget_slots"],
@@ -321,7 +321,7 @@ class _Bench:
     heldout: Callable[[GatePolicy], float]
     say: Steps
     tokenizer: Any = None
-    plans: dict[tuple[int, bool], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
+    plans: dict[tuple[int, bool, str], tuple[dict[int, int], GatePolicy]] = field(default_factory=dict)
     fallback: tuple[Store, Store] | None = None  # (the copy the runs hold, the quality store's copy)
     quality: Store | None = None  # where perplexity is computed
     heldout_text: Path | None = None
@@ -340,22 +340,36 @@ class _Bench:
                              setup.gate, self.fallback[1])
         return ppl * (1 + cost), cost
 
-    def plan(self, slots: int, gated: bool) -> tuple[dict[int, int], GatePolicy]:
+    def plan(self, slots: int, gated: bool, eviction: str = "lru") -> tuple[dict[int, int], GatePolicy]:
         """Slots per layer and gate of the DP plan for `slots`, with (adapmoe) or without (planned) the gate
-        at the quality budget. The store's own plan is reused (re-solved for `slots`) when it was made the
-        way the bench would make it; else a plan is made under STORE/bench. With no quality budget left (the
-        experts' format took it all) the gate stays off."""
+        at the quality budget, its cost curves replayed with `eviction`. The store's own plan is reused
+        (re-solved for `slots`) when it was made the way the bench would make it; else a plan is made under
+        STORE/bench, searching the gate only if no plan at hand has searched it (the gate's quality does
+        not depend on what is cached). With no quality budget left (the experts' format took it all) the
+        gate stays off."""
         gated = gated and self.req.quality_budget > 0
-        if (slots, gated) not in self.plans:
-            plan = self._stores_plan() if gated else None
-            if plan is None:
-                req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off",
-                                  quality_budget=self.req.quality_budget, rule=self.settings.gate.rule,
-                                  out=bench_path(self.store, slots, gated))
-                plan = Plan(*make_plan(self.store, self.settings, req, self.calibration if gated else None,
-                                       progress=self.say))
-            self.plans[(slots, gated)] = (plan.quotas_for(slots), plan.gate)
-        return self.plans[(slots, gated)]
+        key = (slots, gated, eviction)
+        if key not in self.plans:
+            found = self._stores_plan() if gated else None
+            if found is not None and found.data.get("policy") == eviction:
+                plan = found
+            else:
+                searched = found.gate if found is not None else None  # a gate already searched at these slots
+                if gated and searched is None:
+                    searched = next((g for (n, gd, _), (_, g) in self.plans.items() if n == slots and gd), None)
+                settings = replace(self.settings, cache=replace(self.settings.cache, policy=eviction))
+                out = bench_path(self.store, slots, gated, eviction)
+                if searched is not None:
+                    req = PlanRequest(budget_slots=slots, gate_mode="scale", rule=searched.rule, scale=searched.scale,
+                                      out=out)
+                    plan = Plan(*make_plan(self.store, settings, req, progress=self.say))
+                else:
+                    req = PlanRequest(budget_slots=slots, gate_mode="quality" if gated else "off",
+                                      quality_budget=self.req.quality_budget, rule=self.settings.gate.rule, out=out)
+                    plan = Plan(*make_plan(self.store, settings, req, self.calibration if gated else None,
+                                           progress=self.say))
+            self.plans[key] = (plan.quotas_for(slots), plan.gate)
+        return self.plans[key]
 
     def peers(self, names: list[str], cap: int | None, skipped: dict[str, str]) -> dict[str, PeerRun]:
         """The peer programs' runs (`llama.cpp` under `cap`, `llama.cpp-uncapped` never capped); one that
@@ -381,8 +395,8 @@ class _Bench:
         return out
 
     def _stores_plan(self) -> Plan | None:
-        """STORE/plan.json if it was searched at this quality budget, rule, eviction and prefetch, on the
-        default calibration text (`plan-cache`'s defaults; the embedded model ships one)."""
+        """STORE/plan.json if it was searched at this quality budget and rule, with prefetch, on the default
+        calibration text (`plan-cache`'s defaults; the embedded model ships one), with whichever eviction."""
         from adapmoe_cli.planning.gate_rules import resolve_rule
         from adapmoe_cli.planning.plan_file import default_path, read_plan
         from adapmoe_cli.profiling.profile_file import default_path as default_profile
@@ -397,11 +411,11 @@ class _Bench:
             return None
         d = plan.data
         made_so = (d.get("quality_search", {}).get("budget") == self.req.quality_budget and d.get("gate_rule") == rule
-                   and d.get("policy") == "lru" and d.get("prefetch") is True)
+                   and d.get("prefetch") is True)
         return plan if made_so else None
 
     def at(self, names: list[str], slots: int, simulate: bool = False, cap: int | None = None) -> dict[str, Any]:
-        plan, skipped = setups(self.store, self.settings, [n for n in names if n in POLICIES], slots,
+        plan, skipped = setups(self.store, self.settings, [n for n in names if is_policy(n)], slots,
                                self.plan, capped=cap is not None,
                                fallback=self.fallback[0] if self.fallback is not None else None)
         peers = self.peers([n for n in names if n in PEERS], cap, skipped)
@@ -464,16 +478,16 @@ def machine_info() -> dict[str, Any]:
 
 
 def setups(store: Store, settings: Settings, names: list[str], total: int,
-           plan: Callable[[int, bool], tuple[dict[int, int], GatePolicy]],
+           plan: Callable[[int, bool, str], tuple[dict[int, int], GatePolicy]],
            capped: bool = False, fallback: Store | None = None) -> tuple[dict[str, Setup], dict[str, str]]:
-    """Each policy's setup at a budget of `total` slots (`plan(slots, gated)`: the DP plan for the policies
-    that split by one); a policy that cannot run here is skipped with a note. `capped`: `total` is all a
+    """Each policy's setup at a budget of `total` slots (`plan(slots, gated, eviction)`: the DP plan for the
+    policies that split by one); a policy that cannot run here is skipped with a note. `capped`: `total` is all a
     memory cap leaves, so a policy that holds every expert runs only if they all fit in it. A fallback
     policy pays for its resident copy (`fallback`: every expert of it) out of the same budget."""
     shape = store.cache_shape
     out, skipped = {}, {}
     for name in names:
-        policy = POLICIES[name]
+        policy = get(name)
         slots = total
         if policy.fallback:
             if fallback is None:
@@ -493,8 +507,8 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
             skipped[name] = (f"needs {need / 2**30:.1f} GiB, more than {budgets.RESIDENT_SHARE:.0%} of the "
                              "available memory")
             continue
-        budget = policy_budget(policy, shape, slots, lambda gated, n=slots: plan(n, gated)[0])
-        gate = plan(slots, True)[1] if policy.gate else GatePolicy.off()
+        budget = policy_budget(policy, shape, slots, lambda gated, n=slots, ev=policy.eviction: plan(n, gated, ev)[0])
+        gate = plan(slots, True, policy.eviction)[1] if policy.gate else GatePolicy.off()
         runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction))
         out[name] = Setup(budget, gate, runtime, policy.preload, fallback if policy.fallback else None)
     return out, skipped
@@ -572,7 +586,7 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         if ppl[key][1] is not None:
             entry["fallback_perplexity_increase"] = ppl[key][1]
             entry["fallback_store"] = str(setup.fallback.path) if setup.fallback is not None else None
-        entry["description"] = POLICIES[name].description
+        entry["description"] = get(name).description
         entry["slots"] = setup.budget.total
         entry["slots_per_layer"] = [setup.budget.quotas[layer] for layer in store.shape.moe_layers]
         entry["gate"] = {"rule": setup.gate.rule, "scale": setup.gate.scale}

@@ -2,12 +2,13 @@
 split over the layers, which eviction policy, what is prefetched, whether the adaptive gate routes and
 whether the cache starts full. `bench` runs them on the real runtime and `simulate` on a simulated clock;
 both read this registry, and `policy_budget` is the one function from a policy to slots per layer. The
-limits (`belady`, `oracle`) know the future, so only the simulator runs them. No tensors, no I/O."""
+limits (`belady`, `oracle`) know the future, so only the simulator runs them. `NAME:EVICTION` names a row
+with another eviction policy of runtime/eviction.py (`adapmoe:markov`). No tensors, no I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.budget import Budget, CacheShape
@@ -43,15 +44,20 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("lru+prefetch", "mixtral-offloading: per-layer LRU, even split, next-layer prefetch of the top-k",
            prefetch="predicted"),
     Policy("lfu", "per-layer LFU, even split, no prefetch", eviction="lfu"),
+    Policy("lrfu", "per-layer LRFU (frequency decayed per call), even split, no prefetch", eviction="lrfu"),
+    Policy("markov", "evict the expert least likely needed next (the profile's transition statistics), even "
+           "split, no prefetch", eviction="markov"),
+    Policy("learned", "evict the lowest learned score (weights fitted on the profile's trace), even split, no "
+           "prefetch", eviction="learned"),
     Policy("planned", "LRU with the DP slot plan and prefetch, no adaptive gate", split="plan", prefetch="predicted"),
-    Policy("adapmoe", "adaptive gate at the quality budget, gate-aware prefetch, DP slot plan", split="plan",
-           prefetch="predicted", gate=True),
+    Policy("adapmoe", "adaptive gate at the quality budget, gate-aware prefetch, DP slot plan, markov eviction",
+           split="plan", prefetch="predicted", gate=True, eviction="markov"),
     Policy("resident", "every expert in memory (upper bound)", slots="all", preload=True),
     Policy("lru+prefetch+fallback", "HOBBIT's idea on lru+prefetch: a resident low-bit copy of every expert "
            "(--fallback-format, out of the budget) computes a missed expert while the full one loads",
            prefetch="predicted", fallback=True),
     Policy("adapmoe+fallback", "adapmoe with the same resident low-bit copy for misses", split="plan",
-           prefetch="predicted", gate=True, fallback=True),
+           prefetch="predicted", gate=True, fallback=True, eviction="markov"),
     Policy("belady", "limit: Belady's optimal eviction (knows the future), even split, no prefetch",
            eviction="belady"),
     Policy("oracle", "limit: LRU, even split, prefetch of exactly the next layer's experts", prefetch="oracle"),
@@ -68,6 +74,32 @@ BENCH_DEFAULT = ("naive", "lru", "lru+prefetch", "adapmoe", "resident")
 SIMULATE_DEFAULT = ("naive", "lru", "lru+prefetch", "planned", "adapmoe", "resident")
 
 
+def get(name: str) -> Policy:
+    """A registry row, or `ROW:EVICTION` — that row with another eviction policy (UsageError naming both lists)."""
+    from adapmoe_cli.runtime.eviction import POLICIES as EVICTIONS
+
+    row, _, eviction = name.partition(":")
+    if row not in POLICIES:
+        raise UsageError(f"unknown policy {row!r}; known: {', '.join(POLICIES)}")
+    base = POLICIES[row]
+    if not eviction:
+        return base
+    if eviction not in EVICTIONS or eviction == "none" or base.eviction in ("none", "belady") or base.slots == "all":
+        choices = ", ".join(e for e in EVICTIONS if e != "none")
+        raise UsageError(f"cannot run {row!r} with eviction {eviction!r}: give ROW:EVICTION with a row that caches "
+                         f"within a budget and one of {choices}")
+    return replace(base, name=name, eviction=eviction,
+                   description=f"{base.description}; {eviction} eviction instead of {base.eviction}")
+
+
+def is_policy(name: str) -> bool:
+    try:
+        get(name)
+    except UsageError:
+        return False
+    return True
+
+
 def parse_policies(text: str, limits: bool = False, peers: bool = False) -> list[str]:
     """Comma-separated names. `limits`: the simulator's, which may name the limits and always adds them;
     `peers`: the bench's, which may name other programs (`PEERS`)."""
@@ -75,9 +107,13 @@ def parse_policies(text: str, limits: bool = False, peers: bool = False) -> list
     # the simulator runs the limits and not the fallback (it does not model the copy's compute)
     runs = (lambda p: p.is_limit or not p.fallback) if limits else (lambda p: not p.is_limit)
     known = [n for n, p in POLICIES.items() if runs(p)] + (list(PEERS) if peers else [])
-    unknown = [n for n in names if n not in known]
+    for n in names:
+        if ":" in n and n.partition(":")[0] in known:
+            get(n)  # says what is wrong with the eviction part
+    unknown = [n for n in names if n not in known and not (":" in n and n.partition(":")[0] in known)]
     if unknown or not names:
-        raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(known)}")
+        raise UsageError(f"unknown policy {unknown[0] if unknown else '(none)'}; known: {', '.join(known)} "
+                         "(ROW:EVICTION runs a row with another eviction policy)")
     return names + [n for n in LIMITS if n not in names] if limits else names
 
 

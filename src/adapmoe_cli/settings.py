@@ -48,7 +48,7 @@ def _check_types(obj: Any) -> None:
 @dataclass(frozen=True)
 class CacheSettings:
     budget: BudgetRequest = field(default_factory=BudgetRequest)  # interpreted by budget.py
-    policy: str = "lru"
+    policy: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)

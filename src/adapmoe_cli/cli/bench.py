@@ -30,7 +30,7 @@ from adapmoe_cli.cli.common import (
     steps_progress,
 )
 from adapmoe_cli.experts_format import parse_format
-from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, parse_policies
+from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, get, is_policy, parse_policies
 from adapmoe_cli.units import parse_fraction, parse_size
 
 
@@ -43,7 +43,8 @@ def bench_cmd(
     budget: BudgetOpt = None,
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated, from: "
                                           f"{', '.join(n for n, p in POLICIES.items() if not p.is_limit)}; "
-                                          f"and other programs on the same model: {', '.join(PEERS)}.")
+                                          f"and other programs on the same model: {', '.join(PEERS)}; ROW:EVICTION "
+                                          "runs a row with another eviction policy (adapmoe:markov).")
                         ] = ",".join(BENCH_DEFAULT),
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line.",
                                                  show_default=False)] = None,
@@ -104,7 +105,7 @@ def bench_cmd(
                        simulate=simulate, text=text, calibration=calibration,
                        memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
     fmt = parse_format(experts_format, group_size)
-    fallback = parse_format(fallback_format) if any(POLICIES[n].fallback for n in req.policies if n in POLICIES) \
+    fallback = parse_format(fallback_format) if any(get(n).fallback for n in req.policies if is_policy(n)) \
         else None
     with steps_progress("bench") as progress:
         stores = bench_stores(open_store(model), parse_size(expert_size) if expert_size is not None else None, fmt,

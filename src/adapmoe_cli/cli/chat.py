@@ -280,7 +280,7 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
         ("model", f"{eng.store.family.model_type} ({origin})"),
         ("store", str(eng.store.path)),
         ("budget", _budget_text(eng)),
-        ("eviction", eng.settings.cache.policy),
+        ("eviction", eng.eviction),
         ("prefetch", "on" if eng.settings.prefetch else "off"),
         ("adaptive gate", _gate_text(eng, planned_gate)),
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),

@@ -123,7 +123,10 @@ AdaptiveOpt = Annotated[bool | None, typer.Option("--adaptive-gate/--no-adaptive
 GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adaptive-gate scale c (thresholds from "
                                                     "the profile), overriding the plan's.",
                                                     show_default="the plan's")]
-PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy: lru | lfu.",
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy within a layer: auto (markov when "
+                                               "the store has a profile, else lru) | lru | lfu | lrfu | markov | "
+                                               "learned (the last two predict from the store's profile; "
+                                               "docs/cache.md).",
                                                show_default=DEFAULTS.cache.policy)]
 ExpertsFormatOpt = Annotated[str, typer.Option(
     "--experts-format", help="How experts are stored and cached: native (the store's dtype) | int8 (per channel) | "

@@ -20,6 +20,7 @@ from adapmoe_cli.cli.common import (
     MemoryOpt,
     ModelArg,
     PlanOpt,
+    PolicyOpt,
     QualityBudgetOpt,
     RuleOpt,
     console,
@@ -63,6 +64,7 @@ def eval_cmd(
     rule: RuleOpt = None,
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
+    policy: PolicyOpt = None,
     device: DeviceOpt = None,
     experts_format: ExpertsFormatOpt = "native",
     group_size: GroupSizeOpt = None,
@@ -79,7 +81,7 @@ def eval_cmd(
     if quality_budget is not None and gate_scale is not None:
         raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,
-                                adaptive=adaptive_gate, gate_scale=gate_scale, rule=rule)
+                                adaptive=adaptive_gate, gate_scale=gate_scale, rule=rule, policy=policy)
     req = EvalRequest(text=text, tokens=tokens or None, window=window, stride=stride, calibration=calibration,
                       calibration_tokens=calibration_tokens,
                       quality_budget=parse_fraction(quality_budget) if quality_budget is not None else None)

@@ -40,8 +40,14 @@ def simulate_cmd(
                                                      show_default=False)] = None,
     bits: Annotated[float | None, typer.Option("--bits", help="Expert quantisation of the --model-config (2, 4, 16).",
                                                show_default=False)] = None,
-    policies: Annotated[str, typer.Option("--policies", help=f"Comma-separated, from: {', '.join(POLICIES)} "
-                                          f"({' and '.join(LIMITS)} are always added).")] = ",".join(SIMULATE_DEFAULT),
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated, from: "
+                                          f"{', '.join(n for n, p in POLICIES.items() if not p.fallback)} "
+                                          f"({' and '.join(LIMITS)} are always added); ROW:EVICTION runs a row "
+                                          "with another eviction policy (adapmoe:markov).")
+                        ] = ",".join(SIMULATE_DEFAULT),
+    holdout: Annotated[float, typer.Option("--holdout", help="Measure on the last share of the trace's steps; the "
+                                           "DP plans and the markov/learned eviction are fitted on the rest.")
+                       ] = 0.0,
     as_json: JsonFlag = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
                                              show_default=False)] = None,
@@ -78,7 +84,7 @@ def simulate_cmd(
     hw = load_hardware(hardware)
     request = BudgetRequest.parse(budget, "--budget") if budget else BudgetRequest(fraction=0.5, flag="--budget")
     slots, _ = total_slots(request, src.model.cache_shape)
-    req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep)
+    req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep, holdout=holdout)
     with err_console.status("simulating") as status:
         result = simulate(src.trace, hw, src.model, req, progress=lambda n: status.update(f"simulating {n}"))
     result["notes"] = [*src.notes, *result["notes"]]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapmoe_cli.planning.replay import Routing, replay_misses
+from adapmoe_cli.runtime.eviction import RoutingModel
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,13 @@ class CostCurves:
 
 
 def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetch: bool = True,
-                progress: Callable[[int, int], None] | None = None) -> CostCurves:
+                progress: Callable[[int, int], None] | None = None, model: RoutingModel | None = None) -> CostCurves:
     L = len(routing.layers)
     curves = [[0.0] * num_experts for _ in range(L)]
     tokens = sum(routing.rows)
     for s in range(1, num_experts + 1):
-        misses = replay_misses(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch)
+        misses = replay_misses(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch,
+                               model=model)
         for i in range(L):
             curves[i][s - 1] = misses[i] / tokens
         if progress:

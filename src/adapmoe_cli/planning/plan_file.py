@@ -27,9 +27,10 @@ def default_path(store: Store) -> Path:
     return store.path / DEFAULT_NAME
 
 
-def bench_path(store: Store, slots: int, gated: bool) -> Path:
+def bench_path(store: Store, slots: int, gated: bool, eviction: str = "lru") -> Path:
     """Where `bench` keeps the plans it makes for its policies (never the store's own plan.json)."""
-    return store.path / "bench" / f"plan-{slots}-{'gated' if gated else 'topk'}.json"
+    tail = "" if eviction == "lru" else f"-{eviction}"
+    return store.path / "bench" / f"plan-{slots}-{'gated' if gated else 'topk'}{tail}.json"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_quali
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.profile_file import default_path as default_profile
 from adapmoe_cli.profiling.profile_file import model_identity, read_profile
+from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import Settings
@@ -75,8 +76,9 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
     trace = prof.trace()
     routing = prepare(trace, gate)
     shape = store.shape
-    curves = cost_curves(routing, shape.num_experts, policy=settings.cache.policy, prefetch=settings.prefetch,
-                         progress=within(progress, "cost curves"))
+    eviction, model = eviction_for(store, settings.cache.policy)
+    curves = cost_curves(routing, shape.num_experts, policy=eviction, prefetch=settings.prefetch,
+                         progress=within(progress, "cost curves"), model=model)
     slots = allocate(curves.curves, req.budget_slots)
     even = even_quotas(shape.moe_layers, req.budget_slots, shape.num_experts)
     even_slots = [even[layer] for layer in curves.layers]
@@ -93,7 +95,7 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         "budget_slots": req.budget_slots,
         "gate_rule": gate.rule,
         "gate_scale": gate.scale,
-        "policy": settings.cache.policy,
+        "policy": eviction,
         "prefetch": settings.prefetch,
         "layers": layers,
         "total_expected_cost": total_cost(curves.curves, slots),

@@ -6,12 +6,13 @@ processed in one forward (one row per decode step; a prompt's rows together)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.cache import ExpertCache
+from adapmoe_cli.runtime.eviction import RoutingModel
 from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
 from adapmoe_cli.runtime.loader import InstantLoader
 from adapmoe_cli.runtime.manager import ExpertManager
@@ -26,6 +27,11 @@ class Routing:
     predicted: list[list[tuple[int, ...] | None]]  # [step][layer index]; None for layer 0 / prefill steps
     rows: list[int]  # trace rows per step
     layers: list[int]
+
+    def part(self, start: int, stop: int | None = None) -> Routing:
+        """Steps start … stop-1 (a held-out split: fit on one part, measure on another)."""
+        return replace(self, needed=self.needed[start:stop], activations=self.activations[start:stop],
+                       predicted=self.predicted[start:stop], rows=self.rows[start:stop])
 
 
 def prepare(trace: Trace, gate: GatePolicy, steps: list[int] | None = None) -> Routing:
@@ -108,10 +114,11 @@ def replay(routing: Routing, manager: ExpertManager, prefetch: bool = True, hook
     return misses
 
 
-def replay_misses(routing: Routing, quotas: dict[int, int], policy: str = "lru", prefetch: bool = True
-                  ) -> list[int]:
-    """Demand loads per layer of `routing` through a fresh manager with an instant loader and these slots."""
-    manager = ExpertManager(ExpertCache(quotas, stride=0, policy=policy), InstantLoader(0))
+def replay_misses(routing: Routing, quotas: dict[int, int], policy: str = "lru", prefetch: bool = True,
+                  model: RoutingModel | None = None) -> list[int]:
+    """Demand loads per layer of `routing` through a fresh manager with an instant loader and these slots
+    (`model`: what a predicting eviction policy predicts from)."""
+    manager = ExpertManager(ExpertCache(quotas, stride=0, policy=policy, routing=model), InstantLoader(0))
     try:
         return replay(routing, manager, prefetch)
     finally:

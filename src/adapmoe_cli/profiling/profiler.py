@@ -17,7 +17,7 @@ from adapmoe_cli.profiling.profile_file import default_path, model_identity, wri
 from adapmoe_cli.profiling.trace import layer_stats, spearman
 from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.settings import Settings
+from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
 
 
@@ -44,7 +44,9 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
               else budgets.resolve(settings.cache.budget, store.cache_shape))
     if req.window < 2:
         raise UsageError("--window must be at least 2 tokens")
-    with Engine(store, settings, budget) as engine:
+    # the profile is what a predicting eviction policy would read: profile with LRU
+    lru = replace(settings, cache=replace(settings.cache, policy="lru"))
+    with Engine(store, lru, budget) as engine:
         tok = load_tokenizer(store)
         ids = read_text_tokens(tok, req.text, min_tokens=req.min_tokens or req.tokens, max_tokens=req.tokens)
         trace, sens = collect(engine, ids, req.window, method, within(progress, f"{method} sensitivity"))

@@ -9,7 +9,7 @@ import mmap
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from adapmoe_cli.runtime.eviction import EvictionPolicy, make_policy
+from adapmoe_cli.runtime.eviction import EvictionPolicy, RoutingModel, make_policy
 
 FREE, LOADING, READY = 0, 1, 2
 
@@ -19,9 +19,12 @@ class ExpertCache:
         self,
         quotas: Mapping[int, int],
         stride: int,
-        policy: str | Callable[[], EvictionPolicy] = "lru",
+        policy: str = "lru",
         make_views: Callable[[mmap.mmap], Any] | None = None,
+        routing: RoutingModel | None = None,
     ):
+        """`policy`: an eviction policy's name (runtime/eviction.py), one per layer; `routing`: what the
+        policies that predict (`markov`, `learned`) predict from."""
         from adapmoe_cli.store.reader import aligned_buffer
 
         if any(q < 1 for q in quotas.values()):
@@ -41,8 +44,7 @@ class ExpertCache:
             self._layer_slots[layer] = ids
         self._state = [FREE] * len(self.buffers)
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
-        new_policy = (lambda: make_policy(policy)) if isinstance(policy, str) else policy
-        self.policies: dict[int, EvictionPolicy] = {layer: new_policy() for layer in self.quotas}
+        self.policies: dict[int, EvictionPolicy] = {layer: make_policy(policy, layer, routing) for layer in self.quotas}
 
     @property
     def num_slots(self) -> int:

@@ -14,6 +14,7 @@ from adapmoe_cli.budget import Budget, check_fits
 from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.experts_format import by_part
 from adapmoe_cli.families import is_weight
+from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
@@ -58,9 +59,10 @@ class Engine:
         self.observers = Observers()
         layout = next(iter(store.experts.values()))
         store.experts_format.check_runtime()
+        self.eviction, routing = eviction_for(store, settings.cache.policy)  # `auto` resolved
         self.cache = ExpertCache(
-            self.budget.quotas, store.slot_bytes, policy=settings.cache.policy,
-            make_views=lambda buf: by_part(expert_views(buf, layout)),
+            self.budget.quotas, store.slot_bytes, policy=self.eviction,
+            make_views=lambda buf: by_part(expert_views(buf, layout)), routing=routing,
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)

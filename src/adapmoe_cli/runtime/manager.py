@@ -108,6 +108,7 @@ class ExpertManager:
         self.stats.layer_tokens += tokens
         self.stats.expert_activations += activations
         self._settle()
+        self.cache.policies[layer].observe(needed)
         for fn in self.on_layer:
             fn(layer, needed)
         prefetched = self._prefetched.pop(layer, {})

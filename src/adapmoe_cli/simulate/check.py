@@ -25,6 +25,7 @@ from adapmoe_cli import budget as budgets
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling.record import RoutingRecorder
+from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.measure import Setup, run_setup
 from adapmoe_cli.settings import replace
@@ -97,8 +98,9 @@ def simulate_bench(store: Store, plan: dict[str, Setup], prompts: list[list[int]
         st = traces[key]
         say(f"simulating {name}")
         routing = prepare(st.trace, setup.gate, st.steps)
-        run = drive(routing, dict(setup.budget.quotas), hw, model, setup.settings.cache.policy,
-                    prefetch=setup.settings.prefetch, preload=setup.preload, untimed=st.prompt_steps)
+        eviction, routing_model = eviction_for(store, setup.settings.cache.policy)  # what the engine ran
+        run = drive(routing, dict(setup.budget.quotas), hw, model, eviction, prefetch=setup.settings.prefetch,
+                    preload=setup.preload, untimed=st.prompt_steps, routing_model=routing_model)
         m = measured["policies"][name]
         tps = run.tokens / run.decode_s if run.decode_s else 0.0
         counts, best = m["counts"], _fastest(m)

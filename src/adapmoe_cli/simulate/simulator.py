@@ -15,8 +15,10 @@ from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.allocate import allocate
 from adapmoe_cli.planning.costs import cost_curves
 from adapmoe_cli.planning.replay import ReplayHooks, Routing, prepare, replay
-from adapmoe_cli.policies import POLICIES, policy_budget
+from adapmoe_cli.policies import get, policy_budget
+from adapmoe_cli.profiling.routing_model import fit as fit_routing
 from adapmoe_cli.runtime.cache import ExpertCache
+from adapmoe_cli.runtime.eviction import NEEDS_ROUTING, RoutingModel
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.stats import Stats
@@ -86,11 +88,13 @@ class _Timed(ReplayHooks):
 
 
 def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSpec, eviction: str = "lru",
-          prefetch: bool = False, preload: bool = False, untimed: frozenset[int] = frozenset()) -> PolicyRun:
+          prefetch: bool = False, preload: bool = False, untimed: frozenset[int] = frozenset(),
+          routing_model: RoutingModel | None = None) -> PolicyRun:
     """Replay `routing` through a fresh manager on the simulated clock. Numbers and time count the steps
-    not in `untimed` (prompt passes), as the bench counts decode steps only."""
+    not in `untimed` (prompt passes), as the bench counts decode steps only. `routing_model`: what a
+    predicting eviction policy predicts from."""
     loader = SimLoader(hw, model.slot_bytes, Clock())
-    cache = ExpertCache(quotas, stride=0, policy="lru" if eviction == "belady" else eviction)
+    cache = ExpertCache(quotas, stride=0, policy="lru" if eviction == "belady" else eviction, routing=routing_model)
     belady: dict[int, Belady] = {}
     if eviction == "belady":
         for layer, future in zip(routing.layers, layer_futures(routing), strict=True):
@@ -131,35 +135,55 @@ class SimRequest:
     policies: list[str]
     gate: GatePolicy = GatePolicy()  # adapmoe's gate (from a plan or --gate-scale)
     sweep: bool = False
+    #: the share of the trace's steps (its end) measured; the rest fits the DP plans and the predicting
+    #: eviction policies. 0: fit and measure on the whole trace
+    holdout: float = 0.0
 
 
 class _Planner:
-    """Gated routings and DP slot plans, computed once per gate and reused across budgets."""
+    """Gated routings, DP slot plans (per gate and eviction policy) and the predicting policies' routing
+    model, computed once and reused across budgets. With a holdout, plans and model come from the steps
+    before `cut` and the policies are measured on the steps from it (`routing`, `prompt_steps` renumbered)."""
 
-    def __init__(self, st: SimTrace, gate: GatePolicy, model: ModelSpec):
+    def __init__(self, st: SimTrace, gate: GatePolicy, model: ModelSpec, holdout: float = 0.0):
         self.st, self.num_experts = st, model.num_experts
         self.shape = replace(model.cache_shape, layers=tuple(st.trace.layers))
-        self.routing = {False: prepare(st.trace, GatePolicy.off(), st.steps)}
-        self.routing[True] = (prepare(st.trace, gate, st.steps) if gate.thresholds and st.has_weights
-                              else self.routing[False])
-        self._curves: dict[bool, list[list[float]]] = {}
+        whole = {False: prepare(st.trace, GatePolicy.off(), st.steps)}
+        whole[True] = (prepare(st.trace, gate, st.steps) if gate.thresholds and st.has_weights else whole[False])
+        n = len(whole[False].rows)
+        self.cut = min(n - 1, max(1, round(n * (1 - holdout)))) if holdout else 0
+        self.fitted = {g: r.part(0, self.cut or None) for g, r in whole.items()}
+        self.routing = {g: r.part(self.cut) for g, r in whole.items()}
+        self.prompt_steps = frozenset(s - self.cut for s in st.prompt_steps if s >= self.cut)
+        self._curves: dict[tuple[bool, str], list[list[float]]] = {}
+        self._model: RoutingModel | None = None
 
-    def quotas(self, gated: bool, budget: int) -> dict[int, int]:
-        if gated not in self._curves:
-            c = cost_curves(self.routing[gated], self.num_experts, policy="lru", prefetch=self.st.has_predictions)
-            self._curves[gated] = c.curves
-        slots = allocate(self._curves[gated], budget)
+    def routing_model(self, eviction: str) -> RoutingModel | None:
+        if eviction not in NEEDS_ROUTING:
+            return None
+        if self._model is None:
+            part = f"steps 0–{self.cut - 1} of " if self.cut else ""
+            self._model = fit_routing(self.fitted[False], self.num_experts, f"{part}{self.st.source}")
+        return self._model
+
+    def quotas(self, gated: bool, budget: int, eviction: str = "lru") -> dict[int, int]:
+        if (gated, eviction) not in self._curves:
+            c = cost_curves(self.fitted[gated], self.num_experts, policy=eviction, prefetch=self.st.has_predictions,
+                            model=self.routing_model(eviction))
+            self._curves[(gated, eviction)] = c.curves
+        slots = allocate(self._curves[(gated, eviction)], budget)
         return dict(zip(self.routing[gated].layers, slots, strict=True))
 
 
 def _run_policy(name: str, planner: _Planner, total: int, hw: Hardware, model: ModelSpec) -> dict[str, Any]:
-    spec, st = POLICIES[name], planner.st
+    spec = get(name)
     routing = planner.routing[spec.gate]
-    quotas = dict(policy_budget(spec, planner.shape, total, lambda gated: planner.quotas(gated, total)).quotas)
+    quotas = dict(policy_budget(spec, planner.shape, total,
+                                lambda gated: planner.quotas(gated, total, spec.eviction)).quotas)
     if spec.prefetch == "oracle":
         routing = oracle_routing(routing)
     run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetches, preload=spec.preload,
-                untimed=st.prompt_steps)
+                untimed=planner.prompt_steps, routing_model=planner.routing_model(spec.eviction))
     entry = _entry(run, model, quotas, spec.description)
     if name == "belady":
         floor = io_floor_s(run.misses, run.tokens, model.slot_bytes, hw.link_bandwidth)
@@ -181,16 +205,27 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
             notes.append("adapmoe: the trace has no routing weights, so its gate falls back to plain top-k")
         elif not gate.thresholds:
             notes.append("adapmoe: no plan or --gate-scale gave thresholds: the adaptive gate is off (plain top-k)")
-    if not st.has_predictions and any(POLICIES[n].prefetch == "predicted" for n in req.policies):
-        names = "/".join(n for n in req.policies if POLICIES[n].prefetch == "predicted")
+    if not st.has_predictions and any(get(n).prefetch == "predicted" for n in req.policies):
+        names = "/".join(n for n in req.policies if get(n).prefetch == "predicted")
         notes.append(f"{names}: the trace holds no next-layer predictions, so they prefetch nothing "
                      "(`oracle` shows what exact prediction would give)")
-    planner = _Planner(st, gate, model)
+    if not 0 <= req.holdout < 1:
+        raise UsageError(f"--holdout must be a share of the trace in [0, 1), got {req.holdout}")
+    planner = _Planner(st, gate, model, req.holdout)
+    if planner.cut:
+        notes.append(f"holdout: the DP plans and markov/learned eviction fitted on the first {planner.cut} steps, "
+                     f"every policy measured on the last {len(planner.routing[False].rows)}")
+    elif any(get(n).eviction in NEEDS_ROUTING for n in req.policies):
+        notes.append("markov/learned eviction fitted on the very trace it replays (optimistic): --holdout 0.5 fits "
+                     "on the first half and measures every policy on the rest")
     times = ComputeTimes.of(hw, model)
     out: dict[str, Any] = {
         "hardware": hw.public(),
         "model": model.public(),
-        "trace": {"source": st.source, "decode_tokens": st.decode_steps, "layers": st.num_layers,
+        "trace": {"source": st.source,
+                  "decode_tokens": len(planner.routing[False].rows) - len(planner.prompt_steps),
+                  "layers": st.num_layers,
+                  "measured_from_step": planner.cut,
                   "has_weights": st.has_weights, "has_predictions": st.has_predictions},
         "budget_slots": req.budget_slots,
         "total_experts": model.total_experts,
@@ -209,7 +244,7 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
         "io_floor_s_per_token": pol["belady"]["io_floor_s_per_token"] if "belady" in pol else None,
         "io_floor_tokens_per_s": pol["belady"]["io_floor_tokens_per_s"] if "belady" in pol else None,
         "compute_floor_tokens_per_s": 1 / times.token_s(model.num_layers, _experts_per_token(planner.routing[False],
-                                                                                            st.prompt_steps)),
+                                                                                            planner.prompt_steps)),
     }
     if req.sweep:
         out["sweep"] = sweep(planner, req.policies, hw, model, progress)
@@ -225,7 +260,7 @@ def _experts_per_token(routing: Routing, prompt_steps: frozenset[int]) -> float:
 def sweep(planner: _Planner, names: list[str], hw: Hardware, model: ModelSpec,
           progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Decode tok/s of the budget-dependent policies at 10%…100% of the experts."""
-    swept = [n for n in names if POLICIES[n].slots == "budget"]
+    swept = [n for n in names if get(n).slots == "budget"]
     points: list[dict[str, Any]] = []
     for total in budgets.sweep_totals(planner.shape):
         frac = total / model.total_experts
