@@ -3,7 +3,8 @@ compute thread; owns the cache (slots, policies) and talks to the loader (reads)
 hits, misses, wasted and dropped prefetches and stall time in `Stats` as they happen.
 
 Per layer call (one forward of one MoE layer):
-1. settle loads that finished since the last call, account this layer's prefetches;
+1. settle loads that finished since the last call, tell the layer's eviction policy what the call needs
+   (`observe`), account this layer's prefetches;
 2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one
    (mispredicted prefetches stay cached; their reads, if still queued, move behind everything else);
 3. when every needed expert has a slot: count and touch them in ascending order, then compute those
