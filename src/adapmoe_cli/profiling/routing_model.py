@@ -86,7 +86,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-4, steps: int = 50
     penalty = np.full(len(w), ridge)
     penalty[-1] = 0.0  # the bias is not shrunk
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(xb @ w)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -30.0, 30.0)))  # a trace where every expert is always
+        # needed (top-k = all) has labels of one kind: the bias grows, the probabilities stay finite
         grad = xb.T @ (p - y) / len(y) + penalty * w
         hess = (xb * (p * (1 - p))[:, None]).T @ xb / len(y) + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
