@@ -104,7 +104,7 @@ AUTO_WITH_PROFILE, AUTO_WITHOUT = "markov", "lru"
 def eviction_for(store, policy: str) -> tuple[str, RoutingModel | None]:
     """The eviction policy a store runs with and what it predicts from when it predicts (`markov`,
     `learned`: the store's profile). `auto`: markov when the store has a usable profile, else lru (the
-    chat banner and `/stats` say which); asking for markov/learned without one is an error naming the
+    chat command `/show` says which); asking for markov/learned without one is an error naming the
     command that makes it."""
     from adapmoe_cli.profiling.profile_file import default_path
 
