@@ -134,8 +134,8 @@ class RoutingModel:
 
 
 class _Tracked(EvictionPolicy):
-    """Residents in LRU order plus what the layer's calls showed: the last two calls' experts, each expert's
-    last call and its decayed call count. Victim: the lowest `score`, the least recently used first among
+    """Residents in LRU order plus what the layer's calls showed: the last two calls' experts and each
+    expert's decayed call count. Victim: the lowest `score`, the least recently used first among
     equals; scores hold for the whole call (nothing they depend on changes until the next `observe`), so
     each is computed once per call however many evictions the call makes."""
 
@@ -144,7 +144,6 @@ class _Tracked(EvictionPolicy):
         self.calls = 0
         self.last: tuple[int, ...] = ()
         self.before: tuple[int, ...] = ()
-        self._last_use: dict[int, int] = {}
         self._freq: dict[int, tuple[float, int]] = {}  # expert → (decayed count, as of that call)
         self._memo: dict[int, float] = {}
 
@@ -153,7 +152,6 @@ class _Tracked(EvictionPolicy):
         self.before, self.last = self.last, tuple(needed)
         for e in self.last:
             self._freq[e] = (self.frequency(e) + 1.0, self.calls)
-            self._last_use[e] = self.calls
         self._memo = {}
 
     def frequency(self, expert: int) -> float:
@@ -252,6 +250,12 @@ class Learned(Markov):
         self._w = w
         # the parts of the score that never change: popularity's term and the bias
         self._base = (self._popularity * w[1] + w[-1]).tolist()
+        self._last_use: dict[int, int] = {}  # expert → the call it was last needed in
+
+    def observe(self, needed: Sequence[int]) -> None:
+        super().observe(needed)
+        for e in self.last:
+            self._last_use[e] = self.calls
 
     def recency(self, expert: int) -> float:
         """1 / (1 + calls since `expert` was last needed); 0 when never."""
