@@ -7,7 +7,9 @@
    extracts it into ADAPMOE_HOME/peers/llama-cpp-python-VERSION (or --root, or $ADAPMOE_LLAMA_CPP),
    whole or not at all;
 2. configures llama.cpp with cmake (Ninja, Release, no server, no tests, no OpenSSL) and builds the
-   tools the bench uses: llama-completion, llama-bench, llama-quantize (about 4.5 minutes on 2 cores).
+   tools the bench uses: llama-completion, llama-bench, llama-quantize (about 4.5 minutes on 2 cores);
+   with --server also llama-server (the OpenAI-compatible server `bench --endpoint` and
+   scripts/measure_serve.py compare `adapmoe serve` with).
 
 Does nothing that is already done; prints where the tools are. The converter needs only what adapmoe
 already has (torch, transformers, numpy, pyyaml, tqdm) and the bundled gguf-py, which it imports from
@@ -73,14 +75,17 @@ def check_toolchain() -> None:
         raise BuildFailed("no C++ compiler found; install one (e.g. `apt-get install g++`)")
 
 
-def build(llama: LlamaCpp, jobs: int) -> None:
+def build(llama: LlamaCpp, jobs: int, server: bool = False) -> None:
     build_dir = llama.root / "build"
     log = llama.root / "build.log"
+    tools = [*TOOLS, *(["llama-server"] if server else [])]
+    flags = [f for f in CMAKE_FLAGS if not (server and f.startswith("-DLLAMA_BUILD_SERVER"))]
     steps = []
-    if not (build_dir / "build.ninja").is_file():
-        steps.append(["cmake", "-S", str(llama.tree), "-B", str(build_dir), *CMAKE_FLAGS])
-    steps.append(["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", *TOOLS])
-    print(f"building {', '.join(TOOLS)} with {jobs} jobs (log: {log})", flush=True)
+    if not (build_dir / "build.ninja").is_file() or server:
+        steps.append(["cmake", "-S", str(llama.tree), "-B", str(build_dir), *flags,
+                      *(["-DLLAMA_BUILD_SERVER=ON"] if server else [])])
+    steps.append(["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", *tools])
+    print(f"building {', '.join(tools)} with {jobs} jobs (log: {log})", flush=True)
     with log.open("a") as f:
         for cmd in steps:
             f.write("$ " + " ".join(cmd) + "\n")
@@ -96,15 +101,16 @@ def main() -> int:
     parser.add_argument("--root", type=Path, help=f"where to extract and build (default: ${ENV_VAR}, else "
                                                   f"{default_root()})")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    parser.add_argument("--server", action="store_true", help="also build llama-server")
     args = parser.parse_args()
     env = os.environ.get(ENV_VAR)
     llama = LlamaCpp((args.root or (Path(env).expanduser() if env else default_root())).resolve())
     try:
-        if why_unavailable(llama) is not None:
+        if why_unavailable(llama) is not None or (args.server and not llama.tool("llama-server").is_file()):
             check_toolchain()
             if not llama.converter.is_file():
                 fetch_source(llama.root)
-            build(llama, args.jobs)
+            build(llama, args.jobs, args.server)
     except BuildFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -112,7 +118,7 @@ def main() -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
-    for tool in TOOLS:
+    for tool in [*TOOLS, *(["llama-server"] if args.server else [])]:
         print(llama.tool(tool))
     if importlib.util.find_spec("sentencepiece") is None:
         print("note: converting models to GGUF also needs sentencepiece: pip install 'adapmoe-cli[peers]'")

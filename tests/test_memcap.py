@@ -64,11 +64,14 @@ def test_bench_runs_each_policy_inside_the_cap(setup, tmp_path):  # noqa: F811
 
 
 @needs_cgroup
-def test_a_run_the_cap_kills_is_a_row(setup, capsys):  # noqa: F811
+def test_a_run_the_cap_kills_is_a_row(setup, capsys, monkeypatch):  # noqa: F811
     """A policy whose worker the cap kills is listed under `failed` with why and its peak, printed as a row
     that says so; the other policies' rows stand."""
     from adapmoe_cli import bench
+    from adapmoe_cli.cli import common
     from adapmoe_cli.cli.bench import render_table
+
+    monkeypatch.setattr(common.console, "width", 160)  # the table whole, whatever terminal runs the tests
     from adapmoe_cli.runtime.gating import GatePolicy
     from adapmoe_cli.runtime.measure import Setup
     from adapmoe_cli.settings import load_settings
@@ -91,7 +94,7 @@ def test_a_run_the_cap_kills_is_a_row(setup, capsys):  # noqa: F811
     r["memory_cap"] = {"applied": True, "text": "64MiB", "cap_bytes": 64 * MiB}
     render_table(r)
     out = capsys.readouterr().out
-    assert any(line.split()[:2] == ["resident", "killed"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["resident", "killed"] for line in out.splitlines()), out
     assert "resident: killed by the memory cap (64.00 MiB) at a peak of" in out
 
 

@@ -14,7 +14,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,24 @@ HUB_ID = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 SIZE_FLAGS = {"profile": ["--tokens", "512"], "plan-cache": ["--tokens", "512"], "eval": ["--tokens", "512"],
               "bench": ["--tokens", "3", "--repeat", "1", "--policies", "naive,lru+prefetch,adapmoe"],
               "simulate": ["--policies", "lru,adapmoe"]}
+
+
+ENDPOINT_FLAGS = ["--tokens", "3", "--repeat", "1"]
+
+
+def _serve(cmd: str, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start a `serve` line; returns the process and its base URL once it listens."""
+    proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for text in proc.stderr:
+        seen.append(text)
+        m = re.search(r"serving at (http://\S+)/v1", text)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
+            return proc, m.group(1)
+    raise AssertionError(f"{cmd} did not start: {''.join(seen)[-400:]}")
 
 
 def readme_commands() -> list[str]:
@@ -64,23 +84,63 @@ def hub(make_checkpoint: Callable[..., Path]):
         yield server
 
 
+#: commands that touch only the checkpoints, the hub model and their stores (or nothing in ADAPMOE_HOME); the
+#: others use the embedded model's stores. The two lanes run side by side (each in order): nothing one writes
+#: is read by the other
+OWN_STORES = ("download", "shard", "info", "verify", "fit", "simulate", "list")
+
+
+def lane(line: str) -> int:
+    words = shlex.split(line.split("|")[-1])
+    return 0 if words[1] in OWN_STORES or (len(words) > 2 and (words[2] == HUB_ID or words[2].startswith("./"))) else 1
+
+
 def test_every_readme_command_runs(workdir: Path, hub: HubServer, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("readme-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(ADAPMOE_HOME=str(home), HF_HOME=str(home / "hf"), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_XET="1", COLUMNS="120", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    failures = []
     # what makes a store runs first (the README shows `chat ./mixtral-store` before `shard … ./mixtral-store`)
     lines = sorted(readme_commands(), key=lambda c: not c.startswith(("adapmoe shard", "adapmoe download")))
-    for line in lines:
-        words = shlex.split(line.split("|")[-1])
-        extra = SIZE_FLAGS.get(words[1], [])
-        cmd = line + "".join(f" {shlex.quote(x)}" for x in extra)
-        # `chat` without --prompt reads its prompt from stdin when it is not a terminal
-        r = subprocess.run(["bash", "-c", cmd], cwd=workdir, env=env, input="What does the json module do?\n",
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0 or "Traceback" in r.stderr:
-            failures.append(f"{cmd}\n  → exit {r.returncode}: {r.stderr.strip()[-400:]}")
+    lanes = [[c for c in lines if lane(c) == i] for i in (0, 1)]
+    assert all(lanes), lanes
+
+    def run_lane(commands: list[str]) -> list[str]:
+        failures = []
+        server: subprocess.Popen | None = None
+
+        def stop() -> None:
+            nonlocal server
+            if server is not None:
+                server.terminate()
+                if server.wait(60) != 0:
+                    failures.append(f"adapmoe serve exited {server.returncode} on SIGTERM")
+                server = None
+
+        try:
+            for line in commands:
+                words = shlex.split(line.split("|")[-1])
+                extra = ENDPOINT_FLAGS if "--endpoint" in words else SIZE_FLAGS.get(words[1], [])
+                cmd = line + "".join(f" {shlex.quote(x)}" for x in extra)
+                if words[1] == "serve":  # up for the commands that talk to it (on a free port: the README's
+                    server, base = _serve(cmd + " --port 0", workdir, env)  # 8000 may be taken here)
+                    continue
+                if "http://127.0.0.1:8000" in cmd:
+                    assert server is not None, f"{line}: no `adapmoe serve` line before it"
+                    cmd = cmd.replace("http://127.0.0.1:8000", base)
+                else:
+                    stop()
+                # `chat` without --prompt reads its prompt from stdin when it is not a terminal
+                r = subprocess.run(["bash", "-c", cmd], cwd=workdir, env=env, input="What does the json module do?\n",
+                                   capture_output=True, text=True, timeout=600)
+                if r.returncode != 0 or "Traceback" in r.stderr:
+                    failures.append(f"{cmd}\n  → exit {r.returncode}: {r.stderr.strip()[-400:]}")
+        finally:
+            stop()
+        return failures
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for result in pool.map(run_lane, lanes) for f in result]
     assert not failures, "\n".join(failures)
     assert (workdir / "mixtral-store" / "manifest.json").exists()
     assert (workdir / "bench.json").exists() and (workdir / "bench.png").exists()

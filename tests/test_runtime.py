@@ -205,3 +205,18 @@ def test_memory_budget_turns_into_slots(make_store):
         assert eng.cache.num_slots == 5
         assert eng.cache.capacity_bytes <= budget
         assert sorted(eng.budget.quotas.values()) == [2, 3]
+
+
+def test_starting_the_runtime_leaves_hqq_unimported(make_store):
+    """transformers imports hqq (and with it torch's compiler stack, ~1 s) whenever it is installed; the
+    engine keeps it from doing so (skeleton.without_transformers_hqq), in a process of its own."""
+    import subprocess
+    import sys
+
+    child = ("import sys\nfrom pathlib import Path\nfrom adapmoe_cli.planning.resolve import open_engine\n"
+             "from adapmoe_cli.settings import load_settings\nfrom adapmoe_cli.store import Store\n"
+             f"with open_engine(Store.open(Path({str(make_store())!r})), load_settings()) as e:\n"
+             "    pass\nprint('hqq' in sys.modules, 'transformers.cache_utils' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]  # transformers' caches loaded, hqq not

@@ -12,7 +12,7 @@ from typing import Any
 
 from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.generate import Response, eos_ids, new_kv_cache, stream_generate
+from adapmoe_cli.runtime.generate import PrefixKV, Response, eos_ids, stream_generate
 from adapmoe_cli.settings import GenerationSettings
 from adapmoe_cli.store import Store
 
@@ -90,8 +90,7 @@ class Conversation:
     system: str | None = None
     raw: bool = False  # plain continuation, no chat template
     messages: list[dict[str, Any]] = field(default_factory=list)
-    _kv: Any = None
-    _cached: list[int] = field(default_factory=list)  # token ids whose K/V the cache holds
+    _kv: PrefixKV = field(init=False, repr=False)  # the KV cache and the token ids it holds
 
     def __post_init__(self) -> None:
         self.system = clean_text(self.system) if self.system is not None else None
@@ -101,8 +100,11 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self._kv = new_kv_cache(self.engine)
-        self._cached = []
+        self._kv = PrefixKV(self.engine)
+
+    @property
+    def _cached(self) -> list[int]:
+        return self._kv.ids
 
     def _prompt_ids(self, user: str) -> list[int]:
         user = clean_text(user)
@@ -149,37 +151,28 @@ class Conversation:
         user = clean_text(user)
         gen = self.gen if max_new_tokens is None else replace(self.gen, max_new_tokens=max_new_tokens)
         full = self._prompt_ids(user)
-        common = 0
-        for a, b in zip(self._cached, full, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(full) - 1)  # feed at least one token
         if len(full) + gen.max_new_tokens > self.max_context:
             raise UsageError(
                 f"the conversation ({len(full)} tokens) plus --max-new-tokens ({gen.max_new_tokens}) exceeds the "
                 f"context of {self.max_context} tokens; shorten the prompt or lower --max-new-tokens"
             )
-        _trim(self._kv, common)
+        kv = self._kv
+        common = kv.start(full)
         new = full[common:]
-        self._cached = full[:common]
         last: Response | None = None
         generated: list[int] = []
         stops = eos_ids(self.engine, self.tokenizer)
         try:
-            for resp in stream_generate(self.engine, self.tokenizer, new, self._kv, gen,
+            for resp in stream_generate(self.engine, self.tokenizer, new, kv.kv, gen,
                                         history=full[:common], stop_ids=stops):
-                if last is None:
-                    self._cached = list(full)
-                else:
-                    self._cached.append(generated[-1])
+                kv.fed(new if last is None else generated[-1:])
                 generated = resp.token_ids
                 last = resp
                 yield resp
         finally:
             # the cache holds the prompt and every generated token but the last; a cut-off forward
             # may have appended to some layers only, so trim them all to the consistent length
-            _trim(self._kv, len(self._cached))
+            kv.settle()
             text = self.tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
             entry: dict[str, Any] = {"role": "user", "content": user}
             self.messages.append(entry)
@@ -203,11 +196,3 @@ class Conversation:
     def template_messages(self) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": m["content"]} for m in self.messages]
 
-
-def _trim(kv: Any, keep: int) -> None:
-    """Cut every layer of a transformers cache back to its first `keep` tokens (layers may differ
-    after an interrupted forward)."""
-    for layer in kv.layers:
-        extra = layer.get_seq_length() - keep
-        if extra > 0:
-            layer.crop(-extra)

@@ -30,9 +30,24 @@ def hf_config(config: dict[str, Any]) -> Any:
     return CONFIG_MAPPING[model_type](**{k: v for k, v in cfg.items() if k != "transformers_version"})
 
 
+def without_transformers_hqq() -> None:
+    """Keep transformers from importing hqq. It does so whenever hqq is installed (for its quantized KV cache,
+    which adapmoe never uses), and hqq's import pulls in torch's compiler stack: 0.9–1.3 s on every start of
+    the runtime here (3.9 against 4.9 s to import a family's model). adapmoe imports hqq itself where it
+    quantizes experts (experts_format.py), unaffected. Does nothing once transformers' caches are imported."""
+    import sys
+
+    if "transformers.cache_utils" in sys.modules:
+        return
+    import transformers.utils
+
+    transformers.utils.is_hqq_available = lambda *args, **kwargs: False
+
+
 def empty_model(family: ModelFamily, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
     """The causal-LM module with every parameter on the meta device; buffers are rebuilt by the caller
     (see `engine.materialise_buffers`)."""
+    without_transformers_hqq()
     import transformers
 
     cls = getattr(transformers, family.causal_lm_class)

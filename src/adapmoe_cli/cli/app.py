@@ -20,6 +20,7 @@ from adapmoe_cli.cli import (
     info,
     plan_cache,
     profile,
+    serve,
     shard,
     simulate,
     stores,
@@ -36,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (chat, profile, plan_cache, evaluate, bench, simulate, fit, shard, download, info, verify, stores):
+for module in (chat, serve, profile, plan_cache, evaluate, bench, simulate, fit, shard, download, info, verify, stores):
     module.register(app)
 for command in app.registered_commands:  # each command's docstring (notes, examples) closes its --help
     if command.callback is not None and command.callback.__doc__ and not command.epilog:

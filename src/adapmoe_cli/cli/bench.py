@@ -80,12 +80,23 @@ def bench_cmd(
     fallback_format: Annotated[str, typer.Option(
         "--fallback-format", help="The resident low-bit copy of every expert the *+fallback policies compute "
         "misses with (paid out of the same budget): int8 | int4 | int2.")] = "int4",
+    endpoint: Annotated[list[str] | None, typer.Option(
+        "--endpoint", help="Time an OpenAI-compatible server instead (its /v1 URL; repeat to compare several, "
+        "interleaved): adapmoe serve, llama-server, ollama, vLLM. Uses --prompts, --tokens, --repeat.",
+        show_default=False)] = None,
+    endpoint_model: Annotated[str | None, typer.Option(
+        "--model", help="With --endpoint: the model name to ask for (default: the first the server lists).",
+        show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="OPENAI_API_KEY", help="With --endpoint: the key to send.", show_default=False)] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
 
       adapmoe bench --out bench.json --plot bench.png
+
+      adapmoe bench --endpoint http://127.0.0.1:8000/v1 --endpoint http://127.0.0.1:8080/v1 --tokens 64
 
       adapmoe bench --expert-size 16MiB --memory-cap 60%,90% --policies lru+prefetch,adapmoe,llama.cpp
 
@@ -97,6 +108,12 @@ def bench_cmd(
 
       adapmoe bench --simulate --repeat 5 --json > bench.json
     """
+    if endpoint:
+        if plot is not None:
+            raise typer.BadParameter("draws the policies' chart; with --endpoint use --out or --json",
+                                     param_hint="--plot")
+        _bench_endpoints(model, endpoint, endpoint_model, api_key, prompts, tokens, repeat, as_json, out)
+        return
     settings = runtime_settings(config, budget=budget, device=device)
     texts = tuple(read_prompts(prompts)) if prompts else ()
     req = BenchRequest(policies=tuple(parse_policies(policies, peers=True)), prompts=texts, tokens=tokens,
@@ -114,6 +131,44 @@ def bench_cmd(
                            native_store=stores.native, fallback=stores.fallback)
     result["command"] = "adapmoe bench " + " ".join(_argv())
     emit(result, as_json, render, out, plot, draw)
+
+
+def _bench_endpoints(model: str | None, urls: list[str], name: str | None, api_key: str | None, prompts: Path | None,
+                     tokens: int, repeat: int, as_json: bool, out: Path | None) -> None:
+    from adapmoe_cli.bench import default_prompts
+    from adapmoe_cli.bench_endpoint import run as run_endpoints
+    from adapmoe_cli.errors import UsageError
+
+    if model is not None:
+        raise UsageError("--endpoint times a server, which already has its model: drop MODEL (use --model NAME for "
+                         "the name to ask the server for)")
+    if repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    texts = read_prompts(prompts) if prompts else default_prompts()
+    with steps_progress("bench") as progress:
+        result = run_endpoints(urls, name, texts, tokens, repeat, api_key, progress)
+    result["command"] = "adapmoe bench " + " ".join(_argv())
+    emit(result, as_json, render_endpoints, out, None, None)
+
+
+def render_endpoints(r: dict[str, Any]) -> None:
+    t = Table(title=f"adapmoe bench · endpoints · {r['tokens']} tokens × {r['prompts']} prompts × {r['repeats']} "
+              "repeats (greedy, streamed)", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 2))
+    for c in ("endpoint", "model", "decode tok/s", "first token ms", "tokens /answer", "hit rate", "experts /token",
+              "stall ms /token", "KiB read /token"):
+        width = max(len(u) for u in r["endpoints"]) if c == "endpoint" else None
+        t.add_column(c, justify="left" if c in ("endpoint", "model") else "right", min_width=width)
+    for url, p in r["endpoints"].items():
+        a = p["adapmoe"] or {}
+        t.add_row(url, p["model"], _spread(p, "decode_tokens_per_s", r["repeats"]),
+                  _spread({k: v * 1e3 for k, v in p.items() if k.startswith("time_to_first")},
+                          "time_to_first_token_s", r["repeats"], ".0f"),
+                  f"{p['completion_tokens_per_request']:.1f}", _fmt(a.get("hit_rate"), ".1%"),
+                  _fmt(a.get("experts_per_token"), ".2f"), _fmt(a.get("stall_s_per_token"), ".2f", 1e3),
+                  _fmt(a.get("bytes_read_per_token"), ".0f", 1 / 1024))
+    console.print(t)
+    console.print("[dim]hit rate … KiB read: adapmoe's own counters, shown where the server is adapmoe serve "
+                  "(per generated token, the prompt's share included)[/]")
 
 
 def _argv() -> list[str]:

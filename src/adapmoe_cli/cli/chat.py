@@ -127,7 +127,7 @@ def chat_cmd(
         raise typer.BadParameter("answers one prompt as JSON: give --prompt or a prompt on stdin",
                                  param_hint="--json")
     store = open_store(model, experts_format, group_size)
-    _offer_method(store, settings, interactive=prompt is None and sys.stdin.isatty())
+    offer_method(store, settings, interactive=prompt is None and sys.stdin.isatty())
     with open_engine(store, settings, note=note) as engine:
         conv = Conversation(engine, load_tokenizer(store), settings.generation, system=system, raw=raw)
         if prompt is not None:
@@ -136,7 +136,7 @@ def chat_cmd(
             _interactive(conv)
 
 
-def _offer_method(store: Store, settings: Settings, interactive: bool) -> None:
+def offer_method(store: Store, settings: Settings, interactive: bool) -> None:
     """A store without a profile routes plain top-k: profile and plan it first if the user says so when
     asked (interactive), or always with `--auto-profile` / `auto_profile: yes`."""
     from adapmoe_cli.planning.planner import make_method
@@ -256,13 +256,13 @@ def _stats_table(engine: Engine) -> Table:
     return t
 
 
-def _budget_text(engine: Engine) -> str:
+def budget_text(engine: Engine) -> str:
     b = engine.budget
     return (f"{b.total}/{len(engine.store.experts)} experts cached ({format_bytes(b.bytes)}; "
             f"{escape(b.source)})")
 
 
-def _gate_text(engine: Engine, planned: GatePolicy) -> str:
+def gate_text(engine: Engine, planned: GatePolicy) -> str:
     g = engine.gate
     if g.thresholds:
         return f"{g.rule}" + (f" c={g.scale:.3g}" if g.scale is not None else "")
@@ -279,10 +279,10 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
     rows: list[tuple[str, str]] = [
         ("model", f"{eng.store.family.model_type} ({origin})"),
         ("store", str(eng.store.path)),
-        ("budget", _budget_text(eng)),
+        ("budget", budget_text(eng)),
         ("eviction", eng.eviction),
         ("prefetch", "on" if eng.settings.prefetch else "off"),
-        ("adaptive gate", _gate_text(eng, planned_gate)),
+        ("adaptive gate", gate_text(eng, planned_gate)),
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),
         ("generation", f"max_tokens {gen.max_new_tokens} · temperature {gen.temperature} · top_p {gen.top_p} · top_k "
                        f"{gen.top_k} · repeat_penalty {gen.repetition_penalty} · seed {gen.seed}"),
@@ -340,8 +340,8 @@ def _interactive(conv: Conversation) -> None:
     demo = "embedded" in eng.store.manifest.get("source", {})
     console.print(
         f"[bold]adapmoe chat[/] · {eng.store.family.model_type} from {escape(str(eng.store.path))} · "
-        f"{_budget_text(eng)} · prefetch {'on' if eng.settings.prefetch else 'off'} · gate "
-        f"{_gate_text(eng, planned_gate)} · ctx {conv.max_context}" + (f"\n[yellow]{DEMO}[/]" if demo else "") +
+        f"{budget_text(eng)} · prefetch {'on' if eng.settings.prefetch else 'off'} · gate "
+        f"{gate_text(eng, planned_gate)} · ctx {conv.max_context}" + (f"\n[yellow]{DEMO}[/]" if demo else "") +
         "\n[dim]/help for commands, Ctrl-C stops an answer, /exit quits[/]"
     )
     while True:

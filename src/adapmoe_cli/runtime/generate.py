@@ -6,7 +6,7 @@ nothing of terminals."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,46 @@ def new_kv_cache(engine: Engine) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=engine.model.config)
+
+
+@dataclass
+class PrefixKV:
+    """A KV cache and the token ids whose K/V it holds. A sequence that starts with the same tokens feeds only
+    the rest (`start`); what it feeds is booked with `fed`, and `settle` cuts the cache back to what is booked
+    (a forward cut off by an exception or a stop may have appended to some layers only)."""
+
+    engine: Engine
+    kv: Any = None
+    ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv = new_kv_cache(self.engine)
+        self.ids = []
+
+    def start(self, full: list[int]) -> int:
+        """Keep the longest common prefix of what the cache holds and `full`, leaving at least one token of
+        `full` to feed; returns its length (the tokens reused)."""
+        common = 0
+        for a, b in zip(self.ids, full, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(full) - 1)
+        self.ids = list(full[:common])
+        self.settle()
+        return common
+
+    def fed(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+    def settle(self) -> None:
+        for layer in self.kv.layers:
+            extra = layer.get_seq_length() - len(self.ids)
+            if extra > 0:
+                layer.crop(-extra)
 
 
 def _processors(gen: GenerationSettings) -> Any:
@@ -52,14 +92,19 @@ def generate_step(
     gen: GenerationSettings,
     history: list[int] | None = None,
     rng: torch.Generator | None = None,
+    on_prefill: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Feed `input_ids` (appended to what `kv_cache` holds), then sample forever; yields (token, logits).
-    The caller stops iterating; the last yielded token has not been fed to the model."""
+    The caller stops iterating; the last yielded token has not been fed to the model. `on_prefill` gets the
+    logits of every fed position [T, V] of the first forward (a prompt's own log-probabilities)."""
     model, procs = engine.model, _processors(gen)
     seen = torch.tensor([list(history or []) + list(input_ids)], dtype=torch.long)  # [1, N]
     ids = torch.tensor([input_ids], dtype=torch.long, device=engine.device)  # [1, T]
     while True:
         out = model(input_ids=ids, cache=kv_cache, use_cache=True)
+        if on_prefill is not None:
+            on_prefill(out.logits[0].float())
+            on_prefill = None
         logits = out.logits[:, -1, :].float()  # [1, V]
         scores = procs(seen, logits)
         if gen.temperature > 0:
