@@ -101,6 +101,25 @@ def test_prefetch_is_counted_and_used(make_store):
         assert s.prefetch_hits + s.wasted_prefetches == s.prefetches_issued
 
 
+@pytest.mark.parametrize("slots", [3, None], ids=["some-slots", "all-slots"])
+def test_the_next_layer_is_predicted_only_while_a_prefetch_could_load_something(make_store, slots, monkeypatch):
+    """The next layer's router runs for prefetch only while that layer has experts without a slot: with
+    every one in memory the prediction would change nothing (skipping it: 10 % of a resident step)."""
+    from adapmoe_cli.runtime.moe_block import OffloadedExperts
+
+    calls = []
+    original = OffloadedExperts.predict_next
+    monkeypatch.setattr(OffloadedExperts, "predict_next", lambda self, x: calls.append(self.layer) or original(self, x))
+    with _engine(make_store, "odd", slots, prefetch=True) as eng:
+        greedy(eng, PROMPT, 24)  # every expert used at least once: with all slots, each has one now
+        layers = list(eng.store.shape.moe_layers)
+        full = all(eng.cache.holds_all(layer) for layer in layers)
+        calls.clear()
+        greedy(eng, PROMPT, 8)  # the prompt, then 7 decode steps that may predict
+    assert full == (slots is None)
+    assert len(calls) == (0 if full else 7 * (len(layers) - 1))
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_lru_order_equals_a_textbook_lru(make_store, policy):
     """The runtime's hits and misses over the routing it saw equal a textbook LRU's (one-token prompt and

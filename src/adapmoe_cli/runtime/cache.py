@@ -22,15 +22,18 @@ class ExpertCache:
         policy: str = "lru",
         make_views: Callable[[mmap.mmap], Any] | None = None,
         routing: RoutingModel | None = None,
+        experts: int | None = None,
     ):
         """`policy`: an eviction policy's name (runtime/eviction.py), one per layer; `routing`: what the
-        policies that predict (`markov`, `learned`) predict from."""
+        policies that predict (`markov`, `learned`) predict from; `experts`: how many a layer has (for
+        `holds_all`)."""
         from adapmoe_cli.store.reader import aligned_buffer
 
         if any(q < 1 for q in quotas.values()):
             raise ValueError("every layer needs at least one slot")
         self.quotas = dict(quotas)
         self.stride = stride
+        self.experts = experts
         self.buffers: list[mmap.mmap | None] = []
         self.views: list[Any] = []
         self._layer_slots: dict[int, list[int]] = {}
@@ -53,6 +56,10 @@ class ExpertCache:
     @property
     def capacity_bytes(self) -> int:
         return self.num_slots * self.stride
+
+    def holds_all(self, layer: int) -> bool:
+        """Every expert of `layer` has a slot (ready or loading): a prefetch for it would do nothing."""
+        return self.experts is not None and len(self._slot_of[layer]) >= self.experts
 
     def slot(self, layer: int, expert: int) -> int | None:
         return self._slot_of[layer].get(expert)

@@ -62,7 +62,7 @@ class Engine:
         self.eviction, routing = eviction_for(store, settings.cache.policy)  # `auto` resolved
         self.cache = ExpertCache(
             self.budget.quotas, store.slot_bytes, policy=self.eviction,
-            make_views=lambda buf: by_part(expert_views(buf, layout)), routing=routing,
+            make_views=lambda buf: by_part(expert_views(buf, layout)), routing=routing, experts=store.shape.num_experts,
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
