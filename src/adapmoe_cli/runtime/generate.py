@@ -126,6 +126,7 @@ class Response:
     prompt_s: float
     generation_s: float
     finish_reason: str | None = None  # "stop" | "length" when this is the last one
+    logits: torch.Tensor | None = None  # [1, V] the distribution this token was drawn from (float32)
 
     @property
     def generation_tokens(self) -> int:
@@ -164,7 +165,10 @@ def stream_generate(
     gen: GenerationSettings,
     history: list[int] | None = None,
     stop_ids: set[int] | None = None,
+    on_prefill: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[Response]:
+    """`generate_step` as `Response`s: text deltas, counted stats and timing per token, until a stop token or
+    `gen.max_new_tokens`; `on_prefill` as there."""
     rng = torch.Generator().manual_seed(gen.seed)
     stop = set(stop_ids if stop_ids is not None else eos_ids(engine, tokenizer))
     detok = Detokenizer(tokenizer)
@@ -172,7 +176,7 @@ def stream_generate(
     t0 = time.perf_counter()
     before = engine.stats.copy()
     prompt_s = 0.0
-    for n, (token, _logits) in enumerate(generate_step(engine, input_ids, kv_cache, gen, history, rng)):
+    for n, (token, logits) in enumerate(generate_step(engine, input_ids, kv_cache, gen, history, rng, on_prefill)):
         now = time.perf_counter()
         if n == 0:
             prompt_s = now - t0
@@ -185,7 +189,7 @@ def stream_generate(
         finish = "stop" if token in stop else ("length" if len(generated) >= gen.max_new_tokens else None)
         text = "" if token in stop else detok.add(token)
         yield Response(text, token, list(generated), delta_stats, len(input_ids), prompt_s, now - t0 - prompt_s,
-                       finish)
+                       finish, logits)
         if finish:
             return
 

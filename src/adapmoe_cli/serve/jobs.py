@@ -6,7 +6,6 @@ engine; knows nothing of HTTP or of other requests."""
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.generate import Detokenizer, PrefixKV, generate_step
+from adapmoe_cli.runtime.generate import PrefixKV, Response, stream_generate
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import GenerationSettings
 
@@ -108,9 +107,8 @@ def run(engine: Engine, tokenizer: Any, prefix: PrefixKV, spec: JobSpec, eos: se
     common = prefix.start(full)
     new = full[common:]
     gen = GenerationSettings(max_new_tokens=max(1, spec.max_tokens), temperature=spec.temperature,
-                             top_p=spec.top_p, top_k=spec.top_k, repetition_penalty=spec.repetition_penalty)
-    seed = spec.seed if spec.seed is not None else secrets.randbits(63)
-    rng = torch.Generator().manual_seed(seed)
+                             top_p=spec.top_p, top_k=spec.top_k, repetition_penalty=spec.repetition_penalty,
+                             seed=spec.seed if spec.seed is not None else secrets.randbits(63))
     n_logprobs = spec.logprobs or 0
     echo: list[TokenLogprob] = []
 
@@ -124,43 +122,35 @@ def run(engine: Engine, tokenizer: Any, prefix: PrefixKV, spec: JobSpec, eos: se
         echo.extend(TokenLogprob(t, lp, top) for t, lp, top in zip(full[1:], chosen, tops, strict=True))
 
     before = engine.stats.copy()
-    detok, stop = Detokenizer(tokenizer), StopText(spec.stop)
-    generated: list[int] = []
+    stop = StopText(spec.stop)
     reason = "length"
-    t0 = time.perf_counter()
-    first = last = t0
+    last: Response | None = None
     try:
-        steps = generate_step(engine, new, prefix.kv, gen, history=full[:common], rng=rng, on_prefill=score_prompt)
-        for n, (token, logits) in enumerate(steps):
-            last = time.perf_counter()
-            prefix.fed(new if n == 0 else generated[-1:])
-            engine.stats.tokens += len(new) if n == 0 else 1
-            if n == 0:
-                first = last
+        for resp in stream_generate(engine, tokenizer, new, prefix.kv, gen, history=full[:common],
+                                    stop_ids=set() if spec.ignore_eos else eos, on_prefill=score_prompt):
+            prefix.fed(new if last is None else [last.token])  # what the cache holds: all but this token
+            last = resp
             if spec.max_tokens == 0:
                 break
-            generated.append(token)
-            if token in eos and not spec.ignore_eos:
+            if resp.finish_reason == "stop":  # the model's end token
                 reason = "stop"
                 break
             lp = None
-            if spec.logprobs is not None:
-                logp, tops = top_logprobs(logits, n_logprobs)
-                lp = TokenLogprob(token, float(logp[0, token]), tops[0])
-            text = stop.add(detok.add(token))
-            emit(TokenEvent(text, token, lp))
+            if spec.logprobs is not None and resp.logits is not None:
+                logp, tops = top_logprobs(resp.logits, n_logprobs)
+                lp = TokenLogprob(resp.token, float(logp[0, resp.token]), tops[0])
+            emit(TokenEvent(stop.add(resp.text), resp.token, lp))
             if stop.hit:
                 reason = "stop"
                 break
-            if len(generated) >= spec.max_tokens:
+            if resp.finish_reason or cancelled():
+                reason = resp.finish_reason or "cancelled"
                 break
-            if cancelled():
-                reason = "cancelled"
-                break
-        tail = "" if stop.hit else stop.flush()
+        tail = "" if stop.hit or last is None else stop.flush()
         if tail:
-            emit(TokenEvent(tail, generated[-1], None))
+            emit(TokenEvent(tail, last.token, None))
     finally:
         prefix.settle()
-    return Finished(reason, stop.text, len(full), len(generated), common, engine.stats.delta(before),
-                    first - t0, last - first, echo)
+    generated = 0 if last is None or spec.max_tokens == 0 else last.generation_tokens
+    return Finished(reason, stop.text, len(full), generated, common, engine.stats.delta(before),
+                    last.prompt_s if last else 0.0, last.generation_s if last else 0.0, echo)
