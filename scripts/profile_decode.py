@@ -9,7 +9,14 @@ torch's profiler, with each module's forward and the expert manager's layer call
 breakdown is per token: inclusive time of each kind of range (they do not nest across kinds, except the
 manager inside the experts module, which is split out), the aten time spent inside the experts module
 (the expert matmuls and their gather/scatter), and the rest of the step (the decoder layers' own Python,
-the KV cache, sampling). The profiler's own cost inflates every range; shares are what to read."""
+the KV cache, sampling). The profiler's own cost inflates every range; shares are what to read.
+
+Then the same two setups with the compiled decode step (`--compile`, runtime/compiled.py), compiled first
+(timed), whose breakdown comes from the compiler's own ranges: the guards it checks before each call, the
+bytecode around the graph, the experts call (the expert matmuls inside it, and the rest of it: the
+manager's and the module's Python), the compiled kernels (the graph less the experts calls: attention,
+norms, routers, gate, prediction, lm head) and what lies outside the compiled region (the module call, the
+compiler's frame entry, sampling, the generation loop)."""
 
 from __future__ import annotations
 
@@ -99,6 +106,34 @@ def profile(engine, n: int) -> dict[str, float]:
     return {k: v / n / 1e3 for k, v in total.items()}  # ms per token
 
 
+def profile_compiled(engine, n: int) -> dict[str, float]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("part::step"):
+            decode(engine, n)
+    events = prof.events()
+    total: dict[str, float] = defaultdict(float)
+    for e in events:
+        name = e.name
+        key = ("step" if name == "part::step" else "region" if name.startswith("Torch-Compiled Region") else
+               "guards" if name == "TorchDynamo Cache Lookup" else "graph" if name.startswith("## Call CompiledFxGraph")
+               else "experts" if name == "adapmoe::offloaded_experts" else None)
+        if key is not None:
+            total[key] += e.cpu_time_total
+        elif name.startswith("aten::") and getattr(e.cpu_parent, "name", None) == "adapmoe::offloaded_experts":
+            total["experts aten"] += e.cpu_time_total
+    ms = {k: v / n / 1e3 for k, v in total.items()}
+    return {
+        "the compiler's guards, checked before each call": ms["guards"],
+        "bytecode and wrappers around the compiled graph": ms["region"] - ms["guards"] - ms["graph"],
+        "compiled kernels: attention, norms, routers, gate, prediction, lm head": ms["graph"] - ms["experts"],
+        "experts call: the expert matmuls (aten)": ms["experts aten"],
+        "experts call: the manager's and the module's Python": ms["experts"] - ms["experts aten"],
+        "outside the compiled region: the module call, the compiler's frame entry, sampling, the loop":
+            ms["step"] - ms["region"],
+        "step": ms["step"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=48)
@@ -129,6 +164,24 @@ def main() -> None:
         print(f"\n{name}: {row['tokens_per_s']:.1f} tok/s = {row['ms_per_token']:.2f} ms/token "
               f"(profiled {step:.2f} ms)")
         for k, v in row["parts_ms"].items():
+            print(f"  {v:6.3f} ms  {v / step:5.1%}  {k}")
+    for name, budget in (("resident", "100%"), ("half the experts", "50%")):
+        from adapmoe_cli.budget import BudgetRequest
+        from adapmoe_cli.runtime.generate import compile_decode
+
+        settings = load_settings(overrides={"cache.budget": BudgetRequest.parse(budget, "--budget"), "compile": True})
+        with open_engine(store, settings) as engine:
+            took = compile_decode(engine)
+            decode(engine, args.tokens)
+            plain = min(decode(engine, args.tokens) for _ in range(3))
+            parts = profile_compiled(engine, args.tokens)
+        step = parts.pop("step")
+        row = {"tokens_per_s": args.tokens / plain, "ms_per_token": plain / args.tokens * 1e3, "compile_s": took,
+               "profiled_ms_per_token": step, "parts_ms": parts}
+        out[f"{name}, compiled"] = row
+        print(f"\n{name}, compiled in {took:.1f} s: {row['tokens_per_s']:.1f} tok/s = {row['ms_per_token']:.2f} "
+              f"ms/token (profiled {step:.2f} ms)")
+        for k, v in parts.items():
             print(f"  {v:6.3f} ms  {v / step:5.1%}  {k}")
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -108,8 +108,8 @@ def test_the_next_layer_is_predicted_only_while_a_prefetch_could_load_something(
     from adapmoe_cli.runtime.moe_block import OffloadedExperts
 
     calls = []
-    original = OffloadedExperts.predict_next
-    monkeypatch.setattr(OffloadedExperts, "predict_next", lambda self, x: calls.append(self.layer) or original(self, x))
+    original = OffloadedExperts._predicted
+    monkeypatch.setattr(OffloadedExperts, "_predicted", lambda self, x: calls.append(self.layer) or original(self, x))
     with _engine(make_store, "odd", slots, prefetch=True) as eng:
         greedy(eng, PROMPT, 24)  # every expert used at least once: with all slots, each has one now
         layers = list(eng.store.shape.moe_layers)

@@ -459,6 +459,8 @@ def summarise(runs: list[DecodeTiming], bandwidth: float, top_k: int) -> dict[st
         "io_floor_s_per_token": floor_s,
         "io_floor_tokens_per_s": 1 / floor_s if floor_s else None,
         "counts": vars(s),
+        "compile_s": (statistics.median(c) if (c := [r.compile_s for r in runs if r.compile_s is not None])
+                      else None),
         "repeats": len(runs),
         "runs": [{"decode_tokens_per_s": r.decode_tps, "decode_tokens": r.decode_tokens,
                   "stall_s_per_token": r.stats.stall_s / r.decode_tokens if r.decode_tokens else 0.0,

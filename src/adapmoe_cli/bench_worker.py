@@ -24,7 +24,7 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
         "gate": {"thresholds": {str(k): v for k, v in setup.gate.thresholds.items()}, "rule": setup.gate.rule,
                  "scale": setup.gate.scale},
         "settings": {"cache.policy": setup.settings.cache.policy, "prefetch": setup.settings.prefetch,
-                     "device": setup.settings.device},
+                     "device": setup.settings.device, "compile": setup.settings.compile},
         "preload": setup.preload,
         "fallback": str(setup.fallback.path) if setup.fallback is not None else None,
         "prompts": prompts,
@@ -49,13 +49,13 @@ def run_job(text: str) -> dict[str, Any]:
     check_experts(store)  # outside the timing, as in-process (bench.measure)
     t = run_setup(store, setup, j["prompts"], int(j["tokens"]))
     return {"prompt_tokens": t.prompt_tokens, "prefill_s": t.prefill_s, "decode_tokens": t.decode_tokens,
-            "decode_s": t.decode_s, "stats": vars(t.stats), "direct_io": t.direct_io}
+            "decode_s": t.decode_s, "stats": vars(t.stats), "direct_io": t.direct_io, "compile_s": t.compile_s}
 
 
 def timing_from(text: str) -> DecodeTiming:
     d = json.loads(text)
     return DecodeTiming(d["prompt_tokens"], d["prefill_s"], d["decode_tokens"], d["decode_s"], Stats(**d["stats"]),
-                        d["direct_io"])
+                        d["direct_io"], d.get("compile_s"))
 
 
 def main() -> None:

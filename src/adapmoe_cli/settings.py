@@ -100,6 +100,7 @@ class Settings:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     prefetch: bool = True
+    compile: bool = False  # compile the decode step (runtime/compiled.py)
     device: str = "auto"
     plan: str = "auto"  # auto: the store's plan.json (re-solved for the budget); none; or a file
     auto_profile: str = "ask"  # a store without a profile: ask (interactive chat), yes (profile and plan), no

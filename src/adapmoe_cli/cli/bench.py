@@ -14,6 +14,7 @@ from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
 from adapmoe_cli.bench import run as run_bench
 from adapmoe_cli.cli.common import (
     BudgetOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ExpertsFormatOpt,
@@ -90,6 +91,7 @@ def bench_cmd(
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="OPENAI_API_KEY", help="With --endpoint: the key to send.", show_default=False)] = None,
     device: DeviceOpt = None,
+    compile: CompileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Examples:
@@ -114,7 +116,7 @@ def bench_cmd(
                                      param_hint="--plot")
         _bench_endpoints(model, endpoint, endpoint_model, api_key, prompts, tokens, repeat, as_json, out)
         return
-    settings = runtime_settings(config, budget=budget, device=device)
+    settings = runtime_settings(config, budget=budget, device=device, compile=compile)
     texts = tuple(read_prompts(prompts)) if prompts else ()
     req = BenchRequest(policies=tuple(parse_policies(policies, peers=True)), prompts=texts, tokens=tokens,
                        repeat=repeat,
@@ -244,6 +246,10 @@ def render_table(r: dict[str, Any]) -> None:
         console.print(f"[yellow]{name}:[/] {f['why']}{peak}")
     for name, why in r.get("skipped", {}).items():
         console.print(f"[yellow]skipped {name}:[/] {why}")
+    compiled = {n: p["compile_s"] for n, p in r["policies"].items() if p.get("compile_s") is not None}
+    if compiled:
+        console.print("decode step compiled (--compile), outside the timing: " + ", ".join(
+            f"{n} {s:.1f} s" for n, s in compiled.items()) + " per run (median)", soft_wrap=True)
 
 
 def render_notes(r: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from adapmoe_cli.cli.common import (
     DEFAULTS,
     AdaptiveOpt,
     CacheExpertsOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ExpertsFormatOpt,
@@ -44,7 +45,7 @@ from adapmoe_cli.errors import AdapmoeError
 from adapmoe_cli.planning.resolve import open_engine
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.generate import Response
+from adapmoe_cli.runtime.generate import Response, compile_decode
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
@@ -91,6 +92,7 @@ def chat_cmd(
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
     prefetch: PrefetchOpt = None,
+    compile: CompileOpt = None,
     policy: PolicyOpt = None,
     plan: PlanOpt = None,
     adaptive_gate: AdaptiveOpt = None,
@@ -113,6 +115,7 @@ def chat_cmd(
     """
     settings = runtime_settings(
         config, cache_experts=cache_experts, memory=memory, prefetch=prefetch, device=device, policy=policy,
+        compile=compile,
         plan=plan, adaptive=adaptive_gate, gate_scale=gate_scale, max_new_tokens=max_new_tokens,
         auto_profile=None if auto_profile is None else ("yes" if auto_profile else "no"),
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repeat_penalty, seed=seed, context=ctx,
@@ -130,6 +133,7 @@ def chat_cmd(
     offer_method(store, settings, interactive=prompt is None and sys.stdin.isatty())
     with open_engine(store, settings, note=note) as engine:
         conv = Conversation(engine, load_tokenizer(store), settings.generation, system=system, raw=raw)
+        compile_now(engine)
         if prompt is not None:
             _one_shot(conv, prompt, as_json)
         else:
@@ -155,6 +159,17 @@ def offer_method(store: Store, settings: Settings, interactive: bool) -> None:
     with steps_progress("profile and plan") as progress:
         path = make_method(store, settings, progress)
     err_console.print(f"[dim]wrote {escape(str(path))}[/]")
+
+
+def compile_now(engine: Engine) -> None:
+    """With --compile: compile the decode step before the first prompt (a reply must not stall on it)."""
+    if not engine.decode.pending:
+        return
+    with err_console.status("compiling the decode step (--compile: tens of seconds the first time on this "
+                            "machine, seconds once cached)"):
+        took = compile_decode(engine)
+    if took is not None and engine.decode.failure is None:
+        err_console.print(f"[dim]decode step compiled in {took:.1f} s[/]")
 
 
 def _peak_rss() -> int:

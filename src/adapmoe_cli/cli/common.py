@@ -109,6 +109,11 @@ PrefetchOpt = Annotated[
     bool | None, typer.Option("--prefetch/--no-prefetch", help="Prefetch the next layer's predicted experts.",
                               show_default="prefetch" if DEFAULTS.prefetch else "no-prefetch"),
 ]
+CompileOpt = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help="Compile the decode step (torch.compile): faster "
+                              "decoding after a one-time compile (tens of seconds; seconds once cached).",
+                              show_default="compile" if DEFAULTS.compile else "no-compile"),
+]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | auto.", show_default=DEFAULTS.device)]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML preset over configs/default.yaml.", show_default=False),
@@ -181,6 +186,7 @@ def open_store(model: str | None, experts_format: str = "native", group_size: in
 
 def runtime_settings(config: Path | None, *, cache_experts: int | None = None, memory: str | None = None,
                      budget: str | None = None, prefetch: bool | None = None, device: str | None = None,
+                     compile: bool | None = None,
                      policy: str | None = None, plan: str | None = None, adaptive: bool | None = None,
                      gate_scale: float | None = None, rule: str | None = None, auto_profile: str | None = None,
                      **generation: object) -> Settings:
@@ -197,6 +203,7 @@ def runtime_settings(config: Path | None, *, cache_experts: int | None = None, m
                BudgetRequest.parse(budget, "--budget") if budget is not None else None)
     overrides: dict[str, object] = {
         "cache.budget": request, "cache.policy": policy, "prefetch": prefetch, "device": device, "plan": plan,
+        "compile": compile,
         "gate.adaptive": adaptive, "gate.scale": gate_scale, "gate.rule": rule, "auto_profile": auto_profile,
     }
     overrides.update({f"generation.{k}": v for k, v in generation.items()})

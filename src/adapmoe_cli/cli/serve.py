@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from adapmoe_cli.cli.chat import budget_text, gate_text, offer_method
+from adapmoe_cli.cli.chat import budget_text, compile_now, gate_text, offer_method
 from adapmoe_cli.cli.common import (
     DEFAULTS,
     AdaptiveOpt,
     CacheExpertsOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ExpertsFormatOpt,
@@ -72,6 +73,7 @@ def serve_cmd(
     cache_experts: CacheExpertsOpt = None,
     memory: MemoryOpt = None,
     prefetch: PrefetchOpt = None,
+    compile: CompileOpt = None,
     policy: PolicyOpt = None,
     plan: PlanOpt = None,
     adaptive_gate: AdaptiveOpt = None,
@@ -105,6 +107,7 @@ def serve_cmd(
         raise UsageError(f"--api-key (or {KEY_ENV}) is empty; give a key or leave it out")
     settings = runtime_settings(
         config, cache_experts=cache_experts, memory=memory, prefetch=prefetch, device=device, policy=policy,
+        compile=compile,
         plan=plan, adaptive=adaptive_gate, gate_scale=gate_scale, max_new_tokens=max_new_tokens, context=ctx,
     )
     _check_port(host, port)  # before the model loads: a taken port is the error to show, at once
@@ -122,6 +125,7 @@ def serve_cmd(
         server = uvicorn.Server(uvicorn.Config(create_app(worker, options), host=host, port=port,
                                                log_level="warning", access_log=False, timeout_graceful_shutdown=60,
                                                lifespan="off"))
+        compile_now(engine)
         _banner(engine, name, context, host, api_key is not None)
         _run(server, worker)
 

@@ -69,4 +69,4 @@ def open_engine(store: Store, settings: Settings, note: Callable[[str], None] | 
     for text in choices.notes:
         if note is not None:
             note(text)
-    return Engine(store, settings, choices.budget, gate=choices.gate)
+    return Engine(store, settings, choices.budget, gate=choices.gate, note=note)

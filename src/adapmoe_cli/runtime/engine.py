@@ -6,6 +6,7 @@ Generation lives in `generate.py`; the engine knows nothing of text."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from adapmoe_cli.experts_format import by_part
 from adapmoe_cli.families import is_weight
 from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.runtime.cache import ExpertCache
+from adapmoe_cli.runtime.compiled import DecodeStep
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
@@ -41,9 +43,11 @@ class Engine:
     """A ready-to-run offloaded model. Use as a context manager or call `close()`."""
 
     def __init__(self, store: Store, settings: Settings, budget: Budget, verify: bool = True,
-                 gate: GatePolicy | None = None, fallback: Store | None = None):
+                 gate: GatePolicy | None = None, fallback: Store | None = None,
+                 note: Callable[[str], None] | None = None):
         """`fallback`: a low-bit store of the same model (`variant_store`) whose every expert is held in memory
-        and computes a missed expert while the full one loads (manager.py)."""
+        and computes a missed expert while the full one loads (manager.py). `note` hears what the user should
+        know (a compile that failed)."""
         from adapmoe_cli.store.verify import ensure_files
 
         self.store = store
@@ -71,6 +75,8 @@ class Engine:
         if fallback is not None:
             self.manager.fallback = self._hold_fallback(fallback)
         self.model = self._build_model()
+        #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py)
+        self.decode = DecodeStep(self.model, settings.compile, note)
 
     def _hold_fallback(self, fallback: Store) -> Any:
         """Every expert of `fallback` read (and checked) into memory; (layer, expert) → its weights, each part
@@ -162,6 +168,7 @@ class Engine:
         return self._reader.direct_io_works()
 
     def close(self) -> None:
+        self.decode.close()
         self.manager.close()
 
     def __enter__(self) -> Engine:

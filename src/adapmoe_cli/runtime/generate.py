@@ -97,11 +97,11 @@ def generate_step(
     """Feed `input_ids` (appended to what `kv_cache` holds), then sample forever; yields (token, logits).
     The caller stops iterating; the last yielded token has not been fed to the model. `on_prefill` gets the
     logits of every fed position [T, V] of the first forward (a prompt's own log-probabilities)."""
-    model, procs = engine.model, _processors(gen)
+    procs = _processors(gen)
     seen = torch.tensor([list(history or []) + list(input_ids)], dtype=torch.long)  # [1, N]
     ids = torch.tensor([input_ids], dtype=torch.long, device=engine.device)  # [1, T]
     while True:
-        out = model(input_ids=ids, cache=kv_cache, use_cache=True)
+        out = engine.decode(ids, kv_cache)
         if on_prefill is not None:
             on_prefill(out.logits[0].float())
             on_prefill = None
@@ -192,6 +192,24 @@ def stream_generate(
                        finish, logits)
         if finish:
             return
+
+
+def compile_decode(engine: Engine) -> float | None:
+    """Compile the engine's decode step now (with `--compile`, before a user waits on a reply): two tokens of
+    prompt and one step on a scratch KV cache. What that run counted is taken back out of the statistics
+    (the experts it loaded stay cached). Returns the seconds compiling took (None: nothing compiled)."""
+    if not engine.decode.pending:
+        return None
+    saved = engine.stats.copy()
+    with torch.inference_mode():
+        kv = new_kv_cache(engine)
+        bos = engine.store.config.get("bos_token_id")
+        token = bos if isinstance(bos, int) and not isinstance(bos, bool) else 0
+        engine.decode(torch.tensor([[token, token]], device=engine.device), kv)
+        engine.decode(torch.tensor([[token]], device=engine.device), kv)
+    engine.manager.drain()
+    engine.stats.restore(saved)
+    return engine.decode.compile_s
 
 
 def eos_ids(engine: Engine, tokenizer: Any) -> set[int]:

@@ -40,6 +40,7 @@ class DecodeTiming:
     decode_s: float = 0.0
     stats: Stats = field(default_factory=Stats)  # counted over the timed decode steps
     direct_io: bool | None = None  # the engine's reads bypassed the page cache (run_setup; None: not asked)
+    compile_s: float | None = None  # compiling the decode step took this long (`--compile`; not in decode_s)
 
     @property
     def decode_tps(self) -> float:
@@ -55,6 +56,8 @@ class DecodeTiming:
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
         self.stats.add(other.stats)
+        if other.compile_s is not None:
+            self.compile_s = (self.compile_s or 0.0) + other.compile_s
         if other.direct_io is not None:
             self.direct_io = other.direct_io if self.direct_io is None else self.direct_io and other.direct_io
 
@@ -64,6 +67,8 @@ def timed_decode(engine: Engine, prompt: list[int], tokens: int, warmup: int = 0
     """Prefill `prompt` on a fresh KV cache, decode `warmup` untimed tokens, then time `tokens` decode
     steps (greedy). `after_step(n)` runs after the n-th decode step (n ≥ 1), inside the timing. Reads
     still in flight are waited for and counted before the statistics are taken."""
+    if engine.decode.pending:
+        warmup += 1  # the first decode step compiles the step (`--compile`): not a decode speed
     gen = GenerationSettings(max_new_tokens=tokens + warmup + 1, temperature=0.0, repetition_penalty=1.0)
     kv = new_kv_cache(engine)
     t0 = time.perf_counter()
@@ -98,4 +103,5 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
         for prompt in prompts:
             total.add(timed_decode(eng, prompt, tokens))
         total.direct_io = eng.direct_io()
+        total.compile_s = eng.decode.compile_s
     return total

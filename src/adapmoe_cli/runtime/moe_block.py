@@ -7,6 +7,8 @@ and computes each needed expert from the slot the manager hands it."""
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,15 +98,59 @@ class OffloadedExperts(nn.Module):
         self.prefetch_enabled = prefetch and next_router is not None
         #: x × one expert part's weights (a part's tensors: `{"": w}` natively; quantized, experts_format.py)
         self.linear = linear or (lambda x, w: F.linear(x, w[""]))
+        self.key = next(_KEYS)  # how a compiled graph names this module (`offloaded_experts`)
+        _MODULES[self.key] = self
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
         layer's experts and the next layer's adaptive gate (prefetch follows the gate)."""
+        return sorted({e for e in self._predicted(x).tolist() if e >= 0})
+
+    def _predicted(self, x: torch.Tensor) -> torch.Tensor:
+        """`predict_next` as tensor ops (a compiled step keeps it in its graph): [T·k] ids, -1 where the next
+        layer's gate would drop the expert."""
         threshold = self.gate_policy().threshold(self.next_layer)
         if threshold is None:  # plain top-k: no shares needed
-            return sorted(set(self._next_router[0].forward(x)[2].view(-1).tolist()))
+            return self._next_router[0].forward(x)[2].reshape(-1)
         shares, ids = predict(self._next_router[0], x, self.ordered)
-        return sorted(set(ids[adaptive_keep(shares, threshold)].tolist()))
+        return ids.masked_fill(~adaptive_keep(shares, threshold), -1).reshape(-1)
+
+    def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, threshold: float | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choice through the adaptive gate, as tensor ops: (ids [T, k], -1 where dropped; the
+        weights the kept experts get, in the router's dtype)."""
+        if threshold is None:
+            return top_k_index, top_k_weights
+        shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
+        keep = adaptive_keep(shares, threshold)
+        return ids.masked_fill(~keep, -1), reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
+
+    def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   predicted: torch.Tensor | None) -> torch.Tensor:
+        """One token (a decode step), gated (`_gated`), nobody watching: the books and the arithmetic of
+        `forward`, in the same order (each expert's weighted output added as it is computed), with no
+        per-expert gather, scatter or zero-filled output: a decode step's cost here is the number of small
+        ops. `predicted`: the next layer's prediction (`_predicted`), prefetched unless every expert of that
+        layer already has a slot."""
+        position = {e: k for k, e in enumerate(ids[0].tolist()) if e >= 0}
+        if predicted is not None and self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
+            self.manager.prefetch(self.next_layer, sorted({e for e in predicted.tolist() if e >= 0}))
+        row = weights[0]
+        lin, glu, biases = self.linear, self.glu, self.biases
+        total: list[torch.Tensor] = []
+
+        def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
+            gate, up = lin(x, w["w1"]), lin(x, w["w3"])  # [1, I]
+            if biases:
+                gate, up = gate + w["b1"][""], up + w["b3"][""]
+            y = lin(glu(gate, up), w["w2"])  # [1, H]
+            if biases:
+                y = y + w["b2"][""]
+            y = (y * row[position[expert]]).to(x.dtype)
+            total.append(total.pop() + y if total else y)
+
+        self.manager.run_layer(self.layer, sorted(position), compute, tokens=1, activations=len(position))
+        return total[0] if total else torch.zeros_like(x)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -112,6 +158,16 @@ class OffloadedExperts(nn.Module):
         h = x.shape[-1]
         threshold = self.gate_policy().threshold(self.layer)
         observed = bool(self.observers.callbacks)
+        if torch.compiler.is_compiling():  # a compiled decode step (compiled.py): the gate and the prediction
+            # in its graph, the manager's work in one opaque call
+            ids, weights = self._gated(top_k_index, top_k_weights, threshold)
+            predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
+            return offloaded_experts(x, ids, weights, predicted, self.key)
+        if x.shape[0] == 1 and not observed:
+            ids, weights = self._gated(top_k_index, top_k_weights, threshold)
+            predicted = (self._predicted(x) if self.prefetch_enabled
+                         and not self.manager.cache.holds_all(self.next_layer) else None)
+            return self._one_token(x, ids, weights, predicted)
         if threshold is None and not observed:  # plain top-k, nobody watching: the router's choice as it is
             gated_w, gated_ids, activations = top_k_weights, top_k_index, top_k_index.numel()
             needed = sorted(set(top_k_index.view(-1).tolist()))
@@ -154,3 +210,24 @@ class OffloadedExperts(nn.Module):
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+_KEYS = itertools.count()
+_MODULES: weakref.WeakValueDictionary[int, OffloadedExperts] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("adapmoe::offloaded_experts", mutates_args=())
+def offloaded_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor,
+                      key: int) -> torch.Tensor:
+    """One token through the experts of the `OffloadedExperts` numbered `key`, gated (ids, weights) and with
+    the next layer's prediction, in a compiled graph: opaque to the compiler (it runs the manager: loads,
+    waits, counts), called once per layer and token."""
+    if x.shape[0] != 1:
+        raise NotImplementedError("a compiled step feeds one token at a time; longer inputs run eagerly")
+    return _MODULES[key]._one_token(x, ids, weights, predicted)
+
+
+@offloaded_experts.register_fake
+def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor, key: int
+      ) -> torch.Tensor:
+    return torch.empty_like(x)

@@ -27,6 +27,11 @@ class Stats:
     def copy(self) -> Stats:
         return Stats(**asdict(self))
 
+    def restore(self, saved: Stats) -> None:
+        """Put back the numbers of `saved` (a copy taken earlier) in place: the manager holds this object."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(saved, f.name))
+
     def add(self, other: Stats) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
