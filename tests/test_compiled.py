@@ -1,8 +1,9 @@
 """The compiled decode step (`--compile`, runtime/compiled.py) against the eager one on the same store and
-budget: the same greedy tokens and the same counters (hits, prefetch hits, misses, loads, wasted prefetches)
-with the adaptive gate on, prefetch on and half the experts cached; against transformers' own model
-without the gate; a second engine in the same process computes with its own experts; and where compiling
-is impossible (no C++ compiler) the CLI says so in one line and answers eagerly."""
+budget: the same greedy tokens — transformers' own, with the same gate on its routers — and the same
+counters (hits, prefetch hits, misses, loads, wasted prefetches) with the adaptive gate on, prefetch on
+and half the experts cached; a second engine in the same process computes with its own experts; observed
+steps run eagerly; and where compiling is impossible (no C++ compiler) the CLI says so in one line and
+answers eagerly."""
 
 from __future__ import annotations
 
@@ -20,50 +21,60 @@ from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
 from tests.helpers import greedy, ref_greedy, reference_models, runtime_engine
+from tests.test_gate import PROMPT, gated_routers, thresholds_for
 
 SPEC = TinySpec(num_hidden_layers=3, num_local_experts=6, hidden_size=48, intermediate_size=80,
                 num_attention_heads=4, num_key_value_heads=1)
-PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 
 
 def _counts(stats) -> dict:
     return {k: v for k, v in asdict(stats).items() if k != "stall_s"}
 
 
-def _run(store: Store, compile: bool, gate: GatePolicy | None, notes: list[str]) -> tuple[list[int], dict, object]:
+def _run(store: Store, compile: bool, gate: GatePolicy | None, notes: list[str], then=None
+         ) -> tuple[list[int], dict, object]:
     overrides = {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts // 2, "prefetch": True,
                  "compile": compile}
     with runtime_engine(store, overrides, gate=gate) as eng:
         eng.decode.note = notes.append
         tokens = greedy(eng, PROMPT, 20) + greedy(eng, PROMPT[:4], 12)  # a second sequence: a new KV cache
         eng.manager.drain()
+        if then is not None:
+            then(eng)
         return tokens, _counts(eng.stats), eng.decode
 
 
 def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_checkpoint, monkeypatch):
     store = Store.open(make_store(SPEC, dtype=torch.float32))
-    gate = GatePolicy({layer: 0.35 for layer in store.shape.moe_layers}, rule="test")
+    ref = reference_models(make_checkpoint, {"tiny": SPEC}, experts_implementation="eager")("tiny")
+    thresholds = thresholds_for(ref)  # two layers gated, one plain top-k, no threshold on a knife edge
+    with gated_routers(ref, thresholds), torch.no_grad():
+        expected = ref_greedy(ref, PROMPT, 20) + ref_greedy(ref, PROMPT[:4], 12)
+    gate = GatePolicy(thresholds, rule="test")
     notes: list[str] = []
     eager_tokens, eager_counts, _ = _run(store, False, gate, notes)
     tokens, counts, step = _run(store, True, gate, notes)
     assert notes == [] and step.failure is None and step.compile_s is not None  # it did compile
-    assert tokens == eager_tokens
+    assert tokens == eager_tokens == expected  # = transformers' model with the same gate on its routers
     assert counts == eager_counts
     assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # half the experts: loads happened
     assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped some
 
-    # a second engine in the same process (another gate: other guards) compiles its own step — even where the
-    # compiler keeps a single entry per code (the first engine's went with it) — and with no gate it decodes
-    # what transformers' model decodes
-    ref = reference_models(make_checkpoint, {"tiny": SPEC})("tiny")
+    # a second engine in the same process compiles its own step — even where the compiler keeps a single
+    # entry per code (the first engine's went with it) — and runs eagerly while someone watches each layer
     calls = _CountingModules(moe_block._MODULES)
     monkeypatch.setattr(moe_block, "_MODULES", calls)
+    records = []
+
+    def watch(eng) -> None:  # an observer of each layer call (the profiler, bench --simulate) sees decode steps too
+        eng.observers.callbacks.append(lambda rec: records.append(rec.layer))
+        greedy(eng, PROMPT, 5)
+
     with torch._dynamo.config.patch(recompile_limit=1):
-        tokens, _, step = _run(store, True, None, notes)
-    assert notes == [] and step.compile_s is not None
+        tokens, _, step = _run(store, True, gate, notes, then=watch)
+    assert notes == [] and step.compile_s is not None and tokens == expected
     assert calls.lookups == (20 - 1 + 12 - 1) * SPEC.num_hidden_layers  # every decode step ran compiled
-    assert tokens[:20] == ref_greedy(ref, PROMPT, 20)
-    assert tokens[20:] == ref_greedy(ref, PROMPT[:4], 12)
+    assert records == list(range(SPEC.num_hidden_layers)) * 5  # watched: the prompt and 4 steps, eagerly
 
 
 class _CountingModules(weakref.WeakValueDictionary):
@@ -79,13 +90,21 @@ class _CountingModules(weakref.WeakValueDictionary):
 
 
 def test_without_a_compiler_it_says_so_and_answers_eagerly(make_store, tmp_path):
+    from adapmoe_cli.conversation import Conversation, load_tokenizer
+    from adapmoe_cli.planning.resolve import open_engine
+    from adapmoe_cli.settings import load_settings
+
     store = make_store(SPEC, dtype=torch.float32)
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
-    cmd = [sys.executable, "-m", "adapmoe_cli", "chat", str(store), "--prompt", "hi", "--json", "--max-new-tokens",
-           "6", "--raw"]
-    compiled = subprocess.run([*cmd, "--compile"], env=env, capture_output=True, text=True, timeout=300)
-    eager = subprocess.run([*cmd, "--no-compile"], env=env, capture_output=True, text=True, timeout=300)
-    assert compiled.returncode == 0, compiled.stderr
-    lines = [line for line in (compiled.stdout + compiled.stderr).splitlines() if "--compile" in line]
-    assert len(lines) == 1 and "running eagerly" in lines[0] and "Traceback" not in compiled.stderr
-    assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
+    r = subprocess.run([sys.executable, "-m", "adapmoe_cli", "chat", str(store), "--prompt", "hi", "--json",
+                        "--max-new-tokens", "6", "--raw", "--compile"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "--compile" in line]
+    assert len(lines) == 1 and "running eagerly" in lines[0] and "Traceback" not in r.stderr
+    # the answer is what chat answers eagerly
+    settings = load_settings(overrides={"generation.max_new_tokens": 6})
+    with open_engine(Store.open(store), settings) as eng:
+        conv = Conversation(eng, load_tokenizer(eng.store), settings.generation, raw=True)
+        eager = list(conv.send("hi"))[-1].token_ids
+    assert json.loads(r.stdout)["token_ids"] == eager

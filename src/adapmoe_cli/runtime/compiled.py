@@ -26,10 +26,14 @@ def describe(e: BaseException) -> str:
 class DecodeStep:
     """`step(input_ids, kv)` → the model's output for one fed token, compiled when `compile` is on."""
 
-    def __init__(self, model: Any, compile: bool, note: Callable[[str], None] | None = None):
+    def __init__(self, model: Any, compile: bool, note: Callable[[str], None] | None = None,
+                 watched: Callable[[], bool] = lambda: False):
+        """`watched()`: someone observes each layer call (the profiler, a routing recorder) — the compiled
+        step does not report to observers, so such steps run eagerly."""
         self.model = model
         self.enabled = compile
         self.note = note
+        self.watched = watched
         self.compile_s: float | None = None  # seconds the first compiled call took (compiling included)
         self.failure: str | None = None  # why it runs eagerly after all
         self._compiled: Any = None
@@ -44,7 +48,7 @@ class DecodeStep:
         return self.active and self._compiled is None
 
     def __call__(self, input_ids: torch.Tensor, kv: Any) -> Any:
-        if not self.active or input_ids.shape[-1] != 1:
+        if not self.active or input_ids.shape[-1] != 1 or self.watched():
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         if self._compiled is None:
             return self._first(input_ids, kv)

@@ -76,7 +76,7 @@ class Engine:
             self.manager.fallback = self._hold_fallback(fallback)
         self.model = self._build_model()
         #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py)
-        self.decode = DecodeStep(self.model, settings.compile, note)
+        self.decode = DecodeStep(self.model, settings.compile, note, watched=lambda: bool(self.observers.callbacks))
 
     def _hold_fallback(self, fallback: Store) -> Any:
         """Every expert of `fallback` read (and checked) into memory; (layer, expert) → its weights, each part
