@@ -172,6 +172,15 @@ def compile_now(engine: Engine) -> None:
         err_console.print(f"[dim]decode step compiled in {took:.1f} s[/]")
 
 
+def _decode_text(engine: Engine) -> str:
+    step = engine.decode
+    if not step.enabled:
+        return "eager (--compile compiles it)"
+    if step.failure is not None:
+        return f"eager: compiling failed ({step.failure})"
+    return f"compiled in {step.compile_s:.1f} s" if step.compile_s is not None else "compiled on the first token"
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -297,6 +306,7 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
         ("budget", budget_text(eng)),
         ("eviction", eng.eviction),
         ("prefetch", "on" if eng.settings.prefetch else "off"),
+        ("decode step", _decode_text(eng)),
         ("adaptive gate", gate_text(eng, planned_gate)),
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),
         ("generation", f"max_tokens {gen.max_new_tokens} · temperature {gen.temperature} · top_p {gen.top_p} · top_k "
