@@ -17,10 +17,7 @@ from typing import Any
 
 import torch
 
-
-def describe(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {first}"[:200]
+from adapmoe_cli.skeleton import describe
 
 
 class DecodeStep:
@@ -77,7 +74,7 @@ class DecodeStep:
             out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
         except Exception as e:  # noqa: BLE001 — any failure of the compiler means: run eagerly
             self._compiled = None
-            self.failure = describe(e)
+            self.failure = f"{type(e).__name__}: {describe(e)}"[:200]  # the compiler's errors run to pages
             for layer in kv.layers:
                 extra = layer.get_seq_length() - before
                 if extra > 0:

@@ -56,8 +56,6 @@ class DecodeTiming:
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
         self.stats.add(other.stats)
-        if other.compile_s is not None:
-            self.compile_s = (self.compile_s or 0.0) + other.compile_s
         if other.direct_io is not None:
             self.direct_io = other.direct_io if self.direct_io is None else self.direct_io and other.direct_io
 
