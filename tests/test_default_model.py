@@ -1,6 +1,7 @@
-"""The embedded default model: shipped in the package in the hub's layout, sharded into ADAPMOE_HOME on
-first use (once) through the same loader a real Mixtral takes, generating through the runtime, its
-quality recomputed (not read from the shipped report), and able to answer offline."""
+"""The embedded models: shipped in the package in the hub's layout, sharded into ADAPMOE_HOME on first use
+(once) through the same loader a real Mixtral or Qwen3-MoE takes, generating through the runtime, their
+quality recomputed (not read from the shipped report), and able to answer offline. `embedded` is the
+default (Mixtral architecture, top-2 of 8); `embedded-fine` the fine-grained one (Qwen3-MoE, top-8 of 64)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from adapmoe_cli.checkpoint import open_checkpoint
@@ -57,12 +59,29 @@ def test_default_model_loads_through_the_store_and_generates(tmp_path, monkeypat
     assert 1 <= len(reply[-1].token_ids) <= 24 and "".join(r.text for r in reply).strip()
 
 
-def test_quality_recomputed_through_the_runtime():
+def test_fine_model_is_a_trained_qwen3_moe_in_hub_layout():
+    src = default_model_dir("embedded-fine")
+    ckpt = open_checkpoint(src)  # every tensor name and shape against the config
+    cfg = ckpt.config
+    assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts_per_tok"] == 8 and cfg["norm_topk_prob"]
+    assert cfg.get("num_experts", cfg.get("num_local_experts")) == 64 and cfg["moe_intermediate_size"] <= 64
+    assert (src / "model.safetensors").stat().st_size <= 25 * 1024 * 1024  # the weights (the trace ships beside)
+    assert (src / "tokenizer.json").read_bytes() == (default_model_dir() / "tokenizer.json").read_bytes()
+    report = json.loads((src / "quality_report.json").read_text())
+    assert report["meta"]["balance"] == "per-layer"
+    assert report["heldout_perplexity"] < 0.5 * report["unigram_perplexity"]
+    assert report["heldout_perplexity"] < 0.5 * report["shuffled_words_perplexity"]
+    for layer in report["routing"]:  # balanced per layer: no expert takes more than 4 × its even share
+        assert layer["usage_max_over_uniform"] < 4, layer["layer"]
+
+
+@pytest.mark.parametrize("name", ["embedded", "embedded-fine"])
+def test_quality_recomputed_through_the_runtime(name):
     """The quality report's claims, recomputed here rather than read from the shipped JSON: held-out
     perplexity through the offloading runtime far below an add-one unigram model fitted on the
     calibration split and below the same text with its words shuffled; routers specialised in every
     layer (router entropy below 95 % of uniform on held-out tokens)."""
-    store = open_model(None)
+    store = open_model(name)
     tok = load_tokenizer(store)
     held = read_text_tokens(tok, default_text("heldout"), max_tokens=2048)
     words = default_text("heldout").read_text().split()[:1500]
@@ -89,7 +108,7 @@ def test_quality_recomputed_through_the_runtime():
     assert ppl < 0.5 * unigram and ppl < 0.5 * shuffled_ppl, (ppl, unigram, shuffled_ppl)
     assert len(entropy) == store.config["num_hidden_layers"]
     for layer, values in entropy.items():
-        assert sum(values) / len(values) < 0.95 * math.log(8), layer
+        assert sum(values) / len(values) < 0.95 * math.log(store.shape.num_experts), layer
 
 
 def test_chat_with_no_model_answers_offline(tmp_path):
@@ -102,12 +121,35 @@ def test_chat_with_no_model_answers_offline(tmp_path):
     assert 1.0 <= out["stats"]["experts_per_token"] < 2.0  # AdapMoE's gate is on from the first token
 
 
-def test_the_shipped_profile_and_plan_are_installed_and_accepted():
+def test_chat_with_the_fine_model_answers_offline_with_its_gate(tmp_path):
+    """`embedded-fine` names the fine-grained model in every command; its shipped profile and plan put the
+    gate for top-k > 2 (`auto` → gate_rules.AUTO_FINE) on from the first token."""
+    from adapmoe_cli.planning import gate_rules
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ADAPMOE_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "adapmoe_cli", "chat", "embedded-fine", "--prompt",
+                        "What does the json module do?", "--json", "-n", "16"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) >= 1 and out["text"].strip()
+    assert 1.0 <= out["stats"]["experts_per_token"] < 8.0
+    store = tmp_path / "home" / "stores" / "embedded-fine"
+    plan = json.loads((store / "plan.json").read_text())
+    assert plan["gate_rule"] == gate_rules.AUTO_FINE and (store / "profile.json").exists()
+    listed = subprocess.run([sys.executable, "-m", "adapmoe_cli", "list", "--json"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [s["source"] for s in json.loads(listed.stdout)] == ["embedded-fine"]
+
+
+@pytest.mark.parametrize("name", ["embedded", "embedded-fine"])
+def test_the_shipped_profile_and_plan_are_installed_and_accepted(name):
     """scripts/ship_default_profile.py made them; re-run it when the model or a format changes."""
     from adapmoe_cli.planning.resolve import resolve
     from adapmoe_cli.settings import load_settings
 
-    store = open_model(None)
+    store = open_model(name)
     assert (store.path / "profile.json").exists() and (store.path / "plan.json").exists()
     choice = resolve(store, load_settings(overrides={"cache.budget": 16}))
     assert not choice.notes and choice.plan is not None  # the right model's plan (fingerprint), well formed

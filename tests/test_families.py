@@ -130,16 +130,24 @@ RENORMALISES = {
 }
 
 
-def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises: bool
+def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises: bool, mode: str = "share"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate on a router's weights [T, k] in the router's own order: an expert other than the
-    highest-weighted whose share of the k weights is below `threshold` is dropped — its weight set to 0
+    highest-weighted is dropped when its share of the k weights is below `threshold` (`share`), or when it
+    and every lower-weighted one together carry less than `threshold` (`tail`) — its weight set to 0
     (GPT-OSS's experts module has no skip index); (new weights, dropped mask)."""
     drop = torch.zeros_like(weights, dtype=torch.bool)
     if threshold is None:
         return weights, drop
     share = weights / weights.sum(-1, keepdim=True)
-    drop = share < threshold
+    if mode == "share":
+        drop = share < threshold
+    else:
+        for t in range(share.shape[0]):
+            tail = 0.0
+            for j in sorted(range(share.shape[1]), key=lambda j: -float(share[t, j]))[::-1]:
+                tail += float(share[t, j])
+                drop[t, j] = tail < threshold
     drop.scatter_(-1, share.argmax(-1, keepdim=True), False)
     kept = weights.masked_fill(drop, 0.0)
     if renormalises:
@@ -148,7 +156,8 @@ def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises:
 
 
 @contextmanager
-def gated_experts(model, thresholds: dict[int, float], renormalises: bool) -> Iterator[list[int]]:
+def gated_experts(model, thresholds: dict[int, float], renormalises: bool, mode: str = "share"
+                  ) -> Iterator[list[int]]:
     """Apply `reference_gate` to what each MoE layer's experts module of transformers' model receives;
     yields [choices seen, dropped]."""
     counts = [0, 0]
@@ -160,7 +169,7 @@ def gated_experts(model, thresholds: dict[int, float], renormalises: bool) -> It
         orig = experts.forward
 
         def forward(x, idx, w, orig=orig, i=i):
-            w, drop = reference_gate(w, thresholds.get(i), renormalises)
+            w, drop = reference_gate(w, thresholds.get(i), renormalises, mode)
             counts[0] += idx.numel()
             counts[1] += int(drop.sum())
             return orig(x, idx, w)
@@ -174,15 +183,18 @@ def gated_experts(model, thresholds: dict[int, float], renormalises: bool) -> It
             experts.forward = orig
 
 
-def _thresholds(model, store: Store) -> dict[int, float]:
-    """Per MoE layer, a threshold between two non-top shares seen on the prompt (never on one), so some
-    but not all are dropped; the first MoE layer is left ungated."""
+def _thresholds(model, store: Store, mode: str = "share") -> dict[int, float]:
+    """Per MoE layer, a threshold between two non-top shares (`tail`: sums of the shares from the j-th on)
+    seen on the prompt (never on one), so some but not all are dropped; the first MoE layer is left
+    ungated."""
     shares: dict[int, list[torch.Tensor]] = {}
     hooks = []
     for layer in store.shape.moe_layers:
         def seen(module, args, layer=layer):
-            w = args[2] / args[2].sum(-1, keepdim=True)
-            shares.setdefault(layer, []).append(torch.sort(w, -1, descending=True).values[:, 1:].flatten())
+            w = torch.sort(args[2] / args[2].sum(-1, keepdim=True), -1, descending=True).values[:, 1:]
+            if mode == "tail":
+                w = w.flip(-1).cumsum(-1)
+            shares.setdefault(layer, []).append(w.flatten())
         hooks.append(model.model.layers[layer].mlp.experts.register_forward_pre_hook(seen))
     try:
         with torch.no_grad():
@@ -200,19 +212,21 @@ def _thresholds(model, store: Store) -> dict[int, float]:
     return out
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_gate_equals_the_gate_inside_transformers(family, name):
+@pytest.mark.parametrize(("name", "mode"), [(n, "share") for n in NAMES] + [("qwen3_moe", "tail"), ("olmoe", "tail")])
+def test_gate_equals_the_gate_inside_transformers(family, name, mode):
+    """Both gate modes at k > 2 (the tail mode on a renormalising and a non-renormalising router)."""
     _, store_path, ref = family(name)
     store = Store.open(store_path)
-    th = _thresholds(ref, store)
+    th = _thresholds(ref, store, mode)
     renorm = RENORMALISES[name](ref.config)
-    with gated_experts(ref, th, renorm) as counts:
+    with gated_experts(ref, th, renorm, mode) as counts:
         want = ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             theirs = ref(torch.tensor([PROMPT])).logits
     assert 0 < counts[1] < counts[0]  # some, not all, dropped
     budget = len(store.shape.moe_layers) * 2
-    with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=GatePolicy(th, rule="test")) as eng:
+    gate = GatePolicy(th, rule="test", mode=mode)
+    with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=gate) as eng:
         assert greedy(eng, PROMPT, STEPS) == want
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits

@@ -284,3 +284,85 @@ def test_gate_rules_and_auto():
     found = gate_rules.find_scale("global", grad, 0.01, quality)
     assert found.scale == pytest.approx(0.1, abs=2e-4) and found.bound <= 0.01
     assert found.increase == pytest.approx(0.005, abs=1e-5)
+
+
+def test_gate_modes_and_the_rules_beyond_top2():
+    """The three ways thresholds apply (runtime/gating.py), against a per-token loop written here: `share`
+    drops a non-top-1 expert whose share is below T, `tail` drops the experts from the j-th on while they
+    together carry less than T (post-hoc top-p, p = 1 − T), `count` keeps the first k'. At top-2, share
+    and tail are one rule. The top-k > 2 rules and `auto`'s choice by k."""
+    from adapmoe_cli.planning import gate_rules
+    from adapmoe_cli.runtime.gating import GatePolicy, adaptive_keep
+
+    g = torch.Generator().manual_seed(0)
+    shares = torch.sort(torch.softmax(3 * torch.randn(200, 8, generator=g), -1), -1, descending=True).values
+    shares = shares / shares.sum(-1, keepdim=True)
+    for t in (0.0, 0.05, 0.2, 0.6, 1.0):
+        tail = adaptive_keep(shares, t, "tail")
+        for row, keep in zip(shares.tolist(), tail.tolist(), strict=True):
+            kept = 1  # top-p: the smallest prefix whose total reaches 1 − T
+            while kept < 8 and sum(row[:kept]) < 1 - t:
+                kept += 1
+            assert keep == [True] * kept + [False] * (8 - kept) or abs(sum(row[:kept]) - (1 - t)) < 1e-6
+        share = adaptive_keep(shares, t, "share")
+        assert share.tolist() == [[j == 0 or s >= t for j, s in enumerate(row)] for row in shares.tolist()]
+    two = torch.sort(torch.softmax(torch.randn(300, 2, generator=g), -1), -1, descending=True).values
+    for t in (0.1, 0.3, 0.45):
+        assert torch.equal(adaptive_keep(two, t, "tail"), adaptive_keep(two, t, "share"))
+    assert adaptive_keep(shares, 3, "count").sum(-1).tolist() == [3] * 200
+    assert GatePolicy.static(3, [0, 1]).mode == "count" and GatePolicy.static(3, [0, 1]).rule == "top-3"
+
+    grad = [{"layer": 0, "sensitivity": 4.0, "second_order_drop_loss": 0.02, "mean_second_weight_sq": 0.01},
+            {"layer": 1, "sensitivity": 1.0, "second_order_drop_loss": 0.08, "mean_second_weight_sq": 0.02}]
+    fwd = [{k: v for k, v in x.items() if k != "second_order_drop_loss"} for x in grad]
+    assert gate_rules.thresholds("weighted-tail", 0.08, grad, 8) == gate_rules.thresholds("weighted", 0.08, grad, 8)
+    top_p = gate_rules.gate("top-p", 0.15, grad, 8)
+    assert top_p.thresholds == {0: 0.15, 1: 0.15} and top_p.mode == "tail"
+    assert gate_rules.gate("weighted", 0.08, grad, 8).mode == "share"
+    assert gate_rules.gate("auto", 0.08, grad, 8).rule == gate_rules.AUTO_FINE
+    assert gate_rules.gate("auto", 0.08, fwd, 8).rule == "top-p"
+    assert gate_rules.gate("auto", 0.08, grad, 2).rule == "weighted"
+    # the largest scale keeps only the top-1 in every layer, whatever the mode
+    for rule in ("top-p", "weighted-tail", "weighted"):
+        policy = gate_rules.gate(rule, gate_rules.max_scale(rule, grad, 8), grad, 8)
+        assert adaptive_keep(shares, policy.threshold(0), policy.mode).sum().item() == 200
+    assert [gate_rules.mode_of(r) for r in ("weighted", "top-p", "top-4", "off")] == ["share", "tail", "count", "share"]
+    with pytest.raises(UsageError, match="unknown gate rule"):
+        gate_rules.thresholds("top-q", 0.1, grad)
+
+
+def test_a_budget_no_gate_meets_and_a_router_with_one_expert(make_store, text_file, tmp_path):
+    """A quality budget below what any dropping gate costs ends with a gate that drops nothing, and one line
+    saying what the nearest dropping gate measured; a top-1 router leaves the gate nothing to drop: said,
+    and plain top-1 runs."""
+    from adapmoe_cli.planning import gate_rules
+
+    layers = [{"layer": 0, "sensitivity": 1.0}]
+
+    def quality(g):  # a gate below threshold 1e-3 drops nothing; above, every drop costs at least +0.3 %
+        t = g.threshold(0) or 0.0
+        drops = t > 1e-3
+        inc = 0.003 + t / 10 if drops else 0.0
+        return gate_rules.GateQuality(10.0 * (1 + inc), 10.0, 1.5 * inc, 2.0 - t if drops else 2.0, 2.0)
+
+    found = gate_rules.find_scale("paper", layers, 0.001, quality)
+    assert found.bound <= 0.001 and not found.reachable
+    near = found.closest()
+    assert near is not None and near[1].drops and near[1].bound == min(q.bound for _, q in found.evaluations if q.drops)
+    text = found.unreachable_text(0.001)
+    assert "no gate that drops an expert keeps the perplexity increase within 0.10%" in text
+    assert f"(bound {near[1].bound:+.2%})" in text and "--quality-budget" in text
+    assert gate_rules.find_scale("paper", layers, 0.01, quality).unreachable_text(0.01) is None
+
+    dst = tmp_path / "top1"
+    shutil.copytree(make_store(TinySpec(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=1,
+                                        hidden_size=48, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2), dtype=torch.float32), dst)
+    one = Store.open(dst)
+    with pytest.raises(UsageError, match="one expert per token: there is nothing for the adaptive gate to drop"):
+        _profile(one, text_file, validate=False)
+    choice = resolve(one, load_settings(overrides={"gate.scale": 0.1}))  # asked for a gate anyway: said, top-1 runs
+    assert choice.gate.thresholds == {} and gate_rules.ONE_EXPERT in choice.notes
+    with runtime_engine(one, gate=choice.gate) as eng:
+        eng.model(torch.tensor([[1, 5, 9, 3]]))
+        assert eng.stats.experts_per_token == 1.0

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from training.corpus import SYSTEM_PROMPT, render_chat, split_of  # noqa: E402
 from training.export import hub_state_dict, reload_and_verify  # noqa: E402
-from training.family import MIXTRAL  # noqa: E402
+from training.family import MIXTRAL, QWEN3_MOE  # noqa: E402
 from training.tokenizer import CHAT_TEMPLATE  # noqa: E402
-from training.train import model_config, parameter_counts  # noqa: E402
+from training.train import balance_loss, model_config, parameter_counts  # noqa: E402
 
 
 def test_split_is_deterministic_and_about_90_5_5() -> None:
@@ -41,19 +41,27 @@ def test_render_chat_matches_the_jinja_template() -> None:
         assert rendered[0] == render_chat(messages, generation_prompt=prompt)
 
 
+class Tok:
+    """What `model_config` reads of a tokenizer."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
+
+    def __len__(self) -> int:
+        return 64
+
+
+def tiny_model(family, intermediate: int, experts: int, top_k: int):
+    args = argparse.Namespace(hidden=32, intermediate=intermediate, layers=2, heads=4, kv_heads=2, aux_coef=0.01,
+                              dropout=0.0)
+    torch.manual_seed(0)
+    config = model_config(Tok(), args, family, experts=experts, top_k=top_k)
+    return config, family.model_class()(config).eval()
+
+
 def test_hub_export_of_a_tiny_mixtral_round_trips(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    class Tok:
-        bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
-
-        def __len__(self) -> int:
-            return 64
-
-    args = argparse.Namespace(hidden=32, intermediate=16, layers=2, heads=4, kv_heads=2, aux_coef=0.01, dropout=0.0)
-    torch.manual_seed(0)
-    config = model_config(Tok(), args, MIXTRAL, experts=4, top_k=2)
-    model = MIXTRAL.model_class()(config).eval()
+    config, model = tiny_model(MIXTRAL, 16, 4, 2)
     tensors = hub_state_dict(model)
     for layer in range(2):
         assert f"model.layers.{layer}.block_sparse_moe.gate.weight" in tensors
@@ -72,3 +80,30 @@ def test_hub_export_of_a_tiny_mixtral_round_trips(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(tmp_path))
     reload_and_verify(model, tmp_path, torch.randint(0, 64, (4, 9)))  # raises unless bit-exact after bf16
+
+
+def test_hub_export_of_a_tiny_qwen3_moe_round_trips(tmp_path: Path) -> None:
+    """The fine-grained embedded model's family: per-expert gate/up/down_proj under `mlp.experts.E`."""
+    from safetensors.torch import save_file
+
+    config, model = tiny_model(QWEN3_MOE, 8, 6, 3)
+    assert config.norm_topk_prob and config.num_experts == 6 and config.mlp_only_layers == []
+    tensors = hub_state_dict(model, QWEN3_MOE)
+    assert tensors["model.layers.1.mlp.experts.5.gate_proj.weight"].shape == (8, 32)
+    assert tensors["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (32, 8)
+    assert "model.layers.0.mlp.gate.weight" in tensors and not any("experts.gate_up_proj" in k for k in tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp_path))
+    reload_and_verify(model, tmp_path, torch.randint(0, 64, (4, 9)), QWEN3_MOE)
+
+
+def test_balance_loss_is_per_layer():
+    """1 when every layer spreads its choices and probability evenly; two layers lopsided in opposite
+    directions look balanced to the pooled loss (transformers') but not to the per-layer one."""
+    even = torch.zeros(64, 4)  # a uniform router: P even, so the loss is 1 whichever expert top-k picks
+    assert float(balance_loss((even, even), top_k=1)) == 1.0
+    skew_a = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]]).repeat(32, 1)  # experts 0, 1 only
+    skew_b = torch.tensor([[0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 4.0]]).repeat(32, 1)  # experts 2, 3 only
+    pooled = float(balance_loss((skew_a, skew_b), top_k=1, per_layer=False))
+    per_layer = float(balance_loss((skew_a, skew_b), top_k=1))
+    assert pooled < 1.1 < 1.5 < per_layer

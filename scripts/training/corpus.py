@@ -154,8 +154,10 @@ def package_documents(base: Path, prefix: str, source: str, cap: int, seen: set[
     return sorted(docs, key=lambda d: d.key)
 
 
-def build_corpus(scale: float) -> tuple[list[Document], dict[str, str]]:
-    """All documents in a deterministic order, and the versions of the sources they came from."""
+def build_corpus(scale: float, only: set[str] | None = None) -> tuple[list[Document], dict[str, str]]:
+    """All documents in a deterministic order, and the versions of the sources they came from. `only`: the
+    distributions to read (another model's sources, so that a package installed since does not change
+    the corpus)."""
     seen: set[str] = set()
     versions = {"python": sys.version.split()[0]}
     docs = pydoc_documents(seen)
@@ -164,7 +166,7 @@ def build_corpus(scale: float) -> tuple[list[Document], dict[str, str]]:
     site = Path(sysconfig.get_paths()["purelib"])
     for module, dist, cap in DEPENDENCIES:
         base = site / module
-        if not base.is_dir():
+        if not base.is_dir() or (only is not None and dist not in only):
             continue
         try:
             versions[dist] = metadata.version(dist)

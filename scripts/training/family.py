@@ -20,6 +20,8 @@ class MoEFamily:
     expert_intermediate_key: str  # config key: intermediate size of one expert
     hub_moe_block: str  # the hub's name for a layer's MoE block (router + experts)
     hub_expert_weights: tuple[str, str, str]  # the hub's names of one expert's gate, up and down projections
+    extra_config: tuple[tuple[str, object], ...] = ()  # config keys only this family has, as the flagship sets them
+    renormalises: bool = True  # the router renormalises its top-k weights to sum to 1
 
     def config(self, **kwargs):
         import transformers
@@ -47,5 +49,11 @@ MIXTRAL = MoEFamily(
     experts_key="num_local_experts", expert_intermediate_key="intermediate_size",
     hub_moe_block="block_sparse_moe", hub_expert_weights=("w1", "w3", "w2"),
 )
-# A Qwen3-MoE model would use: MoEFamily("Qwen3-MoE", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "num_experts",
-# "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj")) — not built or tested here.
+# Qwen3-MoE as Qwen3-30B-A3B configures it: every layer sparse, top-k renormalised (`norm_topk_prob`)
+QWEN3_MOE = MoEFamily(
+    name="Qwen3-MoE", architecture="Qwen3MoeForCausalLM", config_class="Qwen3MoeConfig",
+    experts_key="num_experts", expert_intermediate_key="moe_intermediate_size",
+    hub_moe_block="mlp", hub_expert_weights=("gate_proj", "up_proj", "down_proj"),
+    extra_config=(("norm_topk_prob", True), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
+)
+FAMILIES = {"mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE}

@@ -39,7 +39,10 @@ def shuffled_windows(tok, text: str, ctx: int, limit: int, seed: int) -> torch.T
 
 @torch.no_grad()
 def routing_statistics(model, wins: torch.Tensor) -> list[dict]:
-    """Per layer: mean router entropy, quantiles of the renormalised second top-2 weight, expert usage."""
+    """Per layer: mean router entropy, quantiles of the share beyond the top-1 (1 − s_1, s_j = the chosen
+    weights renormalised to sum to 1: at top-2 the paper's second weight) and of the second share s_2,
+    and each expert's share of the top-k choices."""
+    top_k = model.config.num_experts_per_tok
     logits_per_layer: list[list[torch.Tensor]] = []
     for i in range(0, len(wins), 8):
         out = model(input_ids=wins[i:i + 8, :-1], output_router_logits=True)
@@ -47,55 +50,66 @@ def routing_statistics(model, wins: torch.Tensor) -> list[dict]:
             if len(logits_per_layer) <= layer:
                 logits_per_layer.append([])
             logits_per_layer[layer].append(logits.float())
+    qs = torch.tensor(QUANTILES, dtype=torch.float64)
+
+    def quantiles(x: torch.Tensor) -> dict[str, float]:
+        return {f"p{int(k * 100)}": round(v, 4) for k, v in zip(QUANTILES, torch.quantile(x.double(), qs).tolist(),
+                                                                  strict=True)}
+
     rows = []
     for layer, chunks in enumerate(logits_per_layer):
         p = torch.softmax(torch.cat(chunks), -1)  # [N, E]
         entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
-        top, idx = torch.topk(p, 2, -1)
-        second = (top[:, 1] / top.sum(-1)).double()
-        q = torch.quantile(second, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        top, idx = torch.topk(p, top_k, -1)
+        shares = top / top.sum(-1, keepdim=True)
         usage = torch.bincount(idx.flatten(), minlength=p.shape[-1]).double()
         usage = usage / usage.sum()
-        quantiles = {f"p{int(k * 100)}": round(v, 4) for k, v in zip(QUANTILES, q, strict=True)}
-        rows.append({"layer": layer, "router_entropy": round(entropy, 4), "second_weight_quantiles": quantiles,
+        rows.append({"layer": layer, "router_entropy": round(entropy, 4),
+                     "second_weight_quantiles": quantiles(shares[:, 1]),
+                     "beyond_top1_quantiles": quantiles(1 - shares[:, 0]),
                      "expert_usage": [round(u, 4) for u in usage.tolist()],
                      "usage_max_over_uniform": round(float(usage.max()) * p.shape[-1], 3)})
     return rows
 
 
-class SecondExpertGate:
-    """Forward hooks that drop the second expert where its renormalised weight is below `threshold`
-    (the top-1 then gets weight 1), counting the expert evaluations saved."""
+class ShareGate:
+    """Forward hooks on every router that drop each chosen expert but the top-1 whose share of the chosen
+    weights is below `threshold` (adapmoe's gate at one global threshold, docs/gating.md), counting the
+    expert evaluations saved. A renormalising router gives the kept experts the whole total, in proportion."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, renormalises: bool = True) -> None:
         self.threshold = 0.0
+        self.renormalises = renormalises
         self.dropped = 0
         self.total = 0
         self.handles = [layer.mlp.gate.register_forward_hook(self.hook) for layer in model.model.layers]
 
     def hook(self, module, inputs, output):
-        logits, weights, index = output  # [N, E], [N, 2], [N, 2]
-        drop = weights[:, 1] < self.threshold
+        logits, weights, index = output  # [N, E], [N, k], [N, k]
+        order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+        weights, index = weights.gather(-1, order), index.gather(-1, order)
+        shares = weights / weights.sum(-1, keepdim=True)
+        drop = shares < self.threshold
+        drop[:, 0] = False
         self.dropped += int(drop.sum())
         self.total += index.numel()
-        if not bool(drop.any()):
-            return output
-        weights = weights.clone()
-        index = index.clone()
-        weights[drop, 0], weights[drop, 1] = 1.0, 0.0
-        index[drop, 1] = module.num_experts  # the experts module skips this out-of-range id
-        return logits, weights, index
+        kept = weights.masked_fill(drop, 0.0)
+        if self.renormalises:
+            kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+        return logits, kept, index.masked_fill(drop, module.num_experts)  # the experts module skips that id
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def threshold_sweep(model, wins: torch.Tensor, base_loss: float) -> list[dict]:
-    gate = SecondExpertGate(model)
+def threshold_sweep(model, wins: torch.Tensor, base_loss: float, renormalises: bool = True) -> list[dict]:
+    top_k = model.config.num_experts_per_tok
+    gate = ShareGate(model, renormalises)
     rows = []
+    grid = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3) if top_k == 2 else (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15)
     try:
-        for threshold in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):
+        for threshold in grid:
             gate.threshold, gate.dropped, gate.total = threshold, 0, 0
             loss = mean_loss(model, wins)
             rows.append({"threshold": threshold, "expert_evaluations_saved": round(gate.dropped / gate.total, 4),
@@ -133,12 +147,12 @@ def quality_report(model, tok, train_ids, held, probe, held_text: str, args,
         "shuffled_words_perplexity": round(math.exp(shuffled_loss), 3),
         "uniform_router_entropy": round(math.log(family.num_experts(model.config)), 4),
         "routing": routing_statistics(model, held),
-        "second_expert_threshold": threshold_sweep(model, held, held_loss),
+        "second_expert_threshold": threshold_sweep(model, held, held_loss, family.renormalises),
         "samples": sample_answers(model, tok),
     }
 
 
-def plot_curve(curve: list[dict], path: Path) -> None:
+def plot_curve(curve: list[dict], path: Path, title: str = "adapmoe embedded model") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +170,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     ax.set_ylim(top=min(8.5, max(c["train_loss_smoothed"] for c in curve)))
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("adapmoe default model")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -44,6 +44,13 @@ def save_tokenizer(tok, out: Path) -> None:
     tok.save_pretrained(str(out), save_jinja_files=False)
 
 
+def load_tokenizer(folder: Path):
+    """A tokenizer saved by `save_tokenizer` (another embedded model's), for a model that shares it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def check_tokenizer(out: Path) -> dict:
     """Reload the saved tokenizer the way users will and check the chat template round-trips."""
     from transformers import AutoTokenizer

@@ -15,7 +15,7 @@ from training.family import MIXTRAL, MoEFamily
 
 
 def model_config(tok, args: argparse.Namespace, family: MoEFamily = MIXTRAL, experts: int = 8, top_k: int = 2):
-    return family.config(
+    return family.config(**dict(family.extra_config),
         vocab_size=len(tok), hidden_size=args.hidden, **{family.expert_intermediate_key: args.intermediate},
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.hidden // args.heads, **{family.experts_key: experts}, num_experts_per_tok=top_k,
@@ -24,6 +24,22 @@ def model_config(tok, args: argparse.Namespace, family: MoEFamily = MIXTRAL, exp
         initializer_range=0.02, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, per_layer: bool = True) -> torch.Tensor:
+    """Switch-Transformer load balancing, E · Σ_e f_e · P_e (f_e: share of the top-k choices that go to expert
+    e, P_e: its mean router probability), computed per layer and averaged over layers. transformers' own
+    loss pools every layer's tokens before counting, so it only balances experts summed over layers: the
+    first embedded model, trained with it, used 2 of its 8 experts for 84 % of layer 0's choices.
+    `per_layer=False` pools as transformers does (kept to compare)."""
+    logits = router_logits if per_layer else (torch.cat(router_logits),)
+    losses = []
+    for layer in logits:  # [N, E]
+        probs = torch.softmax(layer.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        share = torch.zeros_like(probs).scatter_(-1, chosen, 1.0).mean(0) / top_k  # f_e, sums to 1
+        losses.append(probs.shape[-1] * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
 
 
 def parameter_counts(model, family: MoEFamily = MIXTRAL) -> tuple[int, int]:
@@ -92,7 +108,8 @@ def train(model, train_ids: torch.Tensor, held: torch.Tensor, probe: torch.Tenso
     for step, x in enumerate(batches(train_ids, args.ctx, args.batch, args.steps, args.seed), start=1):
         out = model(input_ids=x[:, :-1], output_router_logits=True)
         lm = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
-        loss = lm + coef * out.aux_loss
+        aux = balance_loss(out.router_logits, model.config.num_experts_per_tok, args.balance == "per-layer")
+        loss = lm + coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,7 +118,7 @@ def train(model, train_ids: torch.Tensor, held: torch.Tensor, probe: torch.Tenso
         lm_value = float(lm.detach())
         smooth = lm_value if smooth is None else 0.98 * smooth + 0.02 * lm_value
         entry = {"step": step, "tokens": step * args.batch * args.ctx, "train_loss": lm_value,
-                 "train_loss_smoothed": smooth, "aux_loss": float(out.aux_loss.detach()), "lr": sched.get_last_lr()[0],
+                 "train_loss_smoothed": smooth, "aux_loss": float(aux.detach()), "lr": sched.get_last_lr()[0],
                  "seconds": time.time() - t0}
         if step % args.eval_every == 0 or step == args.steps:
             entry["heldout_loss"] = mean_loss(model, held)

@@ -406,7 +406,8 @@ class _Bench:
             return None
         try:
             plan = read_plan(default_path(self.store), self.store)
-            rule = resolve_rule(self.settings.gate.rule, read_profile(default_profile(self.store), self.store).layers)
+            rule = resolve_rule(self.settings.gate.rule, read_profile(default_profile(self.store), self.store).layers,
+                                self.store.shape.top_k)
         except AdapmoeError:
             return None
         d = plan.data
@@ -579,7 +580,7 @@ def measure(store: Store, plan: dict[str, Setup], skipped: dict[str, str], total
         if name in failed:
             continue
         # perplexity depends on the gate alone, except with the fallback (then on the cache too)
-        key = (tuple(sorted(setup.gate.thresholds.items())),) + (
+        key = (setup.gate.mode, tuple(sorted(setup.gate.thresholds.items()))) + (
             (tuple(sorted(setup.budget.quotas.items())), setup.settings.prefetch) if setup.fallback else ())
         if key not in ppl:
             ppl[key] = perplexity(setup)

@@ -22,7 +22,7 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
         "quotas": {str(k): v for k, v in setup.budget.quotas.items()},
         "source": setup.budget.source,
         "gate": {"thresholds": {str(k): v for k, v in setup.gate.thresholds.items()}, "rule": setup.gate.rule,
-                 "scale": setup.gate.scale},
+                 "scale": setup.gate.scale, "mode": setup.gate.mode},
         "settings": {"cache.policy": setup.settings.cache.policy, "prefetch": setup.settings.prefetch,
                      "device": setup.settings.device, "compile": setup.settings.compile},
         "preload": setup.preload,
@@ -43,7 +43,8 @@ def run_job(text: str) -> dict[str, Any]:
     store = Store.open(j["store"])
     budget = budgets.planned(store.cache_shape, {int(k): int(v) for k, v in j["quotas"].items()}, j["source"])
     g = j["gate"]
-    gate = GatePolicy({int(k): float(v) for k, v in g["thresholds"].items()}, rule=g["rule"], scale=g["scale"])
+    gate = GatePolicy({int(k): float(v) for k, v in g["thresholds"].items()}, rule=g["rule"], scale=g["scale"],
+                      mode=g["mode"])
     fallback = Store.open(j["fallback"]) if j.get("fallback") else None
     setup = Setup(budget, gate, load_settings(overrides=j["settings"]), bool(j["preload"]), fallback)
     check_experts(store)  # outside the timing, as in-process (bench.measure)

@@ -14,7 +14,10 @@ from typing import Any
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.paths import home, stores_dir
 
-EMBEDDED = "embedded"  # the embedded model's store, and the MODEL word that names it
+EMBEDDED = "embedded"  # the embedded default model's store, and the MODEL word that names it
+#: MODEL word → (its folder in the package, the `source.embedded` its store's manifest records)
+EMBEDDED_MODELS = {EMBEDDED: ("default_model", "adapmoe default model"),
+                   "embedded-fine": ("fine_model", "adapmoe fine-grained model")}
 _LAST_USED = "last-used.json"
 
 
@@ -46,7 +49,7 @@ def _manifest(path: Path) -> dict[str, Any] | None:
 
 def describe_source(source: dict[str, Any]) -> str:
     if source.get("embedded"):
-        return EMBEDDED
+        return next((name for name, (_, label) in EMBEDDED_MODELS.items() if label == source["embedded"]), EMBEDDED)
     return str(source.get("repo_id") or source.get("path") or "?")
 
 
@@ -113,7 +116,7 @@ def find_store(name_or_source: str) -> StoreEntry:
     if Path(target).expanduser().exists():
         target = str(Path(target).expanduser().resolve())
     matches = [e for e in stores if e.source == target or (
-        e.source not in (EMBEDDED,) and Path(e.source).is_absolute() and str(Path(e.source).resolve()) == target)]
+        e.source not in EMBEDDED_MODELS and Path(e.source).is_absolute() and str(Path(e.source).resolve()) == target)]
     if len(matches) == 1:
         return matches[0]
     names = ", ".join(e.name for e in stores) or "none"

@@ -42,8 +42,8 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
     if req.quality_budget is not None:
         search = search_scale(store, settings, req.quality_budget, req.calibration or default_text("calibration"),
                               req.calibration_tokens, progress=progress)
-        say(f"gate scale {search.scale:.4g}: calibration perplexity {search.increase:+.2%} "
-            f"(95% bound {search.bound:+.2%})")
+        say(search.unreachable_text(req.quality_budget) or f"gate scale {search.scale:.4g}: calibration perplexity "
+            f"{search.increase:+.2%} (95% bound {search.bound:+.2%})")
         settings = replace(settings, gate=replace(settings.gate, scale=search.scale))
     window = min(req.window, int(store.config.get("max_position_embeddings", req.window)))
     layers = list(store.shape.moe_layers)
@@ -71,7 +71,8 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
         "experts_per_token": res.stats.experts_per_token,
         "top_k": store.shape.top_k,
         "single_expert_ratio": {str(layer): single[layer] / seen[layer] if seen[layer] else 0.0 for layer in layers},
-        "gate": {"rule": gate.rule, "scale": gate.scale, "thresholds": {str(k): v for k, v in gate.thresholds.items()}},
+        "gate": {"rule": gate.rule, "mode": gate.mode,
+                 "scale": gate.scale, "thresholds": {str(k): v for k, v in gate.thresholds.items()}},
         "window": window,
     }
     if search is not None:
@@ -79,5 +80,6 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
             "budget": req.quality_budget, "scale": search.scale,
             "calibration": {"increase": search.increase, "increase_bound": search.bound},
             "evaluated": {"increase": res.perplexity / ungated - 1, "ungated_perplexity": ungated},
+            "reachable": search.reachable, "unreachable": search.unreachable_text(req.quality_budget),
         }
     return out

@@ -1,6 +1,7 @@
 """Resolves the MODEL argument every command takes into an opened store:
-nothing → the embedded default model (sharded into ADAPMOE_HOME on first use, with its shipped profile
-and cache plan, so the method is on from the first token);
+nothing or `embedded` → the embedded default model, `embedded-fine` → the embedded fine-grained one (each
+sharded into ADAPMOE_HOME on first use, with its shipped profile and cache plan, so the method is on from
+the first token);
 a store folder → itself; a checkpoint folder → sharded into ADAPMOE_HOME on first use;
 a hub id → its store if already made, else downloaded (only here does adapmoe touch the network)."""
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from adapmoe_cli.catalog import EMBEDDED, checkpoint_store_dir, touch
+from adapmoe_cli.catalog import EMBEDDED, EMBEDDED_MODELS, checkpoint_store_dir, touch
 from adapmoe_cli.errors import StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.hub import looks_like_repo_id
@@ -23,12 +24,14 @@ Progress = Callable[[int, int], None]
 DEFAULT_MODEL_DTYPE = "float32"
 
 
-def default_model_dir() -> Path:
-    return Path(str(resources.files("adapmoe_cli").joinpath("default_model")))
+def default_model_dir(name: str = EMBEDDED) -> Path:
+    """The package folder of an embedded model (`embedded`, `embedded-fine`)."""
+    return Path(str(resources.files("adapmoe_cli").joinpath(EMBEDDED_MODELS[name][0])))
 
 
 def default_text(split: str) -> Path:
-    """The embedded model's held-out text: `calibration` (profiling) or `heldout` (evaluation)."""
+    """The embedded models' held-out text: `calibration` (profiling) or `heldout` (evaluation). Both models
+    were trained on the same split of the same corpus, so one copy serves both."""
     path = default_model_dir() / f"{split}.txt"
     if not path.exists():
         raise UsageError(f"the embedded model ships no {split} text ({path}); reinstall adapmoe")
@@ -62,7 +65,7 @@ def install_shipped_method(src: Path, store_dir: Path) -> None:
 
 def open_model(model: str | None, progress: Progress | None = None,
                experts_format: ExpertsFormat | None = None) -> Store:
-    """MODEL → an opened store (see the module's docstring); `embedded` names the embedded model too. With a
+    """MODEL → an opened store (see the module's docstring). With a
     quantized `experts_format`, the store of MODEL with its experts in that format, kept beside the native
     one (`NAME-int4-g64`): a checkpoint or a hub model is sharded straight into it, a store or the embedded
     model quantized from its store (store/export.py)."""
@@ -87,15 +90,16 @@ def _open(model: str | None, progress: Progress | None, fmt: ExpertsFormat | Non
     from adapmoe_cli.store.writer import shard
 
     path = Path(model).expanduser() if model is not None else None
-    if model is None or (model == EMBEDDED and not path.exists()):
-        src = default_model_dir()
+    if model is None or (model in EMBEDDED_MODELS and not path.exists()):
+        name = model or EMBEDDED
+        src = default_model_dir(name)
         if not (src / "config.json").exists():
-            raise UsageError(f"the embedded default model is missing from {src}; reinstall adapmoe")
-        out = stores_dir() / EMBEDDED
+            raise UsageError(f"the embedded model {name!r} is missing from {src}; reinstall adapmoe")
+        out = stores_dir() / name
         old = stores_dir() / "default-model"  # its name before adapmoe 0.2: keep the store, rename it
-        if is_store(old) and not out.exists():
+        if name == EMBEDDED and is_store(old) and not out.exists():
             old.rename(out)
-        source = {"embedded": "adapmoe default model"}
+        source = {"embedded": EMBEDDED_MODELS[name][1]}
         try:
             shard(src, out, dtype=DEFAULT_MODEL_DTYPE, progress=progress, source=source)
         except StoreExistsError:  # made from an older embedded model: replace it

@@ -290,6 +290,8 @@ def gate_text(engine: Engine, planned: GatePolicy) -> str:
     g = engine.gate
     if g.thresholds:
         return f"{g.rule}" + (f" c={g.scale:.3g}" if g.scale is not None else "")
+    if engine.store.shape.top_k < 2:
+        return "off (top-1: nothing to drop)"
     if planned.thresholds:
         return f"off (top-{engine.store.shape.top_k}; /set gate on)"
     return f"off (top-{engine.store.shape.top_k}; `adapmoe profile` then `adapmoe plan-cache` turn it on)"

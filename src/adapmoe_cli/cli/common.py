@@ -140,7 +140,8 @@ ExpertsFormatOpt = Annotated[str, typer.Option(
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
-                                             "weighted (docs/gating.md).", show_default=DEFAULTS.gate.rule)]
+                                             "weighted | top-p | weighted-tail (docs/gating.md).",
+                                             show_default=DEFAULTS.gate.rule)]
 
 
 def QualityBudgetOpt(help: str) -> typer.models.OptionInfo:  # noqa: N802 (used like the aliases above)

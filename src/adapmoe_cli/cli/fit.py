@@ -22,11 +22,13 @@ def register(app: typer.Typer) -> None:
 
 def _config(model: str | None) -> tuple[dict[str, Any], str]:
     """MODEL → (config, name) without reading any weight."""
+    from adapmoe_cli.catalog import EMBEDDED, EMBEDDED_MODELS
     from adapmoe_cli.hub import download_config, looks_like_repo_id
     from adapmoe_cli.model_arg import default_model_dir
 
-    if model is None or model == "embedded":
-        return json.loads((default_model_dir() / "config.json").read_text()), "embedded"
+    if model is None or (model in EMBEDDED_MODELS and not Path(model).exists()):
+        name = model or EMBEDDED
+        return json.loads((default_model_dir(name) / "config.json").read_text()), name
     path = Path(model).expanduser()
     if (path / "manifest.json").is_file():  # a store
         return json.loads((path / "manifest.json").read_text())["config"], path.name

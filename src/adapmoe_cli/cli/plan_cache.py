@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from adapmoe_cli.budget import total_slots
@@ -98,7 +99,9 @@ def render(data: dict, stride: int) -> None:
     console.print(f"expected stalls per token: {data['total_expected_cost']:.3f} "
                   f"(even split: {data['even_split_expected_cost']:.3f})")
     q = data.get("quality_search")
-    if q:
+    if q and q.get("unreachable"):
+        console.print(f"[yellow]{escape(q['unreachable'])}[/]")
+    elif q:
         console.print(f"quality budget {q['budget']:.2%}: perplexity {q['base_perplexity']:.3f} → "
                       f"{q['perplexity']:.3f} ({q['increase']:+.2%}, 95% bound {q['increase_bound']:+.2%}) "
                       "on the calibration text")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from adapmoe_cli.catalog import EMBEDDED_MODELS
 from adapmoe_cli.cli.chat import budget_text, compile_now, gate_text, offer_method
 from adapmoe_cli.cli.common import (
     DEFAULTS,
@@ -148,7 +149,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _default_name(model: str | None, store: Store) -> str:
-    return "embedded" if model is None or model == "embedded" else store.path.name
+    return "embedded" if model is None else model if model in EMBEDDED_MODELS else store.path.name
 
 
 def _host(h: str) -> str:

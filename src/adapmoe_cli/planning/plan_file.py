@@ -12,6 +12,7 @@ from typing import Any
 from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.planning.allocate import allocate
+from adapmoe_cli.planning.gate_rules import mode_of
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.versioned import integer, number, read_versioned, write_atomic
@@ -59,7 +60,8 @@ class Plan:
     @property
     def gate(self) -> GatePolicy:
         th = {int(x["layer"]): float(x["threshold"]) for x in self.data["layers"] if x.get("threshold") is not None}
-        return GatePolicy(th, rule=self.data.get("gate_rule", "off"), scale=self.data.get("gate_scale"))
+        rule = self.data.get("gate_rule", "off")
+        return GatePolicy(th, rule=rule, scale=self.data.get("gate_scale"), mode=mode_of(rule))
 
     def public(self) -> dict[str, Any]:
         """The documented `--json` shape."""

@@ -65,14 +65,15 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
     if req.gate_mode == "off":
         gate = GatePolicy.off()
     elif req.gate_mode == "scale":
-        gate = gate_rules.gate(req.rule, float(req.scale or 0.0), layers_p)
+        gate = gate_rules.gate(req.rule, float(req.scale or 0.0), layers_p, store.shape.top_k)
     else:
         with contextlib.ExitStack() as stack:
             if quality is None:
                 text = req.calibration or default_text("calibration")
                 quality = stack.enter_context(gate_quality(store, settings, text, req.calibration_tokens))
-            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(quality, progress))
-        gate = gate_rules.gate(req.rule, search.scale, layers_p)
+            search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(quality, progress),
+                                            top_k=store.shape.top_k)
+        gate = gate_rules.gate(req.rule, search.scale, layers_p, store.shape.top_k)
     trace = prof.trace()
     routing = prepare(trace, gate)
     shape = store.shape
@@ -109,8 +110,9 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         data["quality_search"] = {
             "budget": req.quality_budget, "base_perplexity": search.base_perplexity,
             "perplexity": search.perplexity, "increase": search.increase, "increase_bound": search.bound,
-            "tried": [{"scale": s, "perplexity": q.perplexity, "increase_bound": q.bound}
-                      for s, q in search.evaluations],
+            "tried": [{"scale": s, "perplexity": q.perplexity, "increase_bound": q.bound,
+                       "experts_per_token": q.experts_per_token} for s, q in search.evaluations],
+            "reachable": search.reachable, "unreachable": search.unreachable_text(req.quality_budget),
         }
     path = write_plan(req.out or default_path(store), data)
     return path, data

@@ -36,8 +36,9 @@ CONFIDENCE_Z = 1.645  # one-sided 95 % upper bound of the perplexity increase
 
 @contextlib.contextmanager
 def _token_losses(store: Store, settings: Settings, text: Path, tokens: int
-                  ) -> Iterator[Callable[[GatePolicy], torch.Tensor]]:
-    """gate → each scored token's loss [n] on `tokens` tokens of `text`, in windows spread evenly over the
+                  ) -> Iterator[Callable[[GatePolicy], tuple[torch.Tensor, float]]]:
+    """gate → (each scored token's loss [n], experts computed per token) on `tokens` tokens of `text`, in
+    windows spread evenly over the
     whole text (its first tokens alone are one document or two, not a sample of it). Perplexity does not
     depend on the cache budget, so the engine holds every expert when they fit (each pass is then fast),
     else the user's."""
@@ -49,10 +50,11 @@ def _token_losses(store: Store, settings: Settings, text: Path, tokens: int
         window = int(min(256, store.config.get("max_position_embeddings", 256)))
         pieces = spread_windows(ids, tokens, window)
 
-        def losses(gate: GatePolicy) -> torch.Tensor:
+        def losses(gate: GatePolicy) -> tuple[torch.Tensor, float]:
             engine.use_gate(gate)
+            before = engine.stats.copy()
             nll = [evaluate(engine, piece, window).token_nll for piece in pieces]
-            return torch.cat([x for x in nll if x is not None])
+            return torch.cat([x for x in nll if x is not None]), engine.stats.delta(before).experts_per_token
 
         yield losses
 
@@ -73,7 +75,7 @@ def gate_perplexity(store: Store, settings: Settings, text: Path, tokens: int = 
                     ) -> Iterator[Callable[[GatePolicy], float]]:
     """A function gate → perplexity on `tokens` tokens of `text`."""
     with _token_losses(store, settings, text, tokens) as losses:
-        yield lambda gate: math.exp(float(losses(gate).mean()))
+        yield lambda gate: math.exp(float(losses(gate)[0].mean()))
 
 
 @contextlib.contextmanager
@@ -81,17 +83,18 @@ def gate_quality(store: Store, settings: Settings, text: Path, tokens: int = CAL
                  z: float = CONFIDENCE_Z) -> Iterator[Callable[[GatePolicy], GateQuality]]:
     """A function gate → its `GateQuality` on `tokens` tokens of `text` (the ungated pass made once)."""
     with _token_losses(store, settings, text, tokens) as losses:
-        base: list[torch.Tensor] = []
+        base: list[tuple[torch.Tensor, float]] = []
 
         def quality(gate: GatePolicy) -> GateQuality:
             if not base:
                 base.append(losses(GatePolicy.off()))
-            b = base[0]
-            d = losses(gate) - b if gate.thresholds else torch.zeros_like(b)  # [n]
+            b, top_k = base[0]
+            gated, experts = losses(gate) if gate.thresholds else (b, top_k)
+            d = gated - b  # [n]
             sd = float(d.std()) if d.numel() > 1 else 0.0
             mean = float(d.mean())
             return GateQuality(math.exp(float(b.mean()) + mean), math.exp(float(b.mean())),
-                               math.exp(mean + z * sd / math.sqrt(d.numel())) - 1)
+                               math.exp(mean + z * sd / math.sqrt(d.numel())) - 1, experts, top_k)
 
         yield quality
 
@@ -116,7 +119,8 @@ def search_scale(store: Store, settings: Settings, quality_budget: float, text: 
     `quality_budget` (e.g. 0.01) of the ungated perplexity, with the margin of `gate_quality`'s bound."""
     layers = read_profile(default_path(store), store).layers
     with gate_quality(store, settings, text, tokens) as quality:
-        return gate_rules.find_scale(settings.gate.rule, layers, quality_budget, counted(quality, progress))
+        return gate_rules.find_scale(settings.gate.rule, layers, quality_budget, counted(quality, progress),
+                                     top_k=store.shape.top_k)
 
 
 FALLBACK_TOKENS = 1024  # held-out tokens the miss fallback's cost is measured on, one at a time

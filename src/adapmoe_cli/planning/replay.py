@@ -43,10 +43,11 @@ def prepare(trace: Trace, gate: GatePolicy, steps: list[int] | None = None) -> R
         groups.setdefault(st, []).append(r)
     kept_ids, kept_pred = [], []
     for i, layer in enumerate(trace.layers):
-        _, ids, keep = apply_gate(trace.weights[:, i].float(), trace.ids[:, i].long(), gate.threshold(layer))
+        _, ids, keep = apply_gate(trace.weights[:, i].float(), trace.ids[:, i].long(), gate.threshold(layer),
+                                 gate.mode)
         kept_ids.append(torch.where(keep, ids, torch.full_like(ids, -1)).tolist())
         _, pids, pkeep = apply_gate(trace.pred_weights[:, i].float(), trace.pred_ids[:, i].long(),
-                                    gate.threshold(layer))
+                                    gate.threshold(layer), gate.mode)
         kept_pred.append(torch.where(pkeep, pids, torch.full_like(pids, -1)).tolist())
     needed, acts, predicted, rows = [], [], [], []
     for st in sorted(groups):

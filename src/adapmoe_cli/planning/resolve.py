@@ -55,9 +55,11 @@ def resolve(store: Store, settings: Settings) -> RuntimeChoices:
         budget = budgets.planned(shape, quotas, f"{budget.source}; split by plan {plan.path.name}{solved}")
     if plan is not None:
         gate = plan.gate
-    if settings.gate.scale is not None:
+    if settings.gate.scale is not None and settings.gate.adaptive and not gate_rules.gateable(store.shape.top_k):
+        notes.append(gate_rules.ONE_EXPERT)
+    elif settings.gate.scale is not None:
         prof = read_profile(default_profile(store), store)
-        gate = gate_rules.gate(settings.gate.rule, settings.gate.scale, prof.layers)
+        gate = gate_rules.gate(settings.gate.rule, settings.gate.scale, prof.layers, store.shape.top_k)
     if not settings.gate.adaptive:
         gate = GatePolicy.off()
     return RuntimeChoices(budget, gate, plan, tuple(notes))

@@ -1,8 +1,12 @@
 """The adaptive gate as pure tensor functions. A family's own router gives each token k experts and
 their weights; `rank` orders them by weight and expresses each as its share of the k weights' total;
-the gate keeps the top-1 and every other expert whose share reaches the layer's threshold (with top-2
-this is the paper's rule on the normalised second weight); `reweigh` gives the kept experts the weights
-the family's router would give them had it chosen only those (docs/gating.md). No modules, no state."""
+the gate keeps the top-1 and, by the policy's mode, every other expert whose share reaches the layer's
+threshold (`share`), every expert while the tail from it on still carries the threshold (`tail`:
+post-hoc top-p with p = 1 − threshold) or while the tail's shares in quadrature do (`l2`), or the first
+k' (`count`: static top-k'). With top-2, `share`, `tail` and `l2` are all the paper's rule on the
+normalised second weight. `reweigh` gives the kept experts
+the weights the family's router would give them had it chosen only those (docs/gating.md). No modules,
+no state."""
 
 from __future__ import annotations
 
@@ -35,11 +39,27 @@ def reweigh(weights: torch.Tensor, shares: torch.Tensor, keep: torch.Tensor, ren
     return kept / shares.masked_fill(~keep, 0.0).sum(dim=-1, keepdim=True)
 
 
-def adaptive_keep(weights: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """shares [T, k] (descending, summing to 1) → keep mask [T, k]: top-1 always, others ≥ threshold."""
-    keep = torch.ones_like(weights, dtype=torch.bool)
-    if threshold is not None and weights.shape[-1] > 1:
-        keep[:, 1:] = weights[:, 1:] >= threshold
+MODES = ("share", "tail", "l2", "count")
+
+
+def adaptive_keep(shares: torch.Tensor, threshold: float | None, mode: str = "share") -> torch.Tensor:
+    """shares [T, k] (descending, summing to 1) → keep mask [T, k]: the top-1 always; the others by `mode`:
+    `share`: s_j ≥ threshold; `tail`: s_j + … + s_k ≥ threshold (the kept ones are the smallest prefix
+    whose total reaches 1 − threshold); `l2`: s_j² + … + s_k² ≥ threshold²; `count`: j ≤ threshold (an
+    integer k')."""
+    keep = torch.ones_like(shares, dtype=torch.bool)
+    if threshold is None or shares.shape[-1] == 1:
+        return keep
+    if mode == "share":
+        keep[:, 1:] = shares[:, 1:] >= threshold
+    elif mode == "tail":
+        keep[:, 1:] = shares[:, 1:].flip(-1).cumsum(-1).flip(-1) >= threshold
+    elif mode == "l2":
+        keep[:, 1:] = shares[:, 1:].square().flip(-1).cumsum(-1).flip(-1) >= threshold * threshold
+    elif mode == "count":
+        keep[:, max(1, int(threshold)):] = False
+    else:
+        raise ValueError(f"unknown gate mode {mode!r}")
     return keep
 
 
@@ -50,12 +70,14 @@ def renormalise(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GatePolicy:
-    """Per-layer thresholds of the adaptive gate. A layer without a threshold routes plain top-k.
-    `rule` and `scale` say how the thresholds were made (recorded in plans and reports)."""
+    """Per-layer thresholds of the adaptive gate and how they apply (`mode`, see `adaptive_keep`). A layer
+    without a threshold routes plain top-k. `rule` and `scale` say how the thresholds were made (recorded
+    in plans and reports)."""
 
     thresholds: Mapping[int, float] = field(default_factory=dict)
     rule: str = "off"
     scale: float | None = None
+    mode: str = "share"
 
     def threshold(self, layer: int) -> float | None:
         return self.thresholds.get(layer)
@@ -69,12 +91,17 @@ class GatePolicy:
         """Keep only the top-1 expert in `layers` (a threshold no second weight reaches)."""
         return GatePolicy({layer: 1.0 + 1e-6 for layer in layers}, rule="top1")
 
+    @staticmethod
+    def static(k: int, layers: Iterable[int]) -> GatePolicy:
+        """Static top-k' (k' = `k`) in `layers`: the baseline an adaptive gate has to beat."""
+        return GatePolicy({layer: float(k) for layer in layers}, rule=f"top-{k}", scale=float(k), mode="count")
 
-def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None
+
+def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None, mode: str = "share"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(shares, ids) [T, k] → (shares renormalised over kept, ids with dropped set to -1, keep mask): what
     a trace's replay needs (planning/replay.py)."""
-    keep = adaptive_keep(weights, threshold)
+    keep = adaptive_keep(weights, threshold, mode)
     if threshold is None:
         return weights, ids, keep
     return renormalise(weights, keep), ids.masked_fill(~keep, -1), keep

@@ -109,11 +109,12 @@ class OffloadedExperts(nn.Module):
     def _predicted(self, x: torch.Tensor) -> torch.Tensor:
         """`predict_next` as tensor ops (a compiled step keeps it in its graph): [T·k] ids, -1 where the next
         layer's gate would drop the expert."""
-        threshold = self.gate_policy().threshold(self.next_layer)
+        policy = self.gate_policy()
+        threshold = policy.threshold(self.next_layer)
         if threshold is None:  # plain top-k: no shares needed
             return self._next_router[0].forward(x)[2].reshape(-1)
         shares, ids = predict(self._next_router[0], x, self.ordered)
-        return ids.masked_fill(~adaptive_keep(shares, threshold), -1).reshape(-1)
+        return ids.masked_fill(~adaptive_keep(shares, threshold, policy.mode), -1).reshape(-1)
 
     def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, threshold: float | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,7 @@ class OffloadedExperts(nn.Module):
         if threshold is None:
             return top_k_index, top_k_weights
         shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-        keep = adaptive_keep(shares, threshold)
+        keep = adaptive_keep(shares, threshold, self.gate_policy().mode)
         return ids.masked_fill(~keep, -1), reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -173,7 +174,7 @@ class OffloadedExperts(nn.Module):
             needed = sorted(set(top_k_index.view(-1).tolist()))
         else:
             shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-            keep = adaptive_keep(shares, threshold)
+            keep = adaptive_keep(shares, threshold, self.gate_policy().mode)
             if threshold is None:
                 gated_w, gated_ids = weights.to(top_k_weights.dtype), ids
             else:

@@ -91,7 +91,7 @@ def simulate_bench(store: Store, plan: dict[str, Setup], prompts: list[list[int]
     out: dict[str, Any] = {"hardware": hw.public(), "calibrated_with": [n for n in CALIBRATION if n in plan],
                            "tolerance": TOLERANCE, "policies": {}}
     for name, setup in plan.items():
-        key = tuple(sorted(setup.gate.thresholds.items()))
+        key = (setup.gate.mode, *sorted(setup.gate.thresholds.items()))
         if key not in traces:
             say(f"recording the routing ({setup.gate.rule if setup.gate.thresholds else 'top-k'})")
             traces[key] = record(store, setup, prompts, tokens)

@@ -45,13 +45,13 @@ def h39s_layers(path: Path) -> int | None:
 
 
 def _gate(store: Store | None, profile_layers: list[dict] | None, plan: Path | None, gate_scale: float | None,
-          rule: str, notes: list[str]) -> GatePolicy:
+          rule: str, notes: list[str], top_k: int) -> GatePolicy:
     from adapmoe_cli.planning.plan_file import default_path, read_plan
 
     if gate_scale is not None:
         if profile_layers is None:
             raise UsageError("--gate-scale needs a profile (give a store or its profile.json)")
-        return gate_rules.gate(rule, gate_scale, profile_layers)
+        return gate_rules.gate(rule, gate_scale, profile_layers, top_k)
     if plan is not None:
         if store is None:
             raise UsageError("--plan needs the store it was made for as TRACE_OR_MODEL")
@@ -96,7 +96,7 @@ def resolve(target: str | None, trace_format: str = "adapmoe", model_config: str
             if store is None:
                 raise UsageError("a bare trace file does not say its model: give --model-config")
             model = from_store(store)
-        gate = _gate(store, profile_layers, plan, gate_scale, rule, notes)
+        gate = _gate(store, profile_layers, plan, gate_scale, rule, notes, int(st.trace.ids.shape[-1]))
     st = project(st, model.num_layers, model.num_experts, model.name)
     return Sources(st, model, gate, store, tuple(notes))
 
