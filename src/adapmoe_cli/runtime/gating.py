@@ -4,9 +4,8 @@ the gate keeps the top-1 and, by the policy's mode, every other expert whose sha
 threshold (`share`), every expert while the tail from it on still carries the threshold (`tail`:
 post-hoc top-p with p = 1 − threshold) or while the tail's shares in quadrature do (`l2`), or the first
 k' (`count`: static top-k'). With top-2, `share`, `tail` and `l2` are all the paper's rule on the
-normalised second weight. `reweigh` gives the kept experts
-the weights the family's router would give them had it chosen only those (docs/gating.md). No modules,
-no state."""
+normalised second weight. `reweigh` gives the kept experts the weights the family's router would give
+them had it chosen only those (docs/gating.md). No modules, no state."""
 
 from __future__ import annotations
 
