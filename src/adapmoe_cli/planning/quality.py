@@ -88,13 +88,13 @@ def gate_quality(store: Store, settings: Settings, text: Path, tokens: int = CAL
         def quality(gate: GatePolicy) -> GateQuality:
             if not base:
                 base.append(losses(GatePolicy.off()))
-            b, top_k = base[0]
-            gated, experts = losses(gate) if gate.thresholds else (b, top_k)
+            b, ungated = base[0]  # losses, experts per token
+            gated, experts = losses(gate) if gate.thresholds else (b, ungated)
             d = gated - b  # [n]
             sd = float(d.std()) if d.numel() > 1 else 0.0
             mean = float(d.mean())
             return GateQuality(math.exp(float(b.mean()) + mean), math.exp(float(b.mean())),
-                               math.exp(mean + z * sd / math.sqrt(d.numel())) - 1, experts, top_k)
+                               math.exp(mean + z * sd / math.sqrt(d.numel())) - 1, experts, ungated)
 
         yield quality
 

@@ -38,9 +38,6 @@ def reweigh(weights: torch.Tensor, shares: torch.Tensor, keep: torch.Tensor, ren
     return kept / shares.masked_fill(~keep, 0.0).sum(dim=-1, keepdim=True)
 
 
-MODES = ("share", "tail", "l2", "count")
-
-
 def adaptive_keep(shares: torch.Tensor, threshold: float | None, mode: str = "share") -> torch.Tensor:
     """shares [T, k] (descending, summing to 1) → keep mask [T, k]: the top-1 always; the others by `mode`:
     `share`: s_j ≥ threshold; `tail`: s_j + … + s_k ≥ threshold (the kept ones are the smallest prefix

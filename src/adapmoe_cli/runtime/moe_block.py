@@ -116,14 +116,14 @@ class OffloadedExperts(nn.Module):
         shares, ids = predict(self._next_router[0], x, self.ordered)
         return ids.masked_fill(~adaptive_keep(shares, threshold, policy.mode), -1).reshape(-1)
 
-    def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, threshold: float | None
+    def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, threshold: float | None, mode: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's choice through the adaptive gate, as tensor ops: (ids [T, k], -1 where dropped; the
         weights the kept experts get, in the router's dtype)."""
         if threshold is None:
             return top_k_index, top_k_weights
         shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-        keep = adaptive_keep(shares, threshold, self.gate_policy().mode)
+        keep = adaptive_keep(shares, threshold, mode)
         return ids.masked_fill(~keep, -1), reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -157,15 +157,16 @@ class OffloadedExperts(nn.Module):
                 ) -> torch.Tensor:
         x = hidden_states  # [T, H]
         h = x.shape[-1]
-        threshold = self.gate_policy().threshold(self.layer)
+        policy = self.gate_policy()
+        threshold = policy.threshold(self.layer)
         observed = bool(self.observers.callbacks)
         if torch.compiler.is_compiling():  # a compiled decode step (compiled.py): the gate and the prediction
             # in its graph, the manager's work in one opaque call
-            ids, weights = self._gated(top_k_index, top_k_weights, threshold)
+            ids, weights = self._gated(top_k_index, top_k_weights, threshold, policy.mode)
             predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
             return offloaded_experts(x, ids, weights, predicted, self.key)
         if x.shape[0] == 1 and not observed:
-            ids, weights = self._gated(top_k_index, top_k_weights, threshold)
+            ids, weights = self._gated(top_k_index, top_k_weights, threshold, policy.mode)
             predicted = (self._predicted(x) if self.prefetch_enabled
                          and not self.manager.cache.holds_all(self.next_layer) else None)
             return self._one_token(x, ids, weights, predicted)
@@ -174,7 +175,7 @@ class OffloadedExperts(nn.Module):
             needed = sorted(set(top_k_index.view(-1).tolist()))
         else:
             shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-            keep = adaptive_keep(shares, threshold, self.gate_policy().mode)
+            keep = adaptive_keep(shares, threshold, policy.mode)
             if threshold is None:
                 gated_w, gated_ids = weights.to(top_k_weights.dtype), ids
             else:
