@@ -38,7 +38,7 @@ def _counts(stats) -> dict:
 def _run(store: Store, compile: bool, gate: GatePolicy | None, notes: list[str], then=None
          ) -> tuple[list[int], dict, object]:
     overrides = {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts // 2, "prefetch": True,
-                 "compile": compile}
+                 "prefetch_precision": 0.0, "compile": compile}
     with runtime_engine(store, overrides, gate=gate) as eng:
         eng.decode.note = notes.append
         tokens = greedy(eng, PROMPT, 20) + greedy(eng, PROMPT[:4], 12)  # a second sequence: a new KV cache

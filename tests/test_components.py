@@ -13,10 +13,12 @@ import torch
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.budget import BudgetRequest, CacheShape, even_quotas
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.policies import POLICIES, parse_policies, policy_budget
+from adapmoe_cli.policies import POLICIES, get, parse_policies, policy_budget
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.eviction import LFU, LRU
-from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, Loader
+from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, InstantLoader, Loader
+from adapmoe_cli.runtime.manager import ExpertManager
+from adapmoe_cli.runtime.prefetch import PrefetchAdmission
 from adapmoe_cli.settings import load_settings
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
@@ -274,3 +276,65 @@ def test_policy_names_runtime_and_limits():
         parse_policies("lru,belady")  # the runtime cannot know the future
     with pytest.raises(UsageError, match="unknown policy nope"):
         parse_policies("nope", limits=True)
+
+
+# -- prefetch admission (runtime/prefetch.py) ----------------------------------------------------------------
+def test_admission_learns_each_layer_and_rank_from_every_candidate():
+    adm = PrefetchAdmission(0.85)
+    assert adm.precision(1, 0) == 0.5  # Laplace's prior: nothing seen yet
+    assert adm.choose(1, [(0, 3), (1, 5)]) == []  # below 0.85: nothing read, both remembered
+    adm.outcome(1, [3, 6])  # rank 0 was needed, rank 1 was not
+    assert adm.table() == {"1:0": [1, 1], "1:1": [1, 0]}
+    for _ in range(20):  # rank 0 always right, rank 1 always wrong — learnt though never read
+        adm.choose(1, [(1, 5), (0, 3)])
+        adm.outcome(1, [3])
+    assert adm.precision(1, 0) == 22 / 23 and adm.precision(1, 1) == 1 / 23
+    assert adm.choose(1, [(1, 5), (0, 3)]) == [3]  # in rank order, only the rank that proved right
+    assert adm.choose(2, [(0, 3)]) == []  # another layer has its own counts
+    adm.outcome(7, [1])  # a layer with nothing predicted: nothing scored
+    assert "7:0" not in adm.table()
+    assert PrefetchAdmission(0.0).choose(1, [(1, 5), (0, 3)]) == [3, 5]  # 0: every prediction (lru+prefetch)
+    with pytest.raises(ValueError):
+        PrefetchAdmission(1.5)
+
+
+class _RecordingLoader(InstantLoader):
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.order: list[tuple[int, int, int]] = []
+
+    def submit(self, layer, expert, buffer, priority):
+        self.order.append((layer, expert, priority))
+        return super().submit(layer, expert, buffer, priority)
+
+
+def test_a_prefetch_is_queued_after_the_layers_demand_loads_and_only_when_admitted():
+    loader = _RecordingLoader()
+    manager = ExpertManager(ExpertCache({0: 2, 1: 2}, stride=0), loader, admission=PrefetchAdmission(0.6))
+    computed: list[int] = []
+    manager.run_layer(0, [2, 4], lambda e, _: computed.append(e), then_prefetch=(1, [6, 1]))
+    # this layer's demand loads reach the loader before the next layer's prediction would
+    assert [o for o in loader.order if o[2] == DEMAND] == [(0, 2, DEMAND), (0, 4, DEMAND)] and computed == [2, 4]
+    assert manager.stats.prefetches_issued == 0  # rank 0 and 1 of layer 1: 0.5 < 0.6, not read
+    for _ in range(3):  # layer 1 keeps needing its rank-0 prediction (6), never the rank-1 one (1)
+        manager.run_layer(1, [6], lambda e, _: None)
+        manager.run_layer(0, [2, 4], lambda e, _: None, then_prefetch=(1, [6, 1]))
+    assert manager.admission.table()["1:1"] == [3, 0]
+    # 6 stayed resident after its demand load, so it is no candidate; once evicted it is read by prefetch
+    manager.run_layer(1, [3, 5], lambda e, _: None)
+    loader.order.clear()
+    manager.run_layer(0, [2, 4], lambda e, _: None, then_prefetch=(1, [6, 1]))
+    assert loader.order == [(1, 6, PREFETCH)] and manager.stats.prefetches_issued == 1
+    manager.close()
+
+
+def test_prefetch_options_of_a_policy_row():
+    assert get("adapmoe").prefetch == "admitted" and get("lru+prefetch").prefetch == "predicted"
+    assert get("adapmoe:no-prefetch").prefetch == "none" and get("adapmoe:no-prefetch").eviction == "markov"
+    both = get("lru:prefetch-admitted:markov")
+    assert (both.prefetch, both.eviction, both.name) == ("admitted", "markov", "lru:prefetch-admitted:markov")
+    for bad in ("naive:no-prefetch", "resident:prefetch-all", "lru:sometimes"):
+        with pytest.raises(UsageError, match="cannot run"):
+            get(bad)
+    with pytest.raises(UsageError, match="prefetch_precision must be between 0 and 1"):
+        load_settings(overrides={"prefetch_precision": 1.2})

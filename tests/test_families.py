@@ -104,7 +104,8 @@ def test_tokens_and_logits_equal_transformers(family, name, slots, prefetch):
     store = Store.open(store_path)
     n, layers = store.shape.num_experts, len(store.shape.moe_layers)
     per_layer = {"one": 1, "half": n // 2, "all": n}[slots]
-    with runtime_engine(store, {"cache.budget": per_layer * layers, "prefetch": prefetch}) as eng:
+    with runtime_engine(store, {"cache.budget": per_layer * layers, "prefetch": prefetch, "prefetch_precision": 0.0}
+                        ) as eng:
         assert greedy(eng, PROMPT, STEPS) == ref_greedy(ref, PROMPT, STEPS)
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits
@@ -226,7 +227,7 @@ def test_gate_equals_the_gate_inside_transformers(family, name, mode):
     assert 0 < counts[1] < counts[0]  # some, not all, dropped
     budget = len(store.shape.moe_layers) * 2
     gate = GatePolicy(th, rule="test", mode=mode)
-    with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=gate) as eng:
+    with runtime_engine(store, {"cache.budget": budget, "prefetch": True, "prefetch_precision": 0.0}, gate=gate) as eng:
         assert greedy(eng, PROMPT, STEPS) == want
         with torch.no_grad():
             ours = eng.model(torch.tensor([PROMPT])).logits

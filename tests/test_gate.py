@@ -119,7 +119,7 @@ def test_gated_runtime_equals_transformers_with_the_gate_on_its_routers(make_sto
     gate = GatePolicy(th, rule="test")
     store = Store.open(make_store(spec, dtype=torch.float32))
     budget = per_layer * spec.num_hidden_layers
-    with runtime_engine(store, {"cache.budget": budget, "prefetch": True}, gate=gate) as eng:
+    with runtime_engine(store, {"cache.budget": budget, "prefetch": True, "prefetch_precision": 0.0}, gate=gate) as eng:
         assert greedy(eng, PROMPT, STEPS) == expected
         with torch.no_grad():
             before = eng.stats.expert_activations
@@ -155,7 +155,8 @@ def test_prefetch_asks_for_exactly_the_next_layers_gated_experts(make_store, ref
     th[1] = th[0]  # every layer that can be prefetched (1, 2) is gated
     store = Store.open(make_store(spec, dtype=torch.float32))
     k, n = spec.num_experts_per_tok, spec.num_local_experts
-    with runtime_engine(store, {"cache.budget": 2 * spec.num_hidden_layers, "prefetch": True},
+    with runtime_engine(store, {"cache.budget": 2 * spec.num_hidden_layers, "prefetch": True,
+                                "prefetch_precision": 0.0},
                         gate=GatePolicy(th, rule="test")) as eng:
         fam = eng.store.family
         experts = [fam.experts(eng.model, i) for i in range(spec.num_hidden_layers)]

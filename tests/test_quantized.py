@@ -258,7 +258,8 @@ def _run_with(store, fallback, slots, prefetch=True):
     from adapmoe_cli.runtime.engine import Engine
     from adapmoe_cli.settings import load_settings
 
-    settings = load_settings(overrides={"prefetch": prefetch, "quantized_activations": "model"})
+    settings = load_settings(overrides={"prefetch": prefetch, "prefetch_precision": 0.0,
+                                        "quantized_activations": "model"})
     budget = budgets.even(store.cache_shape, slots)
     with Engine(store, settings, budget, fallback=fallback) as eng, torch.no_grad():
         tokens = _greedy(eng, 12)

@@ -43,7 +43,8 @@ def _engine(make_store, name: str, slots_per_layer: int | None, prefetch: bool, 
     spec = SHAPES[name]
     store = Store.open(make_store(spec, dtype=torch.float32))
     total = (slots_per_layer or spec.num_local_experts) * spec.num_hidden_layers
-    return runtime_engine(store, {"cache.budget": total, "prefetch": prefetch, **kw})
+    # prefetch_precision 0: every prediction is read (the mechanics under test; the admission has its own tests)
+    return runtime_engine(store, {"cache.budget": total, "prefetch": prefetch, "prefetch_precision": 0.0, **kw})
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

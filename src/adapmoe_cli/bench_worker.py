@@ -24,6 +24,7 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
         "gate": {"thresholds": {str(k): v for k, v in setup.gate.thresholds.items()}, "rule": setup.gate.rule,
                  "scale": setup.gate.scale, "mode": setup.gate.mode},
         "settings": {"cache.policy": setup.settings.cache.policy, "prefetch": setup.settings.prefetch,
+                     "prefetch_precision": setup.settings.prefetch_precision,
                      "device": setup.settings.device, "compile": setup.settings.compile},
         "preload": setup.preload,
         "fallback": str(setup.fallback.path) if setup.fallback is not None else None,

@@ -22,7 +22,9 @@ class Policy:
     slots: str = "budget"  # budget | topk (top-k per layer) | all
     split: str = "even"  # even | plan (the DP cache plan for the budget)
     eviction: str = "lru"  # a policy of runtime/eviction.py, or belady (the simulator's limit)
-    prefetch: str = "none"  # none | predicted (the next layer's router on this layer's input) | oracle
+    #: none | predicted (the next layer's router on this layer's input: every prediction, mixtral-offloading's
+    #: rule) | admitted (the predictions that have proven right often enough, runtime/prefetch.py) | oracle
+    prefetch: str = "none"
     gate: bool = False  # route with the adaptive gate
     preload: bool = False  # every expert loaded before the first token
     fallback: bool = False  # a resident low-bit copy of every expert computes misses (the runtime only)
@@ -49,15 +51,16 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            "split, no prefetch", eviction="markov"),
     Policy("learned", "evict the lowest learned score (weights fitted on the profile's trace), even split, no "
            "prefetch", eviction="learned"),
-    Policy("planned", "LRU with the DP slot plan and prefetch, no adaptive gate", split="plan", prefetch="predicted"),
-    Policy("adapmoe", "adaptive gate at the quality budget, gate-aware prefetch, DP slot plan, markov eviction",
-           split="plan", prefetch="predicted", gate=True, eviction="markov"),
+    Policy("planned", "LRU with the DP slot plan and admitted prefetch, no adaptive gate", split="plan",
+           prefetch="admitted"),
+    Policy("adapmoe", "adaptive gate at the quality budget, gate-aware admitted prefetch, DP slot plan, markov "
+           "eviction", split="plan", prefetch="admitted", gate=True, eviction="markov"),
     Policy("resident", "every expert in memory (upper bound)", slots="all", preload=True),
     Policy("lru+prefetch+fallback", "HOBBIT's idea on lru+prefetch: a resident low-bit copy of every expert "
            "(--fallback-format, out of the budget) computes a missed expert while the full one loads",
            prefetch="predicted", fallback=True),
     Policy("adapmoe+fallback", "adapmoe with the same resident low-bit copy for misses", split="plan",
-           prefetch="predicted", gate=True, fallback=True, eviction="markov"),
+           prefetch="admitted", gate=True, fallback=True, eviction="markov"),
     Policy("belady", "limit: Belady's optimal eviction (knows the future), even split, no prefetch",
            eviction="belady"),
     Policy("oracle", "limit: LRU, even split, prefetch of exactly the next layer's experts", prefetch="oracle"),
@@ -74,22 +77,36 @@ BENCH_DEFAULT = ("naive", "lru", "lru+prefetch", "adapmoe", "resident")
 SIMULATE_DEFAULT = ("naive", "lru", "lru+prefetch", "planned", "adapmoe", "resident")
 
 
+#: `ROW:OPTION` options that change what a row prefetches (the others name an eviction policy)
+PREFETCH_OPTIONS = {"no-prefetch": "none", "prefetch-all": "predicted", "prefetch-admitted": "admitted"}
+
+
 def get(name: str) -> Policy:
-    """A registry row, or `ROW:EVICTION` — that row with another eviction policy (UsageError naming both lists)."""
+    """A registry row, or `ROW:OPTION[:OPTION]` — that row with another eviction policy (`adapmoe:lru`) or
+    another prefetch (`PREFETCH_OPTIONS`: `adapmoe:no-prefetch`, `lru:prefetch-admitted`); UsageError names
+    the lists."""
     from adapmoe_cli.runtime.eviction import POLICIES as EVICTIONS
 
-    row, _, eviction = name.partition(":")
+    row, *options = name.split(":")
     if row not in POLICIES:
         raise UsageError(f"unknown policy {row!r}; known: {', '.join(POLICIES)}")
-    base = POLICIES[row]
-    if not eviction:
-        return base
-    if eviction not in EVICTIONS or eviction == "none" or base.eviction in ("none", "belady") or base.slots == "all":
-        choices = ", ".join(e for e in EVICTIONS if e != "none")
-        raise UsageError(f"cannot run {row!r} with eviction {eviction!r}: give ROW:EVICTION with a row that caches "
-                         f"within a budget and one of {choices}")
-    return replace(base, name=name, eviction=eviction,
-                   description=f"{base.description}; {eviction} eviction instead of {base.eviction}")
+    policy = POLICIES[row]
+    for option in options:
+        if option in PREFETCH_OPTIONS:
+            if policy.is_limit or policy.slots == "all" or policy.eviction == "none":
+                raise UsageError(f"cannot run {row!r} with {option!r}: give ROW:{option} with a row that caches "
+                                 "within a budget")
+            mode = PREFETCH_OPTIONS[option]
+            policy = replace(policy, prefetch=mode, description=f"{policy.description}; prefetch: {mode}")
+            continue
+        if (option not in EVICTIONS or option == "none" or policy.eviction in ("none", "belady")
+                or policy.slots == "all"):
+            choices = ", ".join(e for e in EVICTIONS if e != "none")
+            raise UsageError(f"cannot run {row!r} with eviction {option!r}: give ROW:EVICTION with a row that caches "
+                             f"within a budget and one of {choices}, or ROW:{'|'.join(PREFETCH_OPTIONS)}")
+        policy = replace(policy, eviction=option,
+                         description=f"{policy.description}; {option} eviction instead of {policy.eviction}")
+    return replace(policy, name=name)
 
 
 def is_policy(name: str) -> bool:

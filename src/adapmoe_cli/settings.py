@@ -16,6 +16,7 @@ import yaml
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.experts_format import ACTIVATIONS
+from adapmoe_cli.runtime.prefetch import DEFAULT_MIN_PRECISION
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -100,6 +101,9 @@ class Settings:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     prefetch: bool = True
+    #: prefetch a predicted expert only when predictions like it (same layer, same rank) have been needed at
+    #: least this often (runtime/prefetch.py); 0: every prediction
+    prefetch_precision: float = DEFAULT_MIN_PRECISION
     compile: bool = False  # compile the decode step (runtime/compiled.py)
     device: str = "auto"
     plan: str = "auto"  # auto: the store's plan.json (re-solved for the budget); none; or a file
@@ -113,6 +117,8 @@ class Settings:
                              f"got {self.quantized_activations!r}")
         if self.device not in DEVICES:
             raise UsageError(f"unsupported device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if not 0 <= self.prefetch_precision <= 1:
+            raise UsageError(f"prefetch_precision must be between 0 and 1, got {self.prefetch_precision}")
         if self.auto_profile not in AUTO_PROFILE:
             raise UsageError(f"auto_profile must be one of {', '.join(AUTO_PROFILE)}, got {self.auto_profile!r}")
 

@@ -307,7 +307,10 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
         ("store", str(eng.store.path)),
         ("budget", budget_text(eng)),
         ("eviction", eng.eviction),
-        ("prefetch", "on" if eng.settings.prefetch else "off"),
+        ("prefetch", (f"on: a prediction is read when its layer and rank were needed ≥ "
+                      f"{eng.settings.prefetch_precision:.0%} of the time (prefetch_precision)"
+                      if eng.settings.prefetch_precision > 0 else "on: every prediction is read")
+         if eng.settings.prefetch else "off"),
         ("decode step", _decode_text(eng)),
         ("adaptive gate", gate_text(eng, planned_gate)),
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),

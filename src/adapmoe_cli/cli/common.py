@@ -106,7 +106,8 @@ BudgetOpt = Annotated[
                              "experts (50%) or auto (as many as fit in memory).", show_default=False),
 ]
 PrefetchOpt = Annotated[
-    bool | None, typer.Option("--prefetch/--no-prefetch", help="Prefetch the next layer's predicted experts.",
+    bool | None, typer.Option("--prefetch/--no-prefetch", help="Prefetch the next layer's predicted experts (those "
+                              "of a kind that has proven right often enough: prefetch_precision in the config).",
                               show_default="prefetch" if DEFAULTS.prefetch else "no-prefetch"),
 ]
 CompileOpt = Annotated[

@@ -24,13 +24,14 @@ class CostCurves:
 
 
 def cost_curves(routing: Routing, num_experts: int, policy: str = "lru", prefetch: bool = True,
-                progress: Callable[[int, int], None] | None = None, model: RoutingModel | None = None) -> CostCurves:
+                progress: Callable[[int, int], None] | None = None, model: RoutingModel | None = None,
+                prefetch_precision: float = 0.0) -> CostCurves:
     L = len(routing.layers)
     curves = [[0.0] * num_experts for _ in range(L)]
     tokens = sum(routing.rows)
     for s in range(1, num_experts + 1):
         misses = replay_misses(routing, {layer: s for layer in routing.layers}, policy=policy, prefetch=prefetch,
-                               model=model)
+                               model=model, prefetch_precision=prefetch_precision)
         for i in range(L):
             curves[i][s - 1] = misses[i] / tokens
         if progress:

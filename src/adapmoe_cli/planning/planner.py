@@ -79,7 +79,8 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
     shape = store.shape
     eviction, model = eviction_for(store, settings.cache.policy)
     curves = cost_curves(routing, shape.num_experts, policy=eviction, prefetch=settings.prefetch,
-                         progress=within(progress, "cost curves"), model=model)
+                         progress=within(progress, "cost curves"), model=model,
+                         prefetch_precision=settings.prefetch_precision)
     slots = allocate(curves.curves, req.budget_slots)
     even = even_quotas(shape.moe_layers, req.budget_slots, shape.num_experts)
     even_slots = [even[layer] for layer in curves.layers]
@@ -98,6 +99,7 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         "gate_scale": gate.scale,
         "policy": eviction,
         "prefetch": settings.prefetch,
+        "prefetch_precision": settings.prefetch_precision,
         "layers": layers,
         "total_expected_cost": total_cost(curves.curves, slots),
         "even_split_expected_cost": total_cost(curves.curves, even_slots),

@@ -16,6 +16,7 @@ from adapmoe_cli.runtime.eviction import RoutingModel
 from adapmoe_cli.runtime.gating import GatePolicy, apply_gate
 from adapmoe_cli.runtime.loader import InstantLoader
 from adapmoe_cli.runtime.manager import ExpertManager
+from adapmoe_cli.runtime.prefetch import PrefetchAdmission
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Routing:
 
     needed: list[list[tuple[int, ...]]]  # [step][layer index]
     activations: list[list[int]]  # [step][layer index] (token, expert) pairs computed
-    predicted: list[list[tuple[int, ...] | None]]  # [step][layer index]; None for layer 0 / prefill steps
+    predicted: list[list[tuple[int, ...] | None]]  # [step][layer index], rank order; None: layer 0 / prefill
     rows: list[int]  # trace rows per step
     layers: list[int]
 
@@ -58,7 +59,7 @@ def prepare(trace: Trace, gate: GatePolicy, steps: list[int] | None = None) -> R
             need_row.append(tuple(sorted(ids)))
             act_row.append(sum(1 for r in rs for e in kept_ids[i][r] if e >= 0))
             if i > 0 and len(rs) == 1 and trace.pred_ids[rs[0], i, 0] >= 0:
-                pred_row.append(tuple(sorted({e for e in kept_pred[i][rs[0]] if e >= 0})))
+                pred_row.append(tuple(dict.fromkeys(e for e in kept_pred[i][rs[0]] if e >= 0)))  # rank order
             else:
                 pred_row.append(None)
         needed.append(need_row)
@@ -102,13 +103,14 @@ def replay(routing: Routing, manager: ExpertManager, prefetch: bool = True, hook
         for i, layer in enumerate(layers):
             hooks.layer(step, i)
             nxt = routing.predicted[step][i + 1] if i + 1 < len(layers) else None
+            then = None
             if prefetch and nxt is not None:
                 hooks.predict(step, i + 1)
-                manager.prefetch(layers[i + 1], nxt)
+                then = (layers[i + 1], list(nxt))
             hooks.experts(step, i)
             before = stats.misses
             manager.run_layer(layer, list(need_row[i]), hooks.compute, tokens=n,
-                              activations=routing.activations[step][i])
+                              activations=routing.activations[step][i], then_prefetch=then)
             misses[i] += stats.misses - before
         stats.tokens += n
         hooks.step_end(step)
@@ -116,10 +118,12 @@ def replay(routing: Routing, manager: ExpertManager, prefetch: bool = True, hook
 
 
 def replay_misses(routing: Routing, quotas: dict[int, int], policy: str = "lru", prefetch: bool = True,
-                  model: RoutingModel | None = None) -> list[int]:
+                  model: RoutingModel | None = None, prefetch_precision: float = 0.0) -> list[int]:
     """Demand loads per layer of `routing` through a fresh manager with an instant loader and these slots
-    (`model`: what a predicting eviction policy predicts from)."""
-    manager = ExpertManager(ExpertCache(quotas, stride=0, policy=policy, routing=model), InstantLoader(0))
+    (`model`: what a predicting eviction policy predicts from; `prefetch_precision`: the admission's, as the
+    runtime's settings give it)."""
+    manager = ExpertManager(ExpertCache(quotas, stride=0, policy=policy, routing=model), InstantLoader(0),
+                            admission=PrefetchAdmission(prefetch_precision))
     try:
         return replay(routing, manager, prefetch)
     finally:

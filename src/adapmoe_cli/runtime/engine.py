@@ -22,6 +22,7 @@ from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.runtime.moe_block import Observers, OffloadedExperts, gated_activation
+from adapmoe_cli.runtime.prefetch import PrefetchAdmission
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.skeleton import config_errors, describe, empty_model
@@ -69,7 +70,8 @@ class Engine:
             make_views=lambda buf: by_part(expert_views(buf, layout)), routing=routing, experts=store.shape.num_experts,
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
-        self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats)
+        self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats,
+                                     PrefetchAdmission(settings.prefetch_precision))
         self._fallback_buffers: list[Any] = []
         self.fallback_bytes = 0  # memory the fallback copy holds
         if fallback is not None:

@@ -3,10 +3,12 @@ compute thread; owns the cache (slots, policies) and talks to the loader (reads)
 hits, misses, wasted and dropped prefetches and stall time in `Stats` as they happen.
 
 Per layer call (one forward of one MoE layer):
-1. settle loads that finished since the last call, tell the layer's eviction policy what the call needs
-   (`observe`), account this layer's prefetches;
+1. settle loads that finished since the last call, tell the layer's eviction policy and the prefetch
+   admission what the call needs (`observe`, `outcome`), account this layer's prefetches;
 2. queue demand loads for every missing needed expert that can get a slot without evicting a needed one
-   (mispredicted prefetches stay cached; their reads, if still queued, move behind everything else);
+   (mispredicted prefetches stay cached; their reads, if still queued, move behind everything else); then
+   the next layer's prefetches (`then_prefetch`), so none is read ahead of this layer's demand loads, and
+   only those the admission (runtime/prefetch.py) lets through;
 3. when every needed expert has a slot: count and touch them in ascending order, then compute those
    already in memory first and the others as their reads finish (compute overlaps the loads; the books
    do not depend on timing); else, for each in ascending order, wait until it is resident (loading it
@@ -23,14 +25,18 @@ from typing import Any
 
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.loader import DEMAND, PREFETCH, ExpertLoader, LoadRequest
+from adapmoe_cli.runtime.prefetch import PrefetchAdmission
 from adapmoe_cli.runtime.stats import Stats
 
 ORIGIN_RESIDENT, ORIGIN_PREFETCH, ORIGIN_DEMAND = "resident", "prefetch", "demand"
 
 
 class ExpertManager:
-    def __init__(self, cache: ExpertCache, loader: ExpertLoader, stats: Stats | None = None):
+    def __init__(self, cache: ExpertCache, loader: ExpertLoader, stats: Stats | None = None,
+                 admission: PrefetchAdmission | None = None):
+        """`admission`: which predicted experts are prefetched (runtime/prefetch.py); None: every one."""
         self.cache = cache
+        self.admission = admission
         self.loader = loader
         self.stats = stats or Stats()
         self._pending: dict[tuple[int, int], LoadRequest] = {}
@@ -89,13 +95,14 @@ class ExpertManager:
 
     # -- prefetch ----------------------------------------------------------------------------------
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
-        """Start loading predicted experts of `layer` that are not resident (without evicting each other)."""
-        predicted = sorted(set(experts))
+        """Start loading predicted experts of `layer` (`experts` in the prediction's rank order) that have no
+        slot and that the admission lets through, without evicting each other."""
+        ranked = list(dict.fromkeys(experts))
+        candidates = [(r, e) for r, e in enumerate(ranked) if self.cache.slot(layer, e) is None]
+        chosen = self.admission.choose(layer, candidates) if self.admission else [e for _, e in candidates]
         mine = self._prefetched.setdefault(layer, {})
-        for e in predicted:
-            if self.cache.slot(layer, e) is not None:
-                continue
-            req = self._load(layer, e, PREFETCH, keep=predicted)
+        for e in chosen:
+            req = self._load(layer, e, PREFETCH, keep=ranked)
             if req is None:
                 break
             mine[e] = req
@@ -103,13 +110,17 @@ class ExpertManager:
 
     # -- one layer ---------------------------------------------------------------------------------
     def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, Any], None], tokens: int = 0,
-                  activations: int = 0) -> None:
+                  activations: int = 0, then_prefetch: tuple[int, list[int]] | None = None) -> None:
         """Make each expert in `needed` (ascending) resident in turn and call `compute(expert, views)`.
-        `tokens` went through the layer and `activations` (token, expert) pairs are computed (counted)."""
+        `tokens` went through the layer and `activations` (token, expert) pairs are computed (counted).
+        `then_prefetch`: (next layer, its predicted experts in rank order), prefetched once this layer's
+        demand loads are queued, so a prefetch read never starts ahead of them."""
         self.stats.layer_tokens += tokens
         self.stats.expert_activations += activations
         self._settle()
         self.cache.policies[layer].observe(needed)
+        if self.admission is not None:
+            self.admission.outcome(layer, needed)
         for fn in self.on_layer:
             fn(layer, needed)
         prefetched = self._prefetched.pop(layer, {})
@@ -128,6 +139,8 @@ class ExpertManager:
             else:
                 origin[e] = ORIGIN_DEMAND
                 self._load(layer, e, DEMAND, keep=need)
+        if then_prefetch is not None:
+            self.prefetch(*then_prefetch)
         if all(self.cache.slot(layer, e) is not None for e in needed):
             self._run_resident_first(layer, needed, origin, compute)
         else:

@@ -103,8 +103,9 @@ class OffloadedExperts(nn.Module):
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
-        layer's experts and the next layer's adaptive gate (prefetch follows the gate)."""
-        return sorted({e for e in self._predicted(x).tolist() if e >= 0})
+        layer's experts and the next layer's adaptive gate (prefetch follows the gate), in rank order
+        (a token's highest share first)."""
+        return ranked(self._predicted(x))
 
     def _predicted(self, x: torch.Tensor) -> torch.Tensor:
         """`predict_next` as tensor ops (a compiled step keeps it in its graph): [T·k] ids, -1 where the next
@@ -134,8 +135,9 @@ class OffloadedExperts(nn.Module):
         ops. `predicted`: the next layer's prediction (`_predicted`), prefetched unless every expert of that
         layer already has a slot."""
         position = {e: k for k, e in enumerate(ids[0].tolist()) if e >= 0}
+        nxt = None
         if predicted is not None and self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
-            self.manager.prefetch(self.next_layer, sorted({e for e in predicted.tolist() if e >= 0}))
+            nxt = (self.next_layer, ranked(predicted))
         row = weights[0]
         lin, glu, biases = self.linear, self.glu, self.biases
         total: list[torch.Tensor] = []
@@ -150,7 +152,8 @@ class OffloadedExperts(nn.Module):
             y = (y * row[position[expert]]).to(x.dtype)
             total.append(total.pop() + y if total else y)
 
-        self.manager.run_layer(self.layer, sorted(position), compute, tokens=1, activations=len(position))
+        self.manager.run_layer(self.layer, sorted(position), compute, tokens=1, activations=len(position),
+                               then_prefetch=nxt)
         return total[0] if total else torch.zeros_like(x)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -183,10 +186,11 @@ class OffloadedExperts(nn.Module):
                 gated_ids = ids.masked_fill(~keep, -1)
             activations = int(keep.sum())
             needed = sorted(set(gated_ids[keep].tolist()))
+        nxt = None
         if self.prefetch_enabled and x.shape[0] == 1 and not self.manager.cache.holds_all(self.next_layer):
             # (once every expert of the next layer has a slot the prediction would change nothing; skipping it
             # is 10 % of a resident step on the embedded model, docs/performance.md)
-            self.manager.prefetch(self.next_layer, self.predict_next(x))
+            nxt = (self.next_layer, self.predict_next(x))
         out = torch.zeros_like(x)
         record = self.observers.expert_outputs and observed
         expert_out = x.new_zeros((x.shape[0], gated_ids.shape[1], h)) if record else None
@@ -206,12 +210,18 @@ class OffloadedExperts(nn.Module):
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
 
-        self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=activations)
+        self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=activations,
+                               then_prefetch=nxt)
         if observed:
             rec = LayerRecord(self.layer, x, shares, ids, keep, out, expert_out, weights.sum(-1), self.renormalises)
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+def ranked(predicted: torch.Tensor) -> list[int]:
+    """A prediction's ids ([T·k], -1 where the gate drops) without the dropped ones and repeats, in order."""
+    return list(dict.fromkeys(e for e in predicted.tolist() if e >= 0))
 
 
 _KEYS = itertools.count()

@@ -100,7 +100,8 @@ def simulate_bench(store: Store, plan: dict[str, Setup], prompts: list[list[int]
         routing = prepare(st.trace, setup.gate, st.steps)
         eviction, routing_model = eviction_for(store, setup.settings.cache.policy)  # what the engine ran
         run = drive(routing, dict(setup.budget.quotas), hw, model, eviction, prefetch=setup.settings.prefetch,
-                    preload=setup.preload, untimed=st.prompt_steps, routing_model=routing_model)
+                    preload=setup.preload, untimed=st.prompt_steps, routing_model=routing_model,
+                    prefetch_precision=setup.settings.prefetch_precision)
         m = measured["policies"][name]
         tps = run.tokens / run.decode_s if run.decode_s else 0.0
         counts, best = m["counts"], _fastest(m)

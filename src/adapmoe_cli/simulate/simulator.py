@@ -21,6 +21,7 @@ from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.eviction import NEEDS_ROUTING, RoutingModel
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.manager import ExpertManager
+from adapmoe_cli.runtime.prefetch import DEFAULT_MIN_PRECISION, PrefetchAdmission
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.limits import Belady, io_floor_s, layer_futures, oracle_routing
@@ -89,7 +90,7 @@ class _Timed(ReplayHooks):
 
 def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSpec, eviction: str = "lru",
           prefetch: bool = False, preload: bool = False, untimed: frozenset[int] = frozenset(),
-          routing_model: RoutingModel | None = None) -> PolicyRun:
+          routing_model: RoutingModel | None = None, prefetch_precision: float = 0.0) -> PolicyRun:
     """Replay `routing` through a fresh manager on the simulated clock. Numbers and time count the steps
     not in `untimed` (prompt passes), as the bench counts decode steps only. `routing_model`: what a
     predicting eviction policy predicts from."""
@@ -99,7 +100,7 @@ def drive(routing: Routing, quotas: dict[int, int], hw: Hardware, model: ModelSp
     if eviction == "belady":
         for layer, future in zip(routing.layers, layer_futures(routing), strict=True):
             belady[layer] = cache.policies[layer] = Belady(future)
-    manager = ExpertManager(cache, loader)
+    manager = ExpertManager(cache, loader, admission=PrefetchAdmission(prefetch_precision))
     if preload:
         for layer in routing.layers:
             manager.preload(layer, range(model.num_experts))
@@ -169,7 +170,7 @@ class _Planner:
     def quotas(self, gated: bool, budget: int, eviction: str = "lru") -> dict[int, int]:
         if (gated, eviction) not in self._curves:
             c = cost_curves(self.fitted[gated], self.num_experts, policy=eviction, prefetch=self.st.has_predictions,
-                            model=self.routing_model(eviction))
+                            model=self.routing_model(eviction), prefetch_precision=DEFAULT_MIN_PRECISION)
             self._curves[(gated, eviction)] = c.curves
         slots = allocate(self._curves[(gated, eviction)], budget)
         return dict(zip(self.routing[gated].layers, slots, strict=True))
@@ -183,7 +184,8 @@ def _run_policy(name: str, planner: _Planner, total: int, hw: Hardware, model: M
     if spec.prefetch == "oracle":
         routing = oracle_routing(routing)
     run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetches, preload=spec.preload,
-                untimed=planner.prompt_steps, routing_model=planner.routing_model(spec.eviction))
+                untimed=planner.prompt_steps, routing_model=planner.routing_model(spec.eviction),
+                prefetch_precision=DEFAULT_MIN_PRECISION if spec.prefetch == "admitted" else 0.0)
     entry = _entry(run, model, quotas, spec.description)
     if name == "belady":
         floor = io_floor_s(run.misses, run.tokens, model.slot_bytes, hw.link_bandwidth)
@@ -205,8 +207,8 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
             notes.append("adapmoe: the trace has no routing weights, so its gate falls back to plain top-k")
         elif not gate.thresholds:
             notes.append("adapmoe: no plan or --gate-scale gave thresholds: the adaptive gate is off (plain top-k)")
-    if not st.has_predictions and any(get(n).prefetch == "predicted" for n in req.policies):
-        names = "/".join(n for n in req.policies if get(n).prefetch == "predicted")
+    if not st.has_predictions and any(get(n).prefetch in ("predicted", "admitted") for n in req.policies):
+        names = "/".join(n for n in req.policies if get(n).prefetch in ("predicted", "admitted"))
         notes.append(f"{names}: the trace holds no next-layer predictions, so they prefetch nothing "
                      "(`oracle` shows what exact prediction would give)")
     if not 0 <= req.holdout < 1:
