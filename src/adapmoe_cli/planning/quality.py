@@ -35,7 +35,7 @@ CONFIDENCE_Z = 1.645  # one-sided 95 % upper bound of the perplexity increase
 
 
 @contextlib.contextmanager
-def _token_losses(store: Store, settings: Settings, text: Path, tokens: int
+def token_losses(store: Store, settings: Settings, text: Path, tokens: int
                   ) -> Iterator[Callable[[GatePolicy], tuple[torch.Tensor, float]]]:
     """gate → (each scored token's loss [n], experts computed per token) on `tokens` tokens of `text`, in
     windows spread evenly over the
@@ -74,7 +74,7 @@ def spread_windows(ids: list[int], tokens: int, window: int) -> list[list[int]]:
 def gate_perplexity(store: Store, settings: Settings, text: Path, tokens: int = CALIBRATION_TOKENS
                     ) -> Iterator[Callable[[GatePolicy], float]]:
     """A function gate → perplexity on `tokens` tokens of `text`."""
-    with _token_losses(store, settings, text, tokens) as losses:
+    with token_losses(store, settings, text, tokens) as losses:
         yield lambda gate: math.exp(float(losses(gate)[0].mean()))
 
 
@@ -82,7 +82,7 @@ def gate_perplexity(store: Store, settings: Settings, text: Path, tokens: int = 
 def gate_quality(store: Store, settings: Settings, text: Path, tokens: int = CALIBRATION_TOKENS,
                  z: float = CONFIDENCE_Z) -> Iterator[Callable[[GatePolicy], GateQuality]]:
     """A function gate → its `GateQuality` on `tokens` tokens of `text` (the ungated pass made once)."""
-    with _token_losses(store, settings, text, tokens) as losses:
+    with token_losses(store, settings, text, tokens) as losses:
         base: list[tuple[torch.Tensor, float]] = []
 
         def quality(gate: GatePolicy) -> GateQuality:
