@@ -513,7 +513,7 @@ def setups(store: Store, settings: Settings, names: list[str], total: int,
         budget = policy_budget(policy, shape, slots, lambda gated, n=slots, ev=policy.eviction: plan(n, gated, ev)[0])
         gate = plan(slots, True, policy.eviction)[1] if policy.gate else GatePolicy.off()
         runtime = replace(settings, prefetch=policy.prefetches, cache=replace(settings.cache, policy=policy.eviction),
-                          prefetch_precision=0.0 if policy.prefetch == "predicted" else settings.prefetch_precision)
+                          prefetch_precision=policy.prefetch_precision(settings.prefetch_precision))
         out[name] = Setup(budget, gate, runtime, policy.preload, fallback if policy.fallback else None)
     return out, skipped
 

@@ -38,6 +38,11 @@ class Policy:
     def prefetches(self) -> bool:
         return self.prefetch != "none"
 
+    def prefetch_precision(self, admitted: float) -> float:
+        """The admission's precision this row runs with (runtime/prefetch.py): `admitted` (the settings') for
+        an admitted prefetch, 0 — every prediction — otherwise."""
+        return admitted if self.prefetch == "admitted" else 0.0
+
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("naive", "no cache across tokens: every needed expert is loaded on demand", slots="topk",

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-DEFAULT_MIN_PRECISION = 0.85  # docs/bench.md: the break-even measured on this project's full-size store
+#: chosen, not fitted: predictions right this often cost nothing measurable on the full-size store, where
+#: reading every prediction costs 28 % (docs/bench.md); there no precision makes a prefetch pay either
+DEFAULT_MIN_PRECISION = 0.85
 
 
 class PrefetchAdmission:

@@ -185,7 +185,7 @@ def _run_policy(name: str, planner: _Planner, total: int, hw: Hardware, model: M
         routing = oracle_routing(routing)
     run = drive(routing, quotas, hw, model, spec.eviction, prefetch=spec.prefetches, preload=spec.preload,
                 untimed=planner.prompt_steps, routing_model=planner.routing_model(spec.eviction),
-                prefetch_precision=DEFAULT_MIN_PRECISION if spec.prefetch == "admitted" else 0.0)
+                prefetch_precision=spec.prefetch_precision(DEFAULT_MIN_PRECISION))
     entry = _entry(run, model, quotas, spec.description)
     if name == "belady":
         floor = io_floor_s(run.misses, run.tokens, model.slot_bytes, hw.link_bandwidth)
