@@ -124,6 +124,11 @@ def test_loader_orders_dedupes_promotes_and_cancels(make_store):
         plain.read_into(1, 0, other)
         for name, t in expert_views(other, store.experts[(1, 0)]).items():
             assert torch.equal(views[name], t)
+    # w1 and w3 back to back: one [2I, H] view of the same bytes (no copy), as the runtime computes them
+    fused = expert_views(bufs[3], store.experts[(1, 0)], fused=True)
+    assert torch.equal(fused["w13"], torch.cat([views["w1"], views["w3"]]))
+    assert fused["w13"].data_ptr() == views["w1"].data_ptr()
+    assert "w13" not in views
     loader.close()
 
 

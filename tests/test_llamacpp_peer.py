@@ -118,6 +118,10 @@ def test_the_argv_decodes_greedily_exactly_n_tokens_from_the_given_text_with_mma
     assert pairs["--override-kv"] == "tokenizer.ggml.add_bos_token=bool:false"
     assert pairs["-p"].endswith("<|assistant|>\n")
     assert {"-no-cnv", "--ignore-eos", "--no-escape"} <= set(argv)
+    assert "--no-repack" not in argv and "--no-warmup" not in argv  # uncapped: llama.cpp's defaults
+    # under a memory cap: no warmup pass, and quantized weights read from the mapping, not copied out of it
+    capped = llamacpp.completion_argv(Path("/m.gguf"), "hi", 64, warmup=False, repack=False)
+    assert {"--no-warmup", "--no-repack"} <= set(capped)
     assert llamacpp.completion_argv(Path("/m.gguf"), Path("/p.txt"), 8)[-2:] == ["-bf", "/p.txt"]
 
 

@@ -65,6 +65,17 @@ def test_compute_equals_the_dequantized_weights_and_the_quantizers_reference(nam
     assert (fast - exact).abs().max().item() <= 0.02 * exact.abs().max().item()
 
 
+@pytest.mark.parametrize("name", ["int4", "int2"])
+def test_decode_in_blocks_is_the_kernel_on_the_whole_identity(name):
+    """`decode` cuts K into blocks repacked from the part's integers (a padded w2's K is 52k: the whole K × K
+    identity took minutes per expert): the same floats as the kernel applied to the whole identity."""
+    fmt = FORMATS[name]
+    k = 2 * ef.DECODE_BLOCK + 128  # two whole blocks and a part of one
+    t = fmt.encode(_weights(32, k, seed=1), torch.float32)
+    whole = torch._weight_int4pack_mm_for_cpu(torch.eye(k), fmt.packed4(t), fmt.group_size, t[".s"].float()).T
+    assert torch.equal(fmt.decode(t), whole)
+
+
 def test_int2_is_the_int4_layout_four_to_a_byte():
     w = _weights(64, 96, seed=3)
     int2, int4 = FORMATS["int2"], ef.Int4(32)

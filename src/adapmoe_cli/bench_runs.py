@@ -92,10 +92,11 @@ def llamacpp_runner(store: Store, tokenizer: Any, cap: int | None, width: str,
         total, peak = DecodeTiming(stats=Stats()), 0
         for ids in prompts:
             # the KV cache for this prompt only (not the model's whole context); capped, no warmup pass over
-            # every expert first: it starts as cold as our runtime does
+            # every expert first (it starts as cold as our runtime does) and no repacking of quantized
+            # weights into a copy of its own (the copy is not page cache: under a cap it is killed instead)
             argv = llamacpp.completion_argv(gguf, llamacpp.prompt_text(tokenizer, ids), tokens + 1,
                                             threads=torch.get_num_threads(), context=len(ids) + tokens + 1,
-                                            warmup=cap is None)
+                                            warmup=cap is None, repack=cap is None)
             for attempt in range(3):  # its log thread sometimes loses the timings' lines at exit
                 drop_page_cache(gguf)
                 r = run_capped(argv, group)

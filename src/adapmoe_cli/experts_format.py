@@ -129,6 +129,36 @@ class Int8(ExpertsFormat):
         return torch._weight_int8pack_mm(xa.contiguous(), t[".q"], t[".s"].to(xa.dtype)).to(x.dtype)
 
 
+#: columns of an int4 part decoded per kernel call (a multiple of every kernel group size: 256 is the largest)
+DECODE_BLOCK = 256
+
+
+def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] integers (0…15) that `torch._convert_weight_to_int4pack_for_cpu` packed into `packed`, read
+    through the layout this PyTorch packs with: which row and column each nibble holds is learnt by packing
+    the rows' and columns' indices, four bits at a time (the layout is PyTorch's, not ours to assume). Every
+    (row, column) must turn up exactly once."""
+    def index_of(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.zeros(packed.shape, dtype=torch.int64)
+        hi = torch.zeros(packed.shape, dtype=torch.int64)
+        for shift in range(0, max(1, (size - 1).bit_length()), 4):
+            digit = torch._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).contiguous(), 1)
+            lo += (digit & 15).long() << shift
+            hi += (digit >> 4).long() << shift
+        return lo, hi
+
+    rows, cols = torch.meshgrid(torch.arange(n, dtype=torch.int32), torch.arange(k, dtype=torch.int32), indexing="ij")
+    (r_lo, r_hi), (c_lo, c_hi) = index_of(rows, n), index_of(cols, k)
+    flat = torch.cat([(r_lo * k + c_lo).reshape(-1), (r_hi * k + c_hi).reshape(-1)])
+    once = torch.ones(n * k, dtype=torch.int64)
+    if flat.numel() != n * k or not torch.equal(torch.bincount(flat, minlength=n * k), once):
+        raise StoreError("this PyTorch's int4 packing does not hold each weight exactly once: its int4 experts "
+                         "cannot be decoded")
+    q = torch.empty(n * k, dtype=torch.int32)
+    q[flat] = torch.cat([(packed & 15).reshape(-1), (packed >> 4).reshape(-1)]).int()
+    return q.view(n, k)
+
+
 def _int4_probe() -> str:
     """sha256 of a fixed pattern packed by this PyTorch's int4 CPU packing."""
     q = (torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64) * 7 + 3) % 16
@@ -198,14 +228,20 @@ class Int4(ExpertsFormat):
         return t[".q"]
 
     def decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Through the kernel itself in float32: the identity times the weights, one block of rows at a time
-        (each output is one weight times 1 plus zeros: exact)."""
+        """Through the kernel itself in float32: the identity times the weights (each output is one weight
+        times 1 plus zeros: exact). The identity is K × K, so the part is cut along K into blocks of
+        `DECODE_BLOCK` (whole groups), each repacked from the part's integers (`_unpack4`) and decoded with its
+        own small identity: K · block · N work instead of K² · N (a padded w2 with K = 52k took minutes)."""
         packed, sz = self.packed4(t), t[".s"].float()
-        k = sz.shape[0] * self.group_size
+        groups, n = sz.shape[0], sz.shape[1]
+        k = groups * self.group_size
+        q = _unpack4(packed, n, k)
         cols = []
-        for start in range(0, k, 1024):
-            eye = torch.eye(k, dtype=torch.float32)[start : start + 1024]
-            cols.append(torch._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, sz))
+        for start in range(0, k, DECODE_BLOCK):
+            end = min(k, start + DECODE_BLOCK)
+            block = torch._convert_weight_to_int4pack_for_cpu(q[:, start:end].contiguous(), 1)
+            part_sz = sz[start // self.group_size:end // self.group_size].contiguous()
+            cols.append(torch._weight_int4pack_mm_for_cpu(torch.eye(end - start), block, self.group_size, part_sz))
         return torch.cat(cols).T.contiguous()
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], activations: str) -> torch.Tensor:

@@ -209,12 +209,16 @@ def prompt_text(tokenizer: Any, ids: list[int]) -> str:
 
 
 def completion_argv(gguf: Path, prompt: str | Path, tokens: int, threads: int = 2, *, context: int | None = None,
-                    warmup: bool = True, verbose_prompt: bool = False, llama: LlamaCpp | None = None) -> list[str]:
+                    warmup: bool = True, repack: bool = True, verbose_prompt: bool = False,
+                    llama: LlamaCpp | None = None) -> list[str]:
     """`llama-completion` decoding exactly `tokens` tokens greedily after `prompt` (text, or a file holding
     it: `prompt_text`), its weights memory-mapped, on `threads` threads. The prompt is taken as is:
     special tokens parsed, no escapes processed, no BOS added (the template already has it), no chat
     template applied again. `context` sizes the KV cache; give it (prompt + tokens is enough): without
-    it llama.cpp allocates the model's whole trained context (4 GiB of KV cache for Mixtral's 32k)."""
+    it llama.cpp allocates the model's whole trained context (4 GiB of KV cache for Mixtral's 32k).
+    `repack=False`: quantized weights stay in the mapping as the file has them; by default llama.cpp copies
+    them into a layout of its own in anonymous memory (Q4_0 on AVX-512: the whole model again, which no
+    memory cap below about twice the file lets it make)."""
     llama = llama or locate()
     argv = [str(llama.tool("llama-completion")), "-m", str(gguf),
             "-no-cnv", "--no-escape", "--no-display-prompt",
@@ -228,6 +232,8 @@ def completion_argv(gguf: Path, prompt: str | Path, tokens: int, threads: int = 
         argv += ["-c", str(context)]
     if not warmup:
         argv.append("--no-warmup")
+    if not repack:
+        argv.append("--no-repack")
     if verbose_prompt:
         argv.append("--verbose-prompt")
     return argv

@@ -65,9 +65,11 @@ class Engine:
         layout = next(iter(store.experts.values()))
         store.experts_format.check_runtime()
         self.eviction, routing = eviction_for(store, settings.cache.policy)  # `auto` resolved
+        fused = not store.experts_format.quantized  # w1 and w3 as one view (store/reader.py)
         self.cache = ExpertCache(
             self.budget.quotas, store.slot_bytes, policy=self.eviction,
-            make_views=lambda buf: by_part(expert_views(buf, layout)), routing=routing, experts=store.shape.num_experts,
+            make_views=lambda buf: by_part(expert_views(buf, layout, fused=fused)), routing=routing,
+            experts=store.shape.num_experts,
         )
         self._reader = ExpertReader(store)  # the loader thread reads with it; direct_io() looks at it between reads
         self.manager = ExpertManager(self.cache, Loader(self._reader), self.stats,

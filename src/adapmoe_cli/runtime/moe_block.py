@@ -143,7 +143,7 @@ class OffloadedExperts(nn.Module):
         total: list[torch.Tensor] = []
 
         def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
-            gate, up = lin(x, w["w1"]), lin(x, w["w3"])  # [1, I]
+            gate, up = gate_up(lin, x, w)  # [1, I]
             if biases:
                 gate, up = gate + w["b1"][""], up + w["b3"][""]
             y = lin(glu(gate, up), w["w2"])  # [1, H]
@@ -200,7 +200,7 @@ class OffloadedExperts(nn.Module):
         def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
             token_idx, k_pos = torch.where(gated_ids == expert)
             cur = x[token_idx]  # [t, H]
-            gate, up = lin(cur, w["w1"]), lin(cur, w["w3"])  # [t, I]
+            gate, up = gate_up(lin, cur, w)  # [t, I]
             if biases:
                 gate, up = gate + w["b1"][""], up + w["b3"][""]
             y = lin(glu(gate, up), w["w2"])  # [t, H]
@@ -217,6 +217,15 @@ class OffloadedExperts(nn.Module):
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+def gate_up(lin: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], x: torch.Tensor,
+            w: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x × w1 and x × w3: one product with their fused view `w13` where the slot has it (store/reader.py;
+    transformers' `gate_up_proj` computes the same way), else two."""
+    if "w13" in w:
+        return lin(x, w["w13"]).chunk(2, dim=-1)
+    return lin(x, w["w1"]), lin(x, w["w3"])
 
 
 def ranked(predicted: torch.Tensor) -> list[int]:

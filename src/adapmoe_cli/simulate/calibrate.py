@@ -148,22 +148,23 @@ def memory_bandwidth(dtype: torch.dtype, nbytes: int = 128 << 20) -> float:
 def expert_compute_s(store: Store) -> float:
     """One expert on one token, computed as the MoE block computes it, from real weights in an aligned slot."""
     from adapmoe_cli.experts_format import by_part
+    from adapmoe_cli.runtime.moe_block import gate_up
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 
     entry = next(iter(store.experts.values()))
     buf = aligned_buffer(store.slot_bytes)
     with ExpertReader(store) as reader:
         reader.read_into(entry.layer, entry.expert, buf)
-    w = by_part(expert_views(buf, entry))
-    x = torch.randn(1, store.shape.hidden_size).to(store.dtype)
     fmt = store.experts_format
+    w = by_part(expert_views(buf, entry, fused=not fmt.quantized))
+    x = torch.randn(1, store.shape.hidden_size).to(store.dtype)
 
-    def lin(v: torch.Tensor, part: str) -> torch.Tensor:
-        return fmt.linear(v, w[part], "bfloat16")
+    def lin(v: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fmt.linear(v, part, "bfloat16")
 
     def run() -> None:
-        h = F.silu(lin(x, "w1")) * lin(x, "w3")
-        lin(h, "w2")
+        gate, up = gate_up(lin, x, w)
+        lin(F.silu(gate) * up, w["w2"])
 
     run()
     return _best(run, 20)

@@ -24,13 +24,23 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(ALIGNMENT, -(-nbytes // ALIGNMENT) * ALIGNMENT))
 
 
-def expert_views(buf: memoryview | mmap.mmap, entry: ExpertEntry) -> dict[str, torch.Tensor]:
-    """Part name → tensor viewing `buf` (no copy). `buf` must outlive the views."""
+def expert_views(buf: memoryview | mmap.mmap, entry: ExpertEntry, fused: bool = False) -> dict[str, torch.Tensor]:
+    """Part name → tensor viewing `buf` (no copy). `buf` must outlive the views. `fused`: also `w13`, w1 and
+    w3 as one [2·I, H] matrix, where the store wrote them back to back in one dtype (transformers' own
+    `gate_up_proj`: one matrix-vector product streams both instead of two)."""
     out = {}
     for t in entry.tensors:
         dtype = TENSOR_DTYPES[t.dtype]
         count = t.nbytes // torch.tensor([], dtype=dtype).element_size()
         out[t.name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=t.offset).view(t.shape)
+    parts = {t.name: t for t in entry.tensors}
+    w1, w3 = parts.get("w1"), parts.get("w3")
+    if (fused and w1 is not None and w3 is not None and w1.dtype == w3.dtype and w1.shape == w3.shape
+            and len(w1.shape) == 2 and w3.offset == w1.offset + w1.nbytes):
+        dtype = TENSOR_DTYPES[w1.dtype]
+        count = 2 * w1.nbytes // torch.tensor([], dtype=dtype).element_size()
+        out["w13"] = torch.frombuffer(buf, dtype=dtype, count=count, offset=w1.offset).view(
+            2 * w1.shape[0], w1.shape[1])
     return out
 
 
