@@ -18,6 +18,7 @@ pattern packed at shard time) and a runtime whose PyTorch packs differently refu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -133,18 +134,18 @@ class Int8(ExpertsFormat):
 DECODE_BLOCK = 256
 
 
-def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The [n, k] integers (0…15) that `torch._convert_weight_to_int4pack_for_cpu` packed into `packed`, read
-    through the layout this PyTorch packs with: which row and column each nibble holds is learnt by packing
-    the rows' and columns' indices, four bits at a time (the layout is PyTorch's, not ours to assume). Every
-    (row, column) must turn up exactly once."""
+@functools.lru_cache(maxsize=2)  # an expert's two shapes ([I, H] for w1 and w3, [H, I] for w2): export decodes
+def _nibble_positions(n: int, k: int) -> torch.Tensor:  # every expert's parts in turn
+    """Where `torch._convert_weight_to_int4pack_for_cpu` puts each weight of an [n, k] matrix: for the packed
+    bytes' low nibbles, then their high nibbles, the weight's flat index (row · k + column). Learnt by packing
+    the rows' and columns' indices four bits at a time (the layout is PyTorch's, not ours to assume); every
+    weight must turn up exactly once."""
     def index_of(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.zeros(packed.shape, dtype=torch.int64)
-        hi = torch.zeros(packed.shape, dtype=torch.int64)
+        lo = hi = None
         for shift in range(0, max(1, (size - 1).bit_length()), 4):
-            digit = torch._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).contiguous(), 1)
-            lo += (digit & 15).long() << shift
-            hi += (digit >> 4).long() << shift
+            digit = torch._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).contiguous(), 1).long()
+            lo = (digit & 15) << shift if lo is None else lo + ((digit & 15) << shift)
+            hi = (digit >> 4) << shift if hi is None else hi + ((digit >> 4) << shift)
         return lo, hi
 
     rows, cols = torch.meshgrid(torch.arange(n, dtype=torch.int32), torch.arange(k, dtype=torch.int32), indexing="ij")
@@ -154,8 +155,13 @@ def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     if flat.numel() != n * k or not torch.equal(torch.bincount(flat, minlength=n * k), once):
         raise StoreError("this PyTorch's int4 packing does not hold each weight exactly once: its int4 experts "
                          "cannot be decoded")
+    return flat.int() if n * k < 2**31 else flat  # kept (lru_cache): half the memory where it fits
+
+
+def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] integers (0…15) that `torch._convert_weight_to_int4pack_for_cpu` packed into `packed`."""
     q = torch.empty(n * k, dtype=torch.int32)
-    q[flat] = torch.cat([(packed & 15).reshape(-1), (packed >> 4).reshape(-1)]).int()
+    q[_nibble_positions(n, k)] = torch.cat([(packed & 15).reshape(-1), (packed >> 4).reshape(-1)]).int()
     return q.view(n, k)
 
 
