@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from adapmoe_cli.runtime import moe_block
+from adapmoe_cli.runtime.expert_kernel import ExpertKernel
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
@@ -57,10 +58,17 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     gate = GatePolicy(thresholds, rule="test")
     notes: list[str] = []
     eager_tokens, eager_counts, _ = _run(store, False, gate, notes)
+    kernel_outputs = _count_kernel_outputs(monkeypatch)
     tokens, counts, step = _run(store, True, gate, notes)
     assert notes == [] and step.failure is None and step.compile_s is not None  # it did compile
     assert tokens == eager_tokens == expected  # = transformers' model with the same gate on its routers
     assert counts == eager_counts
+    # every expert a decode step computed went through the expert kernel (expert_kernel.py); the prompts ran
+    # eagerly
+    with runtime_engine(store, {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts}, gate=gate) as eng:
+        greedy(eng, PROMPT, 1) + greedy(eng, PROMPT[:4], 1)  # the prompts' forwards only
+        prompt_activations = eng.stats.expert_activations
+    assert kernel_outputs == {"tensor": counts["expert_activations"] - prompt_activations, "none": 0}
     assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # half the experts: loads happened
     assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped some
 
@@ -79,6 +87,45 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     assert notes == [] and step.compile_s is not None and tokens == expected
     assert calls.lookups == (20 - 1 + 12 - 1) * SPEC.num_hidden_layers  # every decode step ran compiled
     assert records == list(range(SPEC.num_hidden_layers)) * 5  # watched: the prompt and 4 steps, eagerly
+
+
+def test_a_compiled_step_follows_a_changed_gate_and_prefetch_switch(make_store):
+    """The compiled step keeps the guards on what changes its graph (compiled.py drops only those on module
+    hooks and shadowed attributes): another gate, or prefetch turned off, mid-engine, computes what the eager
+    step computes."""
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    layers = range(SPEC.num_hidden_layers)
+
+    def run(compile: bool) -> tuple[list[int], list[int], int]:
+        overrides = {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts // 2, "prefetch": True,
+                     "prefetch_precision": 0.0, "compile": compile}
+        with runtime_engine(store, overrides, gate=GatePolicy.off()) as eng:
+            plain = greedy(eng, PROMPT, 12)
+            eng.use_gate(GatePolicy.top1(layers))
+            eng.use_prefetch(False)
+            issued = eng.stats.prefetches_issued
+            top1 = greedy(eng, PROMPT, 12)
+            eng.manager.drain()
+            assert eng.decode.failure is None
+            return plain, top1, eng.stats.prefetches_issued - issued
+
+    eager = run(False)
+    assert run(True) == eager
+    assert eager[0] != eager[1] and eager[2] == 0  # the switch changed the tokens; no prefetch after it
+
+
+def _count_kernel_outputs(monkeypatch) -> dict[str, int]:
+    """Counts of the expert kernel's answers from now on: a tensor, or None (computed eagerly instead)."""
+    counts = {"tensor": 0, "none": 0}
+    call = ExpertKernel.__call__
+
+    def counted(self, *args):
+        out = call(self, *args)
+        counts["none" if out is None else "tensor"] += 1
+        return out
+
+    monkeypatch.setattr(ExpertKernel, "__call__", counted)
+    return counts
 
 
 class _CountingModules(weakref.WeakValueDictionary):

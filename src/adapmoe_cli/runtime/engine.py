@@ -18,6 +18,7 @@ from adapmoe_cli.families import is_weight
 from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.compiled import DecodeStep
+from adapmoe_cli.runtime.expert_kernel import ExpertKernel
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
@@ -78,7 +79,7 @@ class Engine:
         self.fallback_bytes = 0  # memory the fallback copy holds
         if fallback is not None:
             self.manager.fallback = self._hold_fallback(fallback)
-        self.model = self._build_model()
+        self.model = self._build_model(note)
         #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py)
         self.decode = DecodeStep(self.model, settings.compile, note, watched=lambda: bool(self.observers.callbacks))
 
@@ -103,7 +104,7 @@ class Engine:
         self.fallback_bytes = len(weights) * fallback.slot_bytes
         return lambda layer, expert: weights[(layer, expert)]
 
-    def _build_model(self) -> Any:
+    def _build_model(self, note: Callable[[str], None] | None) -> Any:
         store, fam = self.store, self.store.family
         try:
             model = empty_model(fam, store.config, dtype=store.dtype)
@@ -138,6 +139,10 @@ class Engine:
             raise StoreError(f"{store.path}: transformers builds MoE layers {list(sparse)} from this config, "
                              f"the {fam.model_type} family expects {list(shape.moe_layers)}")
         renormalises = fam.router_renormalises(store.config)
+        kernel = None
+        if self.settings.compile and not fmt.quantized:  # the compiled step's experts (expert_kernel.py);
+            # the family's activation is the config's, the same in every layer
+            kernel = ExpertKernel(gated_activation(fam.activation, fam.experts(model, layers[0])), fam.biases, note)
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             experts = OffloadedExperts(
@@ -145,7 +150,7 @@ class Engine:
                 gate_policy=lambda: self.gate, biases=fam.biases,
                 observers=self.observers, renormalises=renormalises, ordered=fam.ordered, next_layer=nxt,
                 next_router=fam.router(model, nxt) if nxt is not None else None, prefetch=self.settings.prefetch,
-                linear=linear,
+                linear=linear, kernel=kernel,
             )
             fam.set_experts(model, layer, experts)
         for p in model.parameters():

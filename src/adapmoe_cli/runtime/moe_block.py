@@ -11,6 +11,7 @@ import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,7 @@ class OffloadedExperts(nn.Module):
         prefetch: bool = True,
         linear: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
         biases: bool = False,
+        kernel: Callable[[torch.Tensor, dict[str, Any], torch.Tensor], torch.Tensor | None] | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -98,6 +100,8 @@ class OffloadedExperts(nn.Module):
         self.prefetch_enabled = prefetch and next_router is not None
         #: x × one expert part's weights (a part's tensors: `{"": w}` natively; quantized, experts_format.py)
         self.linear = linear or (lambda x, w: F.linear(x, w[""]))
+        #: (x, an expert's parts, its weight) → the weighted output, in a compiled step; None: compute eagerly
+        self.kernel = kernel
         self.key = next(_KEYS)  # how a compiled graph names this module (`offloaded_experts`)
         _MODULES[self.key] = self
 
@@ -128,28 +132,27 @@ class OffloadedExperts(nn.Module):
         return ids.masked_fill(~keep, -1), reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                   predicted: torch.Tensor | None) -> torch.Tensor:
+                   predicted: torch.Tensor | None, compiled: bool = False) -> torch.Tensor:
         """One token (a decode step), gated (`_gated`), nobody watching: the books and the arithmetic of
         `forward`, in the same order (each expert's weighted output added as it is computed), with no
         per-expert gather, scatter or zero-filled output: a decode step's cost here is the number of small
         ops. `predicted`: the next layer's prediction (`_predicted`), prefetched unless every expert of that
-        layer already has a slot."""
+        layer already has a slot. `compiled`: called from a compiled step, whose experts are computed by
+        the engine's expert kernel where it has one (runtime/expert_kernel.py)."""
         position = {e: k for k, e in enumerate(ids[0].tolist()) if e >= 0}
         nxt = None
         if predicted is not None and self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
             nxt = (self.next_layer, ranked(predicted))
         row = weights[0]
         lin, glu, biases = self.linear, self.glu, self.biases
+        kernel = self.kernel if compiled else None
         total: list[torch.Tensor] = []
 
         def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
-            gate, up = gate_up(lin, x, w)  # [1, I]
-            if biases:
-                gate, up = gate + w["b1"][""], up + w["b3"][""]
-            y = lin(glu(gate, up), w["w2"])  # [1, H]
-            if biases:
-                y = y + w["b2"][""]
-            y = (y * row[position[expert]]).to(x.dtype)
+            scale = row[position[expert]]
+            y = kernel(x, w, scale) if kernel is not None else None
+            if y is None:
+                y = (expert_output(lin, glu, biases, x, w) * scale).to(x.dtype)  # [1, H]
             total.append(total.pop() + y if total else y)
 
         self.manager.run_layer(self.layer, sorted(position), compute, tokens=1, activations=len(position),
@@ -199,13 +202,7 @@ class OffloadedExperts(nn.Module):
 
         def compute(expert: int, w: dict[str, dict[str, torch.Tensor]]) -> None:
             token_idx, k_pos = torch.where(gated_ids == expert)
-            cur = x[token_idx]  # [t, H]
-            gate, up = gate_up(lin, cur, w)  # [t, I]
-            if biases:
-                gate, up = gate + w["b1"][""], up + w["b3"][""]
-            y = lin(glu(gate, up), w["w2"])  # [t, H]
-            if biases:
-                y = y + w["b2"][""]
+            y = expert_output(lin, glu, biases, x[token_idx], w)  # [t, H]
             if expert_out is not None:
                 expert_out[token_idx, k_pos] = y.detach()
             out.index_add_(0, token_idx, (y * gated_w[token_idx, k_pos, None]).to(out.dtype))
@@ -217,6 +214,20 @@ class OffloadedExperts(nn.Module):
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+def expert_output(lin: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+                  glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], biases: bool, x: torch.Tensor,
+                  w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Tokens x [t, H] through one expert's parts `w`: the family's gated activation of x × w1 and x × w3,
+    times w2, each with its bias where the experts have them (`lin` computes x × a part)."""
+    gate, up = gate_up(lin, x, w)  # [t, I]
+    if biases:
+        gate, up = gate + w["b1"][""], up + w["b3"][""]
+    y = lin(glu(gate, up), w["w2"])  # [t, H]
+    if biases:
+        y = y + w["b2"][""]
+    return y
 
 
 def gate_up(lin: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], x: torch.Tensor,
@@ -245,7 +256,7 @@ def offloaded_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     waits, counts), called once per layer and token."""
     if x.shape[0] != 1:
         raise NotImplementedError("a compiled step feeds one token at a time; longer inputs run eagerly")
-    return _MODULES[key]._one_token(x, ids, weights, predicted)
+    return _MODULES[key]._one_token(x, ids, weights, predicted, compiled=True)
 
 
 @offloaded_experts.register_fake

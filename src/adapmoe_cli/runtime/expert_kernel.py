@@ -1,0 +1,94 @@
+"""One token through one expert as one compiled kernel, in the compiled decode step (`--compile`).
+
+Eagerly, x × a weight matrix for one token is `F.linear`, which PyTorch hands to the BLAS it was built with.
+How fast that is depends on the CPU more than on the bytes: on this project's AMD EPYC machine MKL's
+single-row product over a full-size expert's w1 and w3 (rows of `hidden_size` numbers) takes 1.43 ms, 7 GB/s,
+where a multiply-and-sum loop compiled by inductor reads the same 11 MB in 0.40 ms (docs/performance.md).
+So where the decode step is compiled, each expert of a native-format store (w1 and w3 or their fused w13,
+the family's gated activation, w2, biases, the router's weight) is computed by one inductor kernel traced
+from the eager arithmetic (`moe_block.expert_output`) with every product written as a multiply and a sum.
+
+It is built on first use for the store's expert layout, traced with `make_fx` and compiled by inductor
+without dynamo, so a call pays no guard checks (13 µs for an embedded-model expert against 24 µs eagerly).
+Quantized parts (their own kernels, experts_format.py) and a fallback copy's parts (functions) are left to
+the eager path; so is everything after a failed compile, said once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from adapmoe_cli.runtime.moe_block import expert_output
+from adapmoe_cli.skeleton import describe
+
+
+def _dot(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [t, K] × a part's weight [N, K] as a multiply and a sum over K (inductor: one reduction loop)."""
+    return (part[""] * x.unsqueeze(-2)).sum(-1)
+
+
+class ExpertKernel:
+    """`kernel(x, w, scale)`: x [1, H] through the expert whose parts are `w` (`by_part` views of a slot),
+    times `scale`, in x's dtype — or None where it cannot: compute eagerly."""
+
+    def __init__(self, glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], biases: bool,
+                 note: Callable[[str], None] | None = None):
+        """`glu`, `biases`: the family's, as `OffloadedExperts` has them (the same in every layer)."""
+        self.glu = glu
+        self.biases = biases
+        self.note = note
+        self.failure: str | None = None
+        self._keys: tuple[str, ...] | None = None
+        self._shapes: tuple[tuple[int, ...], ...] | None = None
+        self._fn: Callable[..., Any] | None = None
+
+    def __call__(self, x: torch.Tensor, w: dict[str, Any], scale: torch.Tensor) -> torch.Tensor | None:
+        if self.failure is not None:
+            return None
+        keys = self._keys if self._keys is not None else tuple(sorted(w))
+        parts = self._parts(w, keys)
+        if parts is None:
+            return None
+        if self._fn is None:
+            self._build(x, scale, keys, parts)
+            if self._fn is None:
+                return None
+        out = self._fn(x, scale, *parts)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def _parts(self, w: dict[str, Any], keys: tuple[str, ...]) -> list[torch.Tensor] | None:
+        """The parts' weights in the order of `keys`, or None where they are not plain tensors of the layout
+        the kernel was built for."""
+        try:
+            parts = [w[k][""] for k in keys]
+        except (KeyError, TypeError):  # a fallback copy's parts are functions; a quantized one has .q, .s
+            return None
+        if len(w) != len(keys) or any(len(w[k]) != 1 for k in keys):
+            return None
+        shapes = tuple(tuple(t.shape) for t in parts)
+        if self._shapes is not None and shapes != self._shapes:
+            return None
+        return parts
+
+    def _build(self, x: torch.Tensor, scale: torch.Tensor, keys: tuple[str, ...], parts: list[torch.Tensor]
+               ) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        glu, biases = self.glu, self.biases
+
+        def one_expert(x: torch.Tensor, scale: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+            w = {k: {"": t} for k, t in zip(keys, weights, strict=True)}
+            return (expert_output(_dot, glu, biases, x, w) * scale).to(x.dtype)
+
+        try:
+            graph = make_fx(one_expert)(x, scale, *parts)
+            self._fn = torch._inductor.compile(graph, [x, scale, *parts])
+        except Exception as e:  # noqa: BLE001 — any failure of the compiler means: compute eagerly
+            self.failure = f"{type(e).__name__}: {describe(e)}"[:200]
+            if self.note is not None:
+                self.note(f"--compile: compiling the expert kernel failed ({self.failure}); "
+                          "experts computed eagerly")
+            return
+        self._keys, self._shapes = keys, tuple(tuple(t.shape) for t in parts)

@@ -1,0 +1,80 @@
+"""The compiled step's expert kernel (runtime/expert_kernel.py) against the eager arithmetic it replaces
+(`moe_block.expert_output` with `F.linear`): Mixtral's layout (w1 and w3 fused as w13, SiLU) and GPT-OSS's
+(separate w1 and w3, biases, the clamped SwiGLU); parts it does not take (a fallback copy's functions,
+quantized parts, another layout) are left to the eager path, and a compiler that fails says so once."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapmoe_cli.runtime.expert_kernel import ExpertKernel
+from adapmoe_cli.runtime.moe_block import expert_output, gated_activation
+
+H, INTER = 24, 40
+
+
+def _linear(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, part[""])
+
+
+def _parts(fused: bool, biases: bool, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    w1, w3, w2 = (torch.randn(INTER, H, generator=g), torch.randn(INTER, H, generator=g),
+                  torch.randn(H, INTER, generator=g))
+    parts = {"w13": torch.cat([w1, w3])} if fused else {"w1": w1, "w3": w3}
+    parts["w2"] = w2
+    if biases:
+        parts.update(b1=torch.randn(INTER, generator=g), b3=torch.randn(INTER, generator=g),
+                     b2=torch.randn(H, generator=g))
+    return {k: {"": v} for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "gpt-oss"])
+def test_the_kernel_computes_what_the_eager_expert_computes(layout):
+    if layout == "mixtral":
+        glu, fused, biases = gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), True, False
+    else:
+        glu = gated_activation("clamped_swiglu", SimpleNamespace(alpha=1.702, limit=7.0))
+        fused, biases = False, True
+    kernel = ExpertKernel(glu, biases)
+    for seed in range(3):  # one compile, then the same kernel for other experts of the layout
+        w = _parts(fused, biases, seed)
+        x = torch.randn(1, H, generator=torch.Generator().manual_seed(10 + seed))
+        scale = torch.tensor(0.37)
+        got = kernel(x, w, scale)
+        want = expert_output(_linear, glu, biases, x, w) * scale
+        assert got is not None and got.shape == (1, H) and got.dtype == x.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, torch.zeros_like(got))
+    assert kernel.failure is None
+
+
+def test_parts_it_does_not_take_are_left_to_the_eager_path():
+    glu = gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU()))
+    kernel = ExpertKernel(glu, False)
+    x, scale = torch.randn(1, H), torch.tensor(1.0)
+    w = _parts(True, False)
+    assert kernel(x, w, scale) is not None
+    fallback = {k: (lambda v, t=t: F.linear(v, t[""])) for k, t in w.items()}  # a fallback copy's parts
+    assert kernel(x, fallback, scale) is None
+    quantized = {k: {".q": t[""], ".s": t[""][:, :1]} for k, t in w.items()}
+    assert kernel(x, quantized, scale) is None
+    other = {"w13": {"": torch.randn(2 * INTER + 2, H)}, "w2": {"": torch.randn(H, INTER + 1)}}  # another layout
+    assert kernel(x, other, scale) is None
+    assert kernel(x, w, scale) is not None and kernel.failure is None
+
+
+def test_a_compiler_that_fails_is_said_once_and_experts_run_eagerly(monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    notes: list[str] = []
+    kernel = ExpertKernel(gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), False, notes.append)
+    w, x, scale = _parts(True, False), torch.randn(1, H), torch.tensor(1.0)
+    assert kernel(x, w, scale) is None and kernel(x, w, scale) is None
+    assert len(notes) == 1 and "expert kernel" in notes[0] and "no C++ compiler" in notes[0]
