@@ -57,16 +57,23 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
         expected = ref_greedy(ref, PROMPT, 20) + ref_greedy(ref, PROMPT[:4], 12)
     gate = GatePolicy(thresholds, rule="test")
     notes: list[str] = []
-    eager_tokens, eager_counts, _ = _run(store, False, gate, notes)
+    eager_switched: list = []
+    eager_tokens, eager_counts, _ = _run(store, False, gate, notes, then=_switch(eager_switched))
     kernel_outputs = _count_kernel_outputs(monkeypatch)
-    tokens, counts, step = _run(store, True, gate, notes)
+    switched: list = []
+    tokens, counts, step = _run(store, True, gate, notes, then=_switch(switched))
     assert notes == [] and step.failure is None and step.compile_s is not None  # it did compile
     assert tokens == eager_tokens == expected  # = transformers' model with the same gate on its routers
     assert counts == eager_counts
+    # the compiled step keeps the guards on what changes its graph (compiled.py drops only those on module
+    # hooks and shadowed attributes): another gate and prefetch off, mid-engine, give the eager tokens
+    assert switched == eager_switched and switched[0] != tokens[:12] and switched[1] == 0
     # every expert a decode step computed went through the expert kernel (expert_kernel.py); the prompts ran
     # eagerly
     with runtime_engine(store, {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts}, gate=gate) as eng:
         greedy(eng, PROMPT, 1) + greedy(eng, PROMPT[:4], 1)  # the prompts' forwards only
+        eng.use_gate(GatePolicy.top1(range(SPEC.num_hidden_layers)))
+        greedy(eng, PROMPT, 1)  # and the switched one's
         prompt_activations = eng.stats.expert_activations
     assert kernel_outputs == {"tensor": counts["expert_activations"] - prompt_activations, "none": 0}
     assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # half the experts: loads happened
@@ -89,29 +96,15 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     assert records == list(range(SPEC.num_hidden_layers)) * 5  # watched: the prompt and 4 steps, eagerly
 
 
-def test_a_compiled_step_follows_a_changed_gate_and_prefetch_switch(make_store):
-    """The compiled step keeps the guards on what changes its graph (compiled.py drops only those on module
-    hooks and shadowed attributes): another gate, or prefetch turned off, mid-engine, computes what the eager
-    step computes."""
-    store = Store.open(make_store(SPEC, dtype=torch.float32))
-    layers = range(SPEC.num_hidden_layers)
-
-    def run(compile: bool) -> tuple[list[int], list[int], int]:
-        overrides = {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts // 2, "prefetch": True,
-                     "prefetch_precision": 0.0, "compile": compile}
-        with runtime_engine(store, overrides, gate=GatePolicy.off()) as eng:
-            plain = greedy(eng, PROMPT, 12)
-            eng.use_gate(GatePolicy.top1(layers))
-            eng.use_prefetch(False)
-            issued = eng.stats.prefetches_issued
-            top1 = greedy(eng, PROMPT, 12)
-            eng.manager.drain()
-            assert eng.decode.failure is None
-            return plain, top1, eng.stats.prefetches_issued - issued
-
-    eager = run(False)
-    assert run(True) == eager
-    assert eager[0] != eager[1] and eager[2] == 0  # the switch changed the tokens; no prefetch after it
+def _switch(out: list):
+    """After a run: the top-1 gate in every layer and prefetch off, then 12 tokens; `out` gets them and the
+    prefetches issued meanwhile."""
+    def then(eng) -> None:
+        eng.use_gate(GatePolicy.top1(range(SPEC.num_hidden_layers)))
+        eng.use_prefetch(False)
+        issued = eng.stats.prefetches_issued
+        out.extend([greedy(eng, PROMPT, 12), eng.stats.prefetches_issued - issued])
+    return then
 
 
 def _count_kernel_outputs(monkeypatch) -> dict[str, int]:
