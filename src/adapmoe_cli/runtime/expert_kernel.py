@@ -55,7 +55,7 @@ class ExpertKernel:
             self._build(x, scale, keys, parts)
             if self._fn is None:
                 return None
-        out = self._fn(x, scale, *parts)
+        out = self._fn(x.contiguous(), scale, *parts)  # (compiled for a contiguous x: it checks the strides)
         return out[0] if isinstance(out, (list, tuple)) else out
 
     def _parts(self, w: dict[str, Any], keys: tuple[str, ...]) -> list[torch.Tensor] | None:
