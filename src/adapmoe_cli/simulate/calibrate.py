@@ -148,7 +148,7 @@ def memory_bandwidth(dtype: torch.dtype, nbytes: int = 128 << 20) -> float:
 def expert_compute_s(store: Store) -> float:
     """One expert on one token, computed as the MoE block computes it, from real weights in an aligned slot."""
     from adapmoe_cli.experts_format import by_part
-    from adapmoe_cli.runtime.moe_block import gate_up
+    from adapmoe_cli.runtime.moe_block import expert_output
     from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 
     entry = next(iter(store.experts.values()))
@@ -163,8 +163,7 @@ def expert_compute_s(store: Store) -> float:
         return fmt.linear(v, part, "bfloat16")
 
     def run() -> None:
-        gate, up = gate_up(lin, x, w)
-        lin(F.silu(gate) * up, w["w2"])
+        expert_output(lin, lambda gate, up: F.silu(gate) * up, False, x, w)
 
     run()
     return _best(run, 20)
