@@ -260,10 +260,12 @@ def interference_s(engines: Engines, tokens: int = 48, rounds: int = 6, gap_s: f
 
 
 def measured_hardware(store: Store, settings: Settings, disk: float, direct: bool, times: DecodeTimes, how: str,
-                      progress: Progress | None = None, engines: Engines | None = None) -> Hardware:
+                      progress: Progress | None = None, engines: Engines | None = None, tokens: int = 48
+                      ) -> Hardware:
     """`this-machine` from the disk bandwidth and the runtime's decode times at its two ends (`how` says
     where they came from), plus memory bandwidth, one expert's compute and the block's prediction,
-    measured here and now. Without a resident time the dense part is estimated from its bytes."""
+    measured here and now, each decode of these `tokens` long at most (a bench passes its own length). Without
+    a resident time the dense part is estimated from its bytes."""
     say = progress or (lambda _msg: None)
     say("memory bandwidth")
     mem = memory_bandwidth(store.dtype)
@@ -271,11 +273,11 @@ def measured_hardware(store: Store, settings: Settings, disk: float, direct: boo
     expert_s = expert_compute_s(store)
     with contextlib.nullcontext(engines) if engines else Engines(store, settings) as eng:
         say("next-layer prediction")
-        predict_s = predict_overhead_s(eng)
+        predict_s = predict_overhead_s(eng, tokens=min(32, tokens))
         say("reads beside compute")
-        interfere_s = interference_s(eng)
+        interfere_s = interference_s(eng, tokens=tokens)
         say("a load after idle compute")
-        wakeup_s = link_wakeup_s(eng)
+        wakeup_s = link_wakeup_s(eng, loads=min(32, tokens))
     model = from_store(store)
     head_s = model.head_bytes / mem
     moe = len(store.shape.moe_layers)
@@ -322,5 +324,5 @@ def calibrate(store: Store, settings: Settings, max_read_bytes: int = 256 << 20,
         times = decode_times(engines, tokens)
         hw = measured_hardware(store, settings, disk, direct, times, "adapmoe simulate --calibrate: "
                                "store.reader.read_bandwidth (O_DIRECT sequential reads), the engine's decode with "
-                               "every expert resident and with every expert loaded on demand", say, engines)
+                               "every expert resident and with every expert loaded on demand", say, engines, tokens)
     return hw, str(write_calibrated(hw))
