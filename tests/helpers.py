@@ -124,8 +124,9 @@ def count_shard_runs(monkeypatch: Any) -> list[Path]:
     return runs
 
 
-def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens from the offloading runtime (no stopping, no repetition penalty)."""
+def greedy(engine: Engine, prompt: list[int], n: int, after: Callable[[int], None] | None = None) -> list[int]:
+    """n greedy tokens from the offloading runtime (no stopping, no repetition penalty); `after(i)` runs once
+    the i-th token is out, before the next step."""
     from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
     from adapmoe_cli.settings import GenerationSettings
 
@@ -135,6 +136,8 @@ def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
         out.append(tok)
         if len(out) == n:
             return out
+        if after is not None:
+            after(len(out))
     raise AssertionError("generate_step ended early")
 
 

@@ -66,14 +66,19 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     assert tokens == eager_tokens == expected  # = transformers' model with the same gate on its routers
     assert counts == eager_counts
     # the compiled step keeps the guards on what changes its graph (compiled.py drops only those on module
-    # hooks and shadowed attributes): another gate and prefetch off, mid-engine, give the eager tokens
+    # hooks and shadowed attributes, and between the steps of a generation checks only tensor and size guards
+    # until the engine says its state changed): another gate and prefetch off, mid-generation, give the
+    # eager tokens
     assert switched == eager_switched and switched[0] != tokens[:12] and switched[1] == 0
+    # steps that checked only tensor and size guards: of the first generation's 19 steps, all but the one that
+    # compiled and the next (every guard checked); of the second's 11, all but the first; of the switched
+    # run's 11, all but the first and the one after the switch
+    assert step.unguarded_steps == (19 - 2) + (11 - 1) + (11 - 2)
     # every expert a decode step computed went through the expert kernel (expert_kernel.py); the prompts ran
     # eagerly
     with runtime_engine(store, {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts}, gate=gate) as eng:
-        greedy(eng, PROMPT, 1) + greedy(eng, PROMPT[:4], 1)  # the prompts' forwards only
-        eng.use_gate(GatePolicy.top1(range(SPEC.num_hidden_layers)))
-        greedy(eng, PROMPT, 1)  # and the switched one's
+        for prompt in (PROMPT, PROMPT[:4], PROMPT):  # the prompts' forwards only (the switch came after its
+            greedy(eng, prompt, 1)  # prompt)
         prompt_activations = eng.stats.expert_activations
     assert kernel_outputs == {"tensor": counts["expert_activations"] - prompt_activations, "none": 0}
     assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # half the experts: loads happened
@@ -97,13 +102,18 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
 
 
 def _switch(out: list):
-    """After a run: the top-1 gate in every layer and prefetch off, then 12 tokens; `out` gets them and the
-    prefetches issued meanwhile."""
+    """After a run: 12 tokens, and after the 4th — between two steps on the same KV cache, where the compiled
+    step checks only tensor and size guards — the top-1 gate in every layer and prefetch off; `out` gets the
+    tokens and the prefetches issued after the switch."""
     def then(eng) -> None:
-        eng.use_gate(GatePolicy.top1(range(SPEC.num_hidden_layers)))
-        eng.use_prefetch(False)
-        issued = eng.stats.prefetches_issued
-        out.extend([greedy(eng, PROMPT, 12), eng.stats.prefetches_issued - issued])
+        issued = []
+
+        def switch(i: int) -> None:
+            if i == 4:
+                eng.use_gate(GatePolicy.top1(range(SPEC.num_hidden_layers)))
+                eng.use_prefetch(False)
+                issued.append(eng.stats.prefetches_issued)
+        out.extend([greedy(eng, PROMPT, 12, after=switch), eng.stats.prefetches_issued - issued[0]])
     return then
 
 

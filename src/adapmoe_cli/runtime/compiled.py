@@ -7,12 +7,18 @@ which loads, waits and counts as in the eager path. Prompts (several tokens) run
 Compiling costs tens of seconds on the first call in a machine's life (inductor caches its kernels on disk:
 a later process takes a few seconds), and whenever the graph's guards change (another gate, prefetch
 toggled). When compilation is unavailable or fails (no C++ compiler, an unsupported family), the step says
-why once and runs eagerly from then on; the KV cache is cut back to where it was, so nothing is lost."""
+why once and runs eagerly from then on; the KV cache is cut back to where it was, so nothing is lost.
+
+Between the tokens of one generation the step skips most of dynamo's guards (`DecodeStep._steady`): the
+Python values the graph was specialised on — module attributes, the family's config, the gate's thresholds,
+prefetch on or off — change only through the engine (`state_changed`), and the guards on the input tensors
+and on the symbolic sizes (the KV cache's length) are still checked; a step they refuse runs guarded."""
 
 from __future__ import annotations
 
 import time
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +41,8 @@ class DecodeStep:
         self.compile_s: float | None = None  # seconds the first compiled call took (compiling included)
         self.failure: str | None = None  # why it runs eagerly after all
         self._compiled: Any = None
+        self._steady: weakref.ref | None = None  # the KV cache whose last step ran compiled, nothing changed since
+        self.unguarded_steps = 0  # steps that ran with only the tensor and size guards checked
 
     @property
     def active(self) -> bool:
@@ -47,16 +55,34 @@ class DecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, kv: Any) -> Any:
         if not self.active or input_ids.shape[-1] != 1 or self.watched():
+            self._steady = None
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         if self._compiled is None:
             return self._first(input_ids, kv)
-        return self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
+        if self._steady is not None and self._steady() is kv:
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
+                self.unguarded_steps += 1
+                return out
+            except RuntimeError as e:  # a tensor or size guard failed: raised before the graph ran
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+        out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
+        self._steady = weakref.ref(kv)
+        return out
+
+    def state_changed(self) -> None:
+        """The engine changed a value the model reads (the gate, prefetch): the next step checks every guard
+        (and recompiles if the graph was specialised on the old value)."""
+        self._steady = None
 
     def close(self) -> None:
         """Forget the compiled step. The compiler keeps one entry per model it compiled for the same code and
         stops compiling after a few (it would run a later engine eagerly, unsaid: the bench opens one per
         run), so an engine that compiled clears them when it closes; another live engine's step recompiles
         on its next call (seconds: the kernels are cached on disk)."""
+        self._steady = None
         if self._compiled is not None:
             self._compiled = None
             torch._dynamo.reset()

@@ -162,6 +162,7 @@ class Engine:
     def use_gate(self, gate: GatePolicy) -> None:
         """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""
         self.gate = gate
+        self.decode.state_changed()
 
     def use_prefetch(self, on: bool) -> None:
         """Prefetch the next layer's predicted experts (or not) from the next forward on."""
@@ -169,6 +170,7 @@ class Engine:
         for layer in self.store.shape.moe_layers:
             experts = self.store.family.experts(self.model, layer)
             experts.prefetch_enabled = on and experts.next_layer is not None
+        self.decode.state_changed()
 
     def direct_io(self) -> bool:
         """Whether this engine's expert reads bypass the page cache (O_DIRECT on its reader's own file
