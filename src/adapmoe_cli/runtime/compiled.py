@@ -9,10 +9,13 @@ a later process takes a few seconds), and whenever the graph's guards change (an
 toggled). When compilation is unavailable or fails (no C++ compiler, an unsupported family), the step says
 why once and runs eagerly from then on; the KV cache is cut back to where it was, so nothing is lost.
 
-Between the tokens of one generation the step skips most of dynamo's guards (`DecodeStep._steady`): the
-Python values the graph was specialised on — module attributes, the family's config, the gate's thresholds,
-prefetch on or off — change only through the engine (`state_changed`), and the guards on the input tensors
-and on the symbolic sizes (the KV cache's length) are still checked; a step they refuse runs guarded."""
+Between the tokens of one generation the step skips most of dynamo's guards (`skip_guard_eval_unsafe`):
+once a step on a KV cache has checked every guard and compiled nothing, the next steps on that cache check
+only the guards on the input tensors, the symbolic sizes (the KV cache's length) and what told apart the
+graphs compiled so far (another engine's, another gate's). The Python values a graph is specialised on —
+module attributes, the family's config — do not change between steps (the fully checked step that
+compiled nothing shows it); the gate's thresholds and prefetch change only through the engine, which says so
+(`state_changed`: the next step checks every guard). A step the remaining guards refuse runs guarded."""
 
 from __future__ import annotations
 
@@ -68,8 +71,11 @@ class DecodeStep:
             except RuntimeError as e:  # a tensor or size guard failed: raised before the graph ran
                 if "skip_guard_eval_unsafe" not in str(e):
                     raise
+        compiles = _compiles()
         out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
-        self._steady = weakref.ref(kv)
+        # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
+        # changes from one step to the next (what would has made this step recompile)
+        self._steady = weakref.ref(kv) if _compiles() == compiles else None
         return out
 
     def state_changed(self) -> None:
@@ -115,6 +121,11 @@ class DecodeStep:
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         self.compile_s = time.perf_counter() - t0
         return out
+
+
+def _compiles() -> int:
+    """Frames the compiler has been asked to compile in this process (each cache miss counts)."""
+    return torch._dynamo.utils.counters["frames"]["total"]
 
 
 def _row_head_forward(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
