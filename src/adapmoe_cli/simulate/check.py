@@ -7,7 +7,8 @@
    bandwidth and its runs of the runtime's two ends, `resident` (every expert in memory: the compute of
    a token) and `naive` (every needed expert loaded on demand: what a load takes and costs) —
    interleaved with the other policies, so drift hits all alike — plus one expert's compute and the
-   block's prediction, measured right after in decodes as long as the bench's own (8 to 48 tokens).
+   block's prediction, measured right after in decodes no longer than the bench's own decoding (its
+   tokens × prompts; 8 to 48 tokens).
 3. Each policy's setup — the same slots per layer, eviction, prefetch and gate — is replayed through the
    runtime's manager on the simulated clock (`run.drive`), prompt passes untimed as in the bench.
 
@@ -86,7 +87,7 @@ def simulate_bench(store: Store, plan: dict[str, Setup], prompts: list[list[int]
     hw = measured_hardware(store, next(iter(plan.values())).settings, measured["disk_read_bytes_per_s"],
                            measured["page_cache"].startswith("bypassed"), times,
                            "adapmoe bench --simulate: the bench's disk bandwidth and its resident and naive runs", say,
-                           tokens=min(48, max(8, tokens)))  # as long as the bench's decodes: a quick run stays quick
+                           tokens=min(48, max(8, tokens * len(prompts))))  # a quick bench calibrates quickly
     model = from_store(store)
     traces: dict[tuple, SimTrace] = {}
     out: dict[str, Any] = {"hardware": hw.public(), "calibrated_with": [n for n in CALIBRATION if n in plan],
