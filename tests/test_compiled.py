@@ -162,3 +162,36 @@ def test_without_a_compiler_it_says_so_and_answers_eagerly(make_store, tmp_path)
         conv = Conversation(eng, load_tokenizer(eng.store), settings.generation, raw=True)
         eager = list(conv.send("hi"))[-1].token_ids
     assert json.loads(r.stdout)["token_ids"] == eager
+
+
+
+class _Window(torch.nn.Module):
+    """A decode step whose graph depends on the KV cache's length, as a sliding window's mask does."""
+
+    def forward(self, input_ids: torch.Tensor, cache, use_cache: bool) -> torch.Tensor:
+        n = cache.get_seq_length()
+        cache.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
+        return input_ids.float() * (5.0 if n >= 6 else 3.0)  # the window is full from 6 positions on
+
+
+def test_a_step_that_skips_guards_is_refused_when_the_length_crosses_a_branch():
+    """Between the steps of one generation the compiled step checks only tensor and size guards (the other
+    changes come through the engine: the mid-generation switch above): a length crossing a branch of the
+    graph makes the size guard refuse the skipped step, which then runs with every guard and recompiles —
+    the answer is what the model computes eagerly (GPT-OSS's sliding window does this at its window;
+    scripts/check_compiled_families.py runs every family's tiny checkpoint compiled)."""
+    from transformers import DynamicCache
+
+    from adapmoe_cli.runtime.compiled import DecodeStep
+
+    step = DecodeStep(_Window(), compile=True)
+    kv, ref = DynamicCache(), DynamicCache()
+    for cache in (kv, ref):
+        cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)  # a 4-token prompt
+    ids = torch.tensor([[7]])
+    got = [step(ids, kv).item() for _ in range(6)]  # lengths 4 … 9
+    assert step.failure is None and step.compile_s is not None
+    assert got == [_Window()(ids, ref, True).item() for _ in range(6)] == [21.0] * 2 + [35.0] * 4
+    # after the compiling step (length 4) and a checked one (5), the skipped step at 6 was refused and rerun
+    # with every guard (it recompiled), 7 was checked (nothing compiled), 8 and 9 skipped
+    assert step.unguarded_steps == 2
