@@ -18,7 +18,7 @@ from adapmoe_cli.synthetic import TinySpec, write_checkpoint
 def pytest_configure(config: pytest.Config) -> None:
     """The suite runs in two worker processes (pyproject: `-n 2`, pytest-xdist), each computing on one core:
     torch here and every process a test starts get one thread. (Two workers with torch's default of a thread
-    per core oversubscribe the machine and gain nothing; one thread each took the suite from 9.5 to 5.2
+    per core oversubscribe the machine and gain nothing; one thread each took the suite from 9.5 to 5.1
     minutes on the project's 2-core machine.)"""
     if hasattr(config, "workerinput"):  # an xdist worker
         os.environ["OMP_NUM_THREADS"] = "1"

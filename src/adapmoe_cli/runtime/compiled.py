@@ -74,7 +74,7 @@ class DecodeStep:
         compiles = _compiles()
         out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
         # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
-        # changes from one step to the next (what would has made this step recompile)
+        # changes from one step to the next (a value that did would have made this step recompile)
         self._steady = weakref.ref(kv) if _compiles() == compiles else None
         return out
 
