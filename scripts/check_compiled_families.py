@@ -15,36 +15,26 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapmoe_cli.budget import BudgetRequest
-from adapmoe_cli.planning.resolve import open_engine
-from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
-from adapmoe_cli.settings import GenerationSettings, load_settings
-from adapmoe_cli.store import Store
-from adapmoe_cli.store.writer import shard
-from adapmoe_cli.synthetic import TINY_FAMILIES, write_family_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers: the suite's greedy and reference
+
+from adapmoe_cli.store import Store  # noqa: E402
+from adapmoe_cli.store.writer import shard  # noqa: E402
+from adapmoe_cli.synthetic import TINY_FAMILIES, write_family_checkpoint  # noqa: E402
+from tests.helpers import greedy, ref_greedy, runtime_engine  # noqa: E402
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 TOKENS = 24
 
 
-def greedy(engine, prompt: list[int], n: int) -> list[int]:
-    gen = GenerationSettings(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0)
-    out = []
-    for token, _ in generate_step(engine, prompt, new_kv_cache(engine), gen):
-        out.append(token)
-        if len(out) == n:
-            return out
-    raise AssertionError("generation ended early")
-
-
-def run(store: Store, compile: bool) -> tuple[list[int], object]:
-    settings = load_settings(overrides={"cache.budget": BudgetRequest.parse("50%", "--budget"), "prefetch": True,
-                                        "prefetch_precision": 0.0, "compile": compile})
+def run(store: Store, compile: bool) -> tuple[list[int], object, list[str]]:
+    """Two generations (a second KV cache), at half the experts with prefetch on."""
+    half = store.shape.num_experts * len(store.shape.moe_layers) // 2
     notes: list[str] = []
-    with open_engine(store, settings) as engine:
+    with runtime_engine(store, {"cache.budget": half, "prefetch": True, "prefetch_precision": 0.0,
+                                "compile": compile}) as engine:
         engine.decode.note = notes.append
-        tokens = greedy(engine, PROMPT, TOKENS) + greedy(engine, PROMPT[:3], TOKENS - 4)  # a second KV cache
-        return tokens, (engine.decode, notes)
+        tokens = greedy(engine, PROMPT, TOKENS) + greedy(engine, PROMPT[:3], TOKENS - 4)
+        return tokens, engine.decode, notes
 
 
 def main() -> int:
@@ -56,14 +46,12 @@ def main() -> int:
         if not (root / "store" / "manifest.json").exists():
             shard(write_family_checkpoint(root / "ckpt", name), root / "store")
         ref = AutoModelForCausalLM.from_pretrained(root / "ckpt", dtype=torch.float32, experts_implementation="eager")
-        ref.generation_config.eos_token_id = None
-        want = ref.eval().generate(torch.tensor([PROMPT]), max_new_tokens=TOKENS, do_sample=False,
-                                   pad_token_id=0)[0, len(PROMPT):].tolist()
+        want = ref_greedy(ref.eval(), PROMPT, TOKENS)
         store = Store.open(root / "store")
         t0 = time.perf_counter()
-        compiled, (step, notes) = run(store, compile=True)
+        compiled, step, notes = run(store, compile=True)
         seconds = time.perf_counter() - t0
-        eager, _ = run(store, compile=False)
+        eager, _, _ = run(store, compile=False)
         ok = compiled[:TOKENS] == want and compiled == eager and step.failure is None
         bad += not ok
         print(f"{name:12s} {'ok' if ok else 'DIFFERS'}: equal to transformers {compiled[:TOKENS] == want}, to eager "
