@@ -21,20 +21,22 @@ def _linear(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(x, part[""])
 
 
-def _parts(fused: bool, biases: bool, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def _parts(fused: bool, biases: bool, seed: int = 0, inter: int = INTER) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    w1, w3, w2 = (torch.randn(INTER, H, generator=g), torch.randn(INTER, H, generator=g),
-                  torch.randn(H, INTER, generator=g))
+    w1, w3, w2 = (torch.randn(inter, H, generator=g) / H**0.5, torch.randn(inter, H, generator=g) / H**0.5,
+                  torch.randn(H, inter, generator=g) / inter**0.5)  # scaled as trained weights are
     parts = {"w13": torch.cat([w1, w3])} if fused else {"w1": w1, "w3": w3}
     parts["w2"] = w2
     if biases:
-        parts.update(b1=torch.randn(INTER, generator=g), b3=torch.randn(INTER, generator=g),
+        parts.update(b1=torch.randn(inter, generator=g), b3=torch.randn(inter, generator=g),
                      b2=torch.randn(H, generator=g))
     return {k: {"": v} for k, v in parts.items()}
 
 
-@pytest.mark.parametrize("layout", ["mixtral", "gpt-oss"])
-def test_the_kernel_computes_what_the_eager_expert_computes(layout):
+@pytest.mark.parametrize(("layout", "inter"), [("mixtral", INTER), ("gpt-oss", INTER),
+                                               ("mixtral", 6000), ("mixtral", 4099)])
+def test_the_kernel_computes_what_the_eager_expert_computes(layout, inter):
+    """(w2's sum over an intermediate size of 6,000 is made in two pieces, over the prime 4,099 in one)"""
     if layout == "mixtral":
         glu, fused, biases = gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), True, False
     else:
@@ -42,7 +44,7 @@ def test_the_kernel_computes_what_the_eager_expert_computes(layout):
         fused, biases = False, True
     kernel = ExpertKernel(glu, biases)
     for seed in range(3):  # one compile, then the same kernel for other experts of the layout
-        w = _parts(fused, biases, seed)
+        w = _parts(fused, biases, seed, inter)
         x = torch.randn(1, H, generator=torch.Generator().manual_seed(10 + seed))
         scale = torch.tensor(0.37)
         got = kernel(x, w, scale)

@@ -1,0 +1,110 @@
+"""What summing w2 in pieces saves in the compiled step's expert kernel (runtime/expert_kernel.py `_PIECE`):
+the kernel as shipped against the same kernel built with one sum over the whole intermediate size.
+
+1. In isolation: 32 experts of the full-size store's shape (hidden 192, intermediate 7,424, float32, 17 MB
+   each) cycling, so every read comes from RAM; both kernels and ATen's plain sum over the same bytes (what
+   this machine's memory gives two threads), interleaved round by round.
+2. In a decode step: one engine (MODEL, every expert resident, gate off, compiled), alternating the two
+   kernels between runs of `--tokens` tokens; paired per round.
+
+Run on a quiet machine. Usage: python scripts/measure_expert_kernel.py [MODEL] [--rounds 20] [--tokens 32]
+(MODEL: a store with full-size experts, e.g. ~/.cache/adapmoe/stores/embedded-experts-16MiB, which
+`adapmoe bench --expert-size 16MiB` builds; without one, step 2 is skipped)"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+from profile_decode import decode
+
+from adapmoe_cli.budget import BudgetRequest
+from adapmoe_cli.model_arg import open_model
+from adapmoe_cli.planning.resolve import open_engine
+from adapmoe_cli.runtime import expert_kernel
+from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.generate import compile_decode
+from adapmoe_cli.runtime.moe_block import gated_activation
+from adapmoe_cli.settings import load_settings
+
+HIDDEN, INTER, EXPERTS = 192, 7424, 32
+
+
+def one_sum_kernel(build: Callable[[], None]) -> None:
+    """Run `build` with the kernel's sums made in one piece (the kernel before `_PIECE`)."""
+    piece = expert_kernel._PIECE
+    expert_kernel._PIECE = 1 << 62
+    try:
+        build()
+    finally:
+        expert_kernel._PIECE = piece
+
+
+def report(ms: dict[str, list[float]], unit: str, nbytes: int | None = None) -> None:
+    for name, v in ms.items():
+        rate = f", {nbytes / (statistics.median(v) / 1e3) / 1e9:.1f} GB/s" if nbytes else ""
+        print(f"  {name:16s} median {statistics.median(v):.3f} {unit} (min {min(v):.3f}, max {max(v):.3f}){rate}")
+
+
+def isolated(rounds: int) -> None:
+    glu = gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU()))
+    experts = [{"w13": {"": torch.randn(2 * INTER, HIDDEN) / HIDDEN**0.5},
+                "w2": {"": torch.randn(HIDDEN, INTER) / INTER**0.5}} for _ in range(EXPERTS)]
+    x, scale = torch.randn(1, HIDDEN), torch.tensor(0.5)
+    shipped, old = expert_kernel.ExpertKernel(glu, False), expert_kernel.ExpertKernel(glu, False)
+    shipped(x, experts[0], scale)
+    one_sum_kernel(lambda: old(x, experts[0], scale))
+    runs = {"pieces (shipped)": lambda w: shipped(x, w, scale), "one sum": lambda w: old(x, w, scale),
+            "ATen sum": lambda w: (w["w13"][""].sum(), w["w2"][""].sum())}
+    ms: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in list(runs)[r % 3:] + list(runs)[:r % 3]:
+            t = time.perf_counter()
+            for w in experts:
+                runs[name](w)
+            ms[name].append((time.perf_counter() - t) / EXPERTS * 1e3)
+    print(f"one expert in isolation ({EXPERTS} cycling, {rounds} rounds):")
+    report(ms, "ms", 3 * HIDDEN * INTER * 4)
+
+
+def in_step(model: str, rounds: int, tokens: int) -> None:
+    settings = load_settings(overrides={"cache.budget": BudgetRequest.parse("100%", "--budget"), "compile": True})
+    with open_engine(open_model(model), settings) as engine:
+        engine.use_gate(GatePolicy.off())
+        compile_decode(engine)
+        decode(engine, tokens)
+        kernel = next(m.kernel for m in engine.model.modules() if getattr(m, "kernel", None) is not None)
+        fns = {"pieces (shipped)": kernel._fn}
+        kernel._fn = None
+        one_sum_kernel(lambda: decode(engine, 2))  # the next expert call builds the one-sum kernel
+        fns["one sum"] = kernel._fn
+        ms: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(rounds):
+            for name in list(fns) if r % 2 else list(fns)[::-1]:
+                kernel._fn = fns[name]
+                ms[name].append(decode(engine, tokens) / tokens * 1e3)
+    print(f"decode step ({model}, every expert resident, gate off, {rounds} rounds of {tokens} tokens):")
+    report(ms, "ms/token")
+    saved = [a - b for a, b in zip(ms["one sum"], ms["pieces (shipped)"], strict=True)]
+    print(f"  paired saving: median {statistics.median(saved):.3f} ms/token "
+          f"(min {min(saved):.3f}, max {max(saved):.3f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    isolated(2 * args.rounds)
+    if args.model:
+        in_step(args.model, args.rounds, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
