@@ -190,3 +190,33 @@ def test_a_long_session_keeps_going_when_the_context_fills(make_store):
         child.close(force=True)
     assert child.exitstatus == 0
     assert dropped >= 2
+
+
+def test_the_reply_is_streamed_as_the_whole_replys_text_decoding_a_few_ids_a_token():
+    """`Detokenizer` (what chat, serve and the one-shot print stream): fed token by token, its deltas add up to
+    the whole reply decoded at once — leading spaces, multi-byte characters split over byte-level tokens (no
+    half character is shown), special tokens skipped — while each token decodes a bounded number of ids,
+    not the reply so far (a 2,048-token reply would otherwise decode 2 million ids)."""
+    from transformers import AutoTokenizer
+
+    from adapmoe_cli.model_arg import default_model_dir
+    from adapmoe_cli.runtime.generate import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
+    text = ("  The json module encodes données: 東京 ✓ 🙂🙂 and\n\tdecodes them.  "
+            "def f(x):\n    return {'a': [1, 2]}  # ünïcödé ") * 12
+    ids = tok.encode(text, add_special_tokens=False)
+    ids[len(ids) // 2:len(ids) // 2] = [tok.convert_tokens_to_ids("<|end|>")]  # a special token mid-reply
+    lengths: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], **kwargs) -> str:
+            lengths.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    detok = Detokenizer(Counting())
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == detok.text
+    assert not any("\ufffd" in d for d in deltas)
+    assert any(d == "" for d in deltas)  # a character's first bytes were held back
+    assert len(ids) > 200 and max(lengths) <= Detokenizer.CONTEXT + 4  # each decode: the context and a character

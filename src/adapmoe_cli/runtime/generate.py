@@ -141,19 +141,36 @@ class Response:
 
 @dataclass
 class Detokenizer:
-    """Turns a growing list of ids into text deltas, holding back an incomplete UTF-8 sequence."""
+    """Turns a growing list of ids into text deltas, holding back an incomplete UTF-8 sequence. Each token
+    decodes only the ids since the last delta plus a few before them (`CONTEXT`), not the whole reply: a
+    2,048-token reply would otherwise spend 0.4 ms a token in the tokenizer on the embedded model's
+    (a sixth of a compiled step). The ids before are decoded twice, with and without the new ones, and the
+    delta is the difference, so what a tokenizer does at the start of a decode (a dropped leading space)
+    cancels out; where the two disagree, the whole reply is decoded as a check."""
 
     tokenizer: Any
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    _start: int = 0  # ids[_start:_done] are decoded again as the new ids' context
+    _done: int = 0  # ids up to here are in `text`
+
+    CONTEXT = 4
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._start:self._done], skip_special_tokens=True)
+        now = decode(self.ids[self._start:], skip_special_tokens=True)
+        if now.endswith("\ufffd"):
             return ""
-        delta = full[len(self.text):] if full.startswith(self.text) else full
-        self.text = full
+        if now.startswith(before):
+            delta = now[len(before):]
+        else:  # the context decoded differently on its own: take the whole reply's text
+            full = decode(self.ids, skip_special_tokens=True)
+            delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text += delta
+        self._done = len(self.ids)
+        self._start = max(0, self._done - self.CONTEXT)
         return delta
 
 
