@@ -26,7 +26,7 @@ from adapmoe_cli.skeleton import describe
 #: the longest sum over K the kernel makes in one piece: inductor adds a sum of more than 4,096 numbers
 #: through a cascade of partial sums, one helper call per vector, which holds a full-size expert's w2 (rows
 #: of 7,424) to 18–23 GB/s; in pieces of at most this length, then summed, a full-size expert takes 4–7 %
-#: less time and a decode step 0.5–0.6 ms less (scripts/measure_expert_kernel.py, docs/performance.md)
+#: less time and a decode step 0.5–0.6 ms less (scripts/measure_row_products.py, docs/performance.md)
 _PIECE = 4096
 
 

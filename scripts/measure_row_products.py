@@ -1,15 +1,18 @@
-"""What summing w2 in pieces saves in the compiled step's expert kernel (runtime/expert_kernel.py `_PIECE`):
-the kernel as shipped against the same kernel built with one sum over the whole intermediate size.
+"""What the compiled step's one-row products as multiply-and-sum loops save (docs/performance.md):
 
-1. In isolation: 32 experts of the full-size store's shape (hidden 192, intermediate 7,424, float32, 17 MB
-   each) cycling, so every read comes from RAM; both kernels and ATen's plain sum over the same bytes (what
-   this machine's memory gives two threads), interleaved round by round.
-2. In a decode step: one engine (MODEL, every expert resident, gate off, compiled), alternating the two
-   kernels between runs of `--tokens` tokens; paired per round.
+1. The expert kernel's w2 summed in pieces (runtime/expert_kernel.py `_PIECE`) against one sum over the
+   whole intermediate size, in isolation: 32 experts of the full-size store's shape (hidden 192,
+   intermediate 7,424, float32, 17 MB each) cycling, so every read comes from RAM; both kernels and ATen's
+   plain sum over the same bytes (what this machine's memory gives two threads), interleaved round by round.
+2. The same two kernels in a decode step: one engine (MODEL, every expert resident, gate off, compiled),
+   alternating the kernels between runs of `--tokens` tokens; paired per round.
+3. `nn.Linear`'s one-row products (attention's projections, the lm head) as multiply-and-sum loops
+   (runtime/compiled.py `_row_linear_forward`) against `F.linear` (MKL): two engines on MODEL, one with the
+   shipped forwards, one with transformers' own, alternating; paired per round.
 
-Run on a quiet machine. Usage: python scripts/measure_expert_kernel.py [MODEL] [--rounds 20] [--tokens 32]
-(MODEL: a store with full-size experts, e.g. ~/.cache/adapmoe/stores/embedded-experts-16MiB, which
-`adapmoe bench --expert-size 16MiB` builds; without one, step 2 is skipped)"""
+Run on a quiet machine. Usage: python scripts/measure_row_products.py [MODEL] [--rounds 20] [--tokens 32]
+(MODEL: a store, e.g. ~/.cache/adapmoe/stores/embedded-experts-16MiB, which `adapmoe bench --expert-size
+16MiB` builds, or `embedded`; without one, only 1 runs)"""
 
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from profile_decode import decode
 
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.model_arg import open_model
 from adapmoe_cli.planning.resolve import open_engine
-from adapmoe_cli.runtime import expert_kernel
+from adapmoe_cli.runtime import compiled, expert_kernel
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import compile_decode
 from adapmoe_cli.runtime.moe_block import gated_activation
@@ -71,9 +75,11 @@ def isolated(rounds: int) -> None:
     report(ms, "ms", 3 * HIDDEN * INTER * 4)
 
 
+SETTINGS = {"cache.budget": BudgetRequest.parse("100%", "--budget"), "compile": True}
+
+
 def in_step(model: str, rounds: int, tokens: int) -> None:
-    settings = load_settings(overrides={"cache.budget": BudgetRequest.parse("100%", "--budget"), "compile": True})
-    with open_engine(open_model(model), settings) as engine:
+    with open_engine(open_model(model), load_settings(overrides=SETTINGS)) as engine:
         engine.use_gate(GatePolicy.off())
         compile_decode(engine)
         decode(engine, tokens)
@@ -87,9 +93,38 @@ def in_step(model: str, rounds: int, tokens: int) -> None:
             for name in list(fns) if r % 2 else list(fns)[::-1]:
                 kernel._fn = fns[name]
                 ms[name].append(decode(engine, tokens) / tokens * 1e3)
-    print(f"decode step ({model}, every expert resident, gate off, {rounds} rounds of {tokens} tokens):")
+    print(f"expert kernel in a decode step ({model}, every expert resident, gate off, {rounds} rounds of "
+          f"{tokens} tokens):")
+    paired(ms, "one sum", "pieces (shipped)")
+
+
+def linear_products(model: str, rounds: int, tokens: int) -> None:
+    store = open_model(model)
+    with open_engine(store, load_settings(overrides=SETTINGS)) as shipped, \
+            open_engine(store, load_settings(overrides=SETTINGS)) as mkl:
+        engines = {"multiply-and-sum (shipped)": shipped, "F.linear": mkl}
+        real = compiled._row_linear_forward
+        for name, engine in engines.items():
+            engine.use_gate(GatePolicy.off())
+            if name == "F.linear":  # its step compiles with transformers' own product in every nn.Linear
+                compiled._row_linear_forward = lambda linear, x: F.linear(x, linear.weight, linear.bias)
+            try:
+                compile_decode(engine)
+            finally:
+                compiled._row_linear_forward = real
+            decode(engine, tokens)
+        ms: dict[str, list[float]] = {name: [] for name in engines}
+        for r in range(rounds):
+            for name in list(engines) if r % 2 else list(engines)[::-1]:
+                ms[name].append(decode(engines[name], tokens) / tokens * 1e3)
+    print(f"nn.Linear's one-row products in a decode step ({model}, two engines, every expert resident, gate off, "
+          f"{rounds} rounds of {tokens} tokens):")
+    paired(ms, "F.linear", "multiply-and-sum (shipped)")
+
+
+def paired(ms: dict[str, list[float]], before: str, after: str) -> None:
     report(ms, "ms/token")
-    saved = [a - b for a, b in zip(ms["one sum"], ms["pieces (shipped)"], strict=True)]
+    saved = [a - b for a, b in zip(ms[before], ms[after], strict=True)]
     print(f"  paired saving: median {statistics.median(saved):.3f} ms/token "
           f"(min {min(saved):.3f}, max {max(saved):.3f})")
 
@@ -104,6 +139,7 @@ def main() -> None:
     isolated(2 * args.rounds)
     if args.model:
         in_step(args.model, args.rounds, args.tokens)
+        linear_products(args.model, args.rounds, args.tokens)
 
 
 if __name__ == "__main__":
