@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from adapmoe_cli.runtime.expert_kernel import row_product
 from adapmoe_cli.skeleton import describe
 
 
@@ -141,7 +142,7 @@ def _row_linear_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     several rows, transformers' own `F.linear`."""
     if not torch.compiler.is_compiling() or x.shape[-2] != 1:
         return torch.nn.functional.linear(x, linear.weight, linear.bias)
-    y = (linear.weight * x.unsqueeze(-2)).sum(-1)
+    y = row_product(x.reshape(-1, x.shape[-1]), linear.weight).view(*x.shape[:-1], -1)
     return y if linear.bias is None else y + linear.bias
 
 

@@ -30,15 +30,20 @@ from adapmoe_cli.skeleton import describe
 _PIECE = 4096
 
 
-def _dot(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x [t, K] × a part's weight [N, K] as a multiply and a sum over K (inductor: one reduction loop; a long
-    K in equal pieces of a quarter to all of `_PIECE`, then their sum; one piece where none divides K)."""
-    w = part[""]
+def row_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [t, K] × a weight [N, K] as a multiply and a sum over K (inductor: one reduction loop; a long K in
+    equal pieces of a quarter to all of `_PIECE`, then their sum; one piece where none divides K). The
+    compiled step's one-row products: the experts' here, every `nn.Linear`'s (compiled.py)."""
     k = w.shape[-1]
     pieces = next((p for p in range(-(-k // _PIECE), -(-4 * k // _PIECE) + 1) if k % p == 0), 1)
     if pieces == 1:
         return (w * x.unsqueeze(-2)).sum(-1)
     return (w.view(*w.shape[:-1], pieces, k // pieces) * x.view(x.shape[0], 1, pieces, k // pieces)).sum(-1).sum(-1)
+
+
+def _dot(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x × an expert part's weight (`row_product`)."""
+    return row_product(x, part[""])
 
 
 class ExpertKernel:
