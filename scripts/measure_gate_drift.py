@@ -6,8 +6,8 @@ text, and whether a wider confidence bound on the calibration text would cover t
 
 For each gate scale (rule: the store's plan's), on both splits of the embedded models' texts: the increase
 over the ungated model, the quality search's one-sided 95 % bound (each token one sample) and the same
-bound with each 256-token window one sample (windows come from different documents; if documents
-differed more than tokens, this bound would be the wider one). Prints one line per split and scale and
+bound with each scored 256-token window one sample (`quality.increase_bound`, what the search uses since
+windows come from different documents, which differ more than tokens). Prints one line per split and scale and
 writes the figures as JSON (--out). docs/bench.md quotes a run of it."""
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from adapmoe_cli.model_arg import default_text, open_model
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.plan_file import default_path as default_plan
 from adapmoe_cli.planning.plan_file import read_plan
-from adapmoe_cli.planning.quality import CONFIDENCE_Z, token_losses
+from adapmoe_cli.planning.quality import CONFIDENCE_Z, WINDOW, increase_bound, token_losses
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import load_settings
-
-WINDOW = 256
 
 
 def bound(d: torch.Tensor) -> float:
@@ -53,14 +51,14 @@ def main() -> None:
     out: dict = {"model": a.model, "rule": rule, "splits": {}}
     for split, n in (("calibration", a.calibration_tokens), ("heldout", a.heldout_tokens)):
         with token_losses(store, settings, default_text(split), n) as losses:
-            base, _ = losses(GatePolicy.off())
+            base = losses(GatePolicy.off())
             rows = []
             for scale in scales:
-                gated, experts = losses(gate_rules.gate(rule, scale, layers, store.shape.top_k))
-                d = gated - base
-                windows = torch.stack([w.mean() for w in torch.tensor_split(d, max(1, d.numel() // WINDOW))])
+                gated = losses(gate_rules.gate(rule, scale, layers, store.shape.top_k))
+                d, experts = gated.losses - base.losses, gated.experts_per_token
                 row = {"scale": scale, "tokens": d.numel(), "increase": math.exp(float(d.mean())) - 1,
-                       "bound_tokens": bound(d), "bound_windows": bound(windows), "experts_per_token": experts}
+                       "bound_tokens": bound(d), "bound_windows": increase_bound(d, base.windows),
+                       "experts_per_token": experts}
                 rows.append(row)
                 print(f"{split:11s} scale {scale:.4g}: {row['increase']:+.2%} (95% bound {row['bound_tokens']:+.2%} "
                       f"per token, {row['bound_windows']:+.2%} per {WINDOW}-token window) on {d.numel()} tokens, "

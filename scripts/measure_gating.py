@@ -28,7 +28,7 @@ from adapmoe_cli.perplexity import evaluate, read_text_tokens
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.plan_file import Plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import gate_quality
+from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, gate_quality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
@@ -157,7 +157,7 @@ def main() -> None:
                                                        result["sweep"]["base"], a.quality_budget)
                                        for rule in rules_for(shape.top_k)}
         searches = {}
-        with gate_quality(store, settings, default_text("calibration"), 4096) as calib_quality:
+        with gate_quality(store, settings, default_text("calibration"), CALIBRATION_TOKENS) as calib_quality:
             for rule in rules_for(shape.top_k):
                 s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_quality, top_k=shape.top_k)
                 eng.use_gate(gate_rules.gate(rule, s.scale, prof.layers, shape.top_k))

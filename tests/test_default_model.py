@@ -155,3 +155,54 @@ def test_the_shipped_profile_and_plan_are_installed_and_accepted(name):
     assert not choice.notes and choice.plan is not None  # the right model's plan (fingerprint), well formed
     assert choice.gate.thresholds and choice.budget.total == 16  # re-solved for 16 slots from its curves
     assert sorted(choice.budget.quotas) == list(store.shape.moe_layers)
+
+
+@pytest.mark.parametrize("name", ["embedded", "embedded-fine"])
+def test_the_shipped_versions_list_names_the_files_shipped_now(name):
+    """shipped.json (scripts/ship_default_profile.py) lists each shipped file's sha256, the current first:
+    without it, the next adapmoe could not tell the copy this one installs from one the user made."""
+    import hashlib
+
+    from adapmoe_cli.model_arg import SHIPPED_METHOD, SHIPPED_VERSIONS
+
+    src = default_model_dir(name)
+    versions = json.loads((src / SHIPPED_VERSIONS).read_text())
+    for file in SHIPPED_METHOD:
+        assert versions[file][0] == hashlib.sha256((src / file).read_bytes()).hexdigest()
+
+
+def test_an_upgrade_replaces_the_shipped_method_it_installed_but_never_what_the_user_made(tmp_path):
+    """install_shipped_method: absent files are installed; a store's copy that an earlier adapmoe shipped
+    (its sha256 in shipped.json) is replaced by this one's; a file the user made stays, and a profile the
+    user made keeps its own trace."""
+    import hashlib
+    import shutil
+
+    from adapmoe_cli.model_arg import SHIPPED_METHOD, SHIPPED_VERSIONS, install_shipped_method
+
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    pkg, store = tmp_path / "pkg", tmp_path / "store"
+    pkg.mkdir()
+    store.mkdir()
+    for file in SHIPPED_METHOD:
+        shutil.copyfile(default_model_dir() / file, pkg / file)
+    now = {f: (pkg / f).read_bytes() for f in SHIPPED_METHOD}
+    old = {f: b + b" " if f.endswith(".json") else b[:-1] + bytes([b[-1] ^ 1]) for f, b in now.items()}
+    (pkg / SHIPPED_VERSIONS).write_text(json.dumps({f: [sha(now[f]), sha(old[f])] for f in SHIPPED_METHOD}))
+
+    install_shipped_method(pkg, store)  # a new store: everything
+    assert {f: (store / f).read_bytes() for f in SHIPPED_METHOD} == now
+    for f in SHIPPED_METHOD:  # an earlier adapmoe's copies: replaced
+        (store / f).write_bytes(old[f])
+    install_shipped_method(pkg, store)
+    assert {f: (store / f).read_bytes() for f in SHIPPED_METHOD} == now
+    mine = {"profile.json": now["profile.json"] + b"\n", "plan.json": now["plan.json"] + b"\n"}
+    for f, b in mine.items():  # the user's profile and plan, beside an earlier shipped trace: all stay
+        (store / f).write_bytes(b)
+    (store / "profile.trace.safetensors").write_bytes(old["profile.trace.safetensors"])
+    install_shipped_method(pkg, store)
+    assert {f: (store / f).read_bytes() for f in mine} == mine
+    assert (store / "profile.trace.safetensors").read_bytes() == old["profile.trace.safetensors"]
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -107,3 +107,33 @@ def test_bench_expert_size_builds_once_and_measures_quality_on_the_source(make_s
     assert Store.open(big).expert_payload_bytes >= 1 << 20 and (big / "profile.json").exists()
     mtime = (big / "manifest.json").stat().st_mtime_ns
     assert _run(*args).returncode == 0 and (big / "manifest.json").stat().st_mtime_ns == mtime  # reused
+
+
+def test_the_full_size_store_follows_its_sources_method_and_keeps_its_own(tmp_path):
+    """The padded store carries its source's profile and plan (store/export.py `carry_method`); when the
+    source's plan is re-made (or an upgrade ships another), the reused padded store carries the new one;
+    a plan made for the padded store itself is never replaced."""
+    import shutil
+
+    from adapmoe_cli.model_arg import open_model
+    from adapmoe_cli.planning.plan_file import read_plan
+
+    src_dir = tmp_path / "src"
+    shutil.copytree(open_model("embedded").path, src_dir)
+    src = Store.open(src_dir)
+    big = variant_store(src, 1 << 20, out=tmp_path / "big")
+    assert read_plan(big.path / "plan.json", big).data["gate_scale"] == read_plan(src_dir / "plan.json", src).data[
+        "gate_scale"]
+    doc = json.loads((src_dir / "plan.json").read_text())
+    doc["gate_scale"] *= 0.5  # the source's plan re-made
+    (src_dir / "plan.json").write_text(json.dumps(doc))
+    manifest = (big.path / "manifest.json").read_bytes()
+    big = variant_store(src, 1 << 20, out=tmp_path / "big")
+    assert (big.path / "manifest.json").read_bytes() == manifest  # reused, not rebuilt …
+    assert read_plan(big.path / "plan.json", big).data["gate_scale"] == doc["gate_scale"]  # … with the new plan
+    own = json.loads((big.path / "plan.json").read_text())
+    del own["carried_from"]
+    own["gate_scale"] = 0.001  # made for the padded store itself
+    (big.path / "plan.json").write_text(json.dumps(own))
+    big = variant_store(src, 1 << 20, out=tmp_path / "big")
+    assert read_plan(big.path / "plan.json", big).data["gate_scale"] == 0.001

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -282,8 +283,31 @@ def test_gate_rules_and_auto():
         return gate_rules.GateQuality(10.0 * (1 + inc), 10.0, 2 * inc)
 
     found = gate_rules.find_scale("global", grad, 0.01, quality)
-    assert found.scale == pytest.approx(0.1, abs=2e-4) and found.bound <= 0.01
-    assert found.increase == pytest.approx(0.005, abs=1e-5)
+    assert 0.1 / (1 + gate_rules.SCALE_RESOLUTION) <= found.scale <= 0.1 and found.bound <= 0.01
+    failed = min(s for s, q in found.evaluations if q.bound > 0.01)
+    assert failed <= found.scale * (1 + gate_rules.SCALE_RESOLUTION)  # stopped at the resolution …
+    assert len(found.evaluations) < gate_rules.SEARCH_ITERATIONS + 1  # … before the last step
+
+
+def test_the_quality_bound_takes_each_window_as_one_sample_and_covers_another_text():
+    """The search's bound (planning/quality.py): each scored window is one sample (documents differ more
+    than tokens), and it bounds the increase another text of as many windows would show (twice one mean's
+    variance). Here tokens within a window are equal, so a per-token bound would be far narrower."""
+    from adapmoe_cli.planning.quality import CONFIDENCE_Z, WINDOW, increase_bound
+
+    d = torch.tensor([0.0] * 3 + [0.02] * 3 + [0.0] * 3 + [0.02] * 3, dtype=torch.float64)
+    sd = (4 * 0.01**2 / 3) ** 0.5  # of the four window means 0, .02, 0, .02
+    expected = math.exp(0.01 + CONFIDENCE_Z * sd * (2 / 4) ** 0.5) - 1
+    assert increase_bound(d, (3, 3, 3, 3)) == pytest.approx(expected, rel=1e-12)
+    per_token = math.exp(0.01 + CONFIDENCE_Z * float(d.std()) / 12**0.5) - 1
+    assert per_token < 0.016 < 0.023 < expected
+    # one piece (a text shorter than the tokens asked for) is cut into WINDOW-token samples …
+    long = torch.cat([torch.full((WINDOW,), v, dtype=torch.float64) for v in (0.0, 0.02, 0.0, 0.02)])
+    assert increase_bound(long, (long.numel(),)) == pytest.approx(expected, rel=1e-12)
+    # … and one too short for two samples is bounded with each token one
+    short = d[:6]
+    expected_short = math.exp(float(short.mean()) + CONFIDENCE_Z * float(short.std()) * (2 / 6) ** 0.5) - 1
+    assert increase_bound(short, (6,)) == pytest.approx(expected_short, rel=1e-12)
 
 
 def test_gate_modes_and_the_rules_beyond_top2():

@@ -39,7 +39,7 @@ from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
+from adapmoe_cli.planning.quality import HELDOUT_TOKENS, gate_perplexity, gate_quality
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, get, is_policy, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.progress import Steps
@@ -97,7 +97,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         qstore = quality_store or store
         calib = stack.enter_context(gate_quality(qstore, settings, calib_text))
         heldout_text = req.text or default_text("heldout")
-        held = stack.enter_context(gate_perplexity(qstore, settings, heldout_text, 8192))
+        held = stack.enter_context(gate_perplexity(qstore, settings, heldout_text, HELDOUT_TOKENS))
         formats = None
         if native_store is not None:
             formats = format_quality(native_store, qstore, settings, calib, held, calib_text, heldout_text, req)
@@ -155,10 +155,10 @@ def bench_stores(model: Store, expert_bytes: int | None, fmt: ExpertsFormat | No
         return BenchStores(source, None, model if quantized else None,
                            (small_fb, small_fb) if small_fb is not None else None)
     big = variant_store(model, expert_bytes, fmt, note=note)
-    if quantized and not (big.path / "profile.json").exists():
+    if quantized:
         calib_text = calibration or default_text("calibration")
         ensure_profile(source, settings, calib_text, str(calib_text), progress=progress)
-        carry_method(source, big)
+        carry_method(source, big)  # what it lacks, or carried from what the source has since replaced
     big_fb = variant_store(model, expert_bytes, fallback, note=note) if fallback is not None else None
     return BenchStores(big, source, model if quantized else None,
                        (big_fb, small_fb) if big_fb is not None and small_fb is not None else None)
@@ -172,7 +172,7 @@ def format_quality(native: Store, quantized: Store, settings: Settings, calib: C
     quality budget that is left."""
     off = GatePolicy.off()
     with gate_perplexity(native, settings, calib_text) as native_calib, \
-            gate_perplexity(native, settings, heldout_text, 8192) as native_held:
+            gate_perplexity(native, settings, heldout_text, HELDOUT_TOKENS) as native_held:
         n_cal, n_held = native_calib(off), native_held(off)
     q_cal, q_held = calib(off).perplexity, held(off)
     loss = q_cal / n_cal - 1

@@ -7,7 +7,10 @@ a hub id → its store if already made, else downloaded (only here does adapmoe 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -41,16 +44,33 @@ def default_text(split: str) -> Path:
 #: made by scripts/ship_default_profile.py and shipped beside the embedded model, so AdapMoE (adaptive gate,
 #: DP plan) is on from the first token; the trace sits beside the profile; the plan names its own budget
 SHIPPED_METHOD = ("profile.trace.safetensors", "profile.json", "plan.json")
+#: beside them: name → sha256 of every version of it that adapmoe has shipped, the current one first
+SHIPPED_VERSIONS = "shipped.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def install_shipped_method(src: Path, store_dir: Path) -> None:
     """Copy the embedded model's profile (with its trace) and plan into its store where the store lacks
-    them (what the user made is never replaced). Each file lands whole (temporary name, rename), the
+    them or holds a version an earlier adapmoe shipped (`SHIPPED_VERSIONS`), so upgrading adapmoe upgrades
+    the method; what the user made is never replaced. Each file lands whole (temporary name, rename), the
     profile after its trace, as `profile_file.write_profile` does."""
-    import shutil
+    listed = src / SHIPPED_VERSIONS
+    versions = json.loads(listed.read_text()) if listed.exists() else {}
 
-    wanted = [] if (store_dir / "profile.json").exists() else list(SHIPPED_METHOD[:2])
-    if not (store_dir / "plan.json").exists():
+    def ours(name: str) -> bool:  # absent, or a version adapmoe shipped
+        path = store_dir / name
+        return not path.exists() or _sha256(path) in versions.get(name, ())
+
+    def outdated(name: str) -> bool:
+        path = store_dir / name
+        return (src / name).exists() and (not path.exists() or _sha256(path) != _sha256(src / name))
+
+    pair = SHIPPED_METHOD[:2]  # a trace belongs to its profile: they come and go together
+    wanted = list(pair) if ours("profile.json") and any(outdated(n) for n in pair) else []
+    if ours(SHIPPED_METHOD[2]) and outdated(SHIPPED_METHOD[2]):
         wanted.append(SHIPPED_METHOD[2])
     for name in wanted:
         if not (src / name).exists():

@@ -164,8 +164,8 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
         if made is not None and all(source.get(k) == v for k, v in origin.items()) and \
                 source.get("experts_format") == origin.get("experts_format") and made.dtype_name == target and \
                 made.manifest.get("experts_format") == (fmt.spec() if fmt is not None else None):
-            if not (made.path / "profile.json").exists():
-                carry_method(store, made)
+            if not quantized(fmt) and target == store.dtype_name:
+                carry_method(store, made)  # what it lacks, or carried from what the source has since replaced
             return made
     if note is not None:
         what = [f"experts padded from {format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}"
@@ -191,8 +191,13 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
 
 def carry_method(src: Store, dst: Store) -> None:
     """Give the padded store its source's profile (with the trace) and plan, re-addressed to it: its
-    routing, outputs and so the sensitivities, trace and cost curves (counted loads) are the source's. Files
-    made for another model, or damaged, are left behind (the padded store is then profiled as any other)."""
+    routing, outputs and so the sensitivities, trace and cost curves (counted loads) are the source's. A
+    file is carried where the padded store lacks it or holds one carried from another version of the
+    source's (`carried_from`, its sha256: a re-made plan or an upgraded shipped one follows); one made for
+    the padded store itself stays. Files made for another model, or damaged, are left behind (the padded
+    store is then profiled as any other)."""
+    import hashlib
+
     from adapmoe_cli.errors import ProfileError
     from adapmoe_cli.planning.plan_file import read_plan
     from adapmoe_cli.profiling.profile_file import read_profile
@@ -203,14 +208,24 @@ def carry_method(src: Store, dst: Store) -> None:
         path = src.path / name
         if not path.exists():
             continue
+        blob = path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if (dst.path / name).exists():
+            try:
+                carried = json.loads((dst.path / name).read_text()).get("carried_from")
+            except (OSError, ValueError):
+                carried = None
+            if carried is None or carried == digest:  # its own, or carried from this very file
+                continue
         try:
             check(path, src)
         except ProfileError:
             continue
-        doc = json.loads(path.read_text())
+        doc = json.loads(blob)
         if name == "profile.json":
             trace = doc["trace"]["file"]
             write_atomic(dst.path / trace, (src.path / trace).read_bytes())
         doc["model"]["fingerprint"] = dst.fingerprint
+        doc["carried_from"] = digest
         write_atomic(dst.path / name, json.dumps(doc, indent=1))
         check(dst.path / name, dst)
