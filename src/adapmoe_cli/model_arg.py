@@ -59,19 +59,14 @@ def install_shipped_method(src: Path, store_dir: Path) -> None:
     profile after its trace, as `profile_file.write_profile` does."""
     listed = src / SHIPPED_VERSIONS
     versions = json.loads(listed.read_text()) if listed.exists() else {}
-
-    def ours(name: str) -> bool:  # absent, or a version adapmoe shipped
-        path = store_dir / name
-        return not path.exists() or _sha256(path) in versions.get(name, ())
-
-    def outdated(name: str) -> bool:
-        path = store_dir / name
-        return (src / name).exists() and (not path.exists() or _sha256(path) != _sha256(src / name))
-
+    held = {name: _sha256(store_dir / name) if (store_dir / name).exists() else None for name in SHIPPED_METHOD}
+    ours = {name: held[name] is None or held[name] in versions.get(name, ()) for name in SHIPPED_METHOD}
+    outdated = {name: (src / name).exists() and held[name] != (versions.get(name) or [_sha256(src / name)])[0]
+                for name in SHIPPED_METHOD}
     pair = SHIPPED_METHOD[:2]  # a trace belongs to its profile: they come and go together
-    wanted = list(pair) if ours("profile.json") and any(outdated(n) for n in pair) else []
-    if ours(SHIPPED_METHOD[2]) and outdated(SHIPPED_METHOD[2]):
-        wanted.append(SHIPPED_METHOD[2])
+    wanted = list(pair) if ours["profile.json"] and any(outdated[n] for n in pair) else []
+    if ours["plan.json"] and outdated["plan.json"]:
+        wanted.append("plan.json")
     for name in wanted:
         if not (src / name).exists():
             continue
