@@ -155,6 +155,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     target = store.dtype_name if dtype == "keep" else dtype
     if target != store.dtype_name:
         origin["dtype"] = target
+    same_outputs = not quantized(fmt) and target == store.dtype_name  # the source's profile and plan hold
     if (out / "manifest.json").exists():
         try:
             made: Store | None = Store.open(out)
@@ -164,7 +165,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
         if made is not None and all(source.get(k) == v for k, v in origin.items()) and \
                 source.get("experts_format") == origin.get("experts_format") and made.dtype_name == target and \
                 made.manifest.get("experts_format") == (fmt.spec() if fmt is not None else None):
-            if not quantized(fmt) and target == store.dtype_name:
+            if same_outputs:
                 carry_method(store, made)  # what it lacks, or carried from what the source has since replaced
             return made
     if note is not None:
@@ -184,8 +185,8 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     made = Store.open(out)
-    if not quantized(fmt) and target == store.dtype_name:
-        carry_method(store, made)  # same outputs: the source's profile and plan hold (else: its own)
+    if same_outputs:
+        carry_method(store, made)  # else it is profiled as its own
     return made
 
 
