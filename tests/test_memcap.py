@@ -35,13 +35,31 @@ def test_a_cap_holds_anonymous_memory_and_the_page_cache(tmp_path):
     assert r.ok and r.stdout.strip() == "ok" and 48 * MiB <= r.peak_bytes <= 256 * MiB
     # the page cache is charged: reading a file larger than the cap keeps the group at the cap, not killed
     big = tmp_path / "big"
-    with open(big, "wb") as f:
-        f.write(os.urandom(1 << 20) * 160)
+    _uncached_file(big, 160)
+    r = memcap.run_capped(_python(f"f = open({str(big)!r}, 'rb')\nwhile f.read(1 << 20): pass"), 96 * MiB)
+    assert r.ok and r.peak_bytes <= 96 * MiB and r.peak_bytes > 48 * MiB  # cache filled up to the cap
+
+
+def _uncached_file(path, mib: int) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20) * mib)
         f.flush()
         os.fsync(f.fileno())  # dirty pages are not dropped: written back first, the file leaves the page cache
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    r = memcap.run_capped(_python(f"f = open({str(big)!r}, 'rb')\nwhile f.read(1 << 20): pass"), 96 * MiB)
-    assert r.ok and r.peak_bytes <= 96 * MiB and r.peak_bytes > 48 * MiB  # cache filled up to the cap
+
+
+@needs_cgroup
+def test_the_working_set_leaves_out_the_page_cache_a_run_read_once(tmp_path):
+    """The bench's baseline is a run's peak working set: its anonymous memory counts, the file pages it read
+    once and left (the kernel's inactive list, reclaimed first under a cap) do not; the group's peak usage
+    counts both."""
+    big = tmp_path / "big"
+    _uncached_file(big, 160)
+    code = (f"import time\nb = bytearray(48 << 20); b[::4096] = b'x' * len(b[::4096])\nf = open({str(big)!r}, 'rb')\n"
+            "while f.read(1 << 20): pass\ntime.sleep(0.3)")
+    r = memcap.run_capped(_python(code), 512 * MiB)
+    assert r.ok and r.peak_bytes > (48 + 150) * MiB  # the file's pages were charged to the group
+    assert 48 * MiB <= r.peak_working_bytes < r.peak_bytes - 100 * MiB
 
 
 @needs_cgroup

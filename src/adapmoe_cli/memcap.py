@@ -1,8 +1,9 @@
 """Memory caps that count the page cache: one process run in a memory cgroup of its own (v1
 `memory.limit_in_bytes` or v2 `memory.max`), so a run that maps its weights (llama.cpp) and one that reads
 them with O_DIRECT (ours) are held to the same bytes. Needs root (or a delegated cgroup); `why_unavailable`
-says when there is none. Reports the group's peak usage and whether the kernel killed the process for
-memory. Knows nothing of models."""
+says when there is none. Reports the group's peak usage, its peak working set (usage less the inactive
+file pages: what the kernel does not reclaim first under the cap, the measure Kubernetes calls the working set)
+and whether the kernel killed the process for memory. Knows nothing of models."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import itertools
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 V1 = Path("/sys/fs/cgroup/memory")
+#: seconds between two samples of a capped run's working set
+SAMPLE_S = 0.05
 V2 = Path("/sys/fs/cgroup")
 _counter = itertools.count()
 
@@ -27,6 +31,9 @@ class CappedRun:
     cap_bytes: int | None
     peak_bytes: int | None  # the group's max usage, page cache included (None: not capped, or not reported)
     killed_for_memory: bool
+    #: the largest working set sampled (usage less inactive file pages, every SAMPLE_S): the page cache a run
+    #: read once and left (imports, the compiler's cache files) is not in it
+    peak_working_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,6 +94,20 @@ class _Group:
         except (OSError, ValueError):
             return None
 
+    def working_set(self) -> int | None:
+        """Usage now less the inactive file pages (they go first when the group reaches its cap)."""
+        usage, inactive = ("memory.usage_in_bytes", "total_inactive_file") if self.version == 1 else \
+            ("memory.current", "inactive_file")
+        try:
+            used = int((self.path / usage).read_text())
+            for line in (self.path / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive:
+                    return max(0, used - int(value))
+        except (OSError, ValueError):
+            pass
+        return None
+
     def oom_kills(self) -> int:
         name = "memory.oom_control" if self.version == 1 else "memory.events"
         try:
@@ -115,10 +136,25 @@ def run_capped(argv: list[str], cap_bytes: int | None, input: str | None = None,
         r = subprocess.run(argv, input=input, capture_output=True, text=True, env=env, timeout=timeout)
         return CappedRun(r.returncode, r.stdout, r.stderr, None, None, False)
     group = _Group(cap_bytes)
+    working: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_S):
+            ws = group.working_set()
+            if ws is not None:
+                working.append(ws)
+
+    sampler = threading.Thread(target=sample, name="adapmoe-memcap", daemon=True)
+    sampler.start()
     try:
         r = subprocess.run(group.wrap(argv), input=input, capture_output=True, text=True, env=env, timeout=timeout)
         kills = group.oom_kills()
         killed = kills > 0 or r.returncode == -signal.SIGKILL
-        return CappedRun(r.returncode, r.stdout, r.stderr, cap_bytes, group.peak(), killed)
+        done.set()
+        sampler.join()
+        return CappedRun(r.returncode, r.stdout, r.stderr, cap_bytes, group.peak(), killed,
+                         max(working) if working else None)
     finally:
+        done.set()
         group.remove()

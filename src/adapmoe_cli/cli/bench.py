@@ -201,8 +201,9 @@ def render(r: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning:[/] {cap['why']}")
     elif cap is not None:
         console.print(f"memory caps hold the whole process, page cache included (a cgroup per run); the runtime's "
-                      f"measured baseline {cap['baseline_bytes'] / 2**20:.0f} MiB (Python, torch, dense weights) and "
-                      f"{cap['margin_bytes'] / 2**20:.0f} MiB of margin come off each cap before the expert slots")
+                      f"measured baseline {cap['baseline_bytes'] / 2**20:.0f} MiB (the peak working set of Python, "
+                      f"torch, the dense weights) and {cap['margin_bytes'] / 2**20:.0f} MiB of margin come off each "
+                      "cap before the expert slots")
 
 
 def render_table(r: dict[str, Any]) -> None:
