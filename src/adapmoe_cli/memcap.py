@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 V1 = Path("/sys/fs/cgroup/memory")
+V2 = Path("/sys/fs/cgroup")
 #: seconds between two samples of a capped run's working set
 SAMPLE_S = 0.05
-V2 = Path("/sys/fs/cgroup")
 _counter = itertools.count()
 
 
