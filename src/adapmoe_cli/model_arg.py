@@ -7,7 +7,6 @@ a hub id → its store if already made, else downloaded (only here does adapmoe 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from adapmoe_cli.errors import StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.hub import looks_like_repo_id
 from adapmoe_cli.paths import store_dir_for_repo, stores_dir
+from adapmoe_cli.safe_io import sha256_file
 from adapmoe_cli.store import Store, is_store
 
 Progress = Callable[[int, int], None]
@@ -48,10 +48,6 @@ SHIPPED_METHOD = ("profile.trace.safetensors", "profile.json", "plan.json")
 SHIPPED_VERSIONS = "shipped.json"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def install_shipped_method(src: Path, store_dir: Path) -> None:
     """Copy the embedded model's profile (with its trace) and plan into its store where the store lacks
     them or holds a version an earlier adapmoe shipped (`SHIPPED_VERSIONS`), so upgrading adapmoe upgrades
@@ -59,9 +55,9 @@ def install_shipped_method(src: Path, store_dir: Path) -> None:
     profile after its trace, as `profile_file.write_profile` does."""
     listed = src / SHIPPED_VERSIONS
     versions = json.loads(listed.read_text()) if listed.exists() else {}
-    held = {name: _sha256(store_dir / name) if (store_dir / name).exists() else None for name in SHIPPED_METHOD}
+    held = {name: sha256_file(store_dir / name) if (store_dir / name).exists() else None for name in SHIPPED_METHOD}
     ours = {name: held[name] is None or held[name] in versions.get(name, ()) for name in SHIPPED_METHOD}
-    outdated = {name: (src / name).exists() and held[name] != (versions.get(name) or [_sha256(src / name)])[0]
+    outdated = {name: (src / name).exists() and held[name] != (versions.get(name) or [sha256_file(src / name)])[0]
                 for name in SHIPPED_METHOD}
     pair = SHIPPED_METHOD[:2]  # a trace belongs to its profile: they come and go together
     wanted = list(pair) if ours["profile.json"] and any(outdated[n] for n in pair) else []

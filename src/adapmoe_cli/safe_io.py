@@ -6,6 +6,7 @@ one can plant beforehand, then is renamed over the target. Knows nothing of what
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -112,6 +113,15 @@ def parse_json(data: bytes, what: str, error: type[AdapmoeError], max_depth: int
     if not json_depth_ok(doc, max_depth):
         raise error(f"{what} nests deeper than {max_depth} levels; it cannot be right")
     return doc
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 8 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def ensure_dir(path: Path) -> Path:

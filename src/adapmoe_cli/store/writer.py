@@ -34,7 +34,7 @@ from adapmoe_cli.checkpoint import (
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat, dequantize_mxfp4
 from adapmoe_cli.families import is_weight
-from adapmoe_cli.safe_io import ensure_dir, read_capped, write_atomic
+from adapmoe_cli.safe_io import ensure_dir, read_capped, sha256_file, write_atomic
 from adapmoe_cli.store.manifest import (
     ALIGNMENT,
     FORMAT,
@@ -68,14 +68,6 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[n:]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _target_dtype(ckpt: Checkpoint, dtype: str) -> torch.dtype:
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
@@ -101,7 +93,7 @@ def fingerprint(ckpt: Checkpoint, dtype: torch.dtype, content: str, fmt: Experts
         "config": ckpt.config,
         "dtype": str(dtype),
         "tensors": sorted((t.name, list(t.shape), str(t.dtype), t.nbytes) for t in ckpt.tensors.values()),
-        "side": sorted((p.name, _sha256_file(p)) for p in side_files(ckpt.path)),
+        "side": sorted((p.name, sha256_file(p)) for p in side_files(ckpt.path)),
         "content": content,
     }
     spec = fmt.spec() if fmt is not None else None
