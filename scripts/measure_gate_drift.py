@@ -1,7 +1,7 @@
 """How much the adaptive gate's perplexity increase differs between the calibration and the held-out
 text, and whether a wider confidence bound on the calibration text would cover the difference.
 
-    python scripts/measure_gate_drift.py [--model embedded] [--scales 0.003,0.00602]
+    python scripts/measure_gate_drift.py [--model embedded] [--scales 0.003,0.00602] [--rule RULE]
                                          [--calibration-tokens 4096] [--heldout-tokens 8192]
 
 For each gate scale (rule: the store's plan's), on both splits of the embedded models' texts: the increase
@@ -39,14 +39,17 @@ def main() -> None:
     ap.add_argument("--scales", default=None, help="comma-separated gate scales (default: the shipped plan's)")
     ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--heldout-tokens", type=int, default=8192)
+    ap.add_argument("--rule", default=None, help="the gate rule (default: the shipped plan's)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(2)
     store = open_model(a.model)
     settings = load_settings()
-    layers = read_profile(default_path(store), store).layers
+    prof = read_profile(default_path(store), store)
+    layers = prof.layers
     plan = read_plan(default_plan(store), store)
-    rule = plan.gate.rule
+    rule = a.rule or plan.gate.rule
+    stats = prof.expert_stats_for(rule, store.shape.top_k)
     scales = [float(x) for x in a.scales.split(",")] if a.scales else [float(plan.gate.scale)]
     out: dict = {"model": a.model, "rule": rule, "splits": {}}
     for split, n in (("calibration", a.calibration_tokens), ("heldout", a.heldout_tokens)):
@@ -54,7 +57,7 @@ def main() -> None:
             base = losses(GatePolicy.off())
             rows = []
             for scale in scales:
-                gated = losses(gate_rules.gate(rule, scale, layers, store.shape.top_k))
+                gated = losses(gate_rules.gate(rule, scale, layers, store.shape.top_k, stats))
                 d, experts = gated.losses - base.losses, gated.experts_per_token
                 row = {"scale": scale, "tokens": d.numel(), "increase": math.exp(float(d.mean())) - 1,
                        "bound_tokens": bound(d), "bound_windows": increase_bound(d, base.windows),

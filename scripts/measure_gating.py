@@ -3,7 +3,9 @@
     python scripts/measure_gating.py [MODEL] [--out docs/gating] [--tokens 8192] [--decode-tokens 2048]
 
 1. For each rule (paper: sqrt(c/F_l); global: one threshold; weighted: sqrt(c/S_l); with top-k > 2 also
-   top-p: post-hoc top-p, and weighted-tail: weighted's thresholds on the dropped tail), a sweep of the
+   top-p: post-hoc top-p, and weighted-tail: weighted's thresholds on the dropped tail; where the profile
+   has expert statistics, the compensating rules: weighted+mean, and with top-k > 2 weighted-tail+mean and
+   spread-tail), a sweep of the
    scale, and static top-k' for every k' < k: experts per token and perplexity on the held-out split (not
    the calibration split). Each rule's experts saved at the quality budget, read off its held-out curve
    by bisection (static top-k': interpolated between its integer points).
@@ -31,29 +33,33 @@ from adapmoe_cli.planning.planner import PlanRequest, make_plan
 from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, gate_quality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 from adapmoe_cli.runtime.generate import new_kv_cache
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import load_settings
 
 
-def rules_for(top_k: int) -> tuple[str, ...]:
-    """At top-2 the tail rules are the share rules (one expert beyond the top-1): measured once."""
-    return ("paper", "global", "weighted") + (("top-p", "weighted-tail", "weighted-l2") if top_k > 2 else ())
+def rules_for(top_k: int, stats: ExpertStats | None = None) -> tuple[str, ...]:
+    """At top-2 the tail rules are the share rules (one expert beyond the top-1): measured once. The
+    compensating rules where the profile has expert statistics."""
+    rules = ("paper", "global", "weighted") + (("top-p", "weighted-tail", "weighted-l2") if top_k > 2 else ())
+    if stats is not None:
+        rules += ("weighted+mean",) + (("weighted-tail+mean", "spread-tail") if top_k > 2 else ())
+    return rules
 
 
 def sweep(engine: Engine, prof_layers: list[dict], held: list[int], window: int, points: int, top_k: int,
-          spacing: float = 1.0) -> dict:
+          spacing: float = 1.0, stats: ExpertStats | None = None) -> dict:
     base = evaluate(engine, held, window)
     out = {"base": {"perplexity": base.perplexity, "experts_per_token": base.stats.experts_per_token}}
-    for rule in rules_for(top_k):
-        hi = gate_rules.max_scale(rule, prof_layers, top_k)
+    for rule in rules_for(top_k, stats):
+        hi = gate_rules.max_scale(rule, prof_layers, top_k, stats)
         rows = []
         for i in range(1, points + 1):
             # thresholds grow like sqrt(c): space the scales so thresholds are evenly spread (`--spacing`
             # above 1 crowds the points towards the small thresholds, where a quality budget lands)
             c = hi * (i / points) ** (spacing * (1 if rule in ("global", "top-p") else 2))
-            engine.use_gate(gate_rules.gate(rule, c, prof_layers, top_k))
+            engine.use_gate(gate_rules.gate(rule, c, prof_layers, top_k, stats))
             r = evaluate(engine, held, window)
             rows.append({"scale": c, "perplexity": r.perplexity, "experts_per_token": r.stats.experts_per_token})
             print(f"{rule:13} c={c:.4g}  ppl {r.perplexity:.3f}  experts/token {r.stats.experts_per_token:.3f}",
@@ -72,17 +78,17 @@ def sweep(engine: Engine, prof_layers: list[dict], held: list[int], window: int,
 
 
 def at_budget(engine: Engine, rule: str, prof_layers: list[dict], held: list[int], window: int, top_k: int,
-              base: dict, budget: float, iterations: int = 9) -> dict:
+              base: dict, budget: float, iterations: int = 9, stats: ExpertStats | None = None) -> dict:
     """The rule's point on the held-out curve at the budget: bisection (in sqrt-scale for the per-layer
     rules) for the largest scale whose held-out increase stays within `budget`. Reading the curve there
     rather than interpolating between sweep points (the curves are convex, so a straight line between
     two points under-reads them)."""
-    lo, hi = 0.0, gate_rules.max_scale(rule, prof_layers, top_k)
+    lo, hi = 0.0, gate_rules.max_scale(rule, prof_layers, top_k, stats)
     flat = rule in ("global", "top-p")
     best = {"scale": 0.0, "perplexity": base["perplexity"], "experts_per_token": base["experts_per_token"]}
     for _ in range(iterations):
         mid = (lo + hi) / 2 if flat else ((lo ** 0.5 + hi ** 0.5) / 2) ** 2
-        engine.use_gate(gate_rules.gate(rule, mid, prof_layers, top_k))
+        engine.use_gate(gate_rules.gate(rule, mid, prof_layers, top_k, stats))
         r = evaluate(engine, held, window)
         if r.perplexity / base["perplexity"] - 1 <= budget:
             lo, best = mid, {"scale": mid, "perplexity": r.perplexity, "experts_per_token": r.stats.experts_per_token}
@@ -139,6 +145,7 @@ def main() -> None:
     store = open_model(a.model)
     settings = load_settings()
     prof = read_profile(default_path(store), store)
+    stats = prof.expert_stats() if prof.has_expert_stats else None
     window = int(min(256, store.config.get("max_position_embeddings", 256)))
     shape = store.shape
     result: dict = {"model": str(store.path), "profile_method": prof.data["method"]}
@@ -146,7 +153,7 @@ def main() -> None:
         tok = load_tokenizer(store)
         held = read_text_tokens(tok, default_text("heldout"), max_tokens=a.tokens)
         result["heldout_tokens"] = len(held)
-        result["sweep"] = sweep(eng, prof.layers, held, window, a.points, shape.top_k, a.spacing)
+        result["sweep"] = sweep(eng, prof.layers, held, window, a.points, shape.top_k, a.spacing, stats)
         base_ppl = result["sweep"]["base"]["perplexity"]
         result["saved_at_budget"] = {name: saved_at(rows, result["sweep"]["base"], a.quality_budget)
                                      for name, rows in result["sweep"].items() if name != "base"}
@@ -154,20 +161,22 @@ def main() -> None:
             print(f"{name}: {'-' if saved is None else f'{saved:.1%}'} fewer expert evaluations at "
                   f"+{a.quality_budget:.0%} (interpolated)", flush=True)
         result["at_budget_heldout"] = {rule: at_budget(eng, rule, prof.layers, held, window, shape.top_k,
-                                                       result["sweep"]["base"], a.quality_budget)
-                                       for rule in rules_for(shape.top_k)}
+                                                       result["sweep"]["base"], a.quality_budget, stats=stats)
+                                       for rule in rules_for(shape.top_k, stats)}
         searches = {}
         with gate_quality(store, settings, default_text("calibration"), CALIBRATION_TOKENS) as calib_quality:
-            for rule in rules_for(shape.top_k):
-                s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_quality, top_k=shape.top_k)
-                eng.use_gate(gate_rules.gate(rule, s.scale, prof.layers, shape.top_k))
+            for rule in rules_for(shape.top_k, stats):
+                s = gate_rules.find_scale(rule, prof.layers, a.quality_budget, calib_quality, top_k=shape.top_k,
+                                          stats=stats)
+                eng.use_gate(gate_rules.gate(rule, s.scale, prof.layers, shape.top_k, stats))
                 r = evaluate(eng, held, window)
                 searches[rule] = {"scale": s.scale, "calibration_increase": s.increase,
                                   "calibration_increase_bound": s.bound,
                                   "heldout_perplexity": r.perplexity, "heldout_increase": r.perplexity / base_ppl - 1,
                                   "experts_per_token": r.stats.experts_per_token,
                                   "experts_saved": 1 - r.stats.experts_per_token / shape.top_k,
-                                  "thresholds": gate_rules.thresholds(rule, s.scale, prof.layers, shape.top_k)}
+                                  "thresholds": gate_rules.thresholds(rule, s.scale, prof.layers, shape.top_k,
+                                                                      stats)}
                 print(f"search {rule}: c={s.scale:.4g} held-out {searches[rule]['heldout_increase']:+.2%} "
                       f"experts/token {r.stats.experts_per_token:.3f}", flush=True)
         eng.use_gate(GatePolicy.off())
@@ -176,7 +185,7 @@ def main() -> None:
     if a.skip_plan:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        draw(result, a.out.with_suffix(".png"), shape.top_k)
+        draw(result, a.out.with_suffix(".png"), shape.top_k, stats)
         print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.png')}")
         return
 
@@ -201,11 +210,11 @@ def main() -> None:
     result["plan_vs_even"] = {"budget_slots": half.total, "rule": best, "decode_tokens": len(decode_ids), **rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    draw(result, a.out.with_suffix(".png"), shape.top_k)
+    draw(result, a.out.with_suffix(".png"), shape.top_k, stats)
     print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.png')}")
 
 
-def draw(result: dict, path: Path, top_k: int) -> None:
+def draw(result: dict, path: Path, top_k: int, stats: ExpertStats | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +223,7 @@ def draw(result: dict, path: Path, top_k: int) -> None:
     sw = result["sweep"]
     base = sw["base"]["perplexity"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rule in rules_for(top_k) + ("static",):
+    for rule in rules_for(top_k, stats) + ("static",):
         xs = [sw["base"]["experts_per_token"]] + [r["experts_per_token"] for r in sw[rule]]
         ys = [0.0] + [100 * (r["perplexity"] / base - 1) for r in sw[rule]]
         line, = ax.plot(xs, ys, marker="o", ls=":" if rule == "static" else "-",

@@ -5,7 +5,7 @@
 Runs, on a fresh ADAPMOE_HOME, exactly what a user would run to turn AdapMoE on:
     adapmoe profile MODEL                                  (gradient method, 8,192 calibration tokens)
     adapmoe plan-cache MODEL --budget 50% --quality-budget 1%
-and copies `profile.json`, `profile.trace.safetensors` and `plan.json` into the model's package folder
+and copies `profile.json`, `profile.trace.safetensors`, `profile.experts.safetensors` and `plan.json` into the model's package folder
 (src/adapmoe_cli/default_model/ or fine_model/), with `shipped.json`: the sha256 of every version of each
 file ever shipped (this one, the git history's, the previous list's), by which an upgraded adapmoe knows
 a store's copy for one it installed and replaces it (`model_arg.install_shipped_method`).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"embedded": "default_model", "embedded-fine": "fine_model"}
-FILES = ("profile.json", "profile.trace.safetensors", "plan.json")
+FILES = ("profile.json", "profile.trace.safetensors", "profile.experts.safetensors", "plan.json")
 
 
 def versions(out: Path, name: str, listed: dict[str, list[str]]) -> list[str]:

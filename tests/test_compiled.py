@@ -12,13 +12,13 @@ import os
 import subprocess
 import sys
 import weakref
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from adapmoe_cli.runtime import moe_block
 from adapmoe_cli.runtime.expert_kernel import ExpertKernel
-from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
 from tests.helpers import greedy, ref_greedy, reference_models, runtime_engine
@@ -99,6 +99,27 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     assert notes == [] and step.compile_s is not None and tokens == expected
     assert calls.lookups == (20 - 1 + 12 - 1) * SPEC.num_hidden_layers  # every decode step ran compiled
     assert records == list(range(SPEC.num_hidden_layers)) * 5  # watched: the prompt and 4 steps, eagerly
+
+
+def test_a_compensating_gate_compiles_to_the_eager_tokens_and_counts(make_store):
+    """The compensating gate (dropped experts replaced by their mean outputs, shares weighed by spreads) in
+    the compiled step: the eager step's tokens and counts; and the means reach the tokens (zero ones, the
+    same rule, answer otherwise)."""
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    g = torch.Generator().manual_seed(1)
+    layers = range(SPEC.num_hidden_layers)
+    n, h = SPEC.num_local_experts, SPEC.hidden_size
+    stats = ExpertStats({i: 0.5 * torch.randn(n, h, generator=g) for i in layers},
+                        {i: 0.3 + 1.4 * torch.rand(n, generator=g) for i in layers})
+    gate = GatePolicy({0: 0.3, 1: 0.25}, rule="test", mode="tail", stats=stats, spreads=True)
+    notes: list[str] = []
+    eager_tokens, eager_counts, _ = _run(store, False, gate, notes)
+    tokens, counts, step = _run(store, True, gate, notes)
+    assert notes == [] and step.failure is None and step.compile_s is not None
+    assert tokens == eager_tokens and counts == eager_counts
+    assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok
+    zero = ExpertStats({i: torch.zeros(n, h) for i in layers}, stats.spread)
+    assert _run(store, False, replace(gate, stats=zero), notes)[0] != tokens
 
 
 def _switch(out: list):

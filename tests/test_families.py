@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from adapmoe_cli.families import FAMILIES, get_family
-from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.store.writer import shard
 from adapmoe_cli.synthetic import TINY_FAMILIES, write_family_checkpoint
@@ -131,11 +131,13 @@ RENORMALISES = {
 }
 
 
-def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises: bool, mode: str = "share"
+def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises: bool, mode: str = "share",
+                   ids: torch.Tensor | None = None, spread: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate on a router's weights [T, k] in the router's own order: an expert other than the
     highest-weighted is dropped when its share of the k weights is below `threshold` (`share`), or when it
-    and every lower-weighted one together carry less than `threshold` (`tail`) — its weight set to 0
+    and every lower-weighted one together carry less than `threshold` (`tail`; with `spread` [E], each
+    share counted times its expert's spread, `ids` [T, k] naming the experts) — its weight set to 0
     (GPT-OSS's experts module has no skip index); (new weights, dropped mask)."""
     drop = torch.zeros_like(weights, dtype=torch.bool)
     if threshold is None:
@@ -147,7 +149,7 @@ def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises:
         for t in range(share.shape[0]):
             tail = 0.0
             for j in sorted(range(share.shape[1]), key=lambda j: -float(share[t, j]))[::-1]:
-                tail += float(share[t, j])
+                tail += float(share[t, j]) * (1.0 if spread is None else float(spread[ids[t, j]]))
                 drop[t, j] = tail < threshold
     drop.scatter_(-1, share.argmax(-1, keepdim=True), False)
     kept = weights.masked_fill(drop, 0.0)
@@ -157,10 +159,12 @@ def reference_gate(weights: torch.Tensor, threshold: float | None, renormalises:
 
 
 @contextmanager
-def gated_experts(model, thresholds: dict[int, float], renormalises: bool, mode: str = "share"
-                  ) -> Iterator[list[int]]:
+def gated_experts(model, thresholds: dict[int, float], renormalises: bool, mode: str = "share",
+                  stats: ExpertStats | None = None, spreads: bool = False) -> Iterator[list[int]]:
     """Apply `reference_gate` to what each MoE layer's experts module of transformers' model receives;
-    yields [choices seen, dropped]."""
+    with `stats`, compensated: the kept experts keep the router's weights and each dropped expert adds its
+    weight times its mean output (and, with `spreads`, shares are weighed by the experts' spreads); yields
+    [choices seen, dropped]."""
     counts = [0, 0]
     saved = []
     for i, layer in enumerate(model.model.layers):
@@ -170,10 +174,17 @@ def gated_experts(model, thresholds: dict[int, float], renormalises: bool, mode:
         orig = experts.forward
 
         def forward(x, idx, w, orig=orig, i=i):
-            w, drop = reference_gate(w, thresholds.get(i), renormalises, mode)
+            spread = stats.spread[i] if stats is not None and spreads and i in thresholds else None
+            kept, drop = reference_gate(w, thresholds.get(i), renormalises and stats is None, mode, idx, spread)
             counts[0] += idx.numel()
             counts[1] += int(drop.sum())
-            return orig(x, idx, w)
+            out = orig(x, idx, kept)
+            if stats is not None and i in thresholds:
+                for t in range(idx.shape[0]):
+                    for j in range(idx.shape[1]):
+                        if drop[t, j]:
+                            out[t] = out[t] + w[t, j] * stats.mean[i][idx[t, j]].to(out.dtype)
+            return out
 
         saved.append((experts, orig))
         experts.forward = forward
@@ -184,15 +195,19 @@ def gated_experts(model, thresholds: dict[int, float], renormalises: bool, mode:
             experts.forward = orig
 
 
-def _thresholds(model, store: Store, mode: str = "share") -> dict[int, float]:
-    """Per MoE layer, a threshold between two non-top shares (`tail`: sums of the shares from the j-th on)
-    seen on the prompt (never on one), so some but not all are dropped; the first MoE layer is left
-    ungated."""
+def _thresholds(model, store: Store, mode: str = "share", spread: dict[int, torch.Tensor] | None = None
+                ) -> dict[int, float]:
+    """Per MoE layer, a threshold between two non-top shares (`tail`: sums of the shares from the j-th on,
+    each times its expert's `spread` where given) seen on the prompt (never on one), so some but not all
+    are dropped; the first MoE layer is left ungated."""
     shares: dict[int, list[torch.Tensor]] = {}
     hooks = []
     for layer in store.shape.moe_layers:
         def seen(module, args, layer=layer):
-            w = torch.sort(args[2] / args[2].sum(-1, keepdim=True), -1, descending=True).values[:, 1:]
+            w, order = torch.sort(args[2] / args[2].sum(-1, keepdim=True), -1, descending=True)
+            if spread is not None:
+                w = w * spread[layer][args[1].gather(-1, order)]
+            w = w[:, 1:]
             if mode == "tail":
                 w = w.flip(-1).cumsum(-1)
             shares.setdefault(layer, []).append(w.flatten())
@@ -233,6 +248,47 @@ def test_gate_equals_the_gate_inside_transformers(family, name, mode):
             ours = eng.model(torch.tensor([PROMPT])).logits
         assert (ours - theirs).abs().max().item() <= 1e-4
         assert eng.stats.experts_per_token < store.shape.top_k
+
+
+def _stats(store: Store, seed: int = 0) -> ExpertStats:
+    """Expert statistics made up for a test: mean outputs of the size a real expert's are, spreads 0.3–1.7."""
+    g = torch.Generator().manual_seed(seed)
+    n, h = store.shape.num_experts, int(store.config["hidden_size"])
+    layers = store.shape.moe_layers
+    return ExpertStats({layer: 0.05 * torch.randn(n, h, generator=g) for layer in layers},
+                       {layer: 0.3 + 1.4 * torch.rand(n, generator=g) for layer in layers})
+
+
+@pytest.mark.parametrize(("name", "spreads"), [("mixtral", False), ("qwen3_moe", True), ("olmoe", True),
+                                               ("deepseek_v3", False)])
+def test_compensating_gate_equals_the_same_gate_inside_transformers(family, name, spreads):
+    """A compensating gate (a dropped expert replaced by its mean output, the kept ones keeping the router's
+    weights; with `spreads`, the tail of shares weighed by the experts' spreads) against the same written
+    here around transformers' experts modules: greedy tokens, logits, and fewer experts computed."""
+    _, store_path, ref = family(name)
+    store = Store.open(store_path)
+    stats = _stats(store)
+    mode = "tail" if spreads else "share"
+    th = _thresholds(ref, store, mode, stats.spread if spreads else None)
+    renorm = RENORMALISES[name](ref.config)
+    with gated_experts(ref, th, renorm, mode, stats, spreads) as counts:
+        want = ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([PROMPT])).logits
+    assert 0 < counts[1] < counts[0]
+    gate = GatePolicy(th, rule="test", mode=mode, stats=stats, spreads=spreads)
+    budget = len(store.shape.moe_layers) * 2
+    with runtime_engine(store, {"cache.budget": budget, "prefetch": True, "prefetch_precision": 0.0}, gate=gate) as eng:
+        assert greedy(eng, PROMPT, STEPS) == want
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert eng.stats.experts_per_token < store.shape.top_k
+    # the same drops without the means (zero ones) answer otherwise: the comparison above can fail
+    zero = ExpertStats({k: torch.zeros_like(v) for k, v in stats.mean.items()}, stats.spread)
+    with gated_experts(ref, th, renorm, mode, zero, spreads), torch.no_grad():
+        plain = ref(torch.tensor([PROMPT])).logits
+    assert (plain - theirs).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -124,6 +124,9 @@ def test_the_full_size_store_follows_its_sources_method_and_keeps_its_own(tmp_pa
     big = variant_store(src, 1 << 20, out=tmp_path / "big")
     assert read_plan(big.path / "plan.json", big).data["gate_scale"] == read_plan(src_dir / "plan.json", src).data[
         "gate_scale"]
+    carried = read_plan(big.path / "plan.json", big).gate  # its compensating gate finds the statistics carried
+    assert carried.stats is not None and carried.rule == "weighted+mean"
+    assert torch.equal(carried.stats.mean[0], read_plan(src_dir / "plan.json", src).gate.stats.mean[0])
     doc = json.loads((src_dir / "plan.json").read_text())
     doc["gate_scale"] *= 0.5  # the source's plan re-made
     (src_dir / "plan.json").write_text(json.dumps(doc))

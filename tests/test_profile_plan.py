@@ -316,7 +316,7 @@ def test_gate_modes_and_the_rules_beyond_top2():
     together carry less than T (post-hoc top-p, p = 1 − T), `count` keeps the first k'. At top-2, share
     and tail are one rule. The top-k > 2 rules and `auto`'s choice by k."""
     from adapmoe_cli.planning import gate_rules
-    from adapmoe_cli.runtime.gating import GatePolicy, adaptive_keep
+    from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy, adaptive_keep, costs
 
     g = torch.Generator().manual_seed(0)
     shares = torch.sort(torch.softmax(3 * torch.randn(200, 8, generator=g), -1), -1, descending=True).values
@@ -343,13 +343,25 @@ def test_gate_modes_and_the_rules_beyond_top2():
     top_p = gate_rules.gate("top-p", 0.15, grad, 8)
     assert top_p.thresholds == {0: 0.15, 1: 0.15} and top_p.mode == "tail"
     assert gate_rules.gate("weighted", 0.08, grad, 8).mode == "share"
-    assert gate_rules.gate("auto", 0.08, grad, 8).rule == gate_rules.AUTO_FINE
+    assert gate_rules.gate("auto", 0.08, grad, 8).rule == "weighted-tail"  # (no expert statistics)
     assert gate_rules.gate("auto", 0.08, fwd, 8).rule == "top-p"
     assert gate_rules.gate("auto", 0.08, grad, 2).rule == "weighted"
-    # the largest scale keeps only the top-1 in every layer, whatever the mode
-    for rule in ("top-p", "weighted-tail", "weighted"):
-        policy = gate_rules.gate(rule, gate_rules.max_scale(rule, grad, 8), grad, 8)
-        assert adaptive_keep(shares, policy.threshold(0), policy.mode).sum().item() == 200
+    # with expert statistics `auto` compensates; a compensating rule without them is refused
+    stats = ExpertStats({i: torch.zeros(8, 4) for i in (0, 1)},
+                        {i: torch.linspace(0.2, 2.5, 8) for i in (0, 1)})
+    assert gate_rules.gate("auto", 0.08, grad, 8, stats).rule == gate_rules.AUTO_FINE == "spread-tail"
+    assert gate_rules.gate("auto", 0.08, grad, 2, stats).rule == "weighted+mean"
+    assert gate_rules.gate("auto", 0.08, fwd, 8, stats).rule == "top-p"
+    assert gate_rules.gate("spread-tail", 0.08, grad, 8, stats).stats is stats
+    assert gate_rules.gate("weighted-tail", 0.08, grad, 8, stats).stats is None
+    with pytest.raises(ProfileError, match="expert statistics"):
+        gate_rules.gate("weighted+mean", 0.08, grad, 8)
+    # the largest scale keeps only the top-1 in every layer, whatever the mode (with spreads: up to 2.5)
+    ids = torch.stack([torch.randperm(8, generator=g) for _ in range(200)])
+    for rule in ("top-p", "weighted-tail", "weighted", "spread-tail"):
+        policy = gate_rules.gate(rule, gate_rules.max_scale(rule, grad, 8, stats), grad, 8, stats)
+        c = costs(shares, ids, policy.spread(0))
+        assert adaptive_keep(c, policy.threshold(0), policy.mode).sum().item() == 200
     assert [gate_rules.mode_of(r) for r in ("weighted", "top-p", "top-4", "off")] == ["share", "tail", "count", "share"]
     with pytest.raises(UsageError, match="unknown gate rule"):
         gate_rules.thresholds("top-q", 0.1, grad)
@@ -390,3 +402,59 @@ def test_a_budget_no_gate_meets_and_a_router_with_one_expert(make_store, text_fi
     with runtime_engine(one, gate=choice.gate) as eng:
         eng.model(torch.tensor([[1, 5, 9, 3]]))
         assert eng.stats.experts_per_token == 1.0
+
+
+def test_expert_statistics_the_compensation_and_their_file(tmp_path):
+    """Each expert's mean output is the share²-weighted mean of its outputs where it ranked in the lower half
+    of the router's choice, its spread the weighted RMS distance from it (shrunk toward the layer's average,
+    1 on average); the compensation adds each dropped expert's weight times its mean; the file round-trips
+    and a changed, truncated or mismatched one is refused."""
+    from adapmoe_cli.profiling import expert_stats
+    from adapmoe_cli.runtime.gating import compensation
+
+    g = torch.Generator().manual_seed(3)
+    acc = expert_stats.Accumulator([5], experts=4, top_k=4)
+    shares = torch.sort(torch.softmax(torch.randn(50, 4, generator=g), -1), -1, descending=True).values
+    ids = torch.stack([torch.randperm(4, generator=g) for _ in range(50)])
+    out = torch.randn(50, 4, 6, generator=g)
+    acc.add(5, shares[:25], ids[:25], out[:25])
+    acc.add(5, shares[25:], ids[25:], out[25:])
+    stats = acc.stats()
+    n = [0] * 4
+    for e in range(4):
+        ws, ys = [], []
+        for t in range(50):
+            for j in (2, 3):  # the lower half of top-4
+                if ids[t, j] == e:
+                    ws.append(float(shares[t, j]) ** 2)
+                    ys.append(out[t, j].double())
+        n[e] = len(ws)
+        w = torch.tensor(ws, dtype=torch.float64)
+        y = torch.stack(ys)
+        mean = (w[:, None] * y).sum(0) / w.sum()
+        assert torch.allclose(stats.mean[5][e].double(), mean, atol=1e-6)
+    assert stats.spread[5].mean().item() == pytest.approx(1.0) and min(n) > 0
+    # the compensation, against a loop
+    keep = torch.rand(50, 4, generator=g) > 0.5
+    keep[:, 0] = True
+    comp = compensation(shares, ids, keep, stats.mean[5])
+    for t in (0, 7, 31):
+        want = sum(float(shares[t, j]) * stats.mean[5][ids[t, j]] for j in range(4) if not keep[t, j])
+        assert torch.allclose(comp[t], torch.as_tensor(want).float().expand(6), atol=1e-6)
+    # the file
+    path = tmp_path / "profile.experts.safetensors"
+    sha = expert_stats.write(path, stats)
+    back = expert_stats.read(path, sha, [5], 4, 6)
+    assert torch.equal(back.mean[5], stats.mean[5]) and torch.equal(back.spread[5], stats.spread[5])
+    with pytest.raises(ProfileError, match="num|shapes"):
+        expert_stats.read(path, sha, [5], 5)
+    with pytest.raises(ProfileError, match="lack layer 6"):
+        expert_stats.read(path, sha, [6], 4)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 1
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ProfileError, match="do not match"):
+        expert_stats.read(path, sha, [5], 4)
+    path.unlink()
+    with pytest.raises(ProfileError, match="missing"):
+        expert_stats.read(path, sha, [5], 4)

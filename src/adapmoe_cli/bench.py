@@ -413,8 +413,8 @@ class _Bench:
             return None
         try:
             plan = read_plan(default_path(self.store), self.store)
-            rule = resolve_rule(self.settings.gate.rule, read_profile(default_profile(self.store), self.store).layers,
-                                self.store.shape.top_k)
+            prof = read_profile(default_profile(self.store), self.store)
+            rule = resolve_rule(self.settings.gate.rule, prof.layers, self.store.shape.top_k, prof.has_expert_stats)
         except AdapmoeError:
             return None
         d = plan.data

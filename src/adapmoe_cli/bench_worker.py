@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from adapmoe_cli.runtime.measure import DecodeTiming, Setup
@@ -22,7 +23,9 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
         "quotas": {str(k): v for k, v in setup.budget.quotas.items()},
         "source": setup.budget.source,
         "gate": {"thresholds": {str(k): v for k, v in setup.gate.thresholds.items()}, "rule": setup.gate.rule,
-                 "scale": setup.gate.scale, "mode": setup.gate.mode},
+                 "scale": setup.gate.scale, "mode": setup.gate.mode,
+                 "stats": {"file": setup.gate.stats.file, "sha256": setup.gate.stats.sha256}
+                 if setup.gate.stats is not None else None, "spreads": setup.gate.spreads},
         "settings": {"cache.policy": setup.settings.cache.policy, "prefetch": setup.settings.prefetch,
                      "prefetch_precision": setup.settings.prefetch_precision,
                      "device": setup.settings.device, "compile": setup.settings.compile},
@@ -35,6 +38,7 @@ def job(store: Store, setup: Setup, prompts: list[list[int]], tokens: int) -> st
 
 def run_job(text: str) -> dict[str, Any]:
     from adapmoe_cli import budget as budgets
+    from adapmoe_cli.profiling import expert_stats
     from adapmoe_cli.runtime.gating import GatePolicy
     from adapmoe_cli.runtime.measure import run_setup
     from adapmoe_cli.settings import load_settings
@@ -44,8 +48,11 @@ def run_job(text: str) -> dict[str, Any]:
     store = Store.open(j["store"])
     budget = budgets.planned(store.cache_shape, {int(k): int(v) for k, v in j["quotas"].items()}, j["source"])
     g = j["gate"]
-    gate = GatePolicy({int(k): float(v) for k, v in g["thresholds"].items()}, rule=g["rule"], scale=g["scale"],
-                      mode=g["mode"])
+    thresholds = {int(k): float(v) for k, v in g["thresholds"].items()}
+    stats = (expert_stats.from_entry(g["stats"], Path("/"), sorted(thresholds), store.shape.num_experts, "bench job")
+             if g.get("stats") else None)
+    gate = GatePolicy(thresholds, rule=g["rule"], scale=g["scale"], mode=g["mode"], stats=stats,
+                      spreads=bool(g.get("spreads")))
     fallback = Store.open(j["fallback"]) if j.get("fallback") else None
     setup = Setup(budget, gate, load_settings(overrides=j["settings"]), bool(j["preload"]), fallback)
     check_experts(store)  # outside the timing, as in-process (bench.measure)

@@ -42,14 +42,15 @@ def default_text(split: str) -> Path:
 
 
 #: made by scripts/ship_default_profile.py and shipped beside the embedded model, so AdapMoE (adaptive gate,
-#: DP plan) is on from the first token; the trace sits beside the profile; the plan names its own budget
-SHIPPED_METHOD = ("profile.trace.safetensors", "profile.json", "plan.json")
+#: DP plan) is on from the first token; the trace and the expert statistics sit beside the profile (written
+#: before it); the plan names its own budget
+SHIPPED_METHOD = ("profile.trace.safetensors", "profile.experts.safetensors", "profile.json", "plan.json")
 #: beside them: name → sha256 of every version of it that adapmoe has shipped, the current one first
 SHIPPED_VERSIONS = "shipped.json"
 
 
 def install_shipped_method(src: Path, store_dir: Path) -> None:
-    """Copy the embedded model's profile (with its trace) and plan into its store where the store lacks
+    """Copy the embedded model's profile (with its trace and expert statistics) and plan into its store where the store lacks
     them or holds a version an earlier adapmoe shipped (`SHIPPED_VERSIONS`), so upgrading adapmoe upgrades
     the method; what the user made is never replaced. Each file lands whole (temporary name, rename), the
     profile after its trace, as `profile_file.write_profile` does."""
@@ -59,7 +60,7 @@ def install_shipped_method(src: Path, store_dir: Path) -> None:
     ours = {name: held[name] is None or held[name] in versions.get(name, ()) for name in SHIPPED_METHOD}
     outdated = {name: (src / name).exists() and held[name] != (versions.get(name) or [sha256_file(src / name)])[0]
                 for name in SHIPPED_METHOD}
-    pair = SHIPPED_METHOD[:2]  # a trace belongs to its profile: they come and go together
+    pair = SHIPPED_METHOD[:3]  # a trace and statistics belong to their profile: they come and go together
     wanted = list(pair) if ours["profile.json"] and any(outdated[n] for n in pair) else []
     if ours["plan.json"] and outdated["plan.json"]:
         wanted.append("plan.json")

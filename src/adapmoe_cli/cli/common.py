@@ -141,7 +141,9 @@ ExpertsFormatOpt = Annotated[str, typer.Option(
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
-                                             "weighted | top-p | weighted-tail (docs/gating.md).",
+                                             "weighted | top-p | weighted-tail | weighted-l2; compensating "
+                                             "(a dropped expert replaced by its mean output): weighted+mean | "
+                                             "weighted-tail+mean | spread-tail (docs/gating.md).",
                                              show_default=DEFAULTS.gate.rule)]
 
 

@@ -14,9 +14,16 @@ budget. A rule maps one scale `c` and the profile to per-layer thresholds T_l an
              tail rather than each expert in it;
 - `weighted-l2` `weighted`'s T_l, l2: the dropped experts' shares add in quadrature (their outputs'
              errors, if independent, do), so the tail is dropped while sqrt(Σ s_j²) < T_l;
-- `auto`     the default: with top-2 (where share and tail are one rule) `weighted` when the profile was
-             made with gradients, else `paper`; with top-k > 2, `AUTO_FINE` (docs/gating.md: it was the
-             best measured on the fine-grained embedded model), else `top-p`.
+- `weighted+mean`, `weighted-tail+mean` the same thresholds and modes, *compensated*: the kept experts
+             keep the router's weights and each dropped expert's output is replaced by its mean output
+             (the profile's expert statistics, profiling/expert_stats.py);
+- `spread-tail` `weighted-tail+mean`, with each share weighed by its expert's spread around its mean
+             before the tail is summed: an expert whose output barely strays from its mean costs little
+             to drop once the mean replaces it;
+- `auto`     the default: with top-2 (where share and tail are one rule) `weighted+mean` when the profile
+             was made with gradients and has expert statistics, `weighted` with gradients only, else
+             `paper`; with top-k > 2, `AUTO_FINE` (docs/gating.md: the best measured on the fine-grained
+             embedded model), `weighted-tail` without expert statistics, else `top-p`.
 
 The quality budget is a relative perplexity increase; the scale is found by bisection on the calibration
 text (perplexity grows with c) for the largest c whose increase's upper confidence bound stays within it
@@ -30,13 +37,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapmoe_cli.errors import ProfileError, UsageError
-from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 
-RULES = ("auto", "paper", "global", "weighted", "top-p", "weighted-tail", "weighted-l2")
+RULES = ("auto", "paper", "global", "weighted", "top-p", "weighted-tail", "weighted-l2", "weighted+mean",
+         "weighted-tail+mean", "spread-tail")
 _MODES = {"paper": "share", "global": "share", "weighted": "share", "top-p": "tail", "weighted-tail": "tail",
-          "weighted-l2": "l2"}
+          "weighted-l2": "l2", "weighted+mean": "share", "weighted-tail+mean": "tail", "spread-tail": "tail"}
 _FLAT = ("global", "top-p")  # one threshold for every layer: the scale itself
-AUTO_FINE = "weighted-tail"  # `auto` with top-k > 2 and a gradient profile
+_WEIGHTED = ("weighted", "weighted-tail", "weighted-l2", "weighted+mean", "weighted-tail+mean", "spread-tail")
+COMPENSATING = ("weighted+mean", "weighted-tail+mean", "spread-tail")  # need the profile's expert statistics
+_SPREAD = ("spread-tail",)  # weigh each share by its expert's spread
+AUTO_FINE = "spread-tail"  # `auto` with top-k > 2, a gradient profile and expert statistics
 # the threshold above which a mode keeps only the top-1: no share but the first exceeds 1/2; the tail
 # beyond the top-1 is 1 − s_1 < 1
 MAX_THRESHOLD = {"share": 0.5 + 1e-6, "tail": 1.0, "l2": 1.0}
@@ -58,22 +69,30 @@ def mode_of(rule: str) -> str:
     return _MODES.get(rule, "share")
 
 
-def resolve_rule(rule: str, profile_layers: list[dict], top_k: int = 2) -> str:
-    """`auto`: with top-2, `weighted` when the profile has the gradient terms it needs (it ranked layers
-    best on the embedded model, docs/gating.md), else `paper`; with top-k > 2, `AUTO_FINE` with them,
-    else `top-p`."""
+def resolve_rule(rule: str, profile_layers: list[dict], top_k: int = 2, stats: bool = False) -> str:
+    """`auto`: with top-2, `weighted+mean` when the profile has the gradient terms it needs (they ranked
+    layers best on the embedded model, docs/gating.md) and expert statistics (`stats`), `weighted` with
+    the gradient terms alone, else `paper`; with top-k > 2, `AUTO_FINE`, `weighted-tail`, `top-p` alike."""
     if rule != "auto":
         return rule
     gradients = "second_order_drop_loss" in profile_layers[0]
     if top_k > 2:
-        return AUTO_FINE if gradients else "top-p"
-    return "weighted" if gradients else "paper"
+        return (AUTO_FINE if stats else "weighted-tail") if gradients else "top-p"
+    return ("weighted+mean" if stats else "weighted") if gradients else "paper"
+
+
+def compensates(rule: str) -> bool:
+    return rule in COMPENSATING
+
+
+def spreads(rule: str) -> bool:
+    return rule in _SPREAD
 
 
 def _layer_sensitivity(profile_layers: list[dict], rule: str) -> list[float]:
     if rule == "paper":
         return [float(x["sensitivity"]) for x in profile_layers]
-    if rule in ("weighted", "weighted-tail", "weighted-l2"):
+    if rule in _WEIGHTED:
         if "second_order_drop_loss" not in profile_layers[0]:
             raise ProfileError("the `weighted` rule needs a profile made with the gradient method")
         return [float(x["second_order_drop_loss"]) / max(float(x["mean_second_weight_sq"]), 1e-12)
@@ -81,13 +100,23 @@ def _layer_sensitivity(profile_layers: list[dict], rule: str) -> list[float]:
     raise UsageError(f"unknown gate rule {rule!r}: choose one of {', '.join(RULES)}")
 
 
-def thresholds(rule: str, scale: float, profile_layers: list[dict], top_k: int = 2) -> dict[int, float]:
-    rule = resolve_rule(rule, profile_layers, top_k)
+def _top(rule: str, stats: ExpertStats | None) -> float:
+    """The threshold at which the rule keeps only the top-1: with spreads, the tail's cost reaches the
+    largest spread."""
+    top = MAX_THRESHOLD[mode_of(rule)]
+    if rule in _SPREAD and stats is not None:
+        top *= max(1.0, max(float(s.max()) for s in stats.spread.values()))
+    return top
+
+
+def thresholds(rule: str, scale: float, profile_layers: list[dict], top_k: int = 2,
+               stats: ExpertStats | None = None) -> dict[int, float]:
+    rule = resolve_rule(rule, profile_layers, top_k, stats is not None)
     if rule not in _MODES:
         raise UsageError(f"unknown gate rule {rule!r}: choose one of {', '.join(RULES)}")
     if scale < 0:
         raise UsageError(f"the gate scale must be ≥ 0, got {scale}")
-    top = MAX_THRESHOLD[mode_of(rule)]
+    top = _top(rule, stats)
     layers = [int(x["layer"]) for x in profile_layers]
     if rule in _FLAT:
         return {layer: min(scale, top) for layer in layers}
@@ -99,17 +128,22 @@ def thresholds(rule: str, scale: float, profile_layers: list[dict], top_k: int =
     return out
 
 
-def gate(rule: str, scale: float, profile_layers: list[dict], top_k: int = 2) -> GatePolicy:
+def gate(rule: str, scale: float, profile_layers: list[dict], top_k: int = 2, stats: ExpertStats | None = None
+         ) -> GatePolicy:
+    """The gate of `rule` at `scale`; a compensating rule needs `stats` (the profile's expert statistics)."""
     if not gateable(top_k):
         return GatePolicy.off()
-    rule = resolve_rule(rule, profile_layers, top_k)
-    return GatePolicy(thresholds(rule, scale, profile_layers, top_k), rule=rule, scale=scale, mode=mode_of(rule))
+    rule = resolve_rule(rule, profile_layers, top_k, stats is not None)
+    if compensates(rule) and stats is None:
+        raise ProfileError(f"the gate rule {rule} needs a profile with expert statistics; re-run `adapmoe profile`")
+    return GatePolicy(thresholds(rule, scale, profile_layers, top_k, stats), rule=rule, scale=scale,
+                      mode=mode_of(rule), stats=stats if compensates(rule) else None, spreads=spreads(rule))
 
 
-def max_scale(rule: str, profile_layers: list[dict], top_k: int = 2) -> float:
+def max_scale(rule: str, profile_layers: list[dict], top_k: int = 2, stats: ExpertStats | None = None) -> float:
     """The smallest scale at which every layer keeps only the top-1."""
-    rule = resolve_rule(rule, profile_layers, top_k)
-    top = MAX_THRESHOLD[mode_of(rule)]
+    rule = resolve_rule(rule, profile_layers, top_k, stats is not None)
+    top = _top(rule, stats)
     if rule in _FLAT:
         return top
     sens = [f for f in _layer_sensitivity(profile_layers, rule) if f > 0]
@@ -192,16 +226,16 @@ class ScaleSearch:
 
 
 def find_scale(rule: str, profile_layers: list[dict], budget: float, quality: Callable[[GatePolicy], GateQuality],
-               iterations: int = SEARCH_ITERATIONS, top_k: int = 2) -> ScaleSearch:
+               iterations: int = SEARCH_ITERATIONS, top_k: int = 2, stats: ExpertStats | None = None) -> ScaleSearch:
     """Largest scale whose increase's upper bound (`GateQuality.bound`) stays within `budget`, by bisection."""
     if not 0 < budget <= 1:
         raise UsageError(f"the quality budget must be between 0 and 100%, got {budget:.4%}")
     if not gateable(top_k):
         return ScaleSearch(0.0, quality(GatePolicy.off()), [])
-    rule = resolve_rule(rule, profile_layers, top_k)
+    rule = resolve_rule(rule, profile_layers, top_k, stats is not None)
     tried: list[tuple[float, GateQuality]] = []
-    hi = max_scale(rule, profile_layers, top_k)
-    q_hi = quality(gate(rule, hi, profile_layers, top_k))
+    hi = max_scale(rule, profile_layers, top_k, stats)
+    q_hi = quality(gate(rule, hi, profile_layers, top_k, stats))
     tried.append((hi, q_hi))
     if q_hi.bound <= budget:
         return ScaleSearch(hi, q_hi, tried)
@@ -211,7 +245,7 @@ def find_scale(rule: str, profile_layers: list[dict], budget: float, quality: Ca
             break
         # bisect in sqrt-space for the threshold rules, where T grows like sqrt(c)
         mid = ((math.sqrt(lo) + math.sqrt(hi)) / 2) ** 2 if rule not in _FLAT else (lo + hi) / 2
-        q = quality(gate(rule, mid, profile_layers, top_k))
+        q = quality(gate(rule, mid, profile_layers, top_k, stats))
         tried.append((mid, q))
         if q.bound <= budget:
             lo, q_lo = mid, q

@@ -12,7 +12,8 @@ from typing import Any
 from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
 from adapmoe_cli.planning.allocate import allocate
-from adapmoe_cli.planning.gate_rules import mode_of
+from adapmoe_cli.planning.gate_rules import compensates, mode_of, spreads
+from adapmoe_cli.profiling import expert_stats
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.store import Store
 from adapmoe_cli.versioned import integer, number, read_versioned, write_atomic
@@ -61,7 +62,13 @@ class Plan:
     def gate(self) -> GatePolicy:
         th = {int(x["layer"]): float(x["threshold"]) for x in self.data["layers"] if x.get("threshold") is not None}
         rule = self.data.get("gate_rule", "off")
-        return GatePolicy(th, rule=rule, scale=self.data.get("gate_scale"), mode=mode_of(rule))
+        stats = None
+        if th and compensates(rule):
+            model = self.data["model"]
+            stats = expert_stats.from_entry(self.data.get("gate_stats"), self.path.parent, sorted(th),
+                                            int(model["num_experts"]), str(self.path))
+        return GatePolicy(th, rule=rule, scale=self.data.get("gate_scale"), mode=mode_of(rule), stats=stats,
+                          spreads=spreads(rule))
 
     def public(self) -> dict[str, Any]:
         """The documented `--json` shape."""

@@ -19,6 +19,7 @@ from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import default_path, write_plan
 from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_quality
 from adapmoe_cli.planning.replay import prepare
+from adapmoe_cli.profiling import expert_stats
 from adapmoe_cli.profiling.profile_file import default_path as default_profile
 from adapmoe_cli.profiling.profile_file import model_identity, read_profile
 from adapmoe_cli.profiling.routing_model import eviction_for
@@ -60,20 +61,22 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
     `quality.gate_quality`) lets a caller that makes several plans share one engine for the quality search;
     without it, one is opened."""
     prof = read_profile(req.profile or default_profile(store), store)
+    out = req.out or default_path(store)
     layers_p = prof.layers
+    stats = prof.expert_stats_for(req.rule, store.shape.top_k) if req.gate_mode != "off" else None
     search = None
     if req.gate_mode == "off":
         gate = GatePolicy.off()
     elif req.gate_mode == "scale":
-        gate = gate_rules.gate(req.rule, float(req.scale or 0.0), layers_p, store.shape.top_k)
+        gate = gate_rules.gate(req.rule, float(req.scale or 0.0), layers_p, store.shape.top_k, stats)
     else:
         with contextlib.ExitStack() as stack:
             if quality is None:
                 text = req.calibration or default_text("calibration")
                 quality = stack.enter_context(gate_quality(store, settings, text, req.calibration_tokens))
             search = gate_rules.find_scale(req.rule, layers_p, req.quality_budget, counted(quality, progress),
-                                            top_k=store.shape.top_k)
-        gate = gate_rules.gate(req.rule, search.scale, layers_p, store.shape.top_k)
+                                            top_k=store.shape.top_k, stats=stats)
+        gate = gate_rules.gate(req.rule, search.scale, layers_p, store.shape.top_k, stats)
     trace = prof.trace()
     routing = prepare(trace, gate)
     shape = store.shape
@@ -97,6 +100,7 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
         "budget_slots": req.budget_slots,
         "gate_rule": gate.rule,
         "gate_scale": gate.scale,
+        **({"gate_stats": expert_stats.entry(gate.stats, out.parent)} if gate.stats is not None else {}),
         "policy": eviction,
         "prefetch": settings.prefetch,
         "prefetch_precision": settings.prefetch_precision,
@@ -116,6 +120,6 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
                        "experts_per_token": q.experts_per_token} for s, q in search.evaluations],
             "reachable": search.reachable, "unreachable": search.unreachable_text(req.quality_budget),
         }
-    path = write_plan(req.out or default_path(store), data)
+    path = write_plan(out, data)
     return path, data
 

@@ -144,10 +144,11 @@ def search_scale(store: Store, settings: Settings, quality_budget: float, text: 
                  tokens: int = CALIBRATION_TOKENS, progress: Steps | None = None) -> gate_rules.ScaleSearch:
     """The largest gate scale (rule `settings.gate.rule`) whose perplexity increase on `text` stays within
     `quality_budget` (e.g. 0.01) of the ungated perplexity, with the margin of `gate_quality`'s bound."""
-    layers = read_profile(default_path(store), store).layers
+    prof = read_profile(default_path(store), store)
     with gate_quality(store, settings, text, tokens) as quality:
-        return gate_rules.find_scale(settings.gate.rule, layers, quality_budget, counted(quality, progress),
-                                     top_k=store.shape.top_k)
+        return gate_rules.find_scale(settings.gate.rule, prof.layers, quality_budget, counted(quality, progress),
+                                     top_k=store.shape.top_k,
+                                     stats=prof.expert_stats_for(settings.gate.rule, store.shape.top_k))
 
 
 FALLBACK_TOKENS = 1024  # held-out tokens the miss fallback's cost is measured on, one at a time

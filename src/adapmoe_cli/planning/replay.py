@@ -45,10 +45,10 @@ def prepare(trace: Trace, gate: GatePolicy, steps: list[int] | None = None) -> R
     kept_ids, kept_pred = [], []
     for i, layer in enumerate(trace.layers):
         _, ids, keep = apply_gate(trace.weights[:, i].float(), trace.ids[:, i].long(), gate.threshold(layer),
-                                 gate.mode)
+                                 gate.mode, gate.spread(layer))
         kept_ids.append(torch.where(keep, ids, torch.full_like(ids, -1)).tolist())
         _, pids, pkeep = apply_gate(trace.pred_weights[:, i].float(), trace.pred_ids[:, i].long(),
-                                    gate.threshold(layer), gate.mode)
+                                    gate.threshold(layer), gate.mode, gate.spread(layer))
         kept_pred.append(torch.where(pkeep, pids, torch.full_like(pids, -1)).tolist())
     needed, acts, predicted, rows = [], [], [], []
     for st in sorted(groups):

@@ -59,7 +59,8 @@ def resolve(store: Store, settings: Settings) -> RuntimeChoices:
         notes.append(gate_rules.ONE_EXPERT)
     elif settings.gate.scale is not None:
         prof = read_profile(default_profile(store), store)
-        gate = gate_rules.gate(settings.gate.rule, settings.gate.scale, prof.layers, store.shape.top_k)
+        gate = gate_rules.gate(settings.gate.rule, settings.gate.scale, prof.layers, store.shape.top_k,
+                               prof.expert_stats_for(settings.gate.rule, store.shape.top_k))
     if not settings.gate.adaptive:
         gate = GatePolicy.off()
     return RuntimeChoices(budget, gate, plan, tuple(notes))

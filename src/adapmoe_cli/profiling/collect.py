@@ -13,7 +13,8 @@ Two methods, recorded in the profile:
       second_l     = ½ mean_t (g·Δy)²                  the Fisher (second-order) term of the derivation
       first_l      = mean_t g·Δy                       the first-order term
 - `forward` (any model): the loss increase when layer l alone keeps only its top-1 expert, measured by
-  one forward pass over the text per layer; F_l = ΔL_l / mean_t w₂² so that F·w² reproduces it."""
+  one forward pass over the text per layer; F_l = ΔL_l / mean_t w₂² so that F·w² reproduces it.
+Both also measure each expert's mean output and spread (expert_stats.py), for the compensating rules."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.perplexity import evaluate
+from adapmoe_cli.profiling.expert_stats import Accumulator
 from adapmoe_cli.profiling.record import NextLayerPredictor
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.gating import GatePolicy
+from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 from adapmoe_cli.runtime.moe_block import LayerRecord
 
 Progress = Callable[[int, int], None]
@@ -42,6 +44,7 @@ class Sensitivity:
     second_order: list[float] = field(default_factory=list)
     first_order: list[float] = field(default_factory=list)
     mean_w2_sq: list[float] = field(default_factory=list)
+    experts: ExpertStats | None = None  # each expert's mean output and spread
 
 
 class _Recorder:
@@ -81,7 +84,7 @@ def collect(
     grads = method == "gradient"
     rec = _Recorder(engine, grads)
     engine.observers.callbacks.append(rec)
-    engine.observers.expert_outputs = grads
+    engine.observers.expert_outputs = True
     embed = engine.model.get_input_embeddings()
     hook = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if grads else None
     n, L = len(tokens), len(layers)
@@ -91,6 +94,7 @@ def collect(
         tokens=torch.tensor(tokens, dtype=torch.int32), layers=layers,
     )
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in ("g2", "second", "first", "w2sq")}
+    experts = Accumulator(layers, shape.num_experts, k)
     counted = 0
     ids_all = torch.tensor(tokens, dtype=torch.long)
     spans = [(s, min(s + window, n)) for s in range(0, n, window)]  # every token routed exactly once
@@ -113,6 +117,7 @@ def collect(
                     trace.pred_ids[start:end, i] = pids.to(torch.int16)
                     trace.pred_weights[start:end, i] = pw.float()
                 w = r.weights.detach().double()  # [T, k] shares, descending
+                experts.add(layer, w, r.ids, r.expert_outputs)
                 sums["w2sq"][i] += ((1 - w[:, 0]) ** 2).sum()  # the share dropped with all but the top-1
                 if grads:
                     g = r.output.grad.double()  # [T, H]
@@ -139,12 +144,12 @@ def collect(
         sens = Sensitivity(
             "gradient", fisher, [f * m for f, m in zip(fisher, mean_w2, strict=True)],
             second_order=(sums["second"] / counted).tolist(), first_order=(sums["first"] / counted).tolist(),
-            mean_w2_sq=mean_w2,
+            mean_w2_sq=mean_w2, experts=experts.stats(),
         )
     else:
         drops = drop_losses(engine, tokens, window, progress=progress, offset=len(spans))
         fisher = [d / m if m > 0 else 0.0 for d, m in zip(drops, mean_w2, strict=True)]
-        sens = Sensitivity("forward", fisher, drops, mean_w2_sq=mean_w2)
+        sens = Sensitivity("forward", fisher, drops, mean_w2_sq=mean_w2, experts=experts.stats())
     return trace, sens
 
 

@@ -1,6 +1,8 @@
 """The profile on disk (format version 1): `profile.json` (statistics, human-readable) and, beside it,
-`profile.trace.safetensors` (the routing trace). Both are written to temporary names and renamed, the
-JSON last, so an interrupted run never replaces a complete profile. The schema is in docs/profile.md."""
+`profile.trace.safetensors` (the routing trace) and `profile.experts.safetensors` (each expert's mean output
+and spread, expert_stats.py; optional: profiles made before the compensating gate rules lack it). All are written to
+temporary names and renamed, the JSON last, so an interrupted run never replaces a complete profile. The
+schema is in docs/profile.md."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 
 from adapmoe_cli import __version__
 from adapmoe_cli.errors import ProfileError
+from adapmoe_cli.profiling import expert_stats
 from adapmoe_cli.profiling.trace import Trace
+from adapmoe_cli.runtime.gating import ExpertStats
 from adapmoe_cli.safe_io import read_capped, relative_name, write_atomic
 from adapmoe_cli.store import Store
 from adapmoe_cli.versioned import integer, number, read_versioned
@@ -44,8 +48,13 @@ def model_identity(store: Store) -> dict[str, Any]:
             "num_moe_layers": len(s.moe_layers), "num_experts": s.num_experts, "top_k": s.top_k}
 
 
-def write_profile(path: Path, data: dict[str, Any], trace: Trace) -> Path:
-    """The trace, then the JSON that names it (with its sha256), each replaced atomically."""
+def experts_path(json_path: Path) -> Path:
+    return json_path.with_name(json_path.stem + ".experts.safetensors")
+
+
+def write_profile(path: Path, data: dict[str, Any], trace: Trace, experts: ExpertStats | None = None) -> Path:
+    """The trace (and the expert statistics), then the JSON that names them (with their sha256), each
+    replaced atomically."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -55,6 +64,9 @@ def write_profile(path: Path, data: dict[str, Any], trace: Trace) -> Path:
            **data, "trace": {"file": tpath.name, "sha256": hashlib.sha256(blob).hexdigest(),
                              "tokens": trace.num_tokens}}
     write_atomic(tpath, blob)
+    if experts is not None:
+        epath = experts_path(path)
+        doc["experts"] = {"file": epath.name, "sha256": expert_stats.write(epath, experts)}
     write_atomic(path, json.dumps(doc, indent=1))
     return path
 
@@ -67,6 +79,28 @@ class Profile:
     @property
     def layers(self) -> list[dict[str, Any]]:
         return self.data["layers"]
+
+    @property
+    def has_expert_stats(self) -> bool:
+        return isinstance(self.data.get("experts"), dict)
+
+    def expert_stats_for(self, rule: str, top_k: int) -> ExpertStats | None:
+        """The statistics when `rule` (resolved as `auto` would) compensates and the profile has them."""
+        from adapmoe_cli.planning import gate_rules
+
+        resolved = gate_rules.resolve_rule(rule, self.layers, top_k, self.has_expert_stats)
+        return self.expert_stats() if gate_rules.compensates(resolved) and self.has_expert_stats else None
+
+    def expert_stats(self) -> ExpertStats:
+        """Each expert's mean output and spread, from the file the profile names (checked as `trace` is);
+        ProfileError when the profile has none (made before the compensating rules)."""
+        entry = self.data.get("experts")
+        if not isinstance(entry, dict):
+            raise ProfileError(f"the profile {self.path} has no expert statistics (it predates them); "
+                               "re-run `adapmoe profile`")
+        model = self.data["model"]
+        return expert_stats.read(self.path.with_name(entry["file"]), entry["sha256"],
+                                 [int(x["layer"]) for x in self.layers], model["num_experts"])
 
     def trace(self) -> Trace:
         """The routing trace beside the profile: read once, checked against the recorded sha256, its
@@ -170,4 +204,11 @@ def parse_profile(data: dict[str, Any], path: Path, store: Store | None = None) 
     if "/" in name:
         raise ProfileError(f"{path}: trace.file must be a file beside the profile, got {name!r}")
     integer(trace.get("tokens"), f"{path}: trace.tokens", ProfileError, 0)
+    experts = data.get("experts")
+    if experts is not None:
+        if not isinstance(experts, dict) or not isinstance(experts.get("sha256"), str):
+            raise ProfileError(f"{path}: experts must name a file and its sha256")
+        name = relative_name(experts.get("file"), f"{path}: experts.file", ProfileError)
+        if "/" in name:
+            raise ProfileError(f"{path}: experts.file must be a file beside the profile, got {name!r}")
     return Profile(path, data)

@@ -74,7 +74,7 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
                 val["spearman"]["second_order"] = spearman(sens.second_order, measured)
                 val["spearman"]["first_order"] = spearman(sens.first_order, measured)
             data["validation"] = val
-    return write_profile(req.out or default_path(store), data, trace)
+    return write_profile(req.out or default_path(store), data, trace, sens.experts)
 
 
 

@@ -5,7 +5,10 @@ threshold (`share`), every expert while the tail from it on still carries the th
 post-hoc top-p with p = 1 − threshold) or while the tail's shares in quadrature do (`l2`), or the first
 k' (`count`: static top-k'). With top-2, `share`, `tail` and `l2` are all the paper's rule on the
 normalised second weight. `reweigh` gives the kept experts the weights the family's router would give
-them had it chosen only those (docs/gating.md). No modules, no state."""
+them had it chosen only those (docs/gating.md). A policy with expert statistics (`ExpertStats`, made by
+the profile) instead *compensates*: the kept experts keep the router's weights, each dropped expert's
+output is replaced by its mean output (`compensation`), and, with spreads, each share is weighed by how
+far that expert's output strays from its mean before the mode applies (`costs`). No modules, no state."""
 
 from __future__ import annotations
 
@@ -39,10 +42,10 @@ def reweigh(weights: torch.Tensor, shares: torch.Tensor, keep: torch.Tensor, ren
 
 
 def adaptive_keep(shares: torch.Tensor, threshold: float | None, mode: str = "share") -> torch.Tensor:
-    """shares [T, k] (descending, summing to 1) → keep mask [T, k]: the top-1 always; the others by `mode`:
-    `share`: s_j ≥ threshold; `tail`: s_j + … + s_k ≥ threshold (the kept ones are the smallest prefix
-    whose total reaches 1 − threshold); `l2`: s_j² + … + s_k² ≥ threshold²; `count`: j ≤ threshold (an
-    integer k')."""
+    """shares [T, k] (descending, summing to 1; or `costs`) → keep mask [T, k]: the top-1 always; the others
+    by `mode`: `share`: s_j ≥ threshold; `tail`: s_j + … + s_k ≥ threshold (the kept ones are the smallest
+    prefix whose total reaches 1 − threshold); `l2`: s_j² + … + s_k² ≥ threshold²; `count`: j ≤ threshold
+    (an integer k')."""
     keep = torch.ones_like(shares, dtype=torch.bool)
     if threshold is None or shares.shape[-1] == 1:
         return keep
@@ -64,6 +67,32 @@ def renormalise(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def costs(shares: torch.Tensor, ids: torch.Tensor, spread: torch.Tensor | None) -> torch.Tensor:
+    """What the gate's mode compares with the threshold: each share, or, with an expert statistics'
+    `spread` [E] (how far each expert's output strays from its mean, 1 on the layer's average), each share
+    times its expert's spread (ids [T, k]: the ranked experts, all ≥ 0)."""
+    return shares if spread is None else shares * spread[ids]
+
+
+def compensation(weights: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor
+                 ) -> torch.Tensor:
+    """What the dropped experts are replaced by: Σ_dropped w_j · mean_j [T, H] (weights: the router's own
+    [T, k]; ids: the ranked experts, all ≥ 0; mean [E, H]: each expert's mean output)."""
+    dropped = weights.masked_fill(keep, 0.0)
+    return torch.einsum("tk,tkh->th", dropped, mean[ids].float())
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    """Per MoE layer, each expert's mean output `mean` [E, H] and its spread around it `spread` [E] (1 on
+    the layer's average), measured by the profile on the occurrences a gate drops (profiling/collect.py)."""
+
+    mean: Mapping[int, torch.Tensor]
+    spread: Mapping[int, torch.Tensor]
+    file: str = ""  # where they were read from, and its sha256 (plans and bench workers name them so)
+    sha256: str = ""
+
+
 @dataclass(frozen=True)
 class GatePolicy:
     """Per-layer thresholds of the adaptive gate and how they apply (`mode`, see `adaptive_keep`). A layer
@@ -74,9 +103,24 @@ class GatePolicy:
     rule: str = "off"
     scale: float | None = None
     mode: str = "share"
+    #: compensate dropped experts with their mean outputs (`compensation`); `spreads`: weigh shares too
+    stats: ExpertStats | None = field(default=None, compare=False)
+    spreads: bool = False
 
     def threshold(self, layer: int) -> float | None:
         return self.thresholds.get(layer)
+
+    def mean(self, layer: int) -> torch.Tensor | None:
+        """The layer's experts' mean outputs when this policy compensates (and gates the layer), else None."""
+        if self.stats is None or layer not in self.thresholds:
+            return None
+        return self.stats.mean[layer]
+
+    def spread(self, layer: int) -> torch.Tensor | None:
+        """The layer's experts' spreads when this policy weighs shares by them, else None."""
+        if self.stats is None or not self.spreads or layer not in self.thresholds:
+            return None
+        return self.stats.spread[layer]
 
     @staticmethod
     def off() -> GatePolicy:
@@ -93,11 +137,11 @@ class GatePolicy:
         return GatePolicy({layer: float(k) for layer in layers}, rule=f"top-{k}", scale=float(k), mode="count")
 
 
-def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None, mode: str = "share"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def apply_gate(weights: torch.Tensor, ids: torch.Tensor, threshold: float | None, mode: str = "share",
+               spread: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(shares, ids) [T, k] → (shares renormalised over kept, ids with dropped set to -1, keep mask): what
-    a trace's replay needs (planning/replay.py)."""
-    keep = adaptive_keep(weights, threshold, mode)
+    a trace's replay needs (planning/replay.py). `spread`: the policy's, for its layer (`costs`)."""
+    keep = adaptive_keep(costs(weights, ids.clamp(min=0), spread), threshold, mode)
     if threshold is None:
         return weights, ids, keep
     return renormalise(weights, keep), ids.masked_fill(~keep, -1), keep

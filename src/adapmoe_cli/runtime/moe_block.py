@@ -2,8 +2,9 @@
 calls as `experts(hidden_states, top_k_index, top_k_weights)` (`transformers.integrations.moe`). The
 family's own block stays: its router, shared experts and their gates, and everything around the layer
 (attention, norms, KV cache) are transformers'. Glue only: ranks the router's choice, applies the
-adaptive gate, asks the manager to prefetch what the next layer's router predicts from this hidden state,
-and computes each needed expert from the slot the manager hands it."""
+adaptive gate (adding the dropped experts' mean outputs where the policy compensates), asks the manager
+to prefetch what the next layer's router predicts from this hidden state, and computes each needed
+expert from the slot the manager hands it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapmoe_cli.runtime.gating import GatePolicy, adaptive_keep, rank, reweigh
+from adapmoe_cli.runtime.gating import GatePolicy, adaptive_keep, compensation, costs, rank, reweigh
 from adapmoe_cli.runtime.manager import ExpertManager
 
 
@@ -119,17 +120,23 @@ class OffloadedExperts(nn.Module):
         if threshold is None:  # plain top-k: no shares needed
             return self._next_router[0].forward(x)[2].reshape(-1)
         shares, ids = predict(self._next_router[0], x, self.ordered)
-        return ids.masked_fill(~adaptive_keep(shares, threshold, policy.mode), -1).reshape(-1)
+        keep = adaptive_keep(costs(shares, ids, policy.spread(self.next_layer)), threshold, policy.mode)
+        return ids.masked_fill(~keep, -1).reshape(-1)
 
-    def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, threshold: float | None, mode: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gated(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, policy: GatePolicy
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The router's choice through the adaptive gate, as tensor ops: (ids [T, k], -1 where dropped; the
-        weights the kept experts get, in the router's dtype)."""
+        weights the kept experts get, in the router's dtype; what replaces the dropped ones [T, H] float32,
+        or None)."""
+        threshold = policy.threshold(self.layer)
         if threshold is None:
-            return top_k_index, top_k_weights
+            return top_k_index, top_k_weights, None
         shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-        keep = adaptive_keep(shares, threshold, mode)
-        return ids.masked_fill(~keep, -1), reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
+        keep = adaptive_keep(costs(shares, ids, policy.spread(self.layer)), threshold, policy.mode)
+        mean = policy.mean(self.layer)
+        extra = compensation(weights, ids, keep, mean) if mean is not None else None
+        kept = reweigh(weights, shares, keep, self.renormalises and extra is None)
+        return ids.masked_fill(~keep, -1), kept.to(top_k_weights.dtype), extra
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    predicted: torch.Tensor | None, compiled: bool = False) -> torch.Tensor:
@@ -168,24 +175,27 @@ class OffloadedExperts(nn.Module):
         observed = bool(self.observers.callbacks)
         if torch.compiler.is_compiling():  # a compiled decode step (compiled.py): the gate and the prediction
             # in its graph, the manager's work in one opaque call
-            ids, weights = self._gated(top_k_index, top_k_weights, threshold, policy.mode)
+            ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
             predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
-            return offloaded_experts(x, ids, weights, predicted, self.key)
+            return _plus(offloaded_experts(x, ids, weights, predicted, self.key), extra)
         if x.shape[0] == 1 and not observed:
-            ids, weights = self._gated(top_k_index, top_k_weights, threshold, policy.mode)
+            ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
             predicted = (self._predicted(x) if self.prefetch_enabled
                          and not self.manager.cache.holds_all(self.next_layer) else None)
-            return self._one_token(x, ids, weights, predicted)
+            return _plus(self._one_token(x, ids, weights, predicted), extra)
+        extra = None
         if threshold is None and not observed:  # plain top-k, nobody watching: the router's choice as it is
             gated_w, gated_ids, activations = top_k_weights, top_k_index, top_k_index.numel()
             needed = sorted(set(top_k_index.view(-1).tolist()))
         else:
             shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-            keep = adaptive_keep(shares, threshold, policy.mode)
+            keep = adaptive_keep(costs(shares, ids, policy.spread(self.layer)), threshold, policy.mode)
             if threshold is None:
                 gated_w, gated_ids = weights.to(top_k_weights.dtype), ids
             else:
-                gated_w = reweigh(weights, shares, keep, self.renormalises).to(top_k_weights.dtype)
+                mean = policy.mean(self.layer)
+                extra = compensation(weights, ids, keep, mean) if mean is not None else None
+                gated_w = reweigh(weights, shares, keep, self.renormalises and extra is None).to(top_k_weights.dtype)
                 gated_ids = ids.masked_fill(~keep, -1)
             activations = int(keep.sum())
             needed = sorted(set(gated_ids[keep].tolist()))
@@ -209,11 +219,17 @@ class OffloadedExperts(nn.Module):
 
         self.manager.run_layer(self.layer, needed, compute, tokens=x.shape[0], activations=activations,
                                then_prefetch=nxt)
+        out = _plus(out, extra)
         if observed:
             rec = LayerRecord(self.layer, x, shares, ids, keep, out, expert_out, weights.sum(-1), self.renormalises)
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+def _plus(out: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """The experts' output plus what replaces the dropped ones (`OffloadedExperts._gated`), if anything."""
+    return out if extra is None else out + extra.to(out.dtype)
 
 
 def expert_output(lin: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from adapmoe_cli.errors import ProfileError, UsageError
 from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.profiling.profile_file import Profile
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.simulate.model_spec import ModelSpec, from_store, load_model
@@ -44,14 +45,14 @@ def h39s_layers(path: Path) -> int | None:
     return n
 
 
-def _gate(store: Store | None, profile_layers: list[dict] | None, plan: Path | None, gate_scale: float | None,
+def _gate(store: Store | None, profile: Profile | None, plan: Path | None, gate_scale: float | None,
           rule: str, notes: list[str], top_k: int) -> GatePolicy:
     from adapmoe_cli.planning.plan_file import default_path, read_plan
 
     if gate_scale is not None:
-        if profile_layers is None:
+        if profile is None:
             raise UsageError("--gate-scale needs a profile (give a store or its profile.json)")
-        return gate_rules.gate(rule, gate_scale, profile_layers, top_k)
+        return gate_rules.gate(rule, gate_scale, profile.layers, top_k, profile.expert_stats_for(rule, top_k))
     if plan is not None:
         if store is None:
             raise UsageError("--plan needs the store it was made for as TRACE_OR_MODEL")
@@ -90,18 +91,18 @@ def resolve(target: str | None, trace_format: str = "adapmoe", model_config: str
         st = read_h39s(path, num_layers=h39s_layers(path) or model.num_layers)
         gate = GatePolicy.off()
     else:
-        st, store, profile_layers = _adapmoe_trace(target)
+        st, store, profile = _adapmoe_trace(target)
         model = load_model(model_config, bits) if model_config else None
         if model is None:
             if store is None:
                 raise UsageError("a bare trace file does not say its model: give --model-config")
             model = from_store(store)
-        gate = _gate(store, profile_layers, plan, gate_scale, rule, notes, int(st.trace.ids.shape[-1]))
+        gate = _gate(store, profile, plan, gate_scale, rule, notes, int(st.trace.ids.shape[-1]))
     st = project(st, model.num_layers, model.num_experts, model.name)
     return Sources(st, model, gate, store, tuple(notes))
 
 
-def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, list[dict] | None]:
+def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, Profile | None]:
     """A `*.trace.safetensors` file, a `profile.json`, or a MODEL (store, checkpoint, hub id; none: the
     embedded model) with a profile."""
     from adapmoe_cli.profiling.profile_file import default_path, read_profile
@@ -127,7 +128,7 @@ def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, list[dic
         store = Store.open(path.parent) if is_store(path.parent) else None
         prof = read_profile(path, store)
         n = store.shape.num_experts if store else int(prof.data["model"]["num_experts"])
-        return from_trace(prof.trace(), n, str(path)), store, prof.layers
+        return from_trace(prof.trace(), n, str(path)), store, prof
     from adapmoe_cli.model_arg import open_model
 
     store = open_model(target)
@@ -135,4 +136,4 @@ def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, list[dic
     if not pp.exists():
         raise ProfileError(f"{store.path} has no routing trace yet: run `adapmoe profile {target or ''}` first")
     prof = read_profile(pp, store)
-    return from_trace(prof.trace(), store.shape.num_experts, str(pp)), store, prof.layers
+    return from_trace(prof.trace(), store.shape.num_experts, str(pp)), store, prof

@@ -191,8 +191,9 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
 
 
 def carry_method(src: Store, dst: Store) -> None:
-    """Give the padded store its source's profile (with the trace) and plan, re-addressed to it: its
-    routing, outputs and so the sensitivities, trace and cost curves (counted loads) are the source's. A
+    """Give the padded store its source's profile (with the trace and expert statistics) and plan,
+    re-addressed to it: its routing, outputs and so the sensitivities, trace, expert statistics and cost
+    curves (counted loads) are the source's. A
     file is carried where the padded store lacks it or holds one carried from another version of the
     source's (`carried_from`, its sha256: a re-made plan or an upgraded shipped one follows); one made for
     the padded store itself stays. Files made for another model, or damaged, are left behind (the padded
@@ -224,8 +225,9 @@ def carry_method(src: Store, dst: Store) -> None:
             continue
         doc = json.loads(blob)
         if name == "profile.json":
-            trace = doc["trace"]["file"]
-            write_atomic(dst.path / trace, (src.path / trace).read_bytes())
+            for entry in (doc["trace"], doc.get("experts")):  # the trace, and the expert statistics if any
+                if entry is not None:
+                    write_atomic(dst.path / entry["file"], (src.path / entry["file"]).read_bytes())
         doc["model"]["fingerprint"] = dst.fingerprint
         doc["carried_from"] = digest
         write_atomic(dst.path / name, json.dumps(doc, indent=1))
