@@ -5,10 +5,11 @@
 Runs, on a fresh ADAPMOE_HOME, exactly what a user would run to turn AdapMoE on:
     adapmoe profile MODEL                                  (gradient method, 8,192 calibration tokens)
     adapmoe plan-cache MODEL --budget 50% --quality-budget 1%
-and copies `profile.json`, `profile.trace.safetensors`, `profile.experts.safetensors` and `plan.json` into the model's package folder
-(src/adapmoe_cli/default_model/ or fine_model/), with `shipped.json`: the sha256 of every version of each
-file ever shipped (this one, the git history's, the previous list's), by which an upgraded adapmoe knows
-a store's copy for one it installed and replaces it (`model_arg.install_shipped_method`).
+and copies `profile.json`, `profile.trace.safetensors`, `profile.experts.safetensors` and `plan.json` into
+the model's package folder (src/adapmoe_cli/default_model/ or fine_model/), with `shipped.json`: the
+sha256 of every version of each file ever shipped (this one, the git history's, the previous list's), by
+which an upgraded adapmoe knows a store's copy for one it installed and replaces it
+(`model_arg.install_shipped_method`).
 `adapmoe_cli.model_arg` installs them into the embedded model's store when it is made. Re-run it whenever
 the embedded model, the store format's fingerprint or the profile/plan formats change (a test checks that
 the shipped files are accepted for the embedded model)."""

@@ -50,10 +50,11 @@ SHIPPED_VERSIONS = "shipped.json"
 
 
 def install_shipped_method(src: Path, store_dir: Path) -> None:
-    """Copy the embedded model's profile (with its trace and expert statistics) and plan into its store where the store lacks
-    them or holds a version an earlier adapmoe shipped (`SHIPPED_VERSIONS`), so upgrading adapmoe upgrades
-    the method; what the user made is never replaced. Each file lands whole (temporary name, rename), the
-    profile after its trace, as `profile_file.write_profile` does."""
+    """Copy the embedded model's profile (with its trace and expert statistics) and plan into its store
+    where the store lacks them or holds a version an earlier adapmoe shipped (`SHIPPED_VERSIONS`), so
+    upgrading adapmoe upgrades the method; what the user made is never replaced. Each file lands whole
+    (temporary name, rename), the profile after its trace and statistics, as `profile_file.write_profile`
+    does."""
     listed = src / SHIPPED_VERSIONS
     versions = json.loads(listed.read_text()) if listed.exists() else {}
     held = {name: sha256_file(store_dir / name) if (store_dir / name).exists() else None for name in SHIPPED_METHOD}

@@ -6,6 +6,7 @@ another budget from the stored curves."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class Plan:
         curves = [[float(c) for c in x["cost_curve"]] for x in self.data["layers"]]
         return dict(zip(layers, allocate(curves, total), strict=True))
 
-    @property
+    @cached_property
     def gate(self) -> GatePolicy:
         th = {int(x["layer"]): float(x["threshold"]) for x in self.data["layers"] if x.get("threshold") is not None}
         rule = self.data.get("gate_rule", "off")

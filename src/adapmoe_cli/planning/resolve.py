@@ -43,7 +43,9 @@ def resolve(store: Store, settings: Settings) -> RuntimeChoices:
     elif settings.plan == "auto" and default_path(store).exists():
         try:
             plan = read_plan(default_path(store), store)
+            _ = plan.gate  # its gate's files (a compensating gate's expert statistics) are there and whole
         except ProfileError as e:
+            plan = None
             notes.append(f"not using the store's plan: {e}")
     gate = GatePolicy.off()
     if plan is not None and budget.total < shape.total_experts:  # (with every expert cached, nothing to split)

@@ -92,7 +92,11 @@ def read(path: Path, sha256: str, layers: list[int], experts: int, hidden: int |
     def bad(why: str) -> ProfileError:
         return ProfileError(f"the expert statistics {path} {why}; re-run `adapmoe profile`")
 
-    if not path.exists():
+    try:
+        present = path.is_file()
+    except (OSError, ValueError):  # a name the system refuses (too long, a NUL in it)
+        present = False
+    if not present:
         raise bad("are missing")
     blob = read_capped(path, MAX_BYTES, str(path), ProfileError, follow=True)
     if hashlib.sha256(blob).hexdigest() != sha256:
