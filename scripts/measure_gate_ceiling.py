@@ -26,8 +26,7 @@ import torch
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.model_arg import default_text, open_model
-from adapmoe_cli.perplexity import evaluate, read_text_tokens
-from adapmoe_cli.planning.quality import spread_windows
+from adapmoe_cli.perplexity import evaluate, read_text_tokens, spread_windows
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import load_settings

@@ -52,6 +52,17 @@ def read_text_tokens(tokenizer: Any, path: Path, min_tokens: int = 2, max_tokens
     return ids[:max_tokens] if max_tokens else ids
 
 
+def spread_windows(ids: list[int], tokens: int, window: int) -> list[list[int]]:
+    """`tokens` tokens of `ids` as windows of `window` tokens at evenly spaced starts (all of `ids` when it
+    holds no more than `tokens`)."""
+    if len(ids) <= tokens:
+        return [ids]
+    count = max(1, tokens // window)
+    size = tokens // count
+    step = (len(ids) - size) / max(1, count - 1)
+    return [ids[round(i * step):round(i * step) + size] for i in range(count)]
+
+
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first scored position) of each window over n tokens; every position ≥ 1 scored once."""
     out, start, scored = [], 0, 1

@@ -25,7 +25,7 @@ import torch
 
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
-from adapmoe_cli.perplexity import evaluate, read_text_tokens
+from adapmoe_cli.perplexity import evaluate, read_text_tokens, spread_windows
 from adapmoe_cli.planning import gate_rules
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
@@ -72,17 +72,6 @@ def token_losses(store: Store, settings: Settings, text: Path, tokens: int
                           tuple(x.numel() for x in nll))
 
         yield losses
-
-
-def spread_windows(ids: list[int], tokens: int, window: int) -> list[list[int]]:
-    """`tokens` tokens of `ids` as windows of `window` tokens at evenly spaced starts (all of `ids` when it
-    holds no more than `tokens`)."""
-    if len(ids) <= tokens:
-        return [ids]
-    count = max(1, tokens // window)
-    size = tokens // count
-    step = (len(ids) - size) / max(1, count - 1)
-    return [ids[round(i * step):round(i * step) + size] for i in range(count)]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ Two methods, recorded in the profile:
       first_l      = mean_t g·Δy                       the first-order term
 - `forward` (any model): the loss increase when layer l alone keeps only its top-1 expert, measured by
   one forward pass over the text per layer; F_l = ΔL_l / mean_t w₂² so that F·w² reproduces it.
-Both also measure each expert's mean output and spread (expert_stats.py), for the compensating rules."""
+`expert_statistics` measures each expert's mean output and spread (expert_stats.py), for the compensating
+rules, with one forward pass over the text it is given."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ class Sensitivity:
     second_order: list[float] = field(default_factory=list)
     first_order: list[float] = field(default_factory=list)
     mean_w2_sq: list[float] = field(default_factory=list)
-    experts: ExpertStats | None = None  # each expert's mean output and spread
 
 
 class _Recorder:
@@ -84,7 +84,7 @@ def collect(
     grads = method == "gradient"
     rec = _Recorder(engine, grads)
     engine.observers.callbacks.append(rec)
-    engine.observers.expert_outputs = True
+    engine.observers.expert_outputs = grads
     embed = engine.model.get_input_embeddings()
     hook = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if grads else None
     n, L = len(tokens), len(layers)
@@ -94,7 +94,6 @@ def collect(
         tokens=torch.tensor(tokens, dtype=torch.int32), layers=layers,
     )
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in ("g2", "second", "first", "w2sq")}
-    experts = Accumulator(layers, shape.num_experts, k)
     counted = 0
     ids_all = torch.tensor(tokens, dtype=torch.long)
     spans = [(s, min(s + window, n)) for s in range(0, n, window)]  # every token routed exactly once
@@ -117,7 +116,6 @@ def collect(
                     trace.pred_ids[start:end, i] = pids.to(torch.int16)
                     trace.pred_weights[start:end, i] = pw.float()
                 w = r.weights.detach().double()  # [T, k] shares, descending
-                experts.add(layer, w, r.ids, r.expert_outputs)
                 sums["w2sq"][i] += ((1 - w[:, 0]) ** 2).sum()  # the share dropped with all but the top-1
                 if grads:
                     g = r.output.grad.double()  # [T, H]
@@ -144,13 +142,42 @@ def collect(
         sens = Sensitivity(
             "gradient", fisher, [f * m for f, m in zip(fisher, mean_w2, strict=True)],
             second_order=(sums["second"] / counted).tolist(), first_order=(sums["first"] / counted).tolist(),
-            mean_w2_sq=mean_w2, experts=experts.stats(),
+            mean_w2_sq=mean_w2,
         )
     else:
         drops = drop_losses(engine, tokens, window, progress=progress, offset=len(spans))
         fisher = [d / m if m > 0 else 0.0 for d, m in zip(drops, mean_w2, strict=True)]
-        sens = Sensitivity("forward", fisher, drops, mean_w2_sq=mean_w2, experts=experts.stats())
+        sens = Sensitivity("forward", fisher, drops, mean_w2_sq=mean_w2)
     return trace, sens
+
+
+def expert_statistics(engine: Engine, tokens: list[int], window: int, progress: Progress | None = None
+                      ) -> ExpertStats:
+    """Each expert's mean output and spread where a gate would drop it (expert_stats.py), from one forward
+    pass over `tokens` in windows of `window`, ungated."""
+    shape = engine.store.shape
+    acc = Accumulator(list(shape.moe_layers), shape.num_experts, shape.top_k)
+
+    def seen(rec: LayerRecord) -> None:
+        acc.add(rec.layer, rec.weights, rec.ids, rec.expert_outputs)
+
+    saved = engine.gate
+    engine.use_gate(GatePolicy.off())
+    engine.observers.callbacks.append(seen)
+    engine.observers.expert_outputs = True
+    ids = torch.tensor(tokens, dtype=torch.long)
+    spans = range(0, len(tokens), window)
+    try:
+        with torch.no_grad():
+            for j, start in enumerate(spans):
+                engine.model(input_ids=ids[start:start + window][None], use_cache=False)
+                if progress:
+                    progress(j + 1, len(spans))
+    finally:
+        engine.observers.callbacks.remove(seen)
+        engine.observers.expert_outputs = False
+        engine.use_gate(saved)
+    return acc.stats()
 
 
 def drop_losses(engine: Engine, tokens: list[int], window: int, progress: Progress | None = None,

@@ -11,8 +11,8 @@ from typing import Any
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.perplexity import read_text_tokens
-from adapmoe_cli.profiling.collect import collect, drop_losses
+from adapmoe_cli.perplexity import read_text_tokens, spread_windows
+from adapmoe_cli.profiling.collect import collect, drop_losses, expert_statistics
 from adapmoe_cli.profiling.profile_file import default_path, model_identity, write_profile
 from adapmoe_cli.profiling.trace import layer_stats, spearman
 from adapmoe_cli.progress import Steps, within
@@ -50,6 +50,11 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
         tok = load_tokenizer(store)
         ids = read_text_tokens(tok, req.text, min_tokens=req.min_tokens or req.tokens, max_tokens=req.tokens)
         trace, sens = collect(engine, ids, req.window, method, within(progress, f"{method} sensitivity"))
+        # the expert statistics on windows spread over the whole text, not its first tokens (one document or
+        # two): their means are what replaces a dropped expert on any text
+        spread = sample(read_text_tokens(tok, req.text, min_tokens=req.min_tokens or req.tokens), req.tokens,
+                        req.window)
+        experts = expert_statistics(engine, spread, req.window, within(progress, "expert statistics"))
         layers = layer_stats(trace, shape.num_experts)
         for i, entry in enumerate(layers):
             entry["sensitivity"] = sens.fisher[i]
@@ -74,8 +79,16 @@ def make_profile(store: Store, settings: Settings, req: ProfileRequest, progress
                 val["spearman"]["second_order"] = spearman(sens.second_order, measured)
                 val["spearman"]["first_order"] = spearman(sens.first_order, measured)
             data["validation"] = val
-    return write_profile(req.out or default_path(store), data, trace, sens.experts)
+    return write_profile(req.out or default_path(store), data, trace, experts)
 
+
+
+def sample(text: list[int], tokens: int, window: int) -> list[int]:
+    """`tokens` tokens of a text as `window`-token windows spread evenly over all of it, back to back; all of
+    it when it is no longer."""
+    if len(text) <= tokens or tokens < window:
+        return text[:tokens]
+    return [t for piece in spread_windows(text, tokens // window * window, window) for t in piece]
 
 
 def ensure_profile(store: Store, settings: Settings, text: Path, label: str, progress: Steps | None = None
