@@ -93,6 +93,11 @@ def test_gradient_sensitivity_equals_transformers_autograd(store, text_file, mak
     assert sum(layer["activation_frequency"]) == pytest.approx(1.0)
     assert layer["single_expert_ratio"]["0.5"] == pytest.approx(1.0)
     assert set(data["validation"]["spearman"]) == {"predicted", "second_order", "first_order"}
+    # beside it, each expert's mean output and spread (on windows spread over the text), read back checked
+    stats = read_profile(store.path / "profile.json", store).expert_stats()
+    assert set(stats.mean) == set(range(SPEC.num_hidden_layers))
+    assert stats.mean[0].shape == (SPEC.num_local_experts, SPEC.hidden_size) and stats.mean[0].abs().sum() > 0
+    assert stats.spread[1].mean().item() == pytest.approx(1.0)
 
 
 def test_forward_method_reproduces_measured_drop(store, text_file):

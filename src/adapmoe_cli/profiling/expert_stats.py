@@ -1,5 +1,6 @@
-"""Each expert's mean output and its spread around it, measured on calibration text: what a compensating
-gate replaces a dropped expert with and how it weighs each share (runtime/gating.py `ExpertStats`).
+"""Each expert's mean output and its spread around it, measured on calibration text (windows spread over
+all of it, profiler.py): what a compensating gate replaces a dropped expert with and how it weighs each
+share (runtime/gating.py `ExpertStats`).
 
 Measured on the occurrences a gate drops: those in the lower half of the router's ranking (rank > k/2;
 the second with top-2), each weighted by its share squared — the dropped output's error is w_j·(E_j − mean_j),
