@@ -85,7 +85,7 @@ def compensation(weights: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, m
 @dataclass(frozen=True)
 class ExpertStats:
     """Per MoE layer, each expert's mean output `mean` [E, H] and its spread around it `spread` [E] (1 on
-    the layer's average), measured by the profile on the occurrences a gate drops (profiling/collect.py)."""
+    the layer's average), measured by the profile where a gate drops them (profiling/expert_stats.py)."""
 
     mean: Mapping[int, torch.Tensor]
     spread: Mapping[int, torch.Tensor]
