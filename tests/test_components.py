@@ -177,6 +177,36 @@ def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
     loader.close()
 
 
+def test_an_abandoned_read_runs_to_its_end_before_its_buffer_is_read_again(make_store, monkeypatch):
+    """A prefetch whose slot is taken back while its read is under way (its expert evicted for a demand load
+    into the same buffer) no longer steps aside for that demand load: it is read to its end first, then the
+    demand load, whose bytes stay as read. (It used to step aside and then resume into the buffer,
+    overwriting the demand load's expert with the end of its own, unchecked.)"""
+    import adapmoe_cli.runtime.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "CHUNK_BYTES", 4096)
+    store = Store.open(make_store(TinySpec(num_local_experts=5, num_hidden_layers=2), dtype=torch.float32))
+    chunks = -(-store.experts[(0, 0)].length // 4096)
+    assert chunks > 2
+    reader = GatedReader(store)
+    loader = Loader(reader)
+    buf = aligned_buffer(store.slot_bytes)
+    pre = loader.submit(0, 0, buf, PREFETCH)
+    assert reader.started.wait(5)  # its first chunk is being read
+    assert loader.cancel(pre) is False  # started: it cannot be taken back
+    demand = loader.submit(0, 3, buf, DEMAND)  # the same slot, for another expert
+    reader.gate.set()
+    loader.wait(demand)
+    assert pre.done.is_set() and pre.error is None  # read whole and checked before the demand load began
+    assert reader.chunks == [(0, 0, i * 4096) for i in range(chunks)] + [(0, 3, 0)]
+    with ExpertReader(store) as plain:
+        other = aligned_buffer(store.slot_bytes)
+        plain.read_into(0, 3, other)
+        for name, t in expert_views(other, store.experts[(0, 3)]).items():
+            assert torch.equal(expert_views(buf, store.experts[(0, 3)])[name], t)
+    loader.close()
+
+
 def test_settings_layering(tmp_path: Path):
     s = load_settings()
     assert s.prefetch is True and s.cache.policy == "auto"

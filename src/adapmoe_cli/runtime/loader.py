@@ -75,13 +75,16 @@ class RequestQueue:
             self._push(req, BACKGROUND)
 
     def cancel(self, req: LoadRequest) -> bool:
-        """True if the request had not started (it never will); a started one is only forgotten for
-        de-duplication, so a later request for the expert gets a new read."""
+        """True if the request had not started (it never will); a started one runs to its end without
+        stepping aside again (its buffer may already be queued for another read, which must come after
+        it). Either way it is forgotten for de-duplication, so a later request for the expert gets a new
+        read."""
         self.forget(req)
-        if req.started or req.done.is_set():
+        if req.done.is_set():
             return False
+        started = req.started
         req.cancelled = True
-        return True
+        return not started
 
     def forget(self, req: LoadRequest) -> None:
         if self._inflight.get((req.layer, req.expert)) is req:
@@ -139,7 +142,9 @@ CHUNK_BYTES = 4 << 20
 class Loader:
     """The runtime's loader: one worker thread reads queued requests with the store reader. A prefetch is
     read `CHUNK_BYTES` at a time and steps aside for a demand load queued meanwhile (it resumes where it
-    stopped), so a mispredicted prefetch no longer holds the disk in front of a needed expert."""
+    stopped), so a mispredicted prefetch no longer holds the disk in front of a needed expert — unless it
+    was cancelled while being read: its slot, and so its buffer, may then be queued for another read, so it
+    is read to its end first."""
 
     def __init__(self, reader: ExpertReader):
         self.reader = reader
@@ -215,7 +220,7 @@ class Loader:
                 req.nbytes = self.reader.finish(req.layer, req.expert, req.buffer, end).length
                 return True
             with self._cv:
-                if req.priority != DEMAND and self._queue.demand_waiting():
+                if req.priority != DEMAND and not req.cancelled and self._queue.demand_waiting():
                     self._queue.pause(req)
                     return False
 
