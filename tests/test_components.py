@@ -132,10 +132,8 @@ def test_loader_orders_dedupes_promotes_and_cancels(make_store):
     loader.close()
 
 
-def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
-    """A prefetch is read in chunks; a demand load queued meanwhile is read whole before the prefetch's next
-    chunk, then the prefetch resumes where it stopped, and both buffers hold exactly the store's bytes. A
-    prefetch promoted while being read no longer steps aside."""
+def _chunked_loader(make_store, monkeypatch):
+    """A tiny store whose experts the loader reads in several 4 KiB chunks, its gated reader and loader."""
     import adapmoe_cli.runtime.loader as loader_mod
 
     monkeypatch.setattr(loader_mod, "CHUNK_BYTES", 4096)
@@ -143,7 +141,23 @@ def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
     chunks = -(-store.experts[(0, 0)].length // 4096)
     assert chunks > 3
     reader = GatedReader(store)
-    loader = Loader(reader)
+    return store, reader, Loader(reader), chunks
+
+
+def _holds(store, buf, key):
+    """`buf` holds exactly the store's bytes of expert `key`."""
+    with ExpertReader(store) as plain:
+        other = aligned_buffer(store.slot_bytes)
+        plain.read_into(*key, other)
+        for name, t in expert_views(other, store.experts[key]).items():
+            assert torch.equal(expert_views(buf, store.experts[key])[name], t)
+
+
+def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
+    """A prefetch is read in chunks; a demand load queued meanwhile is read whole before the prefetch's next
+    chunk, then the prefetch resumes where it stopped, and both buffers hold exactly the store's bytes. A
+    prefetch promoted while being read no longer steps aside."""
+    store, reader, loader, chunks = _chunked_loader(make_store, monkeypatch)
     bufs = [aligned_buffer(store.slot_bytes) for _ in range(3)]
     pre = loader.submit(0, 0, bufs[0], PREFETCH)
     assert reader.started.wait(5)
@@ -155,12 +169,8 @@ def test_a_demand_load_overtakes_a_prefetch_being_read(make_store, monkeypatch):
     assert reader.chunks[0] == (0, 0, 0) and reader.chunks[1] == (1, 3, 0)  # stepped aside after one chunk
     assert [c[2] for c in firsts] == [i * 4096 for i in range(chunks)]  # resumed where it stopped, no re-read
     assert len([c for c in reader.chunks if c[:2] == (1, 3)]) == 1  # the demand load: one read, whole
-    with ExpertReader(store) as plain:
-        for (layer, expert), buf in (((0, 0), bufs[0]), ((1, 3), bufs[1])):
-            other = aligned_buffer(store.slot_bytes)
-            plain.read_into(layer, expert, other)
-            for name, t in expert_views(other, store.experts[(layer, expert)]).items():
-                assert torch.equal(expert_views(buf, store.experts[(layer, expert)])[name], t)
+    _holds(store, bufs[0], (0, 0))
+    _holds(store, bufs[1], (1, 3))
     # promoted while being read: a later demand waits for it
     reader.chunks.clear()
     reader.gate.clear()
@@ -182,14 +192,7 @@ def test_an_abandoned_read_runs_to_its_end_before_its_buffer_is_read_again(make_
     into the same buffer) no longer steps aside for that demand load: it is read to its end first, then the
     demand load, whose bytes stay as read. (It used to step aside and then resume into the buffer,
     overwriting the demand load's expert with the end of its own, unchecked.)"""
-    import adapmoe_cli.runtime.loader as loader_mod
-
-    monkeypatch.setattr(loader_mod, "CHUNK_BYTES", 4096)
-    store = Store.open(make_store(TinySpec(num_local_experts=5, num_hidden_layers=2), dtype=torch.float32))
-    chunks = -(-store.experts[(0, 0)].length // 4096)
-    assert chunks > 2
-    reader = GatedReader(store)
-    loader = Loader(reader)
+    store, reader, loader, chunks = _chunked_loader(make_store, monkeypatch)
     buf = aligned_buffer(store.slot_bytes)
     pre = loader.submit(0, 0, buf, PREFETCH)
     assert reader.started.wait(5)  # its first chunk is being read
@@ -199,11 +202,7 @@ def test_an_abandoned_read_runs_to_its_end_before_its_buffer_is_read_again(make_
     loader.wait(demand)
     assert pre.done.is_set() and pre.error is None  # read whole and checked before the demand load began
     assert reader.chunks == [(0, 0, i * 4096) for i in range(chunks)] + [(0, 3, 0)]
-    with ExpertReader(store) as plain:
-        other = aligned_buffer(store.slot_bytes)
-        plain.read_into(0, 3, other)
-        for name, t in expert_views(other, store.experts[(0, 3)]).items():
-            assert torch.equal(expert_views(buf, store.experts[(0, 3)])[name], t)
+    _holds(store, buf, (0, 3))
     loader.close()
 
 
