@@ -131,12 +131,20 @@ class OffloadedExperts(nn.Module):
         threshold = policy.threshold(self.layer)
         if threshold is None:
             return top_k_index, top_k_weights, None
+        _, ids, _, keep, kept, extra = self._ranked_gate(top_k_index, top_k_weights, policy, threshold)
+        return ids.masked_fill(~keep, -1), kept.to(top_k_weights.dtype), extra
+
+    def _ranked_gate(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, policy: GatePolicy,
+                     threshold: float | None) -> tuple[torch.Tensor, ...]:
+        """The router's choice ranked and gated: (shares, ids and the router's weights [T, k] in rank order;
+        the keep mask; the weights the kept experts get, float32; what replaces the dropped ones [T, H] or
+        None)."""
         shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
         keep = adaptive_keep(costs(shares, ids, policy.spread(self.layer)), threshold, policy.mode)
         mean = policy.mean(self.layer)
         extra = compensation(weights, ids, keep, mean) if mean is not None else None
         kept = reweigh(weights, shares, keep, self.renormalises and extra is None)
-        return ids.masked_fill(~keep, -1), kept.to(top_k_weights.dtype), extra
+        return shares, ids, weights, keep, kept, extra
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    predicted: torch.Tensor | None, compiled: bool = False) -> torch.Tensor:
@@ -188,15 +196,12 @@ class OffloadedExperts(nn.Module):
             gated_w, gated_ids, activations = top_k_weights, top_k_index, top_k_index.numel()
             needed = sorted(set(top_k_index.view(-1).tolist()))
         else:
-            shares, ids, weights = rank(top_k_weights, top_k_index, self.ordered)
-            keep = adaptive_keep(costs(shares, ids, policy.spread(self.layer)), threshold, policy.mode)
-            if threshold is None:
+            shares, ids, weights, keep, kept, extra = self._ranked_gate(top_k_index, top_k_weights, policy,
+                                                                        threshold)
+            if threshold is None:  # ungated, watched: the router's weights as they are
                 gated_w, gated_ids = weights.to(top_k_weights.dtype), ids
             else:
-                mean = policy.mean(self.layer)
-                extra = compensation(weights, ids, keep, mean) if mean is not None else None
-                gated_w = reweigh(weights, shares, keep, self.renormalises and extra is None).to(top_k_weights.dtype)
-                gated_ids = ids.masked_fill(~keep, -1)
+                gated_w, gated_ids = kept.to(top_k_weights.dtype), ids.masked_fill(~keep, -1)
             activations = int(keep.sum())
             needed = sorted(set(gated_ids[keep].tolist()))
         nxt = None

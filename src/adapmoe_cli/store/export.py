@@ -193,11 +193,10 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
 def carry_method(src: Store, dst: Store) -> None:
     """Give the padded store its source's profile (with the trace and expert statistics) and plan,
     re-addressed to it: its routing, outputs and so the sensitivities, trace, expert statistics and cost
-    curves (counted loads) are the source's. A
-    file is carried where the padded store lacks it or holds one carried from another version of the
-    source's (`carried_from`, its sha256: a re-made plan or an upgraded shipped one follows); one made for
-    the padded store itself stays. Files made for another model, or damaged, are left behind (the padded
-    store is then profiled as any other)."""
+    curves (counted loads) are the source's. A file is carried where the padded store lacks it or holds
+    one carried from another version of the source's (`carried_from`, its sha256: a re-made plan or an
+    upgraded shipped one follows); one made for the padded store itself stays. Files made for another
+    model, or damaged, are left behind (the padded store is then profiled as any other)."""
     import hashlib
 
     from adapmoe_cli.errors import ProfileError
