@@ -52,6 +52,9 @@ def test_bench_runs_every_policy_and_writes_json_and_chart(setup, tmp_path):
                     "stall_s_per_token", "bytes_read_per_token", "perplexity"):
             assert isinstance(p[key], float), (name, key)
         assert p["repeats"] == 2
+        # each float32 weight shape a decode step multiplies one row by, and the way this machine chose
+        assert set(p["row_products"]) >= {"192x64", "64x96"} and set(p["row_products"].values()) <= {
+            "blas", "multiply-and-sum"}, p["row_products"]
         c = p["counts"]
         assert c["hits"] + c["prefetch_hits"] + c["misses"] == c["expert_uses"]
     pol = data["policies"]

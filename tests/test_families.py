@@ -121,6 +121,37 @@ def test_tokens_and_logits_equal_transformers(family, name, slots, prefetch):
             assert s.prefetches_issued == 0
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("loop", [True, False], ids=["multiply-and-sum", "blas"])
+def test_either_way_of_one_rows_product_equals_transformers(family, name, loop, monkeypatch):
+    """One row's products eagerly (runtime/row_linear.py) by the multiply-and-sum everywhere, or by BLAS
+    everywhere, whichever this machine would choose: transformers' tokens and logits. With the loop forced,
+    no one-row product reaches BLAS through it (experts, attention's projections, the lm head)."""
+    from adapmoe_cli.runtime import row_linear
+
+    _, store_path, ref = family(name)
+    store = Store.open(store_path)
+    n, layers = store.shape.num_experts, len(store.shape.moe_layers)
+    monkeypatch.setattr(row_linear, "_forced", loop)
+    blas_rows: list[int] = []
+    real = torch.nn.functional.linear
+
+    def counted(x, w, bias=None):
+        blas_rows.append(x.numel() // x.shape[-1])
+        return real(x, w, bias)
+
+    monkeypatch.setattr(row_linear, "F", type("F", (), {"linear": staticmethod(counted)}))
+    with runtime_engine(store, {"cache.budget": n // 2 * layers, "prefetch_precision": 0.0}) as eng:
+        assert greedy(eng, PROMPT, STEPS) == ref_greedy(ref, PROMPT, STEPS)
+        with torch.no_grad():
+            ours = eng.model(torch.tensor([PROMPT])).logits
+            theirs = ref(torch.tensor([PROMPT])).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+    one_row = blas_rows.count(1)
+    assert (one_row == 0) if loop else (one_row >= STEPS * layers)
+    assert any(rows == len(PROMPT) for rows in blas_rows)  # prompts: F.linear, either way
+
+
 #: what the family's router does with the weights it keeps, written here from transformers' modelling code
 #: (not from families/): a renormalising router gives the kept experts its whole total, in proportion
 RENORMALISES = {

@@ -470,6 +470,8 @@ def summarise(runs: list[DecodeTiming], bandwidth: float, top_k: int) -> dict[st
         "compile_s": (statistics.median(c) if (c := [r.compile_s for r in runs if r.compile_s is not None])
                       else None),
         "repeats": len(runs),
+        # eagerly, one row's products by BLAS or a multiply-and-sum, as measured in the run (row_linear.py)
+        "row_products": next((r.row_products for r in reversed(runs) if r.row_products), None),
         "runs": [{"decode_tokens_per_s": r.decode_tps, "decode_tokens": r.decode_tokens,
                   "stall_s_per_token": r.stats.stall_s / r.decode_tokens if r.decode_tokens else 0.0,
                   "misses": r.stats.misses} for r in runs],

@@ -251,6 +251,11 @@ def render_table(r: dict[str, Any]) -> None:
     if compiled:
         console.print("decode step compiled (--compile), outside the timing: " + ", ".join(
             f"{n} {s:.1f} s" for n, s in compiled.items()) + " per run (median)", soft_wrap=True)
+    loops = sorted({shape for p in r["policies"].values() for shape, way in (p.get("row_products") or {}).items()
+                    if way == "multiply-and-sum"})
+    if loops:
+        console.print("eagerly, one row's product by a multiply-and-sum (measured faster than BLAS here) for weights "
+                      + ", ".join(loops), soft_wrap=True)
 
 
 def render_notes(r: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from adapmoe_cli.runtime import row_linear
 from adapmoe_cli.runtime.expert_kernel import row_product
 from adapmoe_cli.skeleton import describe
 
@@ -49,6 +50,9 @@ class DecodeStep:
         self._compiled: Any = None
         self._steady: weakref.ref | None = None  # the KV cache whose last step ran compiled, nothing changed since
         self.unguarded_steps = 0  # steps that ran with only the tensor and size guards checked
+        for module in model.modules():  # attention's projections, shared experts, the lm head
+            if type(module) is torch.nn.Linear:
+                module.forward = types.MethodType(_row_linear_forward, module)
 
     @property
     def active(self) -> bool:
@@ -104,9 +108,6 @@ class DecodeStep:
                 torch._dynamo.mark_dynamic(layer.values, 2)
         before = kv.get_seq_length()
         t0 = time.perf_counter()
-        for module in self.model.modules():  # attention's projections, shared experts, the lm head
-            if type(module) is torch.nn.Linear:
-                module.forward = types.MethodType(_row_linear_forward, module)
         try:
             # the C++ wrapper calls the kernels without Python in between: 450 → 500 tok/s on the embedded model
             self._compiled = torch.compile(self.model, dynamic=True,
@@ -138,9 +139,11 @@ def _row_linear_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     machine with the weight out of the cache (0.43 against 0.14 ms for the embedded model's 3 MB lm head;
     expert_kernel.py has the same for the experts). For attention's projections as well as the lm head
     this saves 0.26 ms of a 2.4 ms step on the embedded model and 0.31–0.36 ms of ~10 ms on the full-size
-    store, whose experts push the dense weights out of the cache (docs/performance.md). Eagerly, and for
-    several rows, transformers' own `F.linear`."""
-    if not torch.compiler.is_compiling() or x.shape[-2] != 1:
+    store, whose experts push the dense weights out of the cache (docs/performance.md). Eagerly, one row
+    by whichever way this machine multiplies faster (row_linear.py); several rows, transformers' `F.linear`."""
+    if not torch.compiler.is_compiling():
+        return row_linear.linear(x, linear.weight, linear.bias)
+    if x.shape[-2] != 1:
         return torch.nn.functional.linear(x, linear.weight, linear.bias)
     y = row_product(x.reshape(-1, x.shape[-1]), linear.weight).view(*x.shape[:-1], -1)
     return y if linear.bias is None else y + linear.bias

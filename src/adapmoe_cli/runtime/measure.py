@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapmoe_cli.budget import Budget
+from adapmoe_cli.runtime import row_linear
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
@@ -41,6 +42,8 @@ class DecodeTiming:
     stats: Stats = field(default_factory=Stats)  # counted over the timed decode steps
     direct_io: bool | None = None  # the engine's reads bypassed the page cache (run_setup; None: not asked)
     compile_s: float | None = None  # compiling the decode step took this long (`--compile`; not in decode_s)
+    #: how one row's products were computed eagerly, weight shape → way (row_linear.py; run_setup)
+    row_products: dict[str, str] | None = None
 
     @property
     def decode_tps(self) -> float:
@@ -102,4 +105,5 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
             total.add(timed_decode(eng, prompt, tokens))
         total.direct_io = eng.direct_io()
         total.compile_s = eng.decode.compile_s
+        total.row_products = row_linear.chosen()
     return total
