@@ -9,10 +9,12 @@
 3. `nn.Linear`'s one-row products (attention's projections, the lm head) as multiply-and-sum loops
    (runtime/compiled.py `_row_linear_forward`) against `F.linear` (MKL): two engines on MODEL, one with the
    shipped forwards, one with transformers' own, alternating; paired per round.
+4. Eagerly, one row's products by the measured choice of each shape (runtime/row_linear.py) against BLAS
+   everywhere and the multiply-and-sum everywhere: one engine, rotated; paired per round.
 
 Run on a quiet machine. Usage: python scripts/measure_row_products.py [MODEL] [--rounds 20] [--tokens 32]
-(MODEL: a store, e.g. ~/.cache/adapmoe/stores/embedded-experts-16MiB, which `adapmoe bench --expert-size
-16MiB` builds, or `embedded`; without one, only 1 runs)"""
+[--only eager] (MODEL: a store, e.g. ~/.cache/adapmoe/stores/embedded-experts-16MiB, which `adapmoe bench
+--expert-size 16MiB` builds, or `embedded`; without one, only 1 runs)"""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from profile_decode import decode
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.model_arg import open_model
 from adapmoe_cli.planning.resolve import open_engine
-from adapmoe_cli.runtime import compiled, expert_kernel
+from adapmoe_cli.runtime import compiled, expert_kernel, row_linear
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import compile_decode
 from adapmoe_cli.runtime.moe_block import gated_activation
@@ -122,6 +124,27 @@ def linear_products(model: str, rounds: int, tokens: int) -> None:
     paired(ms, "F.linear", "multiply-and-sum (shipped)")
 
 
+def eager(model: str, rounds: int, tokens: int) -> None:
+    """4. Eagerly (runtime/row_linear.py): one engine, the shapes' measured choice against BLAS everywhere and
+    the multiply-and-sum everywhere, rotated round by round."""
+    ways = {"measured (shipped)": None, "BLAS": False, "multiply-and-sum": True}
+    settings = load_settings(overrides={**SETTINGS, "compile": False})
+    with open_engine(open_model(model), settings) as engine:
+        for way in ways.values():  # (the measured way's first products make the choice)
+            row_linear.force(way)
+            decode(engine, tokens)
+        ms: dict[str, list[float]] = {name: [] for name in ways}
+        for r in range(rounds):
+            for name in list(ways)[r % 3:] + list(ways)[:r % 3]:
+                row_linear.force(ways[name])
+                ms[name].append(decode(engine, tokens) / tokens * 1e3)
+        row_linear.force(None)
+    print(f"one-row products eagerly ({model}, every expert resident, the shipped gate, {rounds} rounds of "
+          f"{tokens} tokens; chosen: {row_linear.chosen()}):")
+    paired(ms, "BLAS", "measured (shipped)")
+    paired({k: ms[k] for k in ("BLAS", "multiply-and-sum")}, "BLAS", "multiply-and-sum")
+
+
 def paired(ms: dict[str, list[float]], before: str, after: str) -> None:
     report(ms, "ms/token")
     saved = [a - b for a, b in zip(ms[before], ms[after], strict=True)]
@@ -134,12 +157,17 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--only", choices=["eager"], help="run part 4 only")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.only == "eager":
+        eager(args.model or "embedded", args.rounds, args.tokens)
+        return
     isolated(2 * args.rounds)
     if args.model:
         in_step(args.model, args.rounds, args.tokens)
         linear_products(args.model, args.rounds, args.tokens)
+        eager(args.model, args.rounds, args.tokens)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ def fresh(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_multiply_and_sum_computes_what_f_linear_does(fresh, monkeypatch, shape, bias):
+@pytest.mark.parametrize("chunk", [None, 4 * 48 * 7], ids=["one-piece", "in-pieces"])
+def test_the_multiply_and_sum_computes_what_f_linear_does(fresh, monkeypatch, shape, bias, chunk):
+    """In one piece, and in pieces of 7 rows (80 = 11 × 7 + 3) through the buffer."""
+    if chunk is not None:
+        monkeypatch.setattr(row_linear, "_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(80, 48, generator=g), torch.randn(*shape, generator=g)
     b = torch.randn(80, generator=g) if bias else None
