@@ -9,9 +9,9 @@ depends on the CPU more than on the bytes: on the project's AMD EPYC it reads a 
 18–30 GB/s (a full-size expert's w1 and w3, 11 MB: 1.49 against 0.53 ms); for rows of thousands of numbers
 (w2) MKL is as fast or faster. On another CPU MKL may win everywhere. So the first products of each weight
 shape alternate between the two ways, `_TRIALS` of them timed, on the model's own weights as the decode step
-reads them (nothing at start-up; the loop's memory is one 2 MiB buffer per thread);
-then the shape takes the multiply-and-sum only where it is clearly faster (`prefers_loop`), and keeps that
-choice for the life of the process.
+reads them (nothing at start-up; the loop's memory is one 2 MiB buffer per thread); then the shape takes the
+multiply-and-sum only where it is clearly faster (`prefers_loop`), and keeps that choice for the life of the
+process.
 
 Several rows (prompts), other dtypes (a multiply in bfloat16 would round each product) and inputs that need a
 gradient keep `F.linear`. Both ways compute the same sums in another order: logits agree to float rounding
@@ -82,6 +82,8 @@ def _loop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
     a buffer that size per shape would cost a memory cap a slot; 2 MiB pieces take 7 % longer than one piece
     on the full-size store's w1 and w3)."""
     n, k = w.shape
+    if 4 * k > _CHUNK:  # (no model has rows this long; one would not fit the buffer)
+        return F.linear(x, w, bias)
     flat = getattr(_local, "buffer", None)
     if flat is None or flat.numel() != _CHUNK // 4:
         with torch.inference_mode(False):  # a normal tensor: written inside inference mode or outside it
