@@ -33,8 +33,7 @@ _MARGIN = 0.85
 _TRIALS = 24
 
 _chosen: dict[tuple[int, int], bool] = {}  # (N, K) → multiply-and-sum (True) or BLAS (False)
-#: (N, K) → (calls so far, BLAS's times, the loop's)
-_trials: dict[tuple[int, int], tuple[list[int], list[float], list[float]]] = {}
+_trials: dict[tuple[int, int], tuple[list[float], list[float]]] = {}  # (N, K) → (BLAS's times, the loop's)
 #: the loop's products are made this many bytes of rows at a time (`_loop`)
 _CHUNK = 2 << 20
 _local = threading.local()
@@ -88,30 +87,23 @@ def _loop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
     if flat is None or flat.numel() != _CHUNK // 4:
         with torch.inference_mode(False):  # a normal tensor: written inside inference mode or outside it
             flat = _local.buffer = torch.empty(_CHUNK // 4)
-    rows = max(1, _CHUNK // (4 * k))
-    xr = x.reshape(1, k)
-    if rows >= n:
-        y = torch.mul(w, xr, out=flat[: n * k].view(n, k)).sum(-1)
-    else:
-        y = torch.empty(n)
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            torch.sum(torch.mul(w[s:e], xr, out=flat[: (e - s) * k].view(e - s, k)), -1, out=y[s:e])
+    rows, xr, y = _CHUNK // (4 * k), x.reshape(1, k), torch.empty(n)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        torch.sum(torch.mul(w[s:e], xr, out=flat[: (e - s) * k].view(e - s, k)), -1, out=y[s:e])
     y = y.view(*x.shape[:-1], n)
     return y if bias is None else y + bias
 
 
 def _trial(key: tuple[int, int], x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One of a shape's first products: BLAS and the loop in turn, each timed but for its first (which pays
-    for first touches); the last one chooses."""
-    calls, blas, loop = _trials.setdefault(key, ([0], [], []))
-    by_loop = calls[0] % 2 == 1
+    """One of a shape's first products: BLAS and the loop in turn, each timed; the last one chooses, leaving out
+    each way's first (which pays for first touches)."""
+    blas, loop = _trials.setdefault(key, ([], []))
+    by_loop = len(loop) < len(blas)
     t0 = _clock()
     y = _loop(x, w, bias) if by_loop else F.linear(x, w, bias)
-    if calls[0] >= 2:
-        (loop if by_loop else blas).append(_clock() - t0)
-    calls[0] += 1
-    if len(loop) >= _TRIALS // 2:
-        _chosen[key] = prefers_loop(blas, loop)
+    (loop if by_loop else blas).append(_clock() - t0)
+    if len(loop) > _TRIALS // 2:
+        _chosen[key] = prefers_loop(blas[1:], loop[1:])
         del _trials[key]
     return y
