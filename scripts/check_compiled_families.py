@@ -1,10 +1,13 @@
 """The compiled decode step (`--compile`) on a tiny random checkpoint of each supported family: greedy tokens
 equal transformers' own model (eager experts) and the eager runtime's, over two generations long enough to
-cross GPT-OSS's sliding window (8 positions), at half the experts with prefetch on. Prints per family
-whether they are equal, whether compiling failed, and how many steps ran with only tensor and size guards
-(compiled.py); exits non-zero if any family differs. The suite runs the tiny Mixtral and a toy whose graph
+cross GPT-OSS's sliding window (8 positions), at half the experts with prefetch on — or, with `--resident`,
+every expert read before the first token, so every decode step computes its experts inside the graph
+(moe_block.OffloadedExperts._in_graph). Prints per family whether they are equal, whether compiling failed,
+how many steps ran with only tensor and size guards (compiled.py) and how many layer calls the graph
+computed itself; exits non-zero if any family differs. The suite runs the tiny Mixtral and a toy whose graph
 branches on the KV length (tests/test_compiled.py); this covers the rest (~3 min with a warm inductor
-cache, several more on a new machine). Usage: python scripts/check_compiled_families.py OUT_DIR [FAMILY ...]"""
+cache, several more on a new machine).
+Usage: python scripts/check_compiled_families.py OUT_DIR [--resident] [FAMILY ...]"""
 
 from __future__ import annotations
 
@@ -26,20 +29,33 @@ PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 5, 12]
 TOKENS = 24
 
 
-def run(store: Store, compile: bool) -> tuple[list[int], object, list[str]]:
-    """Two generations (a second KV cache), at half the experts with prefetch on."""
-    half = store.shape.num_experts * len(store.shape.moe_layers) // 2
+def run(store: Store, compile: bool, resident: bool) -> tuple[list[int], object, list[str], int]:
+    """Two generations (a second KV cache), at half the experts with prefetch on, or every expert read first;
+    also the layer calls the graph computed itself."""
+    every = store.shape.num_experts * len(store.shape.moe_layers)
     notes: list[str] = []
-    with runtime_engine(store, {"cache.budget": half, "prefetch": True, "prefetch_precision": 0.0,
-                                "compile": compile}) as engine:
+    in_graph = [0]
+    with runtime_engine(store, {"cache.budget": every if resident else every // 2, "prefetch": True,
+                                "prefetch_precision": 0.0, "compile": compile}) as engine:
         engine.decode.note = notes.append
+        if resident:
+            for layer in store.shape.moe_layers:
+                engine.manager.preload(layer, range(store.shape.num_experts))
+        count = engine.decode.after
+
+        def after() -> None:
+            in_graph[0] += sum(int(b.graph_counts[0]) for b in engine._blocks)
+            count()
+
+        engine.decode.after = after
         tokens = greedy(engine, PROMPT, TOKENS) + greedy(engine, PROMPT[:3], TOKENS - 4)
-        return tokens, engine.decode, notes
+        return tokens, engine.decode, notes, in_graph[0]
 
 
 def main() -> int:
     out = Path(sys.argv[1])
-    names = sys.argv[2:] or sorted(TINY_FAMILIES)
+    resident = "--resident" in sys.argv[2:]
+    names = [a for a in sys.argv[2:] if a != "--resident"] or sorted(TINY_FAMILIES)
     bad = 0
     for name in names:
         root = out / name
@@ -49,14 +65,15 @@ def main() -> int:
         want = ref_greedy(ref.eval(), PROMPT, TOKENS)
         store = Store.open(root / "store")
         t0 = time.perf_counter()
-        compiled, step, notes = run(store, compile=True)
+        compiled, step, notes, in_graph = run(store, True, resident)
         seconds = time.perf_counter() - t0
-        eager, _, _ = run(store, compile=False)
+        eager, _, _, _ = run(store, False, resident)
         ok = compiled[:TOKENS] == want and compiled == eager and step.failure is None
         bad += not ok
         print(f"{name:12s} {'ok' if ok else 'DIFFERS'}: equal to transformers {compiled[:TOKENS] == want}, to eager "
               f"{compiled == eager}; compile failure {step.failure}; {step.unguarded_steps} of "
-              f"{2 * TOKENS - 6} steps with tensor and size guards only; notes {notes}; {seconds:.0f} s", flush=True)
+              f"{2 * TOKENS - 6} steps with tensor and size guards only; {in_graph} layer calls computed in the graph; "
+              f"notes {notes}; {seconds:.0f} s", flush=True)
     return 1 if bad else 0
 
 

@@ -122,6 +122,51 @@ def test_a_compensating_gate_compiles_to_the_eager_tokens_and_counts(make_store)
     assert _run(store, False, replace(gate, stats=zero), notes)[0] != tokens
 
 
+def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_checkpoint, monkeypatch):
+    """With a slot for every expert, a layer whose experts are all read — and the next layer's too, where it
+    prefetches — is settled, and the compiled step computes its experts inside the graph from the cache's
+    slots (moe_block.OffloadedExperts._in_graph) instead of calling the manager: the same tokens as eagerly
+    and as transformers, and the same books (each such expert a hit, counted in the graph). Filling up as
+    routing asks (layers settle mid-generation) and with every expert read before the first token (the
+    `resident` policy: every decode step's layers in the graph)."""
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    ref = reference_models(make_checkpoint, {"tiny": SPEC}, experts_implementation="eager")("tiny")
+    thresholds = thresholds_for(ref)
+    with gated_routers(ref, thresholds), torch.no_grad():
+        expected = ref_greedy(ref, PROMPT, 20) + ref_greedy(ref, PROMPT[:4], 12)
+    gate = GatePolicy(thresholds, rule="test")
+    graph = {"calls": 0}
+    count = moe_block.OffloadedExperts.count_graph
+
+    def counted(self):
+        calls, experts = count(self)
+        graph["calls"] += calls
+        return calls, experts
+
+    monkeypatch.setattr(moe_block.OffloadedExperts, "count_graph", counted)
+    every = SPEC.num_hidden_layers * SPEC.num_local_experts
+    steps = (20 - 1 + 12 - 1) * SPEC.num_hidden_layers  # layer calls of the decode steps
+    for preload in (False, True):
+        runs = {}
+        for compile in (False, True):
+            graph["calls"] = 0
+            overrides = {"cache.budget": every, "prefetch": True, "prefetch_precision": 0.0, "compile": compile}
+            with runtime_engine(store, overrides, gate=gate) as eng:
+                if preload:
+                    for layer in range(SPEC.num_hidden_layers):
+                        eng.manager.preload(layer, range(SPEC.num_local_experts))
+                tokens = greedy(eng, PROMPT, 20) + greedy(eng, PROMPT[:4], 12)
+                eng.manager.drain()
+                runs[compile] = tokens, _counts(eng.stats), graph["calls"], eng.decode.failure
+        (eager_tokens, eager_counts, none, _), (tokens, counts, calls, failure) = runs[False], runs[True]
+        assert failure is None and none == 0
+        assert tokens == eager_tokens == expected and counts == eager_counts
+        if preload:
+            assert calls == steps and counts["misses"] == 0  # every layer of every decode step in the graph
+        else:
+            assert 0 < calls < steps and counts["misses"] > 0  # the layers settled as their experts were read
+
+
 def _switch(out: list):
     """After a run: 12 tokens, and after the 4th — between two steps on the same KV cache, where the compiled
     step checks only tensor and size guards — the top-1 gate in every layer and prefetch off; `out` gets the

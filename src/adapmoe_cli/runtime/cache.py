@@ -1,7 +1,9 @@
 """A fixed pool of preallocated expert slots with per-layer quotas. Maps (layer, expert) → slot, asks
 each layer's eviction policy for victims, and never allocates after construction: resident expert
-bytes are at most `slots × stride` by construction. Single-threaded: only the compute thread calls it;
-the loader only fills buffers it is handed."""
+bytes are at most `slots × stride` by construction. A layer's slots lie back to back in one arena, so a
+compiled decode step can read them as one tensor per part (`stacked`) and pick an expert by a tensor
+index (`place`) once the layer is `settled` (moe_block.OffloadedExperts._in_graph). Single-threaded:
+only the compute thread calls it; the loader only fills buffers it is handed."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class ExpertCache:
         """`policy`: an eviction policy's name (runtime/eviction.py), one per layer; `routing`: what the
         policies that predict (`markov`, `learned`) predict from; `experts`: how many a layer has (for
         `holds_all`)."""
+        from adapmoe_cli.store.manifest import ALIGNMENT
         from adapmoe_cli.store.reader import aligned_buffer
 
         if any(q < 1 for q in quotas.values()):
@@ -34,13 +37,19 @@ class ExpertCache:
         self.quotas = dict(quotas)
         self.stride = stride
         self.experts = experts
-        self.buffers: list[mmap.mmap | None] = []
+        #: a slot's place in its layer's arena: the stride rounded up to the alignment O_DIRECT reads need
+        self.slot_bytes = -(-stride // ALIGNMENT) * ALIGNMENT
+        self.buffers: list[memoryview | None] = []
         self.views: list[Any] = []
+        self._arenas: dict[int, mmap.mmap] = {}  # layer → one mapping holding its slots back to back
         self._layer_slots: dict[int, list[int]] = {}
         for layer, q in self.quotas.items():
             ids = []
-            for _ in range(q):
-                buf = aligned_buffer(stride) if stride else None  # stride 0: bookkeeping only (simulator)
+            arena = aligned_buffer(q * self.slot_bytes) if stride else None  # stride 0: bookkeeping only
+            if arena is not None:
+                self._arenas[layer] = arena
+            for i in range(q):
+                buf = memoryview(arena)[i * self.slot_bytes:(i + 1) * self.slot_bytes] if arena is not None else None
                 ids.append(len(self.buffers))
                 self.buffers.append(buf)
                 self.views.append(make_views(buf) if make_views and buf is not None else None)
@@ -48,6 +57,21 @@ class ExpertCache:
         self._state = [FREE] * len(self.buffers)
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
         self.policies: dict[int, EvictionPolicy] = {layer: make_policy(policy, layer, routing) for layer in self.quotas}
+        # what a compiled decode step reads to compute a layer's experts in its graph (runtime/compiled.py):
+        # expert → its slot's place in the layer's arena; whether every expert of the layer has a slot; whether
+        # the manager found all of them read and its books for the layer settled (`settled`)
+        # (kept where there are weights and a known number of experts: not in the planner's replay or simulator)
+        self._tracked = experts is not None and stride > 0
+        self.place: dict[int, Any] = {}
+        self.held: dict[int, Any] = {}
+        self.settled: dict[int, Any] = {}
+        self._settled: set[int] = set()
+        if self._tracked:
+            import torch
+
+            self.place = {layer: torch.zeros(experts, dtype=torch.long) for layer in self.quotas}
+            self.held = {layer: torch.zeros((), dtype=torch.bool) for layer in self.quotas}
+            self.settled = {layer: torch.zeros((), dtype=torch.bool) for layer in self.quotas}
 
     @property
     def num_slots(self) -> int:
@@ -93,6 +117,9 @@ class ExpertCache:
         mapping[expert] = free
         self._state[free] = LOADING
         self.policies[layer].insert(expert)
+        if self._tracked:
+            self.place[layer][expert] = self._layer_slots[layer].index(free)
+            self._changed(layer)
         return free, evicted
 
     def mark_ready(self, layer: int, expert: int) -> None:
@@ -103,6 +130,49 @@ class ExpertCache:
         s = self._slot_of[layer].pop(expert)
         self._state[s] = FREE
         self.policies[layer].remove(expert)
+        if self._tracked:
+            self._changed(layer)
+
+    def _changed(self, layer: int) -> None:
+        """A slot of `layer` changed hands: it is no longer settled; whether it holds every expert may change."""
+        self.held[layer].fill_(self.holds_all(layer))
+        if layer in self._settled:
+            self._settled.discard(layer)
+            self.settled[layer].fill_(False)
+
+    def settle(self, layer: int) -> bool:
+        """Mark `layer` settled when every expert of it is read (the manager calls this once its books for
+        the layer are done); True when it is."""
+        if layer in self._settled:
+            return True
+        if not self._tracked or not self.holds_all(layer):
+            return False
+        if any(self._state[s] != READY for s in self._slot_of[layer].values()):
+            return False
+        self._settled.add(layer)
+        self.settled[layer].fill_(True)
+        return True
+
+    def stacked(self, layer: int) -> dict[str, Any] | None:
+        """The layer's slots as one tensor per part (`views` of a slot, each [slots, ...] over the arena), or
+        None where a slot's views are not plain tensors (quantized parts, no arena)."""
+        import torch
+
+        arena, first = self._arenas.get(layer), self.views[self._layer_slots[layer][0]]
+        if arena is None or not isinstance(first, dict):
+            return None
+        out: dict[str, Any] = {}
+        for part, tensors in first.items():
+            if not isinstance(tensors, dict) or set(tensors) != {""} or not isinstance(tensors[""], torch.Tensor):
+                return None
+            t = tensors[""]
+            base = torch.frombuffer(arena, dtype=t.dtype)
+            size = t.element_size()
+            if self.slot_bytes % size or (t.data_ptr() - base.data_ptr()) % size:
+                return None
+            out[part] = {"": base.as_strided((self.quotas[layer], *t.shape), (self.slot_bytes // size, *t.stride()),
+                                             (t.data_ptr() - base.data_ptr()) // size)}
+        return out
 
     def touch(self, layer: int, expert: int) -> None:
         self.policies[layer].touch(expert)
@@ -112,8 +182,14 @@ class ExpertCache:
         for b in self.buffers:
             try:
                 if b is not None:
-                    b.close()
+                    b.release()
             except BufferError:
                 pass  # a tensor view still exists; the mapping goes with the last reference
         self.buffers.clear()
+        for arena in self._arenas.values():
+            try:
+                arena.close()
+            except BufferError:
+                pass
+        self._arenas.clear()
 

@@ -38,13 +38,18 @@ class DecodeStep:
     """`step(input_ids, kv)` → the model's output for one fed token, compiled when `compile` is on."""
 
     def __init__(self, model: Any, compile: bool, note: Callable[[str], None] | None = None,
-                 watched: Callable[[], bool] = lambda: False):
+                 watched: Callable[[], bool] = lambda: False, after: Callable[[], None] = lambda: None,
+                 simpler: Callable[[], bool] = lambda: False):
         """`watched()`: someone observes each layer call (the profiler, a routing recorder) — the compiled
-        step does not report to observers, so such steps run eagerly."""
+        step does not report to observers, so such steps run eagerly. `after()`: called after each compiled
+        step (the engine collects what the graph counted). `simpler()`: after a failed compile, make the
+        model simpler to compile (the engine: every layer's experts through the manager); True: try again."""
         self.model = model
         self.enabled = compile
         self.note = note
         self.watched = watched
+        self.after = after
+        self.simpler = simpler
         self.compile_s: float | None = None  # seconds the first compiled call took (compiling included)
         self.failure: str | None = None  # why it runs eagerly after all
         self._compiled: Any = None
@@ -74,6 +79,7 @@ class DecodeStep:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
                 self.unguarded_steps += 1
+                self.after()
                 return out
             except RuntimeError as e:  # a tensor or size guard failed: raised before the graph ran
                 if "skip_guard_eval_unsafe" not in str(e):
@@ -83,6 +89,7 @@ class DecodeStep:
         # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
         # changes from one step to the next (a value that did would have made this step recompile)
         self._steady = weakref.ref(kv) if _compiles() == compiles else None
+        self.after()
         return out
 
     def state_changed(self) -> None:
@@ -108,22 +115,35 @@ class DecodeStep:
                 torch._dynamo.mark_dynamic(layer.values, 2)
         before = kv.get_seq_length()
         t0 = time.perf_counter()
-        try:
-            # the C++ wrapper calls the kernels without Python in between: 450 → 500 tok/s on the embedded model
-            self._compiled = torch.compile(self.model, dynamic=True,
-                                           options={"cpp_wrapper": True, "guard_filter_fn": _guards_kept})
-            out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
-        except Exception as e:  # noqa: BLE001 — any failure of the compiler means: run eagerly
-            self._compiled = None
-            self.failure = f"{type(e).__name__}: {describe(e)}"[:200]  # the compiler's errors run to pages
-            for layer in kv.layers:
-                extra = layer.get_seq_length() - before
-                if extra > 0:
-                    layer.crop(-extra)
-            if self.note is not None:
-                self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly")
-            return self.model(input_ids=input_ids, cache=kv, use_cache=True)
+        first: str | None = None  # why the first attempt failed, where a simpler model is tried
+        while True:
+            try:
+                # the C++ wrapper calls the kernels without Python in between: 450 → 500 tok/s on the embedded
+                # model
+                self._compiled = torch.compile(self.model, dynamic=True,
+                                               options={"cpp_wrapper": True, "guard_filter_fn": _guards_kept})
+                out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
+                break
+            except Exception as e:  # noqa: BLE001 — any failure of the compiler means: run eagerly
+                self._compiled = None
+                failure = f"{type(e).__name__}: {describe(e)}"[:200]  # the compiler's errors run to pages
+                for layer in kv.layers:
+                    extra = layer.get_seq_length() - before
+                    if extra > 0:
+                        layer.crop(-extra)
+                torch._dynamo.reset()
+                if first is None and self.simpler():
+                    first = failure
+                    continue
+                self.failure = failure
+                if self.note is not None:
+                    self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly")
+                return self.model(input_ids=input_ids, cache=kv, use_cache=True)
+        if first is not None and self.note is not None:
+            self.note(f"--compile: compiling the experts into the decode step failed ({first}); they are "
+                      "computed outside it")
         self.compile_s = time.perf_counter() - t0
+        self.after()
         return out
 
 

@@ -18,7 +18,7 @@ from adapmoe_cli.families import is_weight
 from adapmoe_cli.profiling.routing_model import eviction_for
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.compiled import DecodeStep
-from adapmoe_cli.runtime.expert_kernel import ExpertKernel
+from adapmoe_cli.runtime.expert_kernel import ExpertKernel, StackedExperts
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.loader import Loader
 from adapmoe_cli.runtime.manager import ExpertManager
@@ -79,9 +79,13 @@ class Engine:
         self.fallback_bytes = 0  # memory the fallback copy holds
         if fallback is not None:
             self.manager.fallback = self._hold_fallback(fallback)
+        self._blocks: list[OffloadedExperts] = []
         self.model = self._build_model(note)
-        #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py)
-        self.decode = DecodeStep(self.model, settings.compile, note, watched=lambda: bool(self.observers.callbacks))
+        #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py); the
+        #: manager's observers see every layer call, so observed steps run eagerly
+        self.decode = DecodeStep(self.model, settings.compile, note,
+                                 watched=lambda: bool(self.observers.callbacks or self.manager.on_layer),
+                                 after=self._count_graph, simpler=self._manager_only)
 
     def _hold_fallback(self, fallback: Store) -> Any:
         """Every expert of `fallback` read (and checked) into memory; (layer, expert) → its weights, each part
@@ -153,11 +157,42 @@ class Engine:
                 linear=linear, kernel=kernel,
             )
             fam.set_experts(model, layer, experts)
+            self._blocks.append(experts)
+        if kernel is not None and self.device.type == "cpu":  # settled layers' experts in the compiled graph
+            whole = {layer for layer, q in self.budget.quotas.items() if q >= shape.num_experts}
+            for block in self._blocks:
+                nxt = block.next_layer
+                # only a layer with a slot for every expert can settle, and one that prefetches only computes
+                # in the graph while the next layer holds all of its experts (the check costs ~25 µs a call)
+                if block.layer not in whole or (block.prefetch_enabled and nxt not in whole):
+                    continue
+                parts = self.cache.stacked(block.layer)
+                if parts is not None:
+                    block.compute_in_graph(StackedExperts(block.glu, fam.biases, parts, self.cache.place[block.layer]),
+                                           self.cache.settled[block.layer], self.cache.held.get(nxt))
         for p in model.parameters():
             p.requires_grad_(False)  # inference engine; the profiler asks for activation gradients only
         leftover = [n for n, p in model.named_parameters() if p.is_meta]
         assert not leftover, f"parameters left on the meta device: {leftover[:3]}"
         return model.eval().to(self.device)
+
+    def _count_graph(self) -> None:
+        """Hand what a compiled step counted in its graph to the manager's Stats (one read a step)."""
+        for block in self._blocks:
+            calls, experts = block.count_graph()
+            if calls:
+                st = self.stats
+                st.layer_tokens += calls
+                st.expert_activations += experts
+                st.expert_uses += experts
+                st.hits += experts
+
+    def _manager_only(self) -> bool:
+        """After a failed compile: every layer's experts through the manager (True if that changes anything)."""
+        changed = any(block.stacked is not None for block in self._blocks)
+        for block in self._blocks:
+            block.compute_in_graph(None)
+        return changed
 
     def use_gate(self, gate: GatePolicy) -> None:
         """Route with another adaptive gate from the next forward on (experiments sweep thresholds)."""

@@ -109,3 +109,25 @@ class ExpertKernel:
                           "experts computed eagerly")
             return
         self._keys, self._shapes = keys, tuple(tuple(t.shape) for t in parts)
+
+
+class StackedExperts:
+    """One layer's experts read where the cache keeps them — each part of every slot as one tensor
+    [slots, ...] over the layer's arena (`ExpertCache.stacked`) and each expert's place in it
+    (`ExpertCache.place`) — for a compiled step that computes a settled layer's experts inside its graph
+    (`OffloadedExperts._in_graph`): `stacked(x, expert, scale)` is `ExpertKernel`'s arithmetic, its weights
+    picked by a tensor index, so nothing leaves the graph."""
+
+    def __init__(self, glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], biases: bool,
+                 parts: dict[str, dict[str, torch.Tensor]], place: torch.Tensor):
+        self.glu = glu
+        self.biases = biases
+        self.parts = parts
+        self.place = place
+        for t in [place] + [p[""] for p in parts.values()]:
+            torch._dynamo.mark_static(t)  # (the compiled step is dynamic in the KV cache's length only)
+
+    def __call__(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        slot = torch.index_select(self.place, 0, expert.view(1))
+        w = {name: {"": torch.index_select(p[""], 0, slot)[0]} for name, p in self.parts.items()}
+        return (expert_output(_dot, self.glu, self.biases, x, w) * scale).to(x.dtype)

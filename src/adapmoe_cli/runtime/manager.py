@@ -148,6 +148,10 @@ class ExpertManager:
         if not self.cache.policies[layer].retains:
             for e in self.cache.resident(layer):
                 self.cache.release(layer, e)
+        elif layer not in self._prefetched:
+            # every expert of it read, no prefetch of it outstanding: its later calls are hits, which a
+            # compiled step may count without calling here (moe_block.OffloadedExperts._in_graph)
+            self.cache.settle(layer)
 
     _COUNT = {ORIGIN_RESIDENT: "_hit", ORIGIN_PREFETCH: "_pf_hit", ORIGIN_DEMAND: "_miss"}
 
@@ -208,6 +212,8 @@ class ExpertManager:
         for e in experts:
             if self.cache.slot(layer, e) is None and self._load(layer, e, DEMAND, keep=()) is not None:
                 self._wait(layer, e)
+        if layer not in self._prefetched:
+            self.cache.settle(layer)
 
     def drain(self) -> None:
         """Wait for every outstanding read and settle it (before closing, between measured runs)."""

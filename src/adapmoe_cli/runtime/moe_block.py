@@ -4,7 +4,8 @@ family's own block stays: its router, shared experts and their gates, and everyt
 (attention, norms, KV cache) are transformers'. Glue only: ranks the router's choice, applies the
 adaptive gate (adding the dropped experts' mean outputs where the policy compensates), asks the manager
 to prefetch what the next layer's router predicts from this hidden state, and computes each needed
-expert from the slot the manager hands it."""
+expert from the slot the manager hands it. In a compiled decode step a settled layer (every expert read,
+nothing left for the manager but to count hits) computes its experts inside the graph (`_in_graph`)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,16 @@ class Observers:
 def gated_activation(kind: str, experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(gate, up) → the expert's hidden activation, as the family's own experts module computes it."""
     if kind == "clamped_swiglu":  # GPT-OSS (GptOssExperts._apply_gate, on de-interleaved halves)
-        alpha, limit = float(experts.alpha), float(experts.limit)
+        values = float(experts.alpha), float(experts.limit)
+
+        # constants to the compiler: read as closure values they would be symbolic inputs (the compiled step is
+        # dynamic), which a branch of the graph cannot take (`OffloadedExperts._in_graph`)
+        @torch.compiler.assume_constant_result
+        def constants() -> tuple[float, float]:
+            return values
 
         def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            alpha, limit = constants()
             gate = gate.clamp(max=limit)
             return (up.clamp(min=-limit, max=limit) + 1) * (gate * torch.sigmoid(gate * alpha))
         return swiglu
@@ -105,6 +113,29 @@ class OffloadedExperts(nn.Module):
         self.kernel = kernel
         self.key = next(_KEYS)  # how a compiled graph names this module (`offloaded_experts`)
         _MODULES[self.key] = self
+        #: a compiled step's experts of this layer from the cache's slots inside the graph, once the layer is
+        #: settled (`compute_in_graph`); None: always through the manager
+        self.stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._settled: torch.Tensor | None = None
+        self._next_held: torch.Tensor | None = None
+        #: what the graph computed itself, not yet in the manager's Stats: [layer calls, experts computed]
+        self.graph_counts = torch.zeros(2, dtype=torch.long)
+
+    def compute_in_graph(self, stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+                         settled: torch.Tensor | None = None, next_held: torch.Tensor | None = None) -> None:
+        """In a compiled step, compute this layer's experts with `stacked` (expert_kernel.StackedExperts) in
+        the graph whenever `settled` (the cache: every expert of the layer read, the manager's books for it
+        done) and, where this layer prefetches, `next_held` (every expert of the next layer has a slot: the
+        manager would prefetch nothing). Then the manager's books are only counts — each kept expert a hit —
+        which the graph adds to `graph_counts` and `count_graph` hands over. None: always the manager."""
+        self.stacked, self._settled, self._next_held = stacked, settled, next_held
+
+    def count_graph(self) -> tuple[int, int]:
+        """(layer calls, experts) the graph computed itself since the last call; zeroed."""
+        calls, experts = self.graph_counts.tolist()
+        if calls:
+            self.graph_counts.zero_()
+        return calls, experts
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
@@ -174,6 +205,39 @@ class OffloadedExperts(nn.Module):
                                then_prefetch=nxt)
         return total[0] if total else torch.zeros_like(x)
 
+    def _in_graph(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
+                  ) -> torch.Tensor:
+        """One token's experts in a compiled graph: computed there from the cache's slots when the layer is
+        settled and this call would prefetch nothing (`compute_in_graph`), else the manager's opaque call.
+        Either way the same books: where the graph computes, each kept expert is a hit — as the manager
+        would count it — and the counts wait in `graph_counts`. The experts are added in ascending order,
+        as the manager computes them."""
+        ok = self._settled if not self.prefetch_enabled else self._settled & self._next_held
+        # (the counts come out of the branch taken: the manager's call may settle the layer, and a read of
+        # `ok` after it — the compiler may move one there — would count that call twice)
+        out, counts = torch.cond(ok, self._from_slots, self._through_manager, (x, ids, weights, predicted))
+        self.graph_counts.add_(counts)
+        return out
+
+    def _from_slots(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ascending, order = ids[0].sort()
+        scales = weights[0].index_select(0, order)
+        out = None
+        for j in range(ascending.shape[0]):
+            e = ascending[j]
+            y = torch.cond(e >= 0, self._expert, _nothing, (x, e.clamp(min=0), scales[j]))
+            out = y if out is None else out + y
+        kept = (ascending >= 0).sum()
+        return out, torch.stack((torch.ones_like(kept), kept))
+
+    def _expert(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.stacked(x, expert, scale)
+
+    def _through_manager(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        return offloaded_experts(x, ids, weights, predicted, self.key), ids.new_zeros(2)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         x = hidden_states  # [T, H]
@@ -185,6 +249,8 @@ class OffloadedExperts(nn.Module):
             # in its graph, the manager's work in one opaque call
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
             predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
+            if self.stacked is not None:
+                return _plus(self._in_graph(x, ids, weights, predicted), extra)
             return _plus(offloaded_experts(x, ids, weights, predicted, self.key), extra)
         if x.shape[0] == 1 and not observed:
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
@@ -230,6 +296,11 @@ class OffloadedExperts(nn.Module):
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
+
+
+def _nothing(x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A dropped expert's share in `_from_slots`."""
+    return torch.zeros_like(x)
 
 
 def _plus(out: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
