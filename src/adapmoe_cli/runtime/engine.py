@@ -177,8 +177,11 @@ class Engine:
         return model.eval().to(self.device)
 
     def _count_graph(self) -> None:
-        """Hand what a compiled step counted in its graph to the manager's Stats (one read a step)."""
+        """Hand what a compiled step counted in its graph to the manager's Stats (one read a step of each
+        layer that can compute in the graph; none where no layer can)."""
         for block in self._blocks:
+            if block.stacked is None:
+                continue
             calls, experts = block.count_graph()
             if calls:
                 st = self.stats
