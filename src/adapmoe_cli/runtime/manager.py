@@ -148,9 +148,9 @@ class ExpertManager:
         if not self.cache.policies[layer].retains:
             for e in self.cache.resident(layer):
                 self.cache.release(layer, e)
-        elif layer not in self._prefetched:
-            # every expert of it read, no prefetch of it outstanding: its later calls are hits, which a
-            # compiled step may count without calling here (moe_block.OffloadedExperts._in_graph)
+        else:
+            # (this call took the layer's outstanding prefetches) once every expert of it is read, its later
+            # calls are hits, which a compiled step may count without calling here (moe_block._in_graph)
             self.cache.settle(layer)
 
     _COUNT = {ORIGIN_RESIDENT: "_hit", ORIGIN_PREFETCH: "_pf_hit", ORIGIN_DEMAND: "_miss"}
