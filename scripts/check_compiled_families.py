@@ -44,7 +44,7 @@ def run(store: Store, compile: bool, resident: bool) -> tuple[list[int], object,
         count = engine.decode.after
 
         def after() -> None:
-            in_graph[0] += sum(int(b.graph_counts[0]) for b in engine._blocks)
+            in_graph[0] += int(engine._graph_counts[0])
             count()
 
         engine.decode.after = after

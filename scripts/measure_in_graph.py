@@ -1,5 +1,5 @@
 """What computing a settled layer's experts inside the compiled graph saves (moe_block.OffloadedExperts
-._in_graph), against the same compiled step calling the manager for them: in one process, with every expert
+._from_slots), against the same compiled step calling the manager for them: in one process, with every expert
 read before the first token, alternate round by round between the two (each a compiled graph of its own;
 switching makes the next step check every guard and pick the other one); paired per round. Also the
 counts: the graph's layer calls per round. Run on a quiet machine.
@@ -34,22 +34,20 @@ def main() -> None:
     with open_engine(open_model(args.model), settings) as engine:
         if not args.gate:
             engine.use_gate(GatePolicy.off())
-        for layer in engine.store.shape.moe_layers:
-            engine.manager.preload(layer, range(engine.store.shape.num_experts))
-        held = {b.layer: (b.stacked, b._settled, b._next_held) for b in engine._blocks}
-        assert all(s is not None for s, _, _ in held.values()), "no layer can compute in the graph"
+        held = {b.layer: b.stacked for b in engine._blocks}  # (the engine read every expert: a full budget)
+        assert all(s is not None for s in held.values()), "no layer can compute in the graph"
         graph_calls = []
         count = engine.decode.after
 
         def counted() -> None:
-            graph_calls[-1] += sum(int(b.graph_counts[0]) for b in engine._blocks)
+            graph_calls[-1] += int(engine._graph_counts[0])
             count()
 
         engine.decode.after = counted
 
         def use(in_graph: bool) -> None:
             for b in engine._blocks:
-                b.compute_in_graph(*held[b.layer]) if in_graph else b.compute_in_graph(None)
+                b.compute_in_graph(held[b.layer], engine._graph_counts) if in_graph else b.compute_in_graph(None)
             engine.decode.state_changed()
 
         for in_graph in (True, False):  # compile both graphs, untimed

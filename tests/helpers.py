@@ -16,10 +16,14 @@ from adapmoe_cli.settings import load_settings
 from adapmoe_cli.store import Store
 
 
-def runtime_engine(store: Store, overrides: dict[str, Any] | None = None, gate: GatePolicy | None = None) -> Engine:
-    """An engine with the settings' budget (`cache.budget`) split evenly, as `budget.resolve` makes it."""
+def runtime_engine(store: Store, overrides: dict[str, Any] | None = None, gate: GatePolicy | None = None,
+                   quotas: Mapping[int, int] | None = None) -> Engine:
+    """An engine with the settings' budget (`cache.budget`) split evenly, as `budget.resolve` makes it, or
+    with these slots per layer."""
     settings = load_settings(overrides=overrides)
-    return Engine(store, settings, budgets.resolve(settings.cache.budget, store.cache_shape), gate=gate)
+    budget = (budgets.Budget(quotas, "test", store.slot_bytes) if quotas is not None
+              else budgets.resolve(settings.cache.budget, store.cache_shape))
+    return Engine(store, settings, budget, gate=gate)
 
 
 def textbook_lru(calls: Iterable[Iterable[int]], slots: int) -> tuple[int, int, list[int]]:

@@ -122,49 +122,55 @@ def test_a_compensating_gate_compiles_to_the_eager_tokens_and_counts(make_store)
     assert _run(store, False, replace(gate, stats=zero), notes)[0] != tokens
 
 
-def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_checkpoint, monkeypatch):
-    """With a slot for every expert, a layer whose experts are all read — and the next layer's too, where it
-    prefetches — is settled, and the compiled step computes its experts inside the graph from the cache's
-    slots (moe_block.OffloadedExperts._in_graph) instead of calling the manager: the same tokens as eagerly
-    and as transformers, and the same books (each such expert a hit, counted in the graph). Filling up as
-    routing asks (layers settle mid-generation) and with every expert read before the first token (the
-    `resident` policy: every decode step's layers in the graph)."""
+def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_checkpoint):
+    """With a slot for every expert of a layer — and of the next layer, where it prefetches — the manager
+    has nothing to decide there but to count hits: a compiled engine reads those layers' experts before the
+    first token and its step computes them inside the graph from the cache's slots (moe_block
+    .OffloadedExperts._from_slots) instead of calling the manager: the same tokens as eagerly and as
+    transformers (the gate on, dropping experts), and the same books (each such expert a hit, counted in the
+    graph). Every layer whole (the `resident` policy), and some: a layer that prefetches into a layer with
+    fewer slots than experts stays with the manager."""
     store = Store.open(make_store(SPEC, dtype=torch.float32))
     ref = reference_models(make_checkpoint, {"tiny": SPEC}, experts_implementation="eager")("tiny")
     thresholds = thresholds_for(ref)
     with gated_routers(ref, thresholds), torch.no_grad():
         expected = ref_greedy(ref, PROMPT, 20) + ref_greedy(ref, PROMPT[:4], 12)
     gate = GatePolicy(thresholds, rule="test")
-    graph = {"calls": 0}
-    count = moe_block.OffloadedExperts.count_graph
-
-    def counted(self):
-        calls, experts = count(self)
-        graph["calls"] += calls
-        return calls, experts
-
-    monkeypatch.setattr(moe_block.OffloadedExperts, "count_graph", counted)
-    every = SPEC.num_hidden_layers * SPEC.num_local_experts
-    steps = (20 - 1 + 12 - 1) * SPEC.num_hidden_layers  # layer calls of the decode steps
-    for preload in (False, True):
+    e = SPEC.num_local_experts
+    steps = 20 - 1 + 12 - 1  # decode steps
+    overrides = {"prefetch": True, "prefetch_precision": 0.0}
+    for quotas, in_graph in (({0: e, 1: e, 2: e}, {0, 1, 2}), ({0: e, 1: e, 2: e // 2}, {0})):
         runs = {}
         for compile in (False, True):
-            graph["calls"] = 0
-            overrides = {"cache.budget": every, "prefetch": True, "prefetch_precision": 0.0, "compile": compile}
-            with runtime_engine(store, overrides, gate=gate) as eng:
-                if preload:
-                    for layer in range(SPEC.num_hidden_layers):
-                        eng.manager.preload(layer, range(SPEC.num_local_experts))
+            with runtime_engine(store, overrides | {"compile": compile}, gate=gate, quotas=quotas) as eng:
+                if not compile:  # what the compiled engine reads before the first token, for the same books
+                    for layer in in_graph | {layer + 1 for layer in in_graph if layer + 1 in quotas}:
+                        eng.manager.preload(layer, range(e))
+                graph: list[int] = []
+                eng.decode.after = _counting(eng, graph)
                 tokens = greedy(eng, PROMPT, 20) + greedy(eng, PROMPT[:4], 12)
                 eng.manager.drain()
-                runs[compile] = tokens, _counts(eng.stats), graph["calls"], eng.decode.failure
-        (eager_tokens, eager_counts, none, _), (tokens, counts, calls, failure) = runs[False], runs[True]
+                runs[compile] = tokens, _counts(eng.stats), sum(graph), eng.decode.failure, eng._graph_layers
+        (eager_tokens, eager_counts, none, _, _), (tokens, counts, calls, failure, layers) = runs[False], runs[True]
         assert failure is None and none == 0
         assert tokens == eager_tokens == expected and counts == eager_counts
-        if preload:
-            assert calls == steps and counts["misses"] == 0  # every layer of every decode step in the graph
-        else:
-            assert 0 < calls < steps and counts["misses"] > 0  # the layers settled as their experts were read
+        assert layers == in_graph and calls == steps * len(in_graph)  # each decode step's calls there
+        assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped
+        if len(in_graph) < 3:
+            assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # the manager still at work in layer 2
+    # `none` keeps nothing between layer calls (it reloads every expert): never in the graph
+    with runtime_engine(store, {"compile": True, "cache.policy": "none"}, quotas={0: e, 1: e, 2: e}) as eng:
+        assert eng._graph_layers == frozenset() and eng.cache.settled_layers == frozenset()
+
+
+def _counting(eng, graph: list[int]):
+    """An engine's `decode.after` that first puts each step's layer calls computed in the graph in `graph`."""
+    count = eng.decode.after
+
+    def after() -> None:
+        graph.append(int(eng._graph_counts[0]))
+        count()
+    return after
 
 
 def _switch(out: list):

@@ -72,7 +72,7 @@ def test_cache_reserve_evicts_within_layer_and_never_grows():
 
 
 def test_a_layers_slots_are_one_arena_and_it_settles_once_every_expert_is_read():
-    """What a compiled step reads to compute a layer in its graph (moe_block.OffloadedExperts._in_graph): the
+    """What a compiled step reads to compute a layer in its graph (moe_block.OffloadedExperts._from_slots): the
     layer's slots as one tensor per part, each expert's place in it, and whether the layer is settled —
     every expert of it with a read slot — which any slot changing hands takes back."""
     import torch
@@ -88,15 +88,15 @@ def test_a_layers_slots_are_one_arena_and_it_settles_once_every_expert_is_read()
     assert [float(stacked[i].sum()) for i in range(3)] == [6.0, 12.0, 18.0]
     for e in (2, 0):
         cache.reserve(0, e)
-    assert not bool(cache.held[0]) and not cache.settle(0)
+    assert not cache.holds_all(0) and not cache.settle(0)
     cache.reserve(0, 1)
-    assert bool(cache.held[0]) and not cache.settle(0)  # every expert has a slot, not every one is read
+    assert cache.holds_all(0) and not cache.settle(0)  # every expert has a slot, not every one is read
     for e in range(3):
         cache.mark_ready(0, e)
-    assert cache.settle(0) and bool(cache.settled[0])
+    assert cache.settle(0) and cache.settled_layers == {0}
     assert cache.place[0].tolist() == [1, 2, 0]  # expert → its slot in the layer, in the order reserved
     cache.release(0, 1)
-    assert not bool(cache.settled[0]) and not bool(cache.held[0]) and not cache.settle(0)
+    assert cache.settled_layers == set() and not cache.holds_all(0) and not cache.settle(0)
     assert not cache.settle(1)  # two slots for three experts: never
     assert ExpertCache({0: 1}, stride=0).stacked(0) is None  # bookkeeping only (the planner's replay)
 

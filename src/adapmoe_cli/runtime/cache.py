@@ -2,7 +2,7 @@
 each layer's eviction policy for victims, and never allocates after construction: resident expert
 bytes are at most `slots × stride` by construction. A layer's slots lie back to back in one arena, so a
 compiled decode step can read them as one tensor per part (`stacked`) and pick an expert by a tensor
-index (`place`) once the layer is `settled` (moe_block.OffloadedExperts._in_graph). Single-threaded:
+index (`place`) once the layer is `settled` (moe_block.OffloadedExperts._from_slots). Single-threaded:
 only the compute thread calls it; the loader only fills buffers it is handed."""
 
 from __future__ import annotations
@@ -58,20 +58,16 @@ class ExpertCache:
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
         self.policies: dict[int, EvictionPolicy] = {layer: make_policy(policy, layer, routing) for layer in self.quotas}
         # what a compiled decode step reads to compute a layer's experts in its graph (runtime/compiled.py):
-        # expert → its slot's place in the layer's arena; whether every expert of the layer has a slot; whether
-        # the manager found all of them read and its books for the layer settled (`settled`)
-        # (kept where there are weights and a known number of experts: not in the planner's replay or simulator)
+        # expert → its slot's place in the layer's arena, and the layers whose every expert is read and whose
+        # books the manager has done (`settle`) (kept where there are weights and a known number of experts:
+        # not in the planner's replay or simulator)
         self._tracked = experts is not None and stride > 0
         self.place: dict[int, Any] = {}
-        self.held: dict[int, Any] = {}
-        self.settled: dict[int, Any] = {}
         self._settled: set[int] = set()
         if self._tracked:
             import torch
 
             self.place = {layer: torch.zeros(experts, dtype=torch.long) for layer in self.quotas}
-            self.held = {layer: torch.zeros((), dtype=torch.bool) for layer in self.quotas}
-            self.settled = {layer: torch.zeros((), dtype=torch.bool) for layer in self.quotas}
 
     @property
     def num_slots(self) -> int:
@@ -134,11 +130,12 @@ class ExpertCache:
             self._changed(layer)
 
     def _changed(self, layer: int) -> None:
-        """A slot of `layer` changed hands: it is no longer settled; whether it holds every expert may change."""
-        self.held[layer].fill_(self.holds_all(layer))
-        if layer in self._settled:
-            self._settled.discard(layer)
-            self.settled[layer].fill_(False)
+        """A slot of `layer` changed hands: it is no longer settled."""
+        self._settled.discard(layer)
+
+    @property
+    def settled_layers(self) -> frozenset[int]:
+        return frozenset(self._settled)
 
     def settle(self, layer: int) -> bool:
         """Mark `layer` settled when every expert of it is read (the manager calls this once its books for
@@ -150,7 +147,6 @@ class ExpertCache:
         if any(self._state[s] != READY for s in self._slot_of[layer].values()):
             return False
         self._settled.add(layer)
-        self.settled[layer].fill_(True)
         return True
 
     def stacked(self, layer: int) -> dict[str, Any] | None:

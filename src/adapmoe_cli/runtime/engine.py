@@ -80,6 +80,8 @@ class Engine:
         if fallback is not None:
             self.manager.fallback = self._hold_fallback(fallback)
         self._blocks: list[OffloadedExperts] = []
+        self._graph_counts = torch.zeros(2, dtype=torch.long)  # [layer calls, experts] the graph computed
+        self._graph_layers: frozenset[int] = frozenset()  # layers whose experts the compiled step computes
         self.model = self._build_model(note)
         #: one forward of fed tokens, compiled for single tokens with `settings.compile` (compiled.py); the
         #: manager's observers see every layer call, so observed steps run eagerly
@@ -158,43 +160,58 @@ class Engine:
             )
             fam.set_experts(model, layer, experts)
             self._blocks.append(experts)
-        if kernel is not None and self.device.type == "cpu":  # settled layers' experts in the compiled graph
-            whole = {layer for layer, q in self.budget.quotas.items() if q >= shape.num_experts}
-            for block in self._blocks:
-                nxt = block.next_layer
-                # only a layer with a slot for every expert can settle, and one that prefetches only computes
-                # in the graph while the next layer holds all of its experts (the check costs ~25 µs a call)
-                if block.layer not in whole or (block.prefetch_enabled and nxt not in whole):
-                    continue
-                parts = self.cache.stacked(block.layer)
-                if parts is not None:
-                    block.compute_in_graph(StackedExperts(block.glu, fam.biases, parts, self.cache.place[block.layer]),
-                                           self.cache.settled[block.layer], self.cache.held.get(nxt))
+        if kernel is not None and self.device.type == "cpu":
+            self._in_graph(fam.biases)
         for p in model.parameters():
             p.requires_grad_(False)  # inference engine; the profiler asks for activation gradients only
         leftover = [n for n, p in model.named_parameters() if p.is_meta]
         assert not leftover, f"parameters left on the meta device: {leftover[:3]}"
         return model.eval().to(self.device)
 
+    def _in_graph(self, biases: bool) -> None:
+        """Where a compiled step can compute a layer's experts inside its graph (moe_block._from_slots): a
+        layer with a slot for every expert whose next layer, where it prefetches, has one for every expert
+        too (the manager would neither load nor prefetch there: its books are only hits). Those layers' — and
+        their next layers' — experts are all read now, before the first token (each would be read on its
+        first use anyway), so the graph is the same from the first step to the last: one compile, which the
+        compiler caches on disk."""
+        shape = self.store.shape
+        whole = {layer for layer, q in self.budget.quotas.items()
+                 if q >= shape.num_experts and self.cache.policies[layer].retains}  # (not `naive`: it reloads)
+        chosen = [b for b in self._blocks
+                  if b.layer in whole and (not b.prefetch_enabled or b.next_layer in whole)
+                  and self.cache.stacked(b.layer) is not None]
+        for layer in sorted({b.layer for b in chosen} | {b.next_layer for b in chosen if b.prefetch_enabled}):
+            self.manager.preload(layer, range(shape.num_experts))
+        for block in chosen:
+            settled = self.cache.settle(block.layer)
+            assert settled, f"layer {block.layer} holds every expert, read"
+            block.compute_in_graph(StackedExperts(block.glu, biases, self.cache.stacked(block.layer),
+                                                  self.cache.place[block.layer]), self._graph_counts)
+        self._graph_layers = frozenset(b.layer for b in chosen)
+
     def _count_graph(self) -> None:
-        """Hand what a compiled step counted in its graph to the manager's Stats (one read a step of each
-        layer that can compute in the graph; none where no layer can)."""
-        for block in self._blocks:
-            if block.stacked is None:
-                continue
-            calls, experts = block.count_graph()
-            if calls:
-                st = self.stats
-                st.layer_tokens += calls
-                st.expert_activations += experts
-                st.expert_uses += experts
-                st.hits += experts
+        """Hand what a compiled step counted in its graph to the manager's Stats (one read a step, none where
+        no layer computes in the graph)."""
+        if not self._graph_layers:
+            return
+        # nothing takes a slot from a layer holding every expert: it stays settled, its graph stays right
+        assert self._graph_layers <= self.cache.settled_layers, "a layer computed in the graph lost an expert"
+        calls, experts = self._graph_counts.tolist()
+        if calls:
+            self._graph_counts.zero_()
+            st = self.stats
+            st.layer_tokens += calls
+            st.expert_activations += experts
+            st.expert_uses += experts
+            st.hits += experts
 
     def _manager_only(self) -> bool:
         """After a failed compile: every layer's experts through the manager (True if that changes anything)."""
-        changed = any(block.stacked is not None for block in self._blocks)
+        changed = bool(self._graph_layers)
         for block in self._blocks:
             block.compute_in_graph(None)
+        self._graph_layers = frozenset()
         return changed
 
     def use_gate(self, gate: GatePolicy) -> None:
@@ -208,6 +225,10 @@ class Engine:
         for layer in self.store.shape.moe_layers:
             experts = self.store.family.experts(self.model, layer)
             experts.prefetch_enabled = on and experts.next_layer is not None
+            if experts.prefetch_enabled and experts.stacked is not None and \
+                    not self.cache.holds_all(experts.next_layer):  # it has something to prefetch now
+                experts.compute_in_graph(None)
+                self._graph_layers -= {layer}
         self.decode.state_changed()
 
     def direct_io(self) -> bool:

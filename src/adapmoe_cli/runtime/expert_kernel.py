@@ -115,7 +115,7 @@ class StackedExperts:
     """One layer's experts read where the cache keeps them — each part of every slot as one tensor
     [slots, ...] over the layer's arena (`ExpertCache.stacked`) and each expert's place in it
     (`ExpertCache.place`) — for a compiled step that computes a settled layer's experts inside its graph
-    (`OffloadedExperts._in_graph`): `stacked(x, expert, scale)` is `ExpertKernel`'s arithmetic, its weights
+    (`OffloadedExperts._from_slots`): `stacked(x, expert, scale)` is `ExpertKernel`'s arithmetic, its weights
     picked by a tensor index, so nothing leaves the graph."""
 
     def __init__(self, glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], biases: bool,

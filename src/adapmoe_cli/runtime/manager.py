@@ -150,7 +150,7 @@ class ExpertManager:
                 self.cache.release(layer, e)
         else:
             # (this call took the layer's outstanding prefetches) once every expert of it is read, its later
-            # calls are hits, which a compiled step may count without calling here (moe_block._in_graph)
+            # calls are hits, which a compiled step may count without calling here (moe_block._from_slots)
             self.cache.settle(layer)
 
     _COUNT = {ORIGIN_RESIDENT: "_hit", ORIGIN_PREFETCH: "_pf_hit", ORIGIN_DEMAND: "_miss"}

@@ -5,7 +5,7 @@ family's own block stays: its router, shared experts and their gates, and everyt
 adaptive gate (adding the dropped experts' mean outputs where the policy compensates), asks the manager
 to prefetch what the next layer's router predicts from this hidden state, and computes each needed
 expert from the slot the manager hands it. In a compiled decode step a settled layer (every expert read,
-nothing left for the manager but to count hits) computes its experts inside the graph (`_in_graph`)."""
+nothing left for the manager but to count hits) computes its experts inside the graph (`_from_slots`)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def gated_activation(kind: str, experts: nn.Module) -> Callable[[torch.Tensor, t
     if kind == "clamped_swiglu":  # GPT-OSS (GptOssExperts._apply_gate, on de-interleaved halves)
         values = float(experts.alpha), float(experts.limit)
 
-        # constants to the compiler: read as closure values they would be symbolic inputs (the compiled step is
-        # dynamic), which a branch of the graph cannot take (`OffloadedExperts._in_graph`)
+        # constants to the compiler: read as closure values they would be symbolic inputs of the graph (the
+        # compiled step is dynamic)
         @torch.compiler.assume_constant_result
         def constants() -> tuple[float, float]:
             return values
@@ -113,29 +113,22 @@ class OffloadedExperts(nn.Module):
         self.kernel = kernel
         self.key = next(_KEYS)  # how a compiled graph names this module (`offloaded_experts`)
         _MODULES[self.key] = self
-        #: a compiled step's experts of this layer from the cache's slots inside the graph, once the layer is
-        #: settled (`compute_in_graph`); None: always through the manager
+        #: a compiled step's experts of this layer, computed inside its graph from the cache's slots
+        #: (`compute_in_graph`); None: through the manager
         self.stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self._settled: torch.Tensor | None = None
-        self._next_held: torch.Tensor | None = None
         #: what the graph computed itself, not yet in the manager's Stats: [layer calls, experts computed]
-        self.graph_counts = torch.zeros(2, dtype=torch.long)
+        #: (one tensor shared by the engine's blocks)
+        self.graph_counts: torch.Tensor | None = None
 
     def compute_in_graph(self, stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
-                         settled: torch.Tensor | None = None, next_held: torch.Tensor | None = None) -> None:
+                         counts: torch.Tensor | None = None) -> None:
         """In a compiled step, compute this layer's experts with `stacked` (expert_kernel.StackedExperts) in
-        the graph whenever `settled` (the cache: every expert of the layer read, the manager's books for it
-        done) and, where this layer prefetches, `next_held` (every expert of the next layer has a slot: the
-        manager would prefetch nothing). Then the manager's books are only counts — each kept expert a hit —
-        which the graph adds to `graph_counts` and `count_graph` hands over. None: always the manager."""
-        self.stacked, self._settled, self._next_held = stacked, settled, next_held
-
-    def count_graph(self) -> tuple[int, int]:
-        """(layer calls, experts) the graph computed itself since the last call; zeroed."""
-        calls, experts = self.graph_counts.tolist()
-        if calls:
-            self.graph_counts.zero_()
-        return calls, experts
+        the graph, adding [1, experts computed] to `counts` each call; None: through the manager. Only for a
+        settled layer (the cache: every expert of it read, the manager's books for it done) whose next layer,
+        where it prefetches, holds every expert (the manager would prefetch nothing): then the manager's books
+        are only counts, each kept expert a hit. The graph is specialised on this choice: the engine makes it
+        (`Engine._in_graph`) and says so to the compiled step."""
+        self.stacked, self.graph_counts = stacked, counts
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
@@ -205,38 +198,23 @@ class OffloadedExperts(nn.Module):
                                then_prefetch=nxt)
         return total[0] if total else torch.zeros_like(x)
 
-    def _in_graph(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
-                  ) -> torch.Tensor:
-        """One token's experts in a compiled graph: computed there from the cache's slots when the layer is
-        settled and this call would prefetch nothing (`compute_in_graph`), else the manager's opaque call.
-        Either way the same books: where the graph computes, each kept expert is a hit — as the manager
-        would count it — and the counts wait in `graph_counts`. The experts are added in ascending order,
-        as the manager computes them."""
-        ok = self._settled if not self.prefetch_enabled else self._settled & self._next_held
-        # (the counts come out of the branch taken: the manager's call may settle the layer, and a read of
-        # `ok` after it — the compiler may move one there — would count that call twice)
-        out, counts = torch.cond(ok, self._from_slots, self._through_manager, (x, ids, weights, predicted))
-        self.graph_counts.add_(counts)
-        return out
-
-    def _from_slots(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _from_slots(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gated: bool) -> torch.Tensor:
+        """One token's experts computed in a compiled graph from the cache's slots (`compute_in_graph`), added
+        in ascending order as the manager computes them; the counts in `graph_counts`, each kept expert a
+        hit as the manager would count it. `gated`: the gate may drop experts (id -1): each of the k is
+        computed and a dropped one's output replaced by zeros — the graph has one shape whatever the gate
+        keeps, so it is free of data-dependent branches (which the compiler cannot cache)."""
         ascending, order = ids[0].sort()
         scales = weights[0].index_select(0, order)
+        kept = ascending >= 0
         out = None
         for j in range(ascending.shape[0]):
-            e = ascending[j]
-            y = torch.cond(e >= 0, self._expert, _nothing, (x, e.clamp(min=0), scales[j]))
+            y = self.stacked(x, ascending[j].clamp(min=0) if gated else ascending[j], scales[j])
+            if gated:
+                y = torch.where(kept[j], y, 0.0)
             out = y if out is None else out + y
-        kept = (ascending >= 0).sum()
-        return out, torch.stack((torch.ones_like(kept), kept))
-
-    def _expert(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.stacked(x, expert, scale)
-
-    def _through_manager(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        return offloaded_experts(x, ids, weights, predicted, self.key), ids.new_zeros(2)
+        self.graph_counts.add_(torch.stack((torch.ones_like(order[0]), kept.sum())))
+        return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -248,9 +226,9 @@ class OffloadedExperts(nn.Module):
         if torch.compiler.is_compiling():  # a compiled decode step (compiled.py): the gate and the prediction
             # in its graph, the manager's work in one opaque call
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
-            predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
             if self.stacked is not None:
-                return _plus(self._in_graph(x, ids, weights, predicted), extra)
+                return _plus(self._from_slots(x, ids, weights, threshold is not None), extra)
+            predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
             return _plus(offloaded_experts(x, ids, weights, predicted, self.key), extra)
         if x.shape[0] == 1 and not observed:
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
@@ -296,11 +274,6 @@ class OffloadedExperts(nn.Module):
             for fn in self.observers.callbacks:
                 fn(rec)
         return out
-
-
-def _nothing(x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A dropped expert's share in `_from_slots`."""
-    return torch.zeros_like(x)
 
 
 def _plus(out: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
