@@ -85,7 +85,8 @@ class DecodeStep:
                 if "skip_guard_eval_unsafe" not in str(e):
                     raise
         compiles = _compiles()
-        out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
+        with _SPECIALISED:  # (it may recompile)
+            out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
         # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
         # changes from one step to the next (a value that did would have made this step recompile)
         self._steady = weakref.ref(kv) if _compiles() == compiles else None
@@ -122,7 +123,8 @@ class DecodeStep:
                 # model
                 self._compiled = torch.compile(self.model, dynamic=True,
                                                options={"cpp_wrapper": True, "guard_filter_fn": _guards_kept})
-                out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
+                with _SPECIALISED:
+                    out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
                 break
             except Exception as e:  # noqa: BLE001 — any failure of the compiler means: run eagerly
                 self._compiled = None
@@ -145,6 +147,12 @@ class DecodeStep:
         self.compile_s = time.perf_counter() - t0
         self.after()
         return out
+
+
+#: how the step is traced: dynamic in the KV cache's length only; the Python floats it reads (attention's
+#: scaling, the norms' epsilon, the gate's thresholds) are constants of the graph, guarded, instead of inputs
+#: made into tensors on every call (0.05–0.08 ms of a ~1.2 ms step on the embedded model)
+_SPECIALISED = torch._dynamo.config.patch(specialize_float=True)
 
 
 def _compiles() -> int:

@@ -106,13 +106,14 @@ def generate_step(
             on_prefill(out.logits[0].float())
             on_prefill = None
         logits = out.logits[:, -1, :].float()  # [1, V]
-        scores = procs(seen, logits)
+        scores = procs(seen, logits) if procs else logits
         if gen.temperature > 0:
             token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng).item())
         else:
             token = int(scores.argmax(dim=-1).item())
         yield token, logits
-        seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+        if procs:  # (only they read what was seen: greedy decoding skips the growing copy)
+            seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
         ids = torch.tensor([[token]], dtype=torch.long, device=engine.device)
 
 

@@ -49,16 +49,9 @@ class Observers:
 def gated_activation(kind: str, experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(gate, up) → the expert's hidden activation, as the family's own experts module computes it."""
     if kind == "clamped_swiglu":  # GPT-OSS (GptOssExperts._apply_gate, on de-interleaved halves)
-        values = float(experts.alpha), float(experts.limit)
-
-        # constants to the compiler: read as closure values they would be symbolic inputs of the graph (the
-        # compiled step is dynamic)
-        @torch.compiler.assume_constant_result
-        def constants() -> tuple[float, float]:
-            return values
+        alpha, limit = float(experts.alpha), float(experts.limit)
 
         def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-            alpha, limit = constants()
             gate = gate.clamp(max=limit)
             return (up.clamp(min=-limit, max=limit) + 1) * (gate * torch.sigmoid(gate * alpha))
         return swiglu
