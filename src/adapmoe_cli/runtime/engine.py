@@ -178,16 +178,16 @@ class Engine:
         shape = self.store.shape
         whole = {layer for layer, q in self.budget.quotas.items()
                  if q >= shape.num_experts and self.cache.policies[layer].retains}  # (not `naive`: it reloads)
-        chosen = [b for b in self._blocks
-                  if b.layer in whole and (not b.prefetch_enabled or b.next_layer in whole)
-                  and self.cache.stacked(b.layer) is not None]
+        parts = {b.layer: self.cache.stacked(b.layer) for b in self._blocks
+                 if b.layer in whole and (not b.prefetch_enabled or b.next_layer in whole)}
+        chosen = [b for b in self._blocks if parts.get(b.layer) is not None]
         for layer in sorted({b.layer for b in chosen} | {b.next_layer for b in chosen if b.prefetch_enabled}):
             self.manager.preload(layer, range(shape.num_experts))
         for block in chosen:
             settled = self.cache.settle(block.layer)
             assert settled, f"layer {block.layer} holds every expert, read"
-            block.compute_in_graph(StackedExperts(block.glu, biases, self.cache.stacked(block.layer),
-                                                  self.cache.place[block.layer]), self._graph_counts)
+            block.compute_in_graph(StackedExperts(block.glu, biases, parts[block.layer], self.cache.place[block.layer]),
+                                   self._graph_counts)
         self._graph_layers = frozenset(b.layer for b in chosen)
 
     def _count_graph(self) -> None:
