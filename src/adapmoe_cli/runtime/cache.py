@@ -58,9 +58,9 @@ class ExpertCache:
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.quotas}
         self.policies: dict[int, EvictionPolicy] = {layer: make_policy(policy, layer, routing) for layer in self.quotas}
         # what a compiled decode step reads to compute a layer's experts in its graph (runtime/compiled.py):
-        # expert → its slot's place in the layer's arena, and the layers whose every expert is read and whose
-        # books the manager has done (`settle`) (kept where there are weights and a known number of experts:
-        # not in the planner's replay or simulator)
+        # expert → its slot's place in the layer's arena, and the layers marked settled, every expert read
+        # (`settle`) (kept where there are weights and a known number of experts: not in the planner's replay
+        # or simulator)
         self._tracked = experts is not None and stride > 0
         self.place: dict[int, Any] = {}
         self._settled: set[int] = set()
@@ -138,8 +138,8 @@ class ExpertCache:
         return frozenset(self._settled)
 
     def settle(self, layer: int) -> bool:
-        """Mark `layer` settled when every expert of it is read (the manager calls this once its books for
-        the layer are done); True when it is."""
+        """Mark `layer` settled when every expert of it is read (the engine, once it has read a whole layer
+        for its compiled step: `Engine._in_graph`); True when it is. Any slot changing hands unsettles it."""
         if layer in self._settled:
             return True
         if not self._tracked or not self.holds_all(layer):

@@ -46,6 +46,13 @@ def _dot(x: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
     return row_product(x, part[""])
 
 
+def weighted_output(glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], biases: bool, x: torch.Tensor,
+                    w: dict[str, dict[str, torch.Tensor]], scale: torch.Tensor) -> torch.Tensor:
+    """x through the expert whose parts are `w`, times `scale`, in x's dtype, every product a `row_product`:
+    the arithmetic of `ExpertKernel` and `StackedExperts` alike."""
+    return (expert_output(_dot, glu, biases, x, w) * scale).to(x.dtype)
+
+
 class ExpertKernel:
     """`kernel(x, w, scale)`: x [1, H] through the expert whose parts are `w` (`by_part` views of a slot),
     times `scale`, in x's dtype — or None where it cannot: compute eagerly."""
@@ -96,8 +103,7 @@ class ExpertKernel:
         glu, biases = self.glu, self.biases
 
         def one_expert(x: torch.Tensor, scale: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-            w = {k: {"": t} for k, t in zip(keys, weights, strict=True)}
-            return (expert_output(_dot, glu, biases, x, w) * scale).to(x.dtype)
+            return weighted_output(glu, biases, x, {k: {"": t} for k, t in zip(keys, weights, strict=True)}, scale)
 
         try:
             graph = make_fx(one_expert)(x, scale, *parts)
@@ -130,4 +136,4 @@ class StackedExperts:
     def __call__(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         slot = torch.index_select(self.place, 0, expert.view(1))
         w = {name: {"": torch.index_select(p[""], 0, slot)[0]} for name, p in self.parts.items()}
-        return (expert_output(_dot, self.glu, self.biases, x, w) * scale).to(x.dtype)
+        return weighted_output(self.glu, self.biases, x, w, scale)

@@ -148,10 +148,6 @@ class ExpertManager:
         if not self.cache.policies[layer].retains:
             for e in self.cache.resident(layer):
                 self.cache.release(layer, e)
-        else:
-            # (this call took the layer's outstanding prefetches) once every expert of it is read, its later
-            # calls are hits, which a compiled step may count without calling here (moe_block._from_slots)
-            self.cache.settle(layer)
 
     _COUNT = {ORIGIN_RESIDENT: "_hit", ORIGIN_PREFETCH: "_pf_hit", ORIGIN_DEMAND: "_miss"}
 
@@ -212,8 +208,6 @@ class ExpertManager:
         for e in experts:
             if self.cache.slot(layer, e) is None and self._load(layer, e, DEMAND, keep=()) is not None:
                 self._wait(layer, e)
-        if layer not in self._prefetched:
-            self.cache.settle(layer)
 
     def drain(self) -> None:
         """Wait for every outstanding read and settle it (before closing, between measured runs)."""

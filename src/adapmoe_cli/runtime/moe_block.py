@@ -117,7 +117,7 @@ class OffloadedExperts(nn.Module):
                          counts: torch.Tensor | None = None) -> None:
         """In a compiled step, compute this layer's experts with `stacked` (expert_kernel.StackedExperts) in
         the graph, adding [1, experts computed] to `counts` each call; None: through the manager. Only for a
-        settled layer (the cache: every expert of it read, the manager's books for it done) whose next layer,
+        settled layer (the cache: every expert of it read, nothing in flight) whose next layer,
         where it prefetches, holds every expert (the manager would prefetch nothing): then the manager's books
         are only counts, each kept expert a hit. The graph is specialised on this choice: the engine makes it
         (`Engine._in_graph`) and says so to the compiled step."""
