@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from adapmoe_cli.runtime import moe_block
+from adapmoe_cli.runtime import engine, moe_block
 from adapmoe_cli.runtime.expert_kernel import ExpertKernel
 from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy
 from adapmoe_cli.store import Store
@@ -36,11 +36,11 @@ def _counts(stats) -> dict:
             "reads": stats.loads + stats.prefetches_dropped}
 
 
-def _run(store: Store, compile: bool, gate: GatePolicy | None, notes: list[str], then=None
+def _run(store: Store, compile: bool, gate: GatePolicy | None, notes: list[str], then=None, quotas=None
          ) -> tuple[list[int], dict, object]:
     overrides = {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts // 2, "prefetch": True,
                  "prefetch_precision": 0.0, "compile": compile}
-    with runtime_engine(store, overrides, gate=gate) as eng:
+    with runtime_engine(store, overrides, gate=gate, quotas=quotas) as eng:
         eng.decode.note = notes.append
         tokens = greedy(eng, PROMPT, 20) + greedy(eng, PROMPT[:4], 12)  # a second sequence: a new KV cache
         eng.manager.drain()
@@ -58,10 +58,13 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     gate = GatePolicy(thresholds, rule="test")
     notes: list[str] = []
     eager_switched: list = []
-    eager_tokens, eager_counts, _ = _run(store, False, gate, notes, then=_switch(eager_switched))
+    # 7 of the 18 experts; layer 1 with one slot, fewer than a token's two experts: its manager computes them
+    quotas = {0: 3, 1: 1, 2: 3}
+    eager_tokens, eager_counts, _ = _run(store, False, gate, notes, then=_switch(eager_switched), quotas=quotas)
     kernel_outputs = _count_kernel_outputs(monkeypatch)
+    resolved = _count_resolved(monkeypatch)
     switched: list = []
-    tokens, counts, step = _run(store, True, gate, notes, then=_switch(switched))
+    tokens, counts, step = _run(store, True, gate, notes, then=_switch(switched), quotas=quotas)
     assert notes == [] and step.failure is None and step.compile_s is not None  # it did compile
     assert tokens == eager_tokens == expected  # = transformers' model with the same gate on its routers
     assert counts == eager_counts
@@ -74,14 +77,17 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     # compiled and the next (every guard checked, nothing compiled); of the second's 11, all but the first; of
     # the switched run's 11, all but the first and, after the switch, the one that recompiled and the next
     assert step.unguarded_steps == (19 - 2) + (11 - 1) + (11 - 3)
-    # every expert a decode step computed went through the expert kernel (expert_kernel.py); the prompts ran
-    # eagerly
+    # every expert a decode step computed was computed in the graph from the slot the manager named
+    # (moe_block.resolve_experts) in layers 0 and 2, and by the expert kernel (expert_kernel.py) in layer 1,
+    # whose slot the manager reuses within a call; the prompts ran eagerly
     with runtime_engine(store, {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts}, gate=gate) as eng:
         for prompt in (PROMPT, PROMPT[:4], PROMPT):  # the prompts' forwards only (the switch came after its
             greedy(eng, prompt, 1)  # prompt)
         prompt_activations = eng.stats.expert_activations
-    assert kernel_outputs == {"tensor": counts["expert_activations"] - prompt_activations, "none": 0}
-    assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # half the experts: loads happened
+    assert set(resolved) == {0, 2} and kernel_outputs["none"] == 0
+    assert kernel_outputs["tensor"] > 0 and resolved[0] > 0 and resolved[2] > 0
+    assert kernel_outputs["tensor"] + resolved[0] + resolved[2] == counts["expert_activations"] - prompt_activations
+    assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # 7 of 18 experts: loads happened
     assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped some
 
     # a second engine in the same process compiles its own step — even where the compiler keeps a single
@@ -122,14 +128,15 @@ def test_a_compensating_gate_compiles_to_the_eager_tokens_and_counts(make_store)
     assert _run(store, False, replace(gate, stats=zero), notes)[0] != tokens
 
 
-def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_checkpoint):
+def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_checkpoint, monkeypatch):
     """With a slot for every expert of a layer — and of the next layer, where it prefetches — the manager
     has nothing to decide there but to count hits: a compiled engine reads those layers' experts before the
     first token and its step computes them inside the graph from the cache's slots (moe_block
     .OffloadedExperts._from_slots) instead of calling the manager: the same tokens as eagerly and as
     transformers (the gate on, dropping experts), and the same books (each such expert a hit, counted in the
     graph). Every layer whole (the `resident` policy), and some: a layer that prefetches into a layer with
-    fewer slots than experts stays with the manager."""
+    fewer slots than experts stays with the manager. With large experts (`GRAPH_EXPERT_BYTES`) a layer the
+    gate drops experts from goes to the manager, which computes only the kept ones."""
     store = Store.open(make_store(SPEC, dtype=torch.float32))
     ref = reference_models(make_checkpoint, {"tiny": SPEC}, experts_implementation="eager")("tiny")
     thresholds = thresholds_for(ref)
@@ -139,7 +146,12 @@ def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_chec
     e = SPEC.num_local_experts
     steps = 20 - 1 + 12 - 1  # decode steps
     overrides = {"prefetch": True, "prefetch_precision": 0.0}
-    for quotas, in_graph in (({0: e, 1: e, 2: e}, {0, 1, 2}), ({0: e, 1: e, 2: e // 2}, {0})):
+    whole, small = {0: e, 1: e, 2: e}, engine.GRAPH_EXPERT_BYTES
+    for quotas, in_graph, large in ((whole, {0, 1, 2}, False), ({0: e, 1: e, 2: e // 2}, {0}, False),
+                                    (whole, {0, 1, 2}, True)):
+        monkeypatch.setattr(engine, "GRAPH_EXPERT_BYTES", 0 if large else small)
+        computed = in_graph - set(thresholds) if large else in_graph  # large: the gated layers leave the graph
+        assert not large or 0 < len(computed) < len(in_graph)  # (some layers gated, some not)
         runs = {}
         for compile in (False, True):
             with runtime_engine(store, overrides | {"compile": compile}, gate=gate, quotas=quotas) as eng:
@@ -154,7 +166,7 @@ def test_settled_layers_compute_their_experts_in_the_graph(make_store, make_chec
         (eager_tokens, eager_counts, none, _, _), (tokens, counts, calls, failure, layers) = runs[False], runs[True]
         assert failure is None and none == 0
         assert tokens == eager_tokens == expected and counts == eager_counts
-        assert layers == in_graph and calls == steps * len(in_graph)  # each decode step's calls there
+        assert layers == in_graph and calls == steps * len(computed)  # each decode step's calls there
         assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped
         if len(in_graph) < 3:
             assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # the manager still at work in layer 2
@@ -200,6 +212,19 @@ def _count_kernel_outputs(monkeypatch) -> dict[str, int]:
         return out
 
     monkeypatch.setattr(ExpertKernel, "__call__", counted)
+    return counts
+
+
+def _count_resolved(monkeypatch) -> dict[int, int]:
+    """Layer → the experts whose slots the manager has named to a compiled graph from now on."""
+    counts: dict[int, int] = {}
+    resolve = moe_block.OffloadedExperts._resolve
+
+    def counted(self, ids, predicted):
+        counts[self.layer] = counts.get(self.layer, 0) + int((ids >= 0).sum())
+        return resolve(self, ids, predicted)
+
+    monkeypatch.setattr(moe_block.OffloadedExperts, "_resolve", counted)
     return counts
 
 

@@ -84,6 +84,10 @@ class ExpertCache:
     def slot(self, layer: int, expert: int) -> int | None:
         return self._slot_of[layer].get(expert)
 
+    def position(self, layer: int, expert: int) -> int:
+        """Where `expert`'s slot lies in its layer's arena (its index in `stacked`), as `place` says."""
+        return self._slot_of[layer][expert] - self._layer_slots[layer][0]
+
     def is_ready(self, layer: int, expert: int) -> bool:
         s = self._slot_of[layer].get(expert)
         return s is not None and self._state[s] == READY
@@ -114,7 +118,7 @@ class ExpertCache:
         self._state[free] = LOADING
         self.policies[layer].insert(expert)
         if self._tracked:
-            self.place[layer][expert] = self._layer_slots[layer].index(free)
+            self.place[layer][expert] = free - self._layer_slots[layer][0]
             self._changed(layer)
         return free, evicted
 

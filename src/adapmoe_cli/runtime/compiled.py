@@ -2,7 +2,9 @@
 (inductor), the way gpt-fast does it — the dense parts (norms, attention with its rotary embedding and KV
 cache, routers, the adaptive gate, the next layer's prediction, residuals, lm head) become a few fused
 kernels, and each MoE layer's experts are one opaque call into the manager (`moe_block.offloaded_experts`),
-which loads, waits and counts as in the eager path. Each `nn.Linear`'s one-row product (attention's
+which loads, waits and counts as in the eager path — or, where the engine chose so (`Engine._in_graph`),
+computed in the graph from the cache's slots, after the manager's call (`moe_block.resolve_experts`) or,
+in a layer holding every expert, with none. Each `nn.Linear`'s one-row product (attention's
 projections, shared experts, the lm head) is written as a multiply and a sum (`_row_linear_forward`).
 Prompts (several tokens) run eagerly.
 

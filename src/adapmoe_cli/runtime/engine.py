@@ -169,13 +169,19 @@ class Engine:
         return model.eval().to(self.device)
 
     def _in_graph(self, biases: bool) -> None:
-        """Where a compiled step can compute a layer's experts inside its graph (moe_block._from_slots): a
-        layer with a slot for every expert whose next layer, where it prefetches, has one for every expert
-        too (the manager would neither load nor prefetch there: its books are only hits). Those layers' — and
-        their next layers' — experts are all read now, before the first token (each would be read on its
-        first use anyway), so the graph is the same from the first step to the last: one compile, which the
-        compiler caches on disk."""
+        """Where a compiled step can compute a layer's experts inside its graph (moe_block._from_slots).
+        Settled, with no call out of the graph: a layer with a slot for every expert whose next layer, where
+        it prefetches, has one for every expert too (the manager would neither load nor prefetch there: its
+        books are only hits). Those layers' — and their next layers' — experts are all read now, before the
+        first token (each would be read on its first use anyway), so the graph is the same from the first
+        step to the last: one compile, which the compiler caches on disk. Where experts are small
+        (`GRAPH_EXPERT_BYTES`), also the other layers, whose call's experts are all in memory once the
+        manager has made it (`OffloadedExperts.resolve_in_graph`): computed in the graph from the slots the
+        manager names; and calls the gate drops experts from, each of the k computed, a dropped one zeroed.
+        Larger experts leave the graph for both: there a dropped expert's product costs more than the call
+        out of the graph, and the manager computes what is in memory while the rest loads."""
         shape = self.store.shape
+        small = self.store.slot_bytes <= GRAPH_EXPERT_BYTES
         whole = {layer for layer, q in self.budget.quotas.items()
                  if q >= shape.num_experts and self.cache.policies[layer].retains}  # (not `naive`: it reloads)
         parts = {b.layer: self.cache.stacked(b.layer) for b in self._blocks
@@ -187,8 +193,15 @@ class Engine:
             settled = self.cache.settle(block.layer)
             assert settled, f"layer {block.layer} holds every expert, read"
             block.compute_in_graph(StackedExperts(block.glu, biases, parts[block.layer], self.cache.place[block.layer]),
-                                   self._graph_counts)
+                                   self._graph_counts, gated=small)
         self._graph_layers = frozenset(b.layer for b in chosen)
+        for block in self._blocks:
+            if not small or block.layer in self._graph_layers or self.manager.fallback is not None:
+                continue  # (a fallback computes a miss while it loads: its slot is not in memory yet)
+            if self.budget.quotas[block.layer] >= shape.top_k and self.cache.policies[block.layer].retains:
+                stacked = self.cache.stacked(block.layer)
+                if stacked is not None:
+                    block.resolve_in_graph(StackedExperts(block.glu, biases, stacked, self.cache.place[block.layer]))
 
     def _count_graph(self) -> None:
         """Hand what a compiled step counted in its graph to the manager's Stats (one read a step, none where
@@ -208,7 +221,7 @@ class Engine:
 
     def _manager_only(self) -> bool:
         """After a failed compile: every layer's experts through the manager (True if that changes anything)."""
-        changed = bool(self._graph_layers)
+        changed = any(block.stacked is not None for block in self._blocks)
         for block in self._blocks:
             block.compute_in_graph(None)
         self._graph_layers = frozenset()
@@ -225,7 +238,7 @@ class Engine:
         for layer in self.store.shape.moe_layers:
             experts = self.store.family.experts(self.model, layer)
             experts.prefetch_enabled = on and experts.next_layer is not None
-            if experts.prefetch_enabled and experts.stacked is not None and \
+            if experts.prefetch_enabled and layer in self._graph_layers and \
                     not self.cache.holds_all(experts.next_layer):  # it has something to prefetch now
                 experts.compute_in_graph(None)
                 self._graph_layers -= {layer}
@@ -246,6 +259,14 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: experts up to this size are computed in the compiled step's graph where the gate may drop some and in
+#: layers the manager still loads into (`Engine._in_graph`). A call out of the graph costs ~30–60 µs more than
+#: the graph computing its experts (docs/performance.md); a dropped expert's product, computed anyway, costs
+#: about its bytes at ~20 GB/s (50 µs a MiB), and a third of the k is dropped at the shipped gates: 1 MiB is
+#: below where the two meet (the embedded model's experts are 0.56 MiB, a full-size store's 16 MiB or more)
+GRAPH_EXPERT_BYTES = 1 << 20
 
 
 def _materialise_buffers(model: Any) -> None:

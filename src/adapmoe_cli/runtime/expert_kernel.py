@@ -133,7 +133,10 @@ class StackedExperts:
         for t in [place] + [p[""] for p in parts.values()]:
             torch._dynamo.mark_static(t)  # (the compiled step is dynamic in the KV cache's length only)
 
-    def __call__(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        slot = torch.index_select(self.place, 0, expert.view(1))
+    def __call__(self, x: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor, by_slot: bool = False
+                 ) -> torch.Tensor:
+        """`expert`: an expert's number, or with `by_slot` its slot's place in the arena (the manager's answer
+        for a layer it still loads into, `moe_block.resolve_experts`)."""
+        slot = expert.view(1) if by_slot else torch.index_select(self.place, 0, expert.view(1))
         w = {name: {"": torch.index_select(p[""], 0, slot)[0]} for name, p in self.parts.items()}
         return weighted_output(self.glu, self.biases, x, w, scale)

@@ -4,8 +4,11 @@ family's own block stays: its router, shared experts and their gates, and everyt
 (attention, norms, KV cache) are transformers'. Glue only: ranks the router's choice, applies the
 adaptive gate (adding the dropped experts' mean outputs where the policy compensates), asks the manager
 to prefetch what the next layer's router predicts from this hidden state, and computes each needed
-expert from the slot the manager hands it. In a compiled decode step a settled layer (every expert read,
-nothing left for the manager but to count hits) computes its experts inside the graph (`_from_slots`)."""
+expert from the slot the manager hands it. In a compiled decode step the experts are computed inside the
+graph from the layer's slots (`_from_slots`): for a settled layer (every expert read, nothing left for the
+manager but to count hits) with no call out of the graph at all; for a layer the manager still loads into,
+after one opaque call (`resolve_experts`) that keeps the books, loads and waits, and answers where each
+expert's slot lies."""
 
 from __future__ import annotations
 
@@ -107,21 +110,34 @@ class OffloadedExperts(nn.Module):
         self.key = next(_KEYS)  # how a compiled graph names this module (`offloaded_experts`)
         _MODULES[self.key] = self
         #: a compiled step's experts of this layer, computed inside its graph from the cache's slots
-        #: (`compute_in_graph`); None: through the manager
-        self.stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        #: (`compute_in_graph`, `resolve_in_graph`); None: by the manager, in `offloaded_experts`
+        self.stacked: Callable[..., torch.Tensor] | None = None
         #: what the graph computed itself, not yet in the manager's Stats: [layer calls, experts computed]
-        #: (one tensor shared by the engine's blocks)
+        #: (one tensor shared by the engine's blocks); None where the manager counts (`resolve_in_graph`)
         self.graph_counts: torch.Tensor | None = None
+        #: a call the gate may drop experts from is computed in the graph too (every one of the k, a dropped
+        #: one's output zeroed); False: such a call goes to the manager, which computes the kept ones only
+        self.gated_in_graph = True
 
     def compute_in_graph(self, stacked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
-                         counts: torch.Tensor | None = None) -> None:
+                         counts: torch.Tensor | None = None, gated: bool = True) -> None:
         """In a compiled step, compute this layer's experts with `stacked` (expert_kernel.StackedExperts) in
         the graph, adding [1, experts computed] to `counts` each call; None: through the manager. Only for a
         settled layer (the cache: every expert of it read, nothing in flight) whose next layer,
         where it prefetches, holds every expert (the manager would prefetch nothing): then the manager's books
-        are only counts, each kept expert a hit. The graph is specialised on this choice: the engine makes it
-        (`Engine._in_graph`) and says so to the compiled step."""
-        self.stacked, self.graph_counts = stacked, counts
+        are only counts, each kept expert a hit. `gated`: also where the gate is on (`gated_in_graph`). The
+        graph is specialised on this choice: the engine makes it (`Engine._in_graph`) and says so to the
+        compiled step."""
+        self.stacked, self.graph_counts, self.gated_in_graph = stacked, counts, gated
+
+    def resolve_in_graph(self, stacked: Callable[..., torch.Tensor]) -> None:
+        """In a compiled step, compute this layer's experts with `stacked` in the graph, each from the slot the
+        manager names (`resolve_experts`: it keeps the books, loads what is missing and waits for it, as for
+        any call, and computes nothing). Only for a layer with at least as many slots as a token picks experts,
+        whose eviction policy keeps them and whose misses wait for their read (no fallback copy): then every
+        expert the call needs is in memory at once when the manager returns, and stays there until the
+        layer's next call."""
+        self.stacked, self.graph_counts, self.gated_in_graph = stacked, None, True
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
@@ -191,23 +207,45 @@ class OffloadedExperts(nn.Module):
                                then_prefetch=nxt)
         return total[0] if total else torch.zeros_like(x)
 
-    def _from_slots(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gated: bool) -> torch.Tensor:
-        """One token's experts computed in a compiled graph from the cache's slots (`compute_in_graph`), added
-        in ascending order as the manager computes them; the counts in `graph_counts`, each kept expert a
-        hit as the manager would count it. `gated`: the gate may drop experts (id -1): each of the k is
-        computed and a dropped one's output replaced by zeros — the graph has one shape whatever the gate
-        keeps, so it is free of data-dependent branches (which the compiler cannot cache)."""
+    def _from_slots(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gated: bool,
+                    slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One token's experts computed in a compiled graph from the cache's slots, added in ascending order
+        as the manager computes them. `slots`: where each of them lies, in that order (`resolve_experts`: the
+        manager has counted them); None: a settled layer (`compute_in_graph`), whose experts the graph finds
+        itself and counts in `graph_counts`, each kept expert a hit as the manager would count it. `gated`:
+        the gate may drop experts (id -1): each of the k is computed and a dropped one's output replaced by
+        zeros — the graph has one shape whatever the gate keeps, so it is free of data-dependent branches
+        (which the compiler cannot cache)."""
         ascending, order = ids[0].sort()
         scales = weights[0].index_select(0, order)
         kept = ascending >= 0
         out = None
         for j in range(ascending.shape[0]):
-            y = self.stacked(x, ascending[j].clamp(min=0) if gated else ascending[j], scales[j])
+            if slots is not None:
+                y = self.stacked(x, slots[j], scales[j], by_slot=True)
+            else:
+                y = self.stacked(x, ascending[j].clamp(min=0) if gated else ascending[j], scales[j])
             if gated:
                 y = torch.where(kept[j], y, 0.0)
             out = y if out is None else out + y
-        self.graph_counts.add_(torch.stack((torch.ones_like(order[0]), kept.sum())))
+        if slots is None:
+            self.graph_counts.add_(torch.stack((torch.ones_like(order[0]), kept.sum())))
         return out
+
+    def _resolve(self, ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """One token's layer call with the manager computing nothing (`resolve_in_graph`): the books, the
+        loads and the next layer's prefetch as in `_one_token`; when it returns, every kept expert is in
+        memory. Answers each of the token's k experts' place in the layer's arena, in ascending order of
+        their ids (0 for a dropped one, whose output the graph zeroes)."""
+        row = sorted(ids[0].tolist())
+        needed = [e for e in row if e >= 0]
+        nxt = None
+        if self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
+            nxt = (self.next_layer, ranked(predicted))
+        self.manager.run_layer(self.layer, needed, _nothing, tokens=1, activations=len(needed), then_prefetch=nxt)
+        cache = self.manager.cache
+        assert all(cache.is_ready(self.layer, e) for e in needed), "an expert the graph reads is not in memory"
+        return torch.tensor([cache.position(self.layer, e) if e >= 0 else 0 for e in row], dtype=torch.long)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -217,11 +255,16 @@ class OffloadedExperts(nn.Module):
         threshold = policy.threshold(self.layer)
         observed = bool(self.observers.callbacks)
         if torch.compiler.is_compiling():  # a compiled decode step (compiled.py): the gate and the prediction
-            # in its graph, the manager's work in one opaque call
+            # in its graph, the manager's work in one opaque call (none in a settled layer)
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
-            if self.stacked is not None:
-                return _plus(self._from_slots(x, ids, weights, threshold is not None), extra)
+            gated = threshold is not None
+            in_graph = self.stacked is not None and (self.gated_in_graph or not gated)
+            if in_graph and self.graph_counts is not None:  # settled: the graph alone
+                return _plus(self._from_slots(x, ids, weights, gated), extra)
             predicted = self._predicted(x) if self.prefetch_enabled else top_k_index.new_empty(0)
+            if in_graph:  # the manager resolves the slots, the graph computes
+                slots = resolve_experts(ids, predicted, self.key)
+                return _plus(self._from_slots(x, ids, weights, gated, slots), extra)
             return _plus(offloaded_experts(x, ids, weights, predicted, self.key), extra)
         if x.shape[0] == 1 and not observed:
             ids, weights, extra = self._gated(top_k_index, top_k_weights, policy)
@@ -321,3 +364,20 @@ def offloaded_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor, key: int
       ) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("adapmoe::resolve_experts", mutates_args=())
+def resolve_experts(ids: torch.Tensor, predicted: torch.Tensor, key: int) -> torch.Tensor:
+    """One token's layer call of the `OffloadedExperts` numbered `key` in a compiled graph, the manager
+    computing nothing (`OffloadedExperts._resolve`): opaque to the compiler, once per layer and token; the
+    graph then computes the experts from the slots it answers."""
+    return _MODULES[key]._resolve(ids, predicted)
+
+
+@resolve_experts.register_fake
+def _(ids: torch.Tensor, predicted: torch.Tensor, key: int) -> torch.Tensor:
+    return ids.new_empty(ids.shape[-1])
+
+
+def _nothing(expert: int, views: Any) -> None:
+    """The compute a `_resolve` call hands the manager: the graph computes after it."""
