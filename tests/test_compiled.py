@@ -58,8 +58,10 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     gate = GatePolicy(thresholds, rule="test")
     notes: list[str] = []
     eager_switched: list = []
-    # 7 of the 18 experts; layer 1 with one slot, fewer than a token's two experts: its manager computes them
-    quotas = {0: 3, 1: 1, 2: 3}
+    # 7 of the 18 experts; layer 0 with one slot, fewer than a token's two experts: its manager computes them,
+    # as in layer 2, gated, where the graph would compute each of the two; layer 1 routes plain top-k
+    quotas = {0: 1, 1: 3, 2: 3}
+    assert set(thresholds) == {0, 2}
     eager_tokens, eager_counts, _ = _run(store, False, gate, notes, then=_switch(eager_switched), quotas=quotas)
     kernel_outputs = _count_kernel_outputs(monkeypatch)
     resolved = _count_resolved(monkeypatch)
@@ -78,15 +80,14 @@ def test_compiled_decode_gives_the_eager_tokens_and_counts(make_store, make_chec
     # the switched run's 11, all but the first and, after the switch, the one that recompiled and the next
     assert step.unguarded_steps == (19 - 2) + (11 - 1) + (11 - 3)
     # every expert a decode step computed was computed in the graph from the slot the manager named
-    # (moe_block.resolve_experts) in layers 0 and 2, and by the expert kernel (expert_kernel.py) in layer 1,
-    # whose slot the manager reuses within a call; the prompts ran eagerly
+    # (moe_block.resolve_experts) in layer 1, and by the expert kernel (expert_kernel.py) in layers 0 and 2;
+    # the prompts ran eagerly
     with runtime_engine(store, {"cache.budget": SPEC.num_hidden_layers * SPEC.num_local_experts}, gate=gate) as eng:
         for prompt in (PROMPT, PROMPT[:4], PROMPT):  # the prompts' forwards only (the switch came after its
             greedy(eng, prompt, 1)  # prompt)
         prompt_activations = eng.stats.expert_activations
-    assert set(resolved) == {0, 2} and kernel_outputs["none"] == 0
-    assert kernel_outputs["tensor"] > 0 and resolved[0] > 0 and resolved[2] > 0
-    assert kernel_outputs["tensor"] + resolved[0] + resolved[2] == counts["expert_activations"] - prompt_activations
+    assert set(resolved) == {1} and resolved[1] > 0 and kernel_outputs["tensor"] > 0 and kernel_outputs["none"] == 0
+    assert kernel_outputs["tensor"] + resolved[1] == counts["expert_activations"] - prompt_activations
     assert counts["misses"] > 0 and counts["prefetch_hits"] > 0  # 7 of 18 experts: loads happened
     assert counts["expert_activations"] < counts["layer_tokens"] * SPEC.num_experts_per_tok  # the gate dropped some
 

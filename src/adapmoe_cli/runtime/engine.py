@@ -175,11 +175,12 @@ class Engine:
         books are only hits). Those layers' — and their next layers' — experts are all read now, before the
         first token (each would be read on its first use anyway), so the graph is the same from the first
         step to the last: one compile, which the compiler caches on disk. Where experts are small
-        (`GRAPH_EXPERT_BYTES`), also the other layers, whose call's experts are all in memory once the
-        manager has made it (`OffloadedExperts.resolve_in_graph`): computed in the graph from the slots the
-        manager names; and calls the gate drops experts from, each of the k computed, a dropped one zeroed.
-        Larger experts leave the graph for both: there a dropped expert's product costs more than the call
-        out of the graph, and the manager computes what is in memory while the rest loads."""
+        (`GRAPH_EXPERT_BYTES`), a settled layer's calls the gate may drop experts from are computed in the
+        graph too (each of the k, a dropped one zeroed), and so are the ungated calls of the other layers,
+        whose experts are all in memory once the manager has made its call (`OffloadedExperts
+        .resolve_in_graph`), from the slots the manager names. Larger experts leave the graph for both: there
+        a dropped expert's product costs more than the call out of the graph, and the manager computes what
+        is in memory while the rest loads."""
         shape = self.store.shape
         small = self.store.slot_bytes <= GRAPH_EXPERT_BYTES
         whole = {layer for layer, q in self.budget.quotas.items()
@@ -261,11 +262,12 @@ class Engine:
         self.close()
 
 
-#: experts up to this size are computed in the compiled step's graph where the gate may drop some and in
-#: layers the manager still loads into (`Engine._in_graph`). A call out of the graph costs ~30–60 µs more than
-#: the graph computing its experts (docs/performance.md); a dropped expert's product, computed anyway, costs
-#: about its bytes at ~20 GB/s (50 µs a MiB), and a third of the k is dropped at the shipped gates: 1 MiB is
-#: below where the two meet (the embedded model's experts are 0.56 MiB, a full-size store's 16 MiB or more)
+#: experts up to this size are computed in the compiled step's graph in a settled layer where the gate may
+#: drop some, and in layers the manager still loads into (`Engine._in_graph`). A call out of the graph costs
+#: ~30–60 µs more than the graph computing its experts (docs/performance.md); a dropped expert's product,
+#: computed anyway, costs about its bytes at ~20 GB/s (50 µs a MiB), and a third of the k is dropped at the
+#: shipped gates: 1 MiB is below where the two meet (the embedded model's experts are 0.56 MiB, a full-size
+#: store's 16 MiB or more)
 GRAPH_EXPERT_BYTES = 1 << 20
 
 

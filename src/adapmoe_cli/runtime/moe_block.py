@@ -136,8 +136,9 @@ class OffloadedExperts(nn.Module):
         any call, and computes nothing). Only for a layer with at least as many slots as a token picks experts,
         whose eviction policy keeps them and whose misses wait for their read (no fallback copy): then every
         expert the call needs is in memory at once when the manager returns, and stays there until the
-        layer's next call."""
-        self.stacked, self.graph_counts, self.gated_in_graph = stacked, None, True
+        layer's next call. A call the gate may drop experts from still goes to the manager, which computes
+        the kept ones only: the call out of the graph is made either way, and the graph would compute all k."""
+        self.stacked, self.graph_counts, self.gated_in_graph = stacked, None, False
 
     def predict_next(self, x: torch.Tensor) -> list[int]:
         """Experts the next layer would keep, from its router applied to the hidden state entering this
