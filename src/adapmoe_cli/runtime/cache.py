@@ -2,7 +2,8 @@
 each layer's eviction policy for victims, and never allocates after construction: resident expert
 bytes are at most `slots × stride` by construction. A layer's slots lie back to back in one arena, so a
 compiled decode step can read them as one tensor per part (`stacked`) and pick an expert by a tensor
-index (`place`) once the layer is `settled` (moe_block.OffloadedExperts._from_slots). Single-threaded:
+index (`place`) once the layer is `settled`, or at the place the manager answers (`position`)
+(moe_block.OffloadedExperts._from_slots). Single-threaded:
 only the compute thread calls it; the loader only fills buffers it is handed."""
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ adaptive gate (adding the dropped experts' mean outputs where the policy compens
 to prefetch what the next layer's router predicts from this hidden state, and computes each needed
 expert from the slot the manager hands it. In a compiled decode step the experts are computed inside the
 graph from the layer's slots (`_from_slots`): for a settled layer (every expert read, nothing left for the
-manager but to count hits) with no call out of the graph at all; for a layer the manager still loads into,
-after one opaque call (`resolve_experts`) that keeps the books, loads and waits, and answers where each
-expert's slot lies."""
+manager but to count hits) with no call out of the graph at all; for an ungated call of a layer the
+manager still loads into (small experts), after one opaque call (`resolve_experts`) that keeps the books,
+loads and waits, and answers where each expert's slot lies."""
 
 from __future__ import annotations
 
