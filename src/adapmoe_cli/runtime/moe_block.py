@@ -212,11 +212,11 @@ class OffloadedExperts(nn.Module):
                     slots: torch.Tensor | None = None) -> torch.Tensor:
         """One token's experts computed in a compiled graph from the cache's slots, added in ascending order
         as the manager computes them. `slots`: where each of them lies, in that order (`resolve_experts`: the
-        manager has counted them); None: a settled layer (`compute_in_graph`), whose experts the graph finds
-        itself and counts in `graph_counts`, each kept expert a hit as the manager would count it. `gated`:
-        the gate may drop experts (id -1): each of the k is computed and a dropped one's output replaced by
-        zeros — the graph has one shape whatever the gate keeps, so it is free of data-dependent branches
-        (which the compiler cannot cache)."""
+        manager has counted them; an ungated call); None: a settled layer (`compute_in_graph`), whose experts
+        the graph finds itself and counts in `graph_counts`, each kept expert a hit as the manager would count
+        it. `gated`: the gate may drop experts (id -1): each of the k is computed and a dropped one's output
+        replaced by zeros — the graph has one shape whatever the gate keeps, so it is free of data-dependent
+        branches (which the compiler cannot cache)."""
         ascending, order = ids[0].sort()
         scales = weights[0].index_select(0, order)
         kept = ascending >= 0
@@ -234,19 +234,17 @@ class OffloadedExperts(nn.Module):
         return out
 
     def _resolve(self, ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        """One token's layer call with the manager computing nothing (`resolve_in_graph`): the books, the
-        loads and the next layer's prefetch as in `_one_token`; when it returns, every kept expert is in
-        memory. Answers each of the token's k experts' place in the layer's arena, in ascending order of
-        their ids (0 for a dropped one, whose output the graph zeroes)."""
-        row = sorted(ids[0].tolist())
-        needed = [e for e in row if e >= 0]
+        """One ungated token's layer call with the manager computing nothing (`resolve_in_graph`): the books,
+        the loads and the next layer's prefetch as in `_one_token`; when it returns, every expert the token
+        needs is in memory. Answers each one's place in the layer's arena, in ascending order of their ids."""
+        needed = sorted(ids[0].tolist())
         nxt = None
         if self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
             nxt = (self.next_layer, ranked(predicted))
         self.manager.run_layer(self.layer, needed, _nothing, tokens=1, activations=len(needed), then_prefetch=nxt)
         cache = self.manager.cache
         assert all(cache.is_ready(self.layer, e) for e in needed), "an expert the graph reads is not in memory"
-        return torch.tensor([cache.position(self.layer, e) if e >= 0 else 0 for e in row], dtype=torch.long)
+        return torch.tensor([cache.position(self.layer, e) for e in needed], dtype=torch.long)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
