@@ -189,9 +189,7 @@ class OffloadedExperts(nn.Module):
         layer already has a slot. `compiled`: called from a compiled step, whose experts are computed by
         the engine's expert kernel where it has one (runtime/expert_kernel.py)."""
         position = {e: k for k, e in enumerate(ids[0].tolist()) if e >= 0}
-        nxt = None
-        if predicted is not None and self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
-            nxt = (self.next_layer, ranked(predicted))
+        nxt = self._then_prefetch(predicted)
         row = weights[0]
         lin, glu, biases = self.linear, self.glu, self.biases
         kernel = self.kernel if compiled else None
@@ -233,14 +231,19 @@ class OffloadedExperts(nn.Module):
             self.graph_counts.add_(torch.stack((torch.ones_like(order[0]), kept.sum())))
         return out
 
+    def _then_prefetch(self, predicted: torch.Tensor | None) -> tuple[int, list[int]] | None:
+        """What a decode step's call prefetches once its demand loads are queued: (the next layer, the
+        prediction `_predicted` made, ranked), or None — prefetch off, or every expert of that layer has a slot."""
+        if predicted is None or not self.prefetch_enabled or self.manager.cache.holds_all(self.next_layer):
+            return None
+        return self.next_layer, ranked(predicted)
+
     def _resolve(self, ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """One ungated token's layer call with the manager computing nothing (`resolve_in_graph`): the books,
         the loads and the next layer's prefetch as in `_one_token`; when it returns, every expert the token
         needs is in memory. Answers each one's place in the layer's arena, in ascending order of their ids."""
         needed = sorted(ids[0].tolist())
-        nxt = None
-        if self.prefetch_enabled and not self.manager.cache.holds_all(self.next_layer):
-            nxt = (self.next_layer, ranked(predicted))
+        nxt = self._then_prefetch(predicted)
         self.manager.run_layer(self.layer, needed, _nothing, tokens=1, activations=len(needed), then_prefetch=nxt)
         cache = self.manager.cache
         assert all(cache.is_ready(self.layer, e) for e in needed), "an expert the graph reads is not in memory"
