@@ -11,8 +11,10 @@ import os
 import sys
 
 import pytest
+import torch
 
 from adapmoe_cli import memcap
+from adapmoe_cli.synthetic import TinySpec
 from tests.test_bench import _run, setup  # noqa: F401 - the fixture
 
 needs_cgroup = pytest.mark.skipif(memcap.why_unavailable() is not None,
@@ -81,6 +83,30 @@ def test_bench_runs_each_policy_inside_the_cap(setup, tmp_path):  # noqa: F811
         assert p["counts"]["expert_uses"] > 0
     assert set(point["policies"]) == {"adapmoe", "resident"}  # the gate and the preload reach each worker
     assert "memory cap 700MiB" in r.stdout and "peak" in r.stdout
+
+
+@needs_cgroup
+def test_with_compile_the_capped_runs_find_their_graphs_compiled(make_store, tmp_path, monkeypatch):
+    """Compiling a graph afresh runs a C++ compiler and takes hundreds of MiB for a while; inside a cap that
+    killed runs that fit once compiled (a machine's first `bench --memory-cap --compile`). A compiled setup's
+    first capped run is preceded by an uncapped, untimed one that compiles; the capped runs then build no
+    graph. Inductor's cache is cold here (a directory of the test's own, which the workers inherit): without
+    that run the capped one builds its graph itself (counted: 1)."""
+    from adapmoe_cli import bench
+    from adapmoe_cli.runtime.gating import GatePolicy
+    from adapmoe_cli.runtime.measure import Setup
+    from adapmoe_cli.settings import load_settings
+    from adapmoe_cli.store import Store
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    store = Store.open(make_store(TinySpec(num_hidden_layers=1, num_local_experts=2), dtype=torch.float32))
+    timed = Setup(bench.budgets.even(store.cache_shape, 1), GatePolicy.off(),
+                  load_settings(overrides={"prefetch": False, "compile": True}))
+    out = bench.capped_runner(900 * MiB)(store, timed, [[1, 2, 3]], 2)
+    assert out.timing is not None, out.failure
+    assert out.timing.compile_s is not None and out.timing.compiled_afresh == 0
+    assert out.peak_bytes <= 900 * MiB
+    assert any((tmp_path / "inductor").rglob("*.so"))  # compiled there, by the uncapped run
 
 
 @needs_cgroup

@@ -469,6 +469,9 @@ def summarise(runs: list[DecodeTiming], bandwidth: float, top_k: int) -> dict[st
         "counts": vars(s),
         "compile_s": (statistics.median(c) if (c := [r.compile_s for r in runs if r.compile_s is not None])
                       else None),
+        # graphs the timed runs compiled rather than found cached: under a memory cap, 0 (capped_runner)
+        "compiled_afresh": (sum(c) if (c := [r.compiled_afresh for r in runs if r.compiled_afresh is not None])
+                            else None),
         "repeats": len(runs),
         # eagerly, one row's products by BLAS or a multiply-and-sum, as measured in the run (row_linear.py)
         "row_products": next((r.row_products for r in reversed(runs) if r.row_products), None),

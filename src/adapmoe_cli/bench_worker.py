@@ -59,13 +59,13 @@ def run_job(text: str) -> dict[str, Any]:
     t = run_setup(store, setup, j["prompts"], int(j["tokens"]))
     return {"prompt_tokens": t.prompt_tokens, "prefill_s": t.prefill_s, "decode_tokens": t.decode_tokens,
             "decode_s": t.decode_s, "stats": vars(t.stats), "direct_io": t.direct_io, "compile_s": t.compile_s,
-            "row_products": t.row_products}
+            "compiled_afresh": t.compiled_afresh, "row_products": t.row_products}
 
 
 def timing_from(text: str) -> DecodeTiming:
     d = json.loads(text)
     return DecodeTiming(d["prompt_tokens"], d["prefill_s"], d["decode_tokens"], d["decode_s"], Stats(**d["stats"]),
-                        d["direct_io"], d.get("compile_s"), d.get("row_products"))
+                        d["direct_io"], d.get("compile_s"), d.get("compiled_afresh"), d.get("row_products"))
 
 
 def main() -> None:

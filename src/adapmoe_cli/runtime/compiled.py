@@ -157,6 +157,14 @@ class DecodeStep:
 _SPECIALISED = torch._dynamo.config.patch(specialize_float=True)
 
 
+def graphs_built() -> int:
+    """Graphs inductor has compiled in this process that its cache on disk could have held and did not: each
+    runs a C++ compiler, and the decode step's takes several hundred MiB while it does (bench_runs
+    .capped_runner). A graph it cannot cache (the expert kernel, traced without dynamo: "no shape env") is
+    lowered again in every process but finds its C++ built, and is not counted."""
+    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+
+
 def _compiles() -> int:
     """Frames the compiler has been asked to compile in this process (each cache miss counts)."""
     return torch._dynamo.utils.counters["frames"]["total"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapmoe_cli.budget import Budget
-from adapmoe_cli.runtime import row_linear
+from adapmoe_cli.runtime import compiled, row_linear
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.generate import generate_step, new_kv_cache
@@ -42,6 +42,8 @@ class DecodeTiming:
     stats: Stats = field(default_factory=Stats)  # counted over the timed decode steps
     direct_io: bool | None = None  # the engine's reads bypassed the page cache (run_setup; None: not asked)
     compile_s: float | None = None  # compiling the decode step took this long (`--compile`; not in decode_s)
+    #: graphs the compiler built in the run, its cache on disk missing them (`--compile`; compiled.graphs_built)
+    compiled_afresh: int | None = None
     #: how one row's products were computed eagerly, weight shape → way (row_linear.py; run_setup)
     row_products: dict[str, str] | None = None
 
@@ -95,6 +97,7 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
     the page cache. `observe(engine)` gives a `LayerRecord` callback that then sees every MoE layer call
     (recording the routing)."""
     total = DecodeTiming()
+    built = compiled.graphs_built()
     with Engine(store, setup.settings, setup.budget, gate=setup.gate, verify=False, fallback=setup.fallback) as eng:
         if observe is not None:
             eng.observers.callbacks.append(observe(eng))
@@ -105,5 +108,7 @@ def run_setup(store: Store, setup: Setup, prompts: list[list[int]], tokens: int,
             total.add(timed_decode(eng, prompt, tokens))
         total.direct_io = eng.direct_io()
         total.compile_s = eng.decode.compile_s
+        if eng.decode.enabled:
+            total.compiled_afresh = compiled.graphs_built() - built
         total.row_products = row_linear.chosen()
     return total
