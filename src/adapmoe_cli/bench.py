@@ -25,6 +25,7 @@ from adapmoe_cli.bench_runs import (
     PeerRun,
     Runner,
     capped_runner,
+    compile_outside_cap,
     in_process,
     last_line,
     ram_bytes,
@@ -215,8 +216,8 @@ def runtime_baseline(bench: _Bench) -> int:
     run with one slot per layer, less those slots. The working set leaves out the page cache that a run
     reads once and the cap would reclaim first (the imports' files; with `--compile`, the compiler's cache:
     ~270 MiB the group's usage counted, which left a compiled run 11 slots at a 90 % cap where it runs in
-    27). With `--compile` the run is made twice and the second is measured: the first may compile (a C++
-    compiler in the group), the timed runs find the kernels cached."""
+    27). With `--compile` the run is compiled first outside the group (`compile_outside_cap`), as the timed
+    runs are: the measured run loads its kernels from the compiler's cache."""
     from adapmoe_cli import bench_worker
     from adapmoe_cli.memcap import run_capped
 
@@ -224,10 +225,11 @@ def runtime_baseline(bench: _Bench) -> int:
     setup = Setup(budgets.per_layer(shape, 1, "one per layer"), GatePolicy.off(),
                   replace(bench.settings, prefetch=False), False)
     job = bench_worker.job(bench.store, setup, bench.prompts[:1], 2)
-    for _ in range(2 if bench.settings.compile else 1):
-        run = run_capped(worker_argv(), ram_bytes(), input=job)
-        if not run.ok or run.peak_bytes is None:
-            raise AdapmoeError(f"measuring the runtime's baseline memory failed: {last_line(run.stderr)}")
+    if bench.settings.compile:
+        compile_outside_cap(job)
+    run = run_capped(worker_argv(), ram_bytes(), input=job)
+    if not run.ok or run.peak_bytes is None:
+        raise AdapmoeError(f"measuring the runtime's baseline memory failed: {last_line(run.stderr)}")
     # no sample (a run shorter than one interval): the group's peak usage, which is never less
     peak = run.peak_working_bytes if run.peak_working_bytes is not None else run.peak_bytes
     return peak - len(shape.layers) * shape.slot_bytes
