@@ -6,29 +6,39 @@ call a compiled decode step makes into the cache manager (`adapmoe::offloaded_ex
 
 A compiled function of 8 "layers" the size of the embedded model's (a 192 × 192 product, its activation, a
 router's top-2), compiled with inductor's C++ wrapper as the runtime's step is, each layer either passing
-the top-2 ids on inside the graph or through a custom op (`torch.library.custom_op`, as the runtime's)
-whose Python body does nothing but answer two ids. The difference per layer is what the op's boundary
-costs; the op called eagerly and `torch.tensor` alone are timed too. Run on a quiet machine."""
+the top-2 ids on inside the graph or through an op whose Python body does nothing but answer two ids —
+defined with `torch.library.custom_op`, or on a `torch.library.Library` directly as the runtime's are
+(runtime/moe_block.py). The difference per layer is what leaving the graph costs; each op called eagerly
+and `torch.tensor` alone are timed too. Run on a quiet machine."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 LAYERS, HIDDEN = 8, 192
 
 
-@torch.library.custom_op("adapmoe_measure::answer_two", mutates_args=())
-def answer_two(ids: torch.Tensor) -> torch.Tensor:
+def _two(ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([0, 1], dtype=torch.long)
 
 
-@answer_two.register_fake
-def _(ids: torch.Tensor) -> torch.Tensor:
+def _fake_two(ids: torch.Tensor) -> torch.Tensor:
     return ids.new_empty(2)
+
+
+_custom = torch.library.custom_op("adapmoe_measure::answer_two", _two, mutates_args=())
+_custom.register_fake(_fake_two)
+_LIB = torch.library.Library("adapmoe_measure", "FRAGMENT")
+_LIB.define("answer_two_plain(Tensor ids) -> Tensor")
+_LIB.impl("answer_two_plain", _two, "CompositeExplicitAutograd")
+torch.library.register_fake("adapmoe_measure::answer_two_plain")(_fake_two)
+OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "custom_op": _custom, "Library": torch.ops.adapmoe_measure.answer_two_plain.default}
 
 
 def main() -> None:
@@ -40,36 +50,39 @@ def main() -> None:
     weights = [torch.randn(HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5 for _ in range(LAYERS)]
     routers = [torch.randn(8, HIDDEN, generator=g) for _ in range(LAYERS)]
 
-    def step(x: torch.Tensor, through_op: bool) -> torch.Tensor:
+    def step(x: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         for w, r in zip(weights, routers, strict=True):
             x = torch.nn.functional.silu(x @ w)
             ids = torch.topk(x @ r.T, 2).indices[0]
-            shift = answer_two(ids)[0] if through_op else ids[0] * 0  # 0 either way, used either way
+            shift = op(ids)[0] if op is not None else ids[0] * 0  # 0 either way, used either way
             x = torch.index_select(x, 1, torch.arange(HIDDEN) + shift)
         return x
 
     x = torch.randn(1, HIDDEN, generator=g)
     options = {"cpp_wrapper": True}  # as the runtime compiles (runtime/compiled.py)
-    ways = {"in the graph": torch.compile(lambda x: step(x, False), options=options),
-            "through a custom op": torch.compile(lambda x: step(x, True), options=options)}
-    for fn in ways.values():
-        for _ in range(20):
-            fn(x)
+    ways = {"in the graph": torch.compile(lambda x: step(x, None), options=options)}
+    for name, op in OPS.items():
+        ways[f"through a {name} op"] = torch.compile(lambda x, op=op: step(x, op), options=options)
     us: dict[str, list[float]] = {way: [] for way in ways}
-    for _ in range(args.rounds):
-        for way, fn in ways.items():
-            t = time.perf_counter()
-            for _ in range(200):
+    with torch.no_grad():  # as a decode step runs
+        for fn in ways.values():
+            for _ in range(20):
                 fn(x)
-            us[way].append((time.perf_counter() - t) / 200 * 1e6)
+        for _ in range(args.rounds):
+            for way, fn in ways.items():
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn(x)
+                us[way].append((time.perf_counter() - t) / 200 * 1e6)
     base = statistics.median(us["in the graph"])
     for way, v in us.items():
         m = statistics.median(v)
         print(f"{way}: {m:.1f} µs a call of {LAYERS} layers ({min(v):.1f}–{max(v):.1f}); "
               f"{(m - base) / LAYERS:.1f} µs a layer more than in the graph")
     ids = torch.tensor([3, 5])
-    for what, fn in (("the custom op called eagerly", lambda: answer_two(ids)),
-                     ("torch.tensor of two ids alone", lambda: torch.tensor([0, 1], dtype=torch.long))):
+    timed = [(f"the {name} op called eagerly", lambda op=op: op(ids)) for name, op in OPS.items()]
+    timed.append(("torch.tensor of two ids alone", lambda: torch.tensor([0, 1], dtype=torch.long)))
+    for what, fn in timed:
         for _ in range(1000):
             fn()
         t = time.perf_counter()
