@@ -353,7 +353,7 @@ _MODULES: weakref.WeakValueDictionary[int, OffloadedExperts] = weakref.WeakValue
 
 #: the two calls a compiled step makes out of its graph, defined on torch.library directly rather than with
 #: `torch.library.custom_op`, whose Python wrapper (autograd, devices) doubles what leaving the graph costs:
-#: 24 against 12 µs a layer (scripts/measure_op_boundary.py). Neither ever needs a gradient.
+#: 22–29 against 13–16 µs a layer (scripts/measure_op_boundary.py). Neither ever needs a gradient.
 _LIB = torch.library.Library("adapmoe", "DEF")
 _LIB.define("offloaded_experts(Tensor x, Tensor ids, Tensor weights, Tensor predicted, int key) -> Tensor")
 _LIB.define("resolve_experts(Tensor ids, Tensor predicted, int key) -> Tensor")
