@@ -74,9 +74,28 @@ def test_a_compiler_that_fails_is_said_once_and_experts_run_eagerly(monkeypatch)
     def broken(*_args, **_kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch._inductor, "compile", broken)
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx_inner", broken)
     notes: list[str] = []
     kernel = ExpertKernel(gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), False, notes.append)
     w, x, scale = _parts(True, False), torch.randn(1, H), torch.tensor(1.0)
     assert kernel(x, w, scale) is None and kernel(x, w, scale) is None
     assert len(notes) == 1 and "expert kernel" in notes[0] and "no C++ compiler" in notes[0]
+
+
+def test_a_kernel_whose_first_output_is_wrong_is_not_used(monkeypatch):
+    """The compiled module's first output is checked against the eager arithmetic (a compiler, or a calling
+    convention of another torch, that computes something else): then experts are computed eagerly."""
+    from torch._inductor import compile_fx
+
+    real = compile_fx.compile_fx_inner
+
+    def off_by_a_little(*args, **kwargs):
+        run = real(*args, **kwargs).current_callable
+        return lambda inputs: [run(inputs)[0] * 1.01]
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", off_by_a_little)
+    notes: list[str] = []
+    kernel = ExpertKernel(gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), False, notes.append)
+    w, x, scale = _parts(True, False), torch.randn(1, H), torch.tensor(1.0)
+    assert kernel(x, w, scale) is None and kernel(x, w, scale) is None
+    assert len(notes) == 1 and "differs from the eager arithmetic" in notes[0]
