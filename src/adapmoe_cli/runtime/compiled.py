@@ -23,6 +23,7 @@ compiled nothing shows it); the gate's thresholds and prefetch change only throu
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 import weakref
@@ -87,7 +88,7 @@ class DecodeStep:
                 if "skip_guard_eval_unsafe" not in str(e):
                     raise
         compiles = _compiles()
-        with _SPECIALISED:  # (it may recompile)
+        with _specialised():  # (it may recompile)
             out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)  # every guard checked
         # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
         # changes from one step to the next (a value that did would have made this step recompile)
@@ -125,7 +126,7 @@ class DecodeStep:
                 # model
                 self._compiled = torch.compile(self.model, dynamic=True,
                                                options={"cpp_wrapper": True, "guard_filter_fn": _guards_kept})
-                with _SPECIALISED:
+                with _specialised():
                     out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
                 break
             except Exception as e:  # noqa: BLE001 — any failure of the compiler means: run eagerly
@@ -151,10 +152,13 @@ class DecodeStep:
         return out
 
 
-#: how the step is traced: dynamic in the KV cache's length only; the Python floats it reads (attention's
-#: scaling, the norms' epsilon, the gate's thresholds) are constants of the graph, guarded, instead of inputs
-#: made into tensors on every call (0.05–0.08 ms of a ~1.2 ms step on the embedded model)
-_SPECIALISED = torch._dynamo.config.patch(specialize_float=True)
+def _specialised() -> Any:
+    """How the step is traced: dynamic in the KV cache's length only; the Python floats it reads (attention's
+    scaling, the norms' epsilon, the gate's thresholds) are constants of the graph, guarded, instead of inputs
+    made into tensors on every call (0.05–0.08 ms of a ~1.2 ms step on the embedded model). (A function:
+    torch imports its compiler, 1–1.5 s, when first asked for it, so a process that does not compile never
+    does.)"""
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def graphs_built() -> int:
@@ -162,6 +166,8 @@ def graphs_built() -> int:
     runs a C++ compiler, and the decode step's takes several hundred MiB while it does (bench_runs
     .capped_runner). A graph it cannot cache (the expert kernel, traced without dynamo: "no shape env") is
     lowered again in every process but finds its C++ built, and is not counted."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled (and nothing to import for it)
+        return 0
     return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
 
 
