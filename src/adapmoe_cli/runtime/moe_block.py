@@ -214,10 +214,16 @@ class OffloadedExperts(nn.Module):
         the graph finds itself and counts in `graph_counts`, each kept expert a hit as the manager would count
         it. `gated`: the gate may drop experts (id -1): each of the k is computed and a dropped one's output
         replaced by zeros — the graph has one shape whatever the gate keeps, so it is free of data-dependent
-        branches (which the compiler cannot cache)."""
+        branches (which the compiler cannot cache); in a settled layer a dropped one is computed with the
+        last kept expert's weights, just read, rather than another expert's from memory (paired 0.976 and
+        0.981 a step with every expert held, docs/performance.md)."""
         ascending, order = ids[0].sort()
         scales = weights[0].index_select(0, order)
         kept = ascending >= 0
+        if gated and slots is None:
+            # a dropped one (-1, first in ascending order) is computed with the weights of the token's last
+            # kept expert, computed right after it, so they are read from memory once
+            ascending = torch.where(kept, ascending, ascending[-1].clamp(min=0))
         out = None
         for j in range(ascending.shape[0]):
             if slots is not None:
