@@ -3,7 +3,8 @@ budget: the same greedy tokens — transformers' own, with the same gate on its 
 counters (hits, prefetch hits, misses, reads, wasted prefetches) with the adaptive gate on, prefetch on
 and half the experts cached; a second engine in the same process computes with its own experts; observed
 steps run eagerly; and where compiling is impossible (no C++ compiler) the CLI says so in one line and
-answers eagerly."""
+answers eagerly (found out before tracing), and a compile that fails after tracing is tried once more with a
+simpler model, then runs eagerly."""
 
 from __future__ import annotations
 
@@ -293,3 +294,44 @@ def test_a_step_that_skips_guards_is_refused_when_the_length_crosses_a_branch():
     # after the compiling step (length 4) and a checked one (5), the skipped step at 6 was refused and rerun
     # with every guard (it recompiled), 7 was checked (nothing compiled), 8 and 9 skipped
     assert step.unguarded_steps == 2
+
+
+class _Scale(torch.nn.Module):
+    """A decode step that grows the KV cache by one position and scales the token id (by a factor of its own,
+    so its kernels are new to inductor's caches)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, input_ids: torch.Tensor, cache, use_cache: bool) -> torch.Tensor:
+        cache.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
+        return input_ids.float() * self.factor
+
+
+def test_a_compile_that_fails_is_tried_simpler_once_then_runs_eagerly(tmp_path):
+    """A C++ compiler that answers `--version` but builds nothing (so the step's check before tracing finds
+    one, and the failure comes from inductor after dynamo traced): the step asks for a simpler model once (the
+    engine: every layer's experts through the manager), fails again, says so once and answers eagerly, the KV
+    cache holding exactly the fed positions."""
+    import secrets
+
+    from transformers import DynamicCache
+
+    from adapmoe_cli.runtime.compiled import DecodeStep
+
+    fake = tmp_path / "c++"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake 1.0"; exit 0; }\nexit 1\n')
+    fake.chmod(0o755)
+    factor = 2.0 + secrets.randbelow(1 << 20) / (1 << 20)
+    asked: list[int] = []
+    notes: list[str] = []
+    step = DecodeStep(_Scale(factor), compile=True, note=notes.append,
+                      simpler=lambda: asked.append(1) is None)
+    kv = DynamicCache()
+    kv.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)  # a 4-token prompt
+    with torch._inductor.config.patch({"cpp.cxx": (str(fake),), "fx_graph_cache": False}):
+        out = [step(torch.tensor([[7]]), kv).item() for _ in range(2)]
+    assert out == [7 * factor] * 2 and kv.get_seq_length() == 6
+    assert step.failure is not None and step.compile_s is None and asked == [1]
+    assert len(notes) == 1 and "compiling the decode step failed" in notes[0] and "running eagerly" in notes[0]

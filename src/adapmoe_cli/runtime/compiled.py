@@ -11,7 +11,9 @@ Prompts (several tokens) run eagerly.
 Compiling costs tens of seconds on the first call in a machine's life (inductor caches its kernels on disk:
 a later process takes a few seconds), and whenever the graph's guards change (another gate, prefetch
 toggled). When compilation is unavailable or fails (no C++ compiler, an unsupported family), the step says
-why once and runs eagerly from then on; the KV cache is cut back to where it was, so nothing is lost.
+why once and runs eagerly from then on; the KV cache is cut back to where it was, so nothing is lost. A
+missing compiler is found before the model is traced; a compile that fails after tracing is tried once
+more with a simpler model (`simpler`).
 
 Between the tokens of one generation the step skips most of dynamo's guards (`skip_guard_eval_unsafe`):
 once a step on a KV cache has checked every guard and compiled nothing, the next steps on that cache check
@@ -113,6 +115,12 @@ class DecodeStep:
 
     def _first(self, input_ids: torch.Tensor, kv: Any) -> Any:
         """Compile on the first call (timed); on failure, cut the KV cache back and run eagerly."""
+        missing = _no_compiler()
+        if missing is not None:  # said at once, not after tracing the model twice to find it out (44 → 7.7 s)
+            self.failure = missing[:200]
+            if self.note is not None:
+                self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly")
+            return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         for layer in kv.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 torch._dynamo.mark_dynamic(layer.keys, 2)  # the cache grows by one position a step
@@ -159,6 +167,24 @@ def _specialised() -> Any:
     torch imports its compiler, 1–1.5 s, when first asked for it, so a process that does not compile never
     does.)"""
     return torch._dynamo.config.patch(specialize_float=True)
+
+
+def _no_compiler() -> str | None:
+    """Why inductor has no C++ compiler to build the step with, or None. (Inductor looks for one only when it
+    lowers a graph, after dynamo has traced the whole model; its own search, asked first, takes milliseconds.
+    A torch that finds its compiler some other way is left to say so when compiling.)"""
+    try:
+        from torch._inductor import cpp_builder, exc
+        search, missing = cpp_builder.get_cpp_compiler, exc.InvalidCxxCompiler
+    except (ImportError, AttributeError):
+        return None
+    try:
+        search()
+    except missing as e:
+        return f"{type(e).__name__}: {describe(e)}"
+    except Exception:  # noqa: BLE001 — anything else: compiling will say what it is
+        return None
+    return None
 
 
 def graphs_built() -> int:
