@@ -38,9 +38,14 @@ def test_bench_runs_every_policy_and_writes_json_and_chart(setup, tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     r = _run("bench", str(store), "--text", str(text), "--calibration", str(text), "--tokens", "4", "--repeat", "2",
              "--policies", "naive,lru,lru+prefetch,lfu,planned,adapmoe,resident", "--out", str(out),
-             "--plot", str(png), "--json")
+             "--plot", str(png), "--json", "--heldout-tokens", "200")
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
+    # perplexity on the held-out text's first 200 tokens (of ~1,000), what `eval` gives ungated
+    assert data["heldout_tokens"] == 200
+    ev = _run("eval", str(store), "--text", str(text), "--tokens", "200", "--plan", "none", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert data["policies"]["lru"]["perplexity"] == pytest.approx(json.loads(ev.stdout)["perplexity"], rel=1e-6)
     assert json.loads(r.stdout) == data  # --json: the same object on stdout, and nothing else
     assert set(data["policies"]) == {"naive", "lru", "lru+prefetch", "lfu", "planned", "adapmoe", "resident"}
     assert data["disk_read_bytes_per_s"] > 0
@@ -139,6 +144,7 @@ def test_bench_simulate_replays_its_own_run_with_equal_counts(setup, tmp_path):
     (["--prompts", "EMPTY"], "holds no prompts"),
     (["--budget", "1"], "below one per MoE layer"),
     (["--quality-budget", "0%"], "quality budget"),
+    (["--heldout-tokens", "1"], "--heldout-tokens must be ≥ 2"),
 ])
 def test_bench_bad_input(setup, tmp_path, args, needle):
     store, text = setup

@@ -29,7 +29,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 HUB_ID = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 #: appended to keep the suite quick (the README's own flags stay in front of these)
 SIZE_FLAGS = {"profile": ["--tokens", "512"], "plan-cache": ["--tokens", "512"], "eval": ["--tokens", "512"],
-              "bench": ["--tokens", "3", "--repeat", "1", "--policies", "naive,lru+prefetch,adapmoe"],
+              "bench": ["--tokens", "3", "--repeat", "1", "--policies", "naive,lru+prefetch,adapmoe",
+                        "--heldout-tokens", "2048"],
               "simulate": ["--policies", "lru,adapmoe"]}
 
 

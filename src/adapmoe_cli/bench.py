@@ -66,10 +66,13 @@ class BenchRequest:
     memory_caps: tuple[str, ...] = ()  # each a size or a share of the model's bytes on disk: one run per cap
     peer_width: str | None = None  # the GGUF llama.cpp runs (f32, bf16, f16, q8_0, q4_0); default: the store's
     fallback_format: str = "int4"  # the resident low-bit copy of the *+fallback policies
+    heldout_tokens: int = HELDOUT_TOKENS  # of `text`, each gate's perplexity is measured on
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.repeat < 1:
             raise UsageError("--tokens must be ≥ 2 and --repeat ≥ 1")
+        if self.heldout_tokens < 2:
+            raise UsageError("--heldout-tokens must be ≥ 2 (a perplexity needs a token to predict the next one)")
 
 
 def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | None = None,
@@ -98,7 +101,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         qstore = quality_store or store
         calib = stack.enter_context(gate_quality(qstore, settings, calib_text))
         heldout_text = req.text or default_text("heldout")
-        held = stack.enter_context(gate_perplexity(qstore, settings, heldout_text, HELDOUT_TOKENS))
+        held = stack.enter_context(gate_perplexity(qstore, settings, heldout_text, req.heldout_tokens))
         formats = None
         if native_store is not None:
             formats = format_quality(native_store, qstore, settings, calib, held, calib_text, heldout_text, req)
@@ -122,6 +125,7 @@ def run(store: Store, settings: Settings, req: BenchRequest, progress: Steps | N
         result["perplexity_from"] = (f"{quality_store.path} (the unpadded source of this full-size store: the same "
                                      "outputs, at a fraction of the compute)")
     result["experts_format"] = store.experts_format.label()
+    result["heldout_tokens"] = req.heldout_tokens  # (at most: a shorter text is scored whole)
     if formats is not None:
         result["format_quality"] = formats
     result["warnings"] = warnings(result)
@@ -173,7 +177,7 @@ def format_quality(native: Store, quantized: Store, settings: Settings, calib: C
     quality budget that is left."""
     off = GatePolicy.off()
     with gate_perplexity(native, settings, calib_text) as native_calib, \
-            gate_perplexity(native, settings, heldout_text, HELDOUT_TOKENS) as native_held:
+            gate_perplexity(native, settings, heldout_text, req.heldout_tokens) as native_held:
         n_cal, n_held = native_calib(off), native_held(off)
     q_cal, q_held = calib(off).perplexity, held(off)
     loss = q_cal / n_cal - 1

@@ -31,6 +31,7 @@ from adapmoe_cli.cli.common import (
     steps_progress,
 )
 from adapmoe_cli.experts_format import parse_format
+from adapmoe_cli.planning.quality import HELDOUT_TOKENS
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, get, is_policy, parse_policies
 from adapmoe_cli.units import parse_fraction, parse_size
 
@@ -62,6 +63,9 @@ def bench_cmd(
                         ] = False,
     text: Annotated[Path | None, typer.Option("--text", help="Held-out text for perplexity (default: the embedded "
                                               "held-out split).", show_default=False)] = None,
+    heldout_tokens: Annotated[int, typer.Option(
+        "--heldout-tokens", help="Tokens of the held-out text each gate's perplexity is measured on (fewer: a "
+        "quicker, noisier quality column).")] = HELDOUT_TOKENS,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Text for profiling and the gate's "
                                                      "quality search (default: the embedded calibration split).",
                                                      show_default=False)] = None,
@@ -121,7 +125,7 @@ def bench_cmd(
     req = BenchRequest(policies=tuple(parse_policies(policies, peers=True)), prompts=texts, tokens=tokens,
                        repeat=repeat,
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
-                       simulate=simulate, text=text, calibration=calibration,
+                       simulate=simulate, text=text, heldout_tokens=heldout_tokens, calibration=calibration,
                        memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
     fmt = parse_format(experts_format, group_size)
     fallback = parse_format(fallback_format) if any(get(n).fallback for n in req.policies if is_policy(n)) \
