@@ -33,10 +33,12 @@ def _parts(fused: bool, biases: bool, seed: int = 0, inter: int = INTER) -> dict
     return {k: {"": v} for k, v in parts.items()}
 
 
-@pytest.mark.parametrize(("layout", "inter"), [("mixtral", INTER), ("gpt-oss", INTER),
-                                               ("mixtral", 6000), ("mixtral", 4099)])
-def test_the_kernel_computes_what_the_eager_expert_computes(layout, inter):
-    """(w2's sum over an intermediate size of 6,000 is made in two pieces, over the prime 4,099 in one)"""
+@pytest.mark.parametrize(("layout", "inter", "dtype"), [
+    ("mixtral", INTER, torch.float32), ("gpt-oss", INTER, torch.float32), ("mixtral", 6000, torch.float32),
+    ("mixtral", 4099, torch.float32), ("mixtral", INTER, torch.bfloat16), ("gpt-oss", INTER, torch.bfloat16)])
+def test_the_kernel_computes_what_the_eager_expert_computes(layout, inter, dtype):
+    """(w2's sum over an intermediate size of 6,000 is made in two pieces, over the prime 4,099 in one; in
+    bfloat16 the kernel rounds once where the eager ops round each, so they agree to about one of its steps)"""
     if layout == "mixtral":
         glu, fused, biases = gated_activation("act", SimpleNamespace(act_fn=torch.nn.SiLU())), True, False
     else:
@@ -44,13 +46,16 @@ def test_the_kernel_computes_what_the_eager_expert_computes(layout, inter):
         fused, biases = False, True
     kernel = ExpertKernel(glu, biases)
     for seed in range(3):  # one compile, then the same kernel for other experts of the layout
-        w = _parts(fused, biases, seed, inter)
-        x = torch.randn(1, H, generator=torch.Generator().manual_seed(10 + seed))
-        scale = torch.tensor(0.37)
+        w = {k: {"": t[""].to(dtype)} for k, t in _parts(fused, biases, seed, inter).items()}
+        x = torch.randn(1, H, generator=torch.Generator().manual_seed(10 + seed)).to(dtype)
+        scale = torch.tensor(0.37, dtype=dtype)
         got = kernel(x, w, scale)
         want = expert_output(_linear, glu, biases, x, w) * scale
         assert got is not None and got.shape == (1, H) and got.dtype == x.dtype
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if dtype is torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:  # (within a few of bfloat16's steps of the largest number)
+            assert (got.float() - want.float()).abs().max() <= 4 * torch.finfo(dtype).eps * want.float().abs().max()
         assert not torch.equal(got, torch.zeros_like(got))
     assert kernel.failure is None
 
