@@ -255,6 +255,7 @@ def test_without_a_compiler_it_says_so_and_answers_eagerly(make_store, tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "--compile" in line]
     assert len(lines) == 1 and "running eagerly" in lines[0] and "Traceback" not in r.stderr
+    assert "No working C++ compiler" in lines[0] and "install a C++ compiler" in lines[0]  # what, and what to do
     # the answer is what chat answers eagerly
     settings = load_settings(overrides={"generation.max_new_tokens": 6})
     with open_engine(Store.open(store), settings) as eng:

@@ -119,7 +119,8 @@ class DecodeStep:
         if missing is not None:  # said at once, not after tracing the model twice to find it out (44 → 7.7 s)
             self.failure = missing[:200]
             if self.note is not None:
-                self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly")
+                self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly "
+                          "(to compile, install a C++ compiler such as g++, or point CXX at one)")
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         for layer in kv.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
