@@ -333,6 +333,6 @@ def test_a_compile_that_fails_is_tried_simpler_once_then_runs_eagerly(tmp_path):
     kv.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)  # a 4-token prompt
     with torch._inductor.config.patch({"cpp.cxx": (str(fake),), "fx_graph_cache": False}):
         out = [step(torch.tensor([[7]]), kv).item() for _ in range(2)]
-    assert out == [7 * factor] * 2 and kv.get_seq_length() == 6
+    assert out == [(torch.tensor([[7]]).float() * factor).item()] * 2 and kv.get_seq_length() == 6  # (float32)
     assert step.failure is not None and step.compile_s is None and asked == [1]
     assert len(notes) == 1 and "compiling the decode step failed" in notes[0] and "running eagerly" in notes[0]
