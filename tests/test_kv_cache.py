@@ -66,6 +66,11 @@ def test_cropped_and_reordered_caches_go_on_like_transformers(make_checkpoint):
     assert [layer.grown for layer in ours.layers] == [g + 1 for g in grown]
     for layer, ref in zip(ours.layers, theirs.layers, strict=True):
         assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+    for cache in (ours, theirs):  # emptied (its buffers let go), then used again
+        cache.reset()
+    assert all(layer.buffers is None for layer in ours.layers)
+    assert torch.equal(_step(model, prompt[:9], ours), _step(model, prompt[:9], theirs))
+    assert [layer.grown for layer in ours.layers] == [1] * len(ours.layers)
 
 
 def test_an_eager_engine_gets_the_growing_cache_a_compiled_one_transformers(make_store):
