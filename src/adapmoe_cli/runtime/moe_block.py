@@ -229,7 +229,7 @@ class OffloadedExperts(nn.Module):
             if slots is not None:
                 y = self.stacked(x, slots[j], scales[j], by_slot=True)
             else:
-                y = self.stacked(x, ascending[j].clamp(min=0) if gated else ascending[j], scales[j])
+                y = self.stacked(x, ascending[j], scales[j])  # (no -1 left: replaced above)
             if gated:
                 y = torch.where(kept[j], y, 0.0)
             out = y if out is None else out + y
