@@ -1,9 +1,10 @@
-"""An eager decode step at a long context: transformers' `DynamicCache` (concatenating the whole cache every
-token) against the runtime's `GrowingCache` (runtime/kv_cache.py). docs/performance.md, "The KV cache".
+"""A decode step at a long context: transformers' `DynamicCache` (concatenating the whole cache every token)
+against the runtime's `GrowingCache` (runtime/kv_cache.py). docs/performance.md, "The KV cache".
 
-    python scripts/measure_kv_cache.py [--contexts 64,2048,8192] [--rounds 4] [--tokens 32]
+    python scripts/measure_kv_cache.py [--compile] [--contexts 64,2048,8192] [--rounds 4] [--tokens 32]
 
-The embedded model with every expert resident, eagerly, 2 threads: a random prompt of each context length
+The embedded model with every expert resident, eagerly (or the compiled step, `--compile`; the first steps,
+compiling, are not timed), 2 threads: a random prompt of each context length
 (past the model's 512 positions for the longer ones: only the speed is read), then `--tokens` greedy steps
 timed, each cache in turn, rounds alternated; both must give the same tokens. Median and range in ms a
 token. Then, without a model, what the cache's own updates cost a token at Mixtral-8x7B's shape (32 layers,
@@ -26,6 +27,8 @@ from adapmoe_cli.planning.resolve import open_engine
 from adapmoe_cli.runtime.kv_cache import GrowingCache, GrowingLayer
 from adapmoe_cli.settings import load_settings
 
+WARM = 3  # untimed steps before the timed ones
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,9 +36,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--mixtral-contexts", default="4096,16384")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    settings = load_settings(overrides={"cache.budget": BudgetRequest.parse("100%", "--budget")})
+    settings = load_settings(overrides={"cache.budget": BudgetRequest.parse("100%", "--budget"),
+                                        "compile": args.compile})
     with open_engine(open_model(None), settings) as engine, torch.inference_mode():
         config = engine.model.config
         make = {"transformers' DynamicCache": lambda: DynamicCache(config=config),
@@ -49,6 +54,9 @@ def main() -> None:
                     kv = make[name]()
                     token = engine.decode(prompt, kv).logits[:, -1:].argmax(-1)
                     out = []
+                    for _ in range(WARM):  # (a compiled step's first steps compile and check every guard)
+                        token = engine.decode(token, kv).logits[:, -1:].argmax(-1)
+                        out.append(int(token))
                     t0 = time.perf_counter()
                     for _ in range(args.tokens):
                         token = engine.decode(token, kv).logits[:, -1:].argmax(-1)
@@ -56,7 +64,7 @@ def main() -> None:
                     times[name].append((time.perf_counter() - t0) / args.tokens * 1e3)
                     assert tokens.setdefault(name, out) == out
             assert len({tuple(t) for t in tokens.values()}) == 1, "the two caches gave different tokens"
-            print(f"context {context}: " + "; ".join(
+            print(f"context {context}{' (compiled)' if args.compile else ''}: " + "; ".join(
                 f"{name} {statistics.median(v):.2f} ms a token ({min(v):.2f}–{max(v):.2f})"
                 for name, v in times.items()))
     for context in (int(c) for c in args.mixtral_contexts.split(",")):

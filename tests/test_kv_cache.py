@@ -1,6 +1,7 @@
-"""The eager decode's KV cache (runtime/kv_cache.py): transformers' own model gives the same logits with it as
-with transformers' `DynamicCache`, step after step, through cropping and reordering, while its buffers are
-allocated a handful of times instead of once a token."""
+"""The decode's KV cache (runtime/kv_cache.py): transformers' own model gives the same logits with it as with
+transformers' `DynamicCache`, step after step, through cropping and reordering, while its buffers are
+allocated a handful of times instead of once a token; the compiled step writes into it in place, through a
+growth, with one graph, and a position reserved for a step that did not run compiled is given back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from adapmoe_cli.runtime.generate import new_kv_cache
 from adapmoe_cli.runtime.kv_cache import MIN_ROOM, GrowingCache, GrowingLayer
 from adapmoe_cli.store import Store
 from adapmoe_cli.synthetic import TinySpec
-from tests.helpers import reference_models, runtime_engine
+from tests.helpers import ref_greedy, reference_models, runtime_engine
 
 SPEC = TinySpec(max_position_embeddings=1024)
 
@@ -73,9 +74,73 @@ def test_cropped_and_reordered_caches_go_on_like_transformers(make_checkpoint):
     assert [layer.grown for layer in ours.layers] == [1] * len(ours.layers)
 
 
-def test_an_eager_engine_gets_the_growing_cache_a_compiled_one_transformers(make_store):
-    store = Store.open(make_store(SPEC))
-    with runtime_engine(store) as engine:
-        assert type(new_kv_cache(engine)) is GrowingCache
+def _conversation(engine, store: Store) -> list[list[int]]:
+    """Chat's turns on the engine: each keeps the KV cache and feeds only what is new (generate.PrefixKV: a crop,
+    an eager prompt, then decode steps)."""
+    from adapmoe_cli.conversation import Conversation, load_tokenizer
+    from adapmoe_cli.settings import GenerationSettings
+
+    conv = Conversation(engine, load_tokenizer(store), GenerationSettings(max_new_tokens=12), raw=True)
+    answers = [list(conv.send(text))[-1].token_ids for text in ("one two", " three", " four five")]
+    assert conv.context_used == conv._kv.kv.get_seq_length()
+    return answers
+
+
+def test_a_compiled_step_writes_in_place_through_growths_and_compiles_once(make_store, make_checkpoint):
+    """The compiled decode step writes each position into the buffers the eager prompt made (no copy of the
+    cache a token), past a growth, compiling one graph: transformers' tokens, the buffers grown twice; a
+    compiled conversation's turns, reusing the cache, answer as the eager engine's."""
+    import torch._dynamo.utils
+
+    store = Store.open(make_store(SPEC, dtype=torch.float32))
+    ref = _model(make_checkpoint)
+    prompt = [5, 9, 2, 33, 7, 11, 4, 8]
+    n = MIN_ROOM + 40  # past the prompt's buffer
+    with torch.no_grad():
+        expected = ref_greedy(ref, prompt, n)
     with runtime_engine(store, {"compile": True}) as engine:
-        assert type(new_kv_cache(engine)) is DynamicCache
+        kv = new_kv_cache(engine)
+        assert type(kv) is GrowingCache
+        frames = torch._dynamo.utils.counters["frames"]["total"]
+        places, tokens = set(), []
+        with torch.inference_mode():
+            token = engine.decode(torch.tensor([prompt]), kv).logits[0, -1].argmax()
+            tokens.append(int(token))
+            for _ in range(n - 1):
+                token = engine.decode(token.view(1, 1), kv).logits[0, -1].argmax()
+                tokens.append(int(token))
+                places.add(kv.layers[0].keys.data_ptr())
+        assert engine.decode.failure is None and engine.decode.compile_s is not None
+        assert torch._dynamo.utils.counters["frames"]["total"] - frames == 1  # one graph, through the growth
+        assert engine.decode.unguarded_steps >= n - 4  # the growth failed no guard
+        compiled_answers = _conversation(engine, store)
+    with runtime_engine(store) as engine:
+        assert compiled_answers == _conversation(engine, store)
+    assert tokens == expected
+    assert kv.get_seq_length() == len(prompt) + n - 1
+    for layer in kv.layers:
+        assert layer.grown == 2 and layer.pending == 0 and layer.keys.shape[-2] == len(prompt) + n - 1
+    assert len(places) == 2  # the keys moved once, not once a token
+
+
+def test_a_step_that_does_not_run_compiled_gives_its_place_back(make_checkpoint):
+    """A position reserved for a compiled step that then runs eagerly (it could not compile) or raises is not
+    held: the cache goes on like transformers'."""
+    model = _model(make_checkpoint)
+    ours, theirs = GrowingCache(model.config), DynamicCache(config=model.config)
+    prompt = list(range(3, 13))
+    assert torch.equal(_step(model, prompt, ours), _step(model, prompt, theirs))
+    assert ours.reserve(1)
+    assert ours.get_seq_length() == len(prompt)  # reserved, not held
+    assert all(layer.keys.shape[-2] == len(prompt) + 1 for layer in ours.layers)
+    # an eager step over a reservation (or a crop) gives it back first
+    assert torch.equal(_step(model, [7], ours), _step(model, [7], theirs))
+    assert all(layer.keys.shape[-2] == len(prompt) + 1 and layer.pending == 0 for layer in ours.layers)
+    assert ours.reserve(1)
+    for cache in (ours, theirs):
+        for layer in cache.layers:
+            layer.crop(-4)
+    assert torch.equal(_step(model, [8, 9], ours), _step(model, [8, 9], theirs))
+    assert ours.get_seq_length() == theirs.get_seq_length() == len(prompt) + 1 - 4 + 2
+    assert not GrowingCache(model.config).reserve(1)  # nothing held yet: the step runs eagerly
+

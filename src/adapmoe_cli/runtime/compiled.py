@@ -1,6 +1,6 @@
 """A compiled decode step (`--compile`): transformers' model, one token at a time, through `torch.compile`
 (inductor), the way gpt-fast does it — the dense parts (norms, attention with its rotary embedding and KV
-cache, routers, the adaptive gate, the next layer's prediction, residuals, lm head) become a few fused
+cache — written in place, runtime/kv_cache.py —, routers, the adaptive gate, the next layer's prediction, residuals, lm head) become a few fused
 kernels, and each MoE layer's experts are one opaque call into the manager (`moe_block.offloaded_experts`),
 which loads, waits and counts as in the eager path — or, where the engine chose so (`Engine._in_graph`),
 computed in the graph from the cache's slots, after the manager's call (`moe_block.resolve_experts`) or,
@@ -74,17 +74,22 @@ class DecodeStep:
         return self.active and self._compiled is None
 
     def __call__(self, input_ids: torch.Tensor, kv: Any) -> Any:
-        if not self.active or input_ids.shape[-1] != 1 or self.watched():
+        if not self.active or input_ids.shape[-1] != 1 or self.watched() or not _reserve(kv):
             self._steady = None
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
-        if self._compiled is None:
-            return self._first(input_ids, kv)
+        out = self._first(input_ids, kv) if self._compiled is None else self._run(input_ids, kv)
+        if out is None:  # it cannot compile: this step and the next run eagerly (the reserved position is given
+            return self.model(input_ids=input_ids, cache=kv, use_cache=True)  # back by the eager update)
+        _advance(kv)
+        self.after()
+        return out
+
+    def _run(self, input_ids: torch.Tensor, kv: Any) -> Any:
         if self._steady is not None and self._steady() is kv:
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     out = self._compiled(input_ids=input_ids, cache=kv, use_cache=True)
                 self.unguarded_steps += 1
-                self.after()
                 return out
             except RuntimeError as e:  # a tensor or size guard failed: raised before the graph ran
                 if "skip_guard_eval_unsafe" not in str(e):
@@ -95,7 +100,6 @@ class DecodeStep:
         # steady once a step with every guard checked compiled nothing: nothing the graph was specialised on
         # changes from one step to the next (a value that did would have made this step recompile)
         self._steady = weakref.ref(kv) if _compiles() == compiles else None
-        self.after()
         return out
 
     def state_changed(self) -> None:
@@ -114,17 +118,17 @@ class DecodeStep:
             torch._dynamo.reset()
 
     def _first(self, input_ids: torch.Tensor, kv: Any) -> Any:
-        """Compile on the first call (timed); on failure, cut the KV cache back and run eagerly."""
+        """Compile on the first call (timed); None: it cannot (said once, the KV cache cut back)."""
         missing = _no_compiler()
         if missing is not None:  # said at once, not after tracing the model twice to find it out (44 → 7.7 s)
             self.failure = missing[:200]
             if self.note is not None:
                 self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly "
                           "(to compile, install a C++ compiler such as g++, or point CXX at one)")
-            return self.model(input_ids=input_ids, cache=kv, use_cache=True)
-        for layer in kv.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                torch._dynamo.mark_dynamic(layer.keys, 2)  # the cache grows by one position a step
+            return None
+        for layer in kv.layers:  # (transformers' own cache, which concatenates: it grows by one position a step)
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() and not hasattr(layer, "reserve"):
+                torch._dynamo.mark_dynamic(layer.keys, 2)
                 torch._dynamo.mark_dynamic(layer.values, 2)
         before = kv.get_seq_length()
         t0 = time.perf_counter()
@@ -152,13 +156,25 @@ class DecodeStep:
                 self.failure = failure
                 if self.note is not None:
                     self.note(f"--compile: compiling the decode step failed ({self.failure}); running eagerly")
-                return self.model(input_ids=input_ids, cache=kv, use_cache=True)
+                return None
         if first is not None and self.note is not None:
             self.note(f"--compile: compiling the experts into the decode step failed ({first}); they are "
                       "computed outside it")
         self.compile_s = time.perf_counter() - t0
-        self.after()
         return out
+
+
+def _reserve(kv: Any) -> bool:
+    """Room in the KV cache for the step's position, which the graph writes in place (runtime/kv_cache.py);
+    False: the step runs eagerly. A cache without `reserve` (transformers' own) concatenates in the graph."""
+    reserve = getattr(kv, "reserve", None)
+    return reserve is None or reserve(1)
+
+
+def _advance(kv: Any) -> None:
+    """The compiled step ran: the position it wrote is held."""
+    if hasattr(kv, "advance"):
+        kv.advance()
 
 
 def _specialised() -> Any:

@@ -18,14 +18,10 @@ from adapmoe_cli.settings import GenerationSettings
 
 
 def new_kv_cache(engine: Engine) -> Any:
-    """A KV cache for the engine's model: one that grows without copying itself each token (runtime/kv_cache.py),
-    or transformers' own for a compiled decode step, whose graph concatenates (its length marked dynamic)."""
-    from transformers import DynamicCache
-
+    """A KV cache for the engine's model, eager or compiled: one that grows without copying itself each token
+    (runtime/kv_cache.py)."""
     from adapmoe_cli.runtime.kv_cache import GrowingCache
 
-    if engine.decode.enabled:
-        return DynamicCache(config=engine.model.config)
     return GrowingCache(engine.model.config)
 
 
