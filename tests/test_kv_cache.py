@@ -1,7 +1,7 @@
 """The decode's KV cache (runtime/kv_cache.py): transformers' own model gives the same logits with it as with
 transformers' `DynamicCache`, step after step, through cropping and reordering, while its buffers are
 allocated a handful of times instead of once a token; the compiled step writes into it in place, through a
-growth, with one graph, and a position reserved for a step that did not run compiled is given back."""
+growth, with one graph, and room made for a step that did not run compiled holds nothing."""
 
 from __future__ import annotations
 
@@ -119,28 +119,26 @@ def test_a_compiled_step_writes_in_place_through_growths_and_compiles_once(make_
     assert tokens == expected
     assert kv.get_seq_length() == len(prompt) + n - 1
     for layer in kv.layers:
-        assert layer.grown == 2 and layer.pending == 0 and layer.keys.shape[-2] == len(prompt) + n - 1
+        assert layer.grown == 2 and layer.keys.shape[-2] == len(prompt) + n - 1
     assert len(places) == 2  # the keys moved once, not once a token
 
 
-def test_a_step_that_does_not_run_compiled_gives_its_place_back(make_checkpoint):
-    """A position reserved for a compiled step that then runs eagerly (it could not compile) or raises is not
-    held: the cache goes on like transformers'."""
+def test_a_step_that_does_not_run_compiled_leaves_the_cache_as_it_was(make_checkpoint):
+    """Room made for a compiled step that then runs eagerly (it could not compile) or raises holds nothing: the
+    cache goes on like transformers', with an eager step or after a crop."""
     model = _model(make_checkpoint)
     ours, theirs = GrowingCache(model.config), DynamicCache(config=model.config)
     prompt = list(range(3, 13))
     assert torch.equal(_step(model, prompt, ours), _step(model, prompt, theirs))
-    assert ours.reserve(1)
-    assert ours.get_seq_length() == len(prompt)  # reserved, not held
-    assert all(layer.keys.shape[-2] == len(prompt) + 1 for layer in ours.layers)
-    # an eager step over a reservation (or a crop) gives it back first
+    assert ours.reserve(1) and ours.get_seq_length() == len(prompt)
+    assert all(layer.keys.shape[-2] == len(prompt) and layer.step.shape[0] == len(prompt) + 1
+               for layer in ours.layers)
     assert torch.equal(_step(model, [7], ours), _step(model, [7], theirs))
-    assert all(layer.keys.shape[-2] == len(prompt) + 1 and layer.pending == 0 for layer in ours.layers)
     assert ours.reserve(1)
     for cache in (ours, theirs):
         for layer in cache.layers:
             layer.crop(-4)
     assert torch.equal(_step(model, [8, 9], ours), _step(model, [8, 9], theirs))
     assert ours.get_seq_length() == theirs.get_seq_length() == len(prompt) + 1 - 4 + 2
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(ours.layers, theirs.layers, strict=True))
     assert not GrowingCache(model.config).reserve(1)  # nothing held yet: the step runs eagerly
-

@@ -1,12 +1,12 @@
 """A compiled decode step (`--compile`): transformers' model, one token at a time, through `torch.compile`
 (inductor), the way gpt-fast does it — the dense parts (norms, attention with its rotary embedding and KV
-cache — written in place, runtime/kv_cache.py —, routers, the adaptive gate, the next layer's prediction, residuals, lm head) become a few fused
-kernels, and each MoE layer's experts are one opaque call into the manager (`moe_block.offloaded_experts`),
-which loads, waits and counts as in the eager path — or, where the engine chose so (`Engine._in_graph`),
-computed in the graph from the cache's slots, after the manager's call (`moe_block.resolve_experts`) or,
-in a layer holding every expert, with none. Each `nn.Linear`'s one-row product (attention's
-projections, shared experts, the lm head) is written as a multiply and a sum (`_row_linear_forward`).
-Prompts (several tokens) run eagerly.
+cache — written in place, runtime/kv_cache.py —, routers, the adaptive gate, the next layer's prediction,
+residuals, lm head) become a few fused kernels, and each MoE layer's experts are one opaque call into the
+manager (`moe_block.offloaded_experts`), which loads, waits and counts as in the eager path — or, where the
+engine chose so (`Engine._in_graph`), computed in the graph from the cache's slots, after the manager's call
+(`moe_block.resolve_experts`) or, in a layer holding every expert, with none. Each `nn.Linear`'s one-row
+product (attention's projections, shared experts, the lm head) is written as a multiply and a sum
+(`_row_linear_forward`). Prompts (several tokens) run eagerly.
 
 Compiling costs tens of seconds on the first call in a machine's life (inductor caches its kernels on disk:
 a later process takes a few seconds), and whenever the graph's guards change (another gate, prefetch
@@ -78,8 +78,8 @@ class DecodeStep:
             self._steady = None
             return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         out = self._first(input_ids, kv) if self._compiled is None else self._run(input_ids, kv)
-        if out is None:  # it cannot compile: this step and the next run eagerly (the reserved position is given
-            return self.model(input_ids=input_ids, cache=kv, use_cache=True)  # back by the eager update)
+        if out is None:  # it cannot compile: this step and the next run eagerly
+            return self.model(input_ids=input_ids, cache=kv, use_cache=True)
         _advance(kv)
         self.after()
         return out
@@ -165,8 +165,9 @@ class DecodeStep:
 
 
 def _reserve(kv: Any) -> bool:
-    """Room in the KV cache for the step's position, which the graph writes in place (runtime/kv_cache.py);
-    False: the step runs eagerly. A cache without `reserve` (transformers' own) concatenates in the graph."""
+    """Room in the KV cache for the step's position, which the graph writes in place (runtime/kv_cache.py); it
+    is held once the step has run (`_advance`). False: the step runs eagerly. A cache without `reserve`
+    (transformers' own) concatenates in the graph."""
     reserve = getattr(kv, "reserve", None)
     return reserve is None or reserve(1)
 
@@ -174,7 +175,7 @@ def _reserve(kv: Any) -> bool:
 def _advance(kv: Any) -> None:
     """The compiled step ran: the position it wrote is held."""
     if hasattr(kv, "advance"):
-        kv.advance()
+        kv.advance(1)
 
 
 def _specialised() -> Any:
