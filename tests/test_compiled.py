@@ -328,7 +328,7 @@ def test_a_compile_that_fails_is_tried_simpler_once_then_runs_eagerly(tmp_path):
     notes: list[str] = []
     step = DecodeStep(_Scale(factor), compile=True, note=notes.append,
                       simpler=lambda: asked.append(1) is None)
-    kv = GrowingCache()  # the runtime's (a position is reserved for each compiled step: runtime/kv_cache.py)
+    kv = GrowingCache()  # the runtime's (room made for each compiled step's position: runtime/kv_cache.py)
     kv.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)  # a 4-token prompt
     with torch._inductor.config.patch({"cpp.cxx": (str(fake),), "fx_graph_cache": False}):
         out = [step(torch.tensor([[7]]), kv).item() for _ in range(2)]
