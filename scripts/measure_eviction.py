@@ -37,8 +37,9 @@ from adapmoe_cli.runtime.manager import ExpertManager
 from adapmoe_cli.settings import load_settings
 from adapmoe_cli.simulate.hardware import load_hardware
 from adapmoe_cli.simulate.model_spec import load_model
+from adapmoe_cli.simulate.shipped import shipped_trace
 from adapmoe_cli.simulate.simulator import drive
-from adapmoe_cli.simulate.traces import read_h39s, shipped_trace, uniform_trace
+from adapmoe_cli.simulate.traces import read_h39s, uniform_trace
 
 POLICIES = ("lru", "lfu", "lrfu", "markov", "learned")
 SLOTS = (3, 4, 5, 6)

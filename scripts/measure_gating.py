@@ -27,10 +27,13 @@ from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.model_arg import default_text, open_model
 from adapmoe_cli.perplexity import evaluate, read_text_tokens
-from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.planning import (
+    CALIBRATION_TOKENS,  # noqa: E402
+    gate_rules,
+)
 from adapmoe_cli.planning.plan_file import Plan
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, gate_quality
+from adapmoe_cli.planning.quality import gate_quality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.gating import ExpertStats, GatePolicy

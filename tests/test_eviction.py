@@ -21,8 +21,9 @@ from adapmoe_cli.runtime.eviction import FEATURES, LRFU, Learned, make_policy
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.simulate import model_spec as models
 from adapmoe_cli.simulate.hardware import load_hardware
+from adapmoe_cli.simulate.shipped import shipped_trace
 from adapmoe_cli.simulate.simulator import drive
-from adapmoe_cli.simulate.traces import read_h39s, shipped_trace
+from adapmoe_cli.simulate.traces import read_h39s
 from adapmoe_cli.synthetic import TinySpec
 from tests.test_trust import run_cli
 

@@ -24,9 +24,10 @@ from adapmoe_cli.simulate import hardware
 from adapmoe_cli.simulate import model_spec as models
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.limits import Belady
+from adapmoe_cli.simulate.shipped import shipped_trace
 from adapmoe_cli.simulate.simulator import SimRequest, drive, simulate
 from adapmoe_cli.simulate.timing import Clock, SimLoader
-from adapmoe_cli.simulate.traces import SimTrace, from_trace, project, read_h39s, shipped_trace
+from adapmoe_cli.simulate.traces import SimTrace, from_trace, project, read_h39s
 from adapmoe_cli.synthetic import TinySpec
 from tests.helpers import textbook_lru
 

@@ -99,6 +99,41 @@ def test_version_and_debug_after_the_command():
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
+
+#: run in one process: each argv through the CLI's main, then whether torch (or transformers) was loaded
+_LIGHT = """
+import contextlib, io, json, sys
+from adapmoe_cli.cli.app import app, main
+runs = [["--help"], ["--version"], ["list"]] + [[c.name, "--help"] for c in app.registered_commands]
+seen = []
+for argv in runs:
+    sys.argv = ["adapmoe", *argv]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main()
+    seen.append([argv, len(out.getvalue()), sorted(m for m in ("torch", "transformers") if m in sys.modules)])
+print(json.dumps(seen))
+"""
+
+
+def test_help_version_and_list_answer_without_loading_torch(tmp_path: Path):
+    """`--help` (tab completion runs the program too), `--version` and `list` answer in a fraction of a
+    second: the command modules import the library, and with it torch and transformers, only when a
+    command runs (2–3 s before, most of it importing torch)."""
+    r = subprocess.run([sys.executable, "-c", _LIGHT], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ADAPMOE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert len(seen) >= 3 + 13 and all(printed > 0 for _, printed, _ in seen), seen
+    assert [(argv, loaded) for argv, _, loaded in seen if loaded] == []
+
+
+def test_the_dtype_help_names_the_dtypes_the_writer_takes():
+    from adapmoe_cli.cli.common import DTYPE_HELP
+    from adapmoe_cli.store.writer import DTYPE_CHOICES
+
+    assert DTYPE_HELP == f"Store dtype: {' | '.join(DTYPE_CHOICES)}."
+
 def test_bench_warns_when_repeats_overlap_or_the_machine_is_busy():
     from adapmoe_cli.bench import warnings
 

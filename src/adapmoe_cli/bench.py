@@ -37,10 +37,11 @@ from adapmoe_cli.errors import AdapmoeError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.experts_format import quantized as is_quantized
 from adapmoe_cli.model_arg import default_text
+from adapmoe_cli.planning import HELDOUT_TOKENS
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import Plan, bench_path
 from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import HELDOUT_TOKENS, gate_perplexity, gate_quality
+from adapmoe_cli.planning.quality import gate_perplexity, gate_quality
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, get, is_policy, policy_budget
 from adapmoe_cli.profiling.profiler import ensure_profile
 from adapmoe_cli.progress import Steps

@@ -14,7 +14,8 @@ from typing import Any
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.model_arg import default_text
 from adapmoe_cli.perplexity import evaluate, read_text_tokens
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, search_scale
+from adapmoe_cli.planning import CALIBRATION_TOKENS
+from adapmoe_cli.planning.quality import search_scale
 from adapmoe_cli.planning.resolve import open_engine
 from adapmoe_cli.progress import Steps, within
 from adapmoe_cli.runtime.gating import GatePolicy

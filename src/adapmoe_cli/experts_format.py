@@ -34,7 +34,6 @@ NAMES = ("native", "int8", "int4", "int2", "mxfp4")
 #: group sizes the int4 CPU kernel takes
 KERNEL_GROUPS = (32, 64, 128, 256)
 DEFAULT_GROUP = {"int4": 64, "int2": 32}
-ACTIVATIONS = ("bfloat16", "model")
 #: int4/int2 layout name recorded in the store; the probe checks this PyTorch still packs that way
 INT4_LAYOUT = "aten-cpu-int4pack"
 #: how int2 values share a byte (Int2's docstring); a store packed otherwise is refused

@@ -10,8 +10,9 @@ from typing import Any
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.simulate.hardware import Hardware
 from adapmoe_cli.simulate.model_spec import ModelSpec
+from adapmoe_cli.simulate.shipped import shipped_trace
 from adapmoe_cli.simulate.simulator import SimRequest, simulate
-from adapmoe_cli.simulate.traces import project, read_h39s, shipped_trace, uniform_trace
+from adapmoe_cli.simulate.traces import project, read_h39s, uniform_trace
 
 #: what the runtime holds besides dense weights and expert slots (Python, torch, transformers, buffers);
 #: the README's measured peak RSS stays within dense + cache + this

@@ -15,9 +15,11 @@ import yaml
 
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.experts_format import ACTIVATIONS
 from adapmoe_cli.runtime.prefetch import DEFAULT_MIN_PRECISION
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
+
+#: what quantized experts multiply (experts_format.py): bfloat16 activations, or the model's own dtype
+ACTIVATIONS = ("bfloat16", "model")
 
 DEVICES = ("cpu", "cuda", "auto")
 AUTO_PROFILE = ("ask", "yes", "no")

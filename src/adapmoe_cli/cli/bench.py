@@ -10,8 +10,6 @@ import typer
 from rich import box
 from rich.table import Table
 
-from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
-from adapmoe_cli.bench import run as run_bench
 from adapmoe_cli.cli.common import (
     BudgetOpt,
     CompileOpt,
@@ -30,8 +28,7 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
-from adapmoe_cli.experts_format import parse_format
-from adapmoe_cli.planning.quality import HELDOUT_TOKENS
+from adapmoe_cli.planning import HELDOUT_TOKENS
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, get, is_policy, parse_policies
 from adapmoe_cli.units import parse_fraction, parse_size
 
@@ -114,6 +111,10 @@ def bench_cmd(
 
       adapmoe bench --simulate --repeat 5 --json > bench.json
     """
+    from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
+    from adapmoe_cli.bench import run as run_bench
+    from adapmoe_cli.experts_format import parse_format
+
     if endpoint:
         if plot is not None:
             raise typer.BadParameter("draws the policies' chart; with --endpoint use --out or --json",
@@ -141,7 +142,7 @@ def bench_cmd(
 
 def _bench_endpoints(model: str | None, urls: list[str], name: str | None, api_key: str | None, prompts: Path | None,
                      tokens: int, repeat: int, as_json: bool, out: Path | None) -> None:
-    from adapmoe_cli.bench import default_prompts
+    from adapmoe_cli.bench import default_prompts, read_prompts
     from adapmoe_cli.bench_endpoint import run as run_endpoints
     from adapmoe_cli.errors import UsageError
 

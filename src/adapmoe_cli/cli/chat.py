@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -40,16 +40,17 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
-from adapmoe_cli.conversation import Conversation, load_tokenizer
 from adapmoe_cli.errors import AdapmoeError
-from adapmoe_cli.planning.resolve import open_engine
-from adapmoe_cli.runtime.engine import Engine
-from adapmoe_cli.runtime.gating import GatePolicy
-from adapmoe_cli.runtime.generate import Response, compile_decode
-from adapmoe_cli.runtime.stats import Stats
-from adapmoe_cli.settings import Settings
-from adapmoe_cli.store import Store
 from adapmoe_cli.units import format_bytes
+
+if TYPE_CHECKING:  # the library (torch, transformers) is imported when a command runs, not for --help
+    from adapmoe_cli.conversation import Conversation
+    from adapmoe_cli.runtime.engine import Engine
+    from adapmoe_cli.runtime.gating import GatePolicy
+    from adapmoe_cli.runtime.generate import Response
+    from adapmoe_cli.runtime.stats import Stats
+    from adapmoe_cli.settings import Settings
+    from adapmoe_cli.store import Store
 
 HELP = """commands:
   /help            this text
@@ -129,6 +130,9 @@ def chat_cmd(
     if as_json and prompt is None:
         raise typer.BadParameter("answers one prompt as JSON: give --prompt or a prompt on stdin",
                                  param_hint="--json")
+    from adapmoe_cli.conversation import Conversation, load_tokenizer
+    from adapmoe_cli.planning.resolve import open_engine
+
     store = open_store(model, experts_format, group_size)
     offer_method(store, settings, interactive=prompt is None and sys.stdin.isatty())
     with open_engine(store, settings, note=note) as engine:
@@ -163,6 +167,8 @@ def offer_method(store: Store, settings: Settings, interactive: bool) -> None:
 
 def compile_now(engine: Engine) -> None:
     """With --compile: compile the decode step before the first prompt (a reply must not stall on it)."""
+    from adapmoe_cli.runtime.generate import compile_decode
+
     if not engine.decode.pending:
         return
     with err_console.status("compiling the decode step (--compile: tens of seconds the first time on this "
@@ -335,6 +341,8 @@ _GEN_SETTINGS: dict[str, tuple[str, type]] = {
 
 def _set(conv: Conversation, planned_gate: GatePolicy, args: str) -> str:
     """Apply `/set NAME VALUE`; the line to print."""
+    from adapmoe_cli.runtime.gating import GatePolicy
+
     name, _, value = args.strip().partition(" ")
     name, value = name.lower(), value.strip()
     if name == "system":

@@ -7,11 +7,8 @@ from typing import Annotated
 
 import typer
 
-from adapmoe_cli.cli.common import ExpertsFormatOpt, GroupSizeOpt, byte_progress, console
-from adapmoe_cli.experts_format import parse_format
-from adapmoe_cli.hub import download_checkpoint
+from adapmoe_cli.cli.common import DTYPE_HELP, ExpertsFormatOpt, GroupSizeOpt, byte_progress, console
 from adapmoe_cli.paths import store_dir_for_repo
-from adapmoe_cli.store.writer import DTYPE_CHOICES, shard
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +19,7 @@ def download_cmd(
     repo_id: Annotated[str, typer.Argument(help="Hub model id, e.g. mistralai/Mixtral-8x7B-Instruct-v0.1.")],
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
     out: Annotated[Path | None, typer.Option(help="Store folder (default: under ADAPMOE_HOME).")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Store dtype: {' | '.join(DTYPE_CHOICES)}.")] = "keep",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "keep",
     force: Annotated[bool, typer.Option("--force", help="Replace a different store already at --out.")] = False,
     experts_format: ExpertsFormatOpt = "native",
     group_size: GroupSizeOpt = None,
@@ -38,6 +35,10 @@ def download_cmd(
 
       adapmoe download mistralai/Mixtral-8x7B-Instruct-v0.1 --experts-format int4 --out ./mixtral-int4
     """
+    from adapmoe_cli.experts_format import parse_format
+    from adapmoe_cli.hub import download_checkpoint
+    from adapmoe_cli.store.writer import shard
+
     fmt = parse_format(experts_format, group_size)  # a bad format is refused before anything is downloaded
     ckpt = download_checkpoint(repo_id, revision)
     target = out or store_dir_for_repo(repo_id, revision)

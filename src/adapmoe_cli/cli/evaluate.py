@@ -30,8 +30,7 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
-from adapmoe_cli.evaluation import EvalRequest, evaluate_model
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS
+from adapmoe_cli.planning import CALIBRATION_TOKENS
 from adapmoe_cli.units import parse_fraction
 
 
@@ -78,6 +77,8 @@ def eval_cmd(
 
       adapmoe eval ./mixtral-store --text wiki.txt --gate-scale 0.002 -c 96
     """
+    from adapmoe_cli.evaluation import EvalRequest, evaluate_model
+
     if quality_budget is not None and gate_scale is not None:
         raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,

@@ -28,9 +28,7 @@ from adapmoe_cli.cli.common import (
     runtime_settings,
     steps_progress,
 )
-from adapmoe_cli.planning.plan_file import Plan
-from adapmoe_cli.planning.planner import PlanRequest, make_plan
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS
+from adapmoe_cli.planning import CALIBRATION_TOKENS
 from adapmoe_cli.units import format_bytes, parse_fraction
 
 
@@ -70,6 +68,9 @@ def plan_cmd(
 
       adapmoe plan-cache ./mixtral-store --budget 24GiB --quality-budget 0.5% --json
     """
+    from adapmoe_cli.planning.plan_file import Plan
+    from adapmoe_cli.planning.planner import PlanRequest, make_plan
+
     settings = runtime_settings(config, budget=budget, prefetch=prefetch, device=device, policy=policy, rule=rule)
     store = open_store(model, experts_format, group_size)
     slots, _ = total_slots(settings.cache.budget, store.cache_shape)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from adapmoe_cli.cli.common import ExpertsFormatOpt, GroupSizeOpt, byte_progress, console
-from adapmoe_cli.experts_format import ExpertsFormat, parse_format
-from adapmoe_cli.store.manifest import is_store
-from adapmoe_cli.store.writer import DTYPE_CHOICES, shard
+from adapmoe_cli.cli.common import DTYPE_HELP, ExpertsFormatOpt, GroupSizeOpt, byte_progress, console
 from adapmoe_cli.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from adapmoe_cli.experts_format import ExpertsFormat
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def shard_cmd(
     src: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json + *.safetensors).")],
     out: Annotated[Path, typer.Argument(help="Store folder to create.")],
-    dtype: Annotated[str, typer.Option(help=f"Store dtype: {' | '.join(DTYPE_CHOICES)}.")] = "keep",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "keep",
     force: Annotated[bool, typer.Option("--force", help="Replace a different store already at OUT.")] = False,
     expert_size: Annotated[str | None, typer.Option(
         "--expert-size", help="Write the full-size variant: experts zero-padded to about this size (e.g. 16MiB); "
@@ -39,6 +39,10 @@ def shard_cmd(
 
       adapmoe shard ./ckpt ./store-int4 --experts-format int4 --group-size 64
     """
+    from adapmoe_cli.experts_format import parse_format
+    from adapmoe_cli.store.manifest import is_store
+    from adapmoe_cli.store.writer import shard
+
     fmt = parse_format(experts_format, group_size)
     if expert_size is not None or is_store(src):
         _variant(src, out, parse_size(expert_size) if expert_size is not None else None, fmt, dtype, force)
@@ -64,7 +68,8 @@ def _variant(src: Path, out: Path, expert_bytes: int | None, fmt: ExpertsFormat,
     import tempfile
 
     from adapmoe_cli.store.export import variant_store
-    from adapmoe_cli.store.manifest import Store
+    from adapmoe_cli.store.manifest import Store, is_store
+    from adapmoe_cli.store.writer import shard
 
     with tempfile.TemporaryDirectory(dir=Path(out).absolute().parent, prefix=f".{Path(out).name}.") as tmp:
         if is_store(src):

@@ -14,8 +14,7 @@ from adapmoe_cli.budget import BudgetRequest, total_slots
 from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, console, emit, err_console
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
 from adapmoe_cli.simulate.model_spec import known as known_models
-from adapmoe_cli.simulate.simulator import SimRequest, simulate
-from adapmoe_cli.simulate.traces import SHIPPED
+from adapmoe_cli.simulate.shipped import SHIPPED
 from adapmoe_cli.units import format_bytes
 
 MODEL_CONFIGS = known_models()
@@ -72,6 +71,7 @@ def simulate_cmd(
     """
     from adapmoe_cli.simulate.hardware import load_hardware
     from adapmoe_cli.simulate.inputs import resolve
+    from adapmoe_cli.simulate.simulator import SimRequest, simulate
 
     names = parse_policies(policies, limits=True)
     if calibrate:

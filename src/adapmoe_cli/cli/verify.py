@@ -9,8 +9,6 @@ import typer
 from rich.markup import escape
 
 from adapmoe_cli.cli.common import byte_progress, console, err_console
-from adapmoe_cli.store import Store
-from adapmoe_cli.store.verify import verify
 from adapmoe_cli.units import format_bytes
 
 
@@ -20,6 +18,9 @@ def register(app: typer.Typer) -> None:
 
 def verify_cmd(store: Annotated[Path, typer.Argument(help="Store folder.")]) -> None:
     """Example: adapmoe verify ./mixtral-store"""
+    from adapmoe_cli.store import Store
+    from adapmoe_cli.store.verify import verify
+
     s = Store.open(store)
     with byte_progress("verifying") as progress:
         rep = verify(s, progress=progress)

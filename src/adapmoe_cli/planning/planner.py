@@ -12,12 +12,12 @@ from typing import Any
 
 from adapmoe_cli.budget import even_quotas
 from adapmoe_cli.model_arg import default_text
-from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.planning import CALIBRATION_TOKENS, gate_rules
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.costs import cost_curves
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.planning.plan_file import default_path, write_plan
-from adapmoe_cli.planning.quality import CALIBRATION_TOKENS, counted, gate_quality
+from adapmoe_cli.planning.quality import counted, gate_quality
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling import expert_stats
 from adapmoe_cli.profiling.profile_file import default_path as default_profile

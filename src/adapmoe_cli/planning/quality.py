@@ -26,7 +26,7 @@ import torch
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
 from adapmoe_cli.perplexity import evaluate, read_text_tokens, spread_windows
-from adapmoe_cli.planning import gate_rules
+from adapmoe_cli.planning import CALIBRATION_TOKENS, gate_rules
 from adapmoe_cli.planning.gate_rules import GateQuality
 from adapmoe_cli.profiling.profile_file import default_path, read_profile
 from adapmoe_cli.progress import Steps, within
@@ -35,8 +35,6 @@ from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.settings import Settings
 from adapmoe_cli.store import Store
 
-CALIBRATION_TOKENS = 16384  # tokens of calibration text the quality search scores each gate on
-HELDOUT_TOKENS = 32768  # tokens of held-out text the bench reports each gate's perplexity on
 SEARCH_EVALUATIONS = gate_rules.SEARCH_ITERATIONS + 2  # the ungated text, the largest scale, the bisection
 CONFIDENCE_Z = 1.645  # one-sided 95 % upper bound of the perplexity increase
 

@@ -13,7 +13,8 @@ from adapmoe_cli.profiling.profile_file import Profile
 from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.simulate.model_spec import ModelSpec, from_store, load_model
-from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s, shipped_trace
+from adapmoe_cli.simulate.shipped import shipped_trace
+from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s
 from adapmoe_cli.store import Store, is_store
 
 H39S_DEFAULT_MODEL = "mixtral-8x7b"  # the h39s/mlsys trace was recorded on Mixtral-8x7B-Instruct

@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 from adapmoe_cli.settings import parse_yaml
-from adapmoe_cli.store import Store
+
+if TYPE_CHECKING:
+    from adapmoe_cli.store import Store
 
 SCALE_BYTES = 4  # an fp16 scale and an fp16 zero point per quantisation group (HQQ / GPTQ-like layouts)
 

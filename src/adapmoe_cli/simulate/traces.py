@@ -7,7 +7,6 @@ so that policies needing them can say they fell back. No timing, no policies."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -16,16 +15,6 @@ from adapmoe_cli.errors import UsageError
 from adapmoe_cli.profiling.trace import Trace
 
 FORMATS = ("adapmoe", "h39s")
-#: traces shipped in the package (adapmoe_cli/traces/NAME/, each with its README and licence): name → file
-SHIPPED = {"mixtral-8x7b-instruct-h39s": "active_experts.txt"}
-
-
-def shipped_trace(name: str) -> Path | None:
-    """The file of a trace shipped with adapmoe (all in the h39s format), or None for another name."""
-    if name not in SHIPPED:
-        return None
-    return Path(str(resources.files("adapmoe_cli").joinpath("traces", name, SHIPPED[name])))
-
 
 @dataclass(frozen=True)
 class SimTrace:
