@@ -50,8 +50,9 @@ def test_a_config_files_settings_take_effect_and_flags_win(evaluate, tmp_path):
     assert code == 2 and message in _one_line_error(err)
     code, out, err = evaluate("--config", preset, "--cache-experts", "4")
     assert code == 0, err
-    plain = evaluate()
-    assert plain[0] == 0 and json.loads(plain[1])["perplexity"] == json.loads(out)["perplexity"]
+    plain = evaluate()  # the same model, whatever the budget (to float rounding: with two threads, matrix
+    assert plain[0] == 0  # products of different shapes may sum in different orders)
+    assert json.loads(plain[1])["perplexity"] == pytest.approx(json.loads(out)["perplexity"], rel=1e-6)
 
 
 @pytest.mark.parametrize("text,message", [
