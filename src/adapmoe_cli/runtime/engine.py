@@ -16,6 +16,7 @@ from adapmoe_cli.errors import StoreError, UsageError
 from adapmoe_cli.experts_format import by_part
 from adapmoe_cli.families import is_weight
 from adapmoe_cli.profiling.routing_model import eviction_for
+from adapmoe_cli.runtime.attention import use_packed_attention
 from adapmoe_cli.runtime.cache import ExpertCache
 from adapmoe_cli.runtime.compiled import DecodeStep
 from adapmoe_cli.runtime.expert_kernel import ExpertKernel, StackedExperts
@@ -132,6 +133,7 @@ class Engine:
             bad = (missing or result.unexpected_keys)[0]
             raise StoreError(f"{store.path}: dense weights do not fit the config (e.g. {bad})")
         _materialise_buffers(model)
+        use_packed_attention(model)  # a decoded token's grouped-query heads in one pass per key/value head
         shape = store.shape
         layers = list(shape.moe_layers)
         fmt, activations = store.experts_format, self.settings.quantized_activations
