@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from adapmoe_cli.budget import BudgetRequest
-from adapmoe_cli.model_arg import open_model
-from adapmoe_cli.planning.resolve import open_engine
-from adapmoe_cli.runtime.attention import NAME
-from adapmoe_cli.runtime.generate import new_kv_cache
-from adapmoe_cli.settings import load_settings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_kv_cache import alternated_decode, arguments  # noqa: E402
 
-WARM = 3  # untimed steps before the timed ones
+from adapmoe_cli.budget import BudgetRequest  # noqa: E402
+from adapmoe_cli.model_arg import open_model  # noqa: E402
+from adapmoe_cli.planning.resolve import open_engine  # noqa: E402
+from adapmoe_cli.runtime.attention import NAME  # noqa: E402
+from adapmoe_cli.runtime.generate import new_kv_cache  # noqa: E402
+from adapmoe_cli.settings import load_settings  # noqa: E402
+
 WAYS = {"transformers' sdpa": "sdpa", "packed": NAME}
 
 
@@ -37,27 +43,17 @@ def model_steps(args: argparse.Namespace) -> None:
     with open_engine(open_model(None), settings) as engine, torch.inference_mode():
         config = engine.model.config
         assert config._attn_implementation == NAME
+
+        def way(implementation: str) -> Callable[[], Any]:
+            def make() -> Any:
+                config._attn_implementation = implementation  # (a compiled step checks every guard at a
+                return new_kv_cache(engine)  # generation's first step: each way gets its own graph)
+            return make
+
+        make = {name: way(implementation) for name, implementation in WAYS.items()}
         for context in (int(c) for c in args.contexts.split(",")):
-            prompt = torch.randint(3, 1000, (1, context), generator=torch.Generator().manual_seed(context))
-            times: dict[str, list[float]] = {name: [] for name in WAYS}
-            tokens: dict[str, list[int]] = {}
-            for r in range(args.rounds):
-                for name in (list(WAYS) if r % 2 == 0 else list(WAYS)[::-1]):
-                    config._attn_implementation = WAYS[name]  # (a compiled step checks every guard at a
-                    kv = new_kv_cache(engine)  # generation's first step: each way gets its own graph)
-                    token = engine.decode(prompt, kv).logits[:, -1:].argmax(-1)
-                    out = []
-                    for _ in range(WARM):
-                        token = engine.decode(token, kv).logits[:, -1:].argmax(-1)
-                        out.append(int(token))
-                    t0 = time.perf_counter()
-                    for _ in range(args.tokens):
-                        token = engine.decode(token, kv).logits[:, -1:].argmax(-1)
-                        out.append(int(token))
-                    times[name].append((time.perf_counter() - t0) / args.tokens * 1e3)
-                    assert tokens.setdefault(name, out) == out
+            times, same = alternated_decode(engine, context, make, args.rounds, args.tokens)
             config._attn_implementation = NAME
-            same = len({tuple(t) for t in tokens.values()}) == 1
             print(f"context {context}{' (compiled)' if args.compile else ''}: " + "; ".join(
                 f"{name} {statistics.median(v):.2f} ms a token ({min(v):.2f}–{max(v):.2f})"
                 for name, v in times.items()) + ("" if same else "  [TOKENS DIFFER]"))
@@ -90,14 +86,7 @@ def mixtral_attention(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="64,512,2048,8192")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--mixtral-contexts", default="4096,16384")
-    ap.add_argument("--compile", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
+    args = arguments(__doc__.splitlines()[0], "64,512,2048,8192")
     model_steps(args)
     mixtral_attention(args)
 

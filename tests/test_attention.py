@@ -52,7 +52,7 @@ def test_a_model_with_packed_attention_gives_transformers_logits_and_tokens(pack
             logits = {}
             for name, model in (("theirs", theirs), ("ours", ours)):
                 feed = ids[name] if step == 0 else ids[name][-1:]
-                logits[name] = model(input_ids=torch.tensor([feed]), past_key_values=caches[name],
+                logits[name] = model(input_ids=torch.tensor([feed]), cache=caches[name],
                                      use_cache=True).logits[0, -1]
                 ids[name].append(int(logits[name].argmax()))
             torch.testing.assert_close(logits["ours"], logits["theirs"], rtol=0, atol=1e-5)
