@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapmoe_cli.errors import StoreError, StoreExistsError
-from adapmoe_cli.store import FORMAT_VERSION, Store, is_store
+from adapmoe_cli.store import FORMAT_VERSION, Store, is_store, writer
 from adapmoe_cli.store.manifest import ALIGNMENT, NATIVE_FORMAT_VERSION
 from adapmoe_cli.store.reader import ExpertReader, aligned_buffer, expert_views
 from adapmoe_cli.store.verify import ensure_files, verify
@@ -196,17 +196,28 @@ def test_stale_partial_of_a_dead_run_is_removed_and_a_live_ones_kept(
     assert not dead.exists() and not replaced.exists() and live.exists() and is_store(out)
 
 
-def test_same_store_is_a_noop_different_needs_force(make_checkpoint: Callable[..., Path], tmp_path: Path):
+def test_same_store_is_a_noop_different_needs_force(make_checkpoint: Callable[..., Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    validated = []  # checkpoint.validate builds the model's skeleton (transformers' import: seconds a start)
+    real = writer.validate
+
+    def counted(ckpt) -> None:
+        validated.append(ckpt.path)
+        real(ckpt)
+
+    monkeypatch.setattr(writer, "validate", counted)
     ckpt, out = make_checkpoint(), tmp_path / "store"
     first = shard(ckpt, out)
-    assert not first.reused and first.bytes_written > 0
+    assert not first.reused and first.bytes_written > 0 and len(validated) == 1
     manifest = (out / "manifest.json").read_bytes()
     again = shard(ckpt, out)
     assert again.reused and again.bytes_written == 0
     assert (out / "manifest.json").read_bytes() == manifest
+    assert len(validated) == 1  # the store made from these unchanged files: not validated again
 
     with pytest.raises(StoreExistsError, match="already holds a different store; pass --force"):
         shard(ckpt, out, dtype="float32")
+    assert len(validated) == 2
     assert Store.open(out).dtype_name == "bfloat16"
     res = shard(ckpt, out, dtype="float32", force=True)
     assert not res.reused and Store.open(out).dtype_name == "float32" and verify(Store.open(out)).ok

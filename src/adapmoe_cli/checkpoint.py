@@ -201,8 +201,10 @@ def parse_index(data: bytes, index: Path) -> list[str]:
     return sorted({relative_name(f, str(index), CheckpointError) for f in weight_map.values()})
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Read config and headers of a checkpoint directory; raise CheckpointError when it cannot be used."""
+def open_checkpoint(path: Path, check: bool = True) -> Checkpoint:
+    """Read config and headers of a checkpoint directory; raise CheckpointError when it cannot be used.
+    `check=False` leaves out `validate` (building the model's skeleton: transformers' import, seconds), which
+    the caller then runs where it needs it (`shard` does not, for a store it made from these same files)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -229,7 +231,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     for f in _weight_files(path):
         tensors.update(read_safetensors_header(f))
     ckpt = Checkpoint(path, config, family, tensors)
-    validate(ckpt)
+    if check:
+        validate(ckpt)
     return ckpt
 
 

@@ -30,6 +30,7 @@ from adapmoe_cli.checkpoint import (
     _natural,
     open_checkpoint,
     side_files,
+    validate,
 )
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat, dequantize_mxfp4
@@ -187,8 +188,10 @@ def _remove_stale_partials(out: Path) -> None:
 def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool, fmt: ExpertsFormat) -> bool:
     """True when OUT already holds this store. Raise when OUT holds something we must not replace.
     Cheap when the checkpoint's files are unchanged since the store was made (`_unchanged`: stat and
-    sampled blocks); otherwise every tensor is read and hashed before the answer."""
+    sampled blocks); otherwise every tensor is read and hashed before the answer. The checkpoint is
+    validated (checkpoint.validate) before any answer but True: a store made from it was validated then."""
     if not out.exists():
+        validate(ckpt)
         return False
     if is_store(out):
         try:
@@ -206,11 +209,13 @@ def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool,
                     _refresh_source(old, source_files(ckpt))
         if same and not force:
             return True
+        validate(ckpt)
         if not force:
             why = "a store made by an older adapmoe" if old is not None and not same and \
                 old.manifest["format_version"] < 2 else "a different store"
             raise StoreExistsError(f"{out} already holds {why}; pass --force to replace it")
         return False
+    validate(ckpt)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
         return False
@@ -241,9 +246,14 @@ def shard(
     t0 = time.perf_counter()
     src, out = Path(src), Path(out).absolute()
     fmt = experts_format or ExpertsFormat()
-    ckpt = open_checkpoint(src)
-    target = _target_dtype(ckpt, dtype)
-    fmt.check_shapes({k: tuple(v) for k, v in ckpt.family.expert_part_shapes(ckpt.config).items() if is_weight(k)})
+    ckpt = open_checkpoint(src, check=False)  # validated by _check_target unless OUT already holds its store
+    try:
+        target = _target_dtype(ckpt, dtype)
+        fmt.check_shapes({k: tuple(v) for k, v in ckpt.family.expert_part_shapes(ckpt.config).items()
+                          if is_weight(k)})
+    except Exception:
+        validate(ckpt)  # what is wrong with the checkpoint is said first, as when it was validated on opening
+        raise
     ensure_dir(out.parent)
     if _check_target(out, ckpt, target, force, fmt):
         return ShardResult(out, 0, time.perf_counter() - t0, reused=True)
