@@ -157,11 +157,11 @@ def test_bad_checkpoint_is_one_line_error(
     capsys: pytest.CaptureFixture[str],
 ):
     ckpt, message = bad_checkpoint
-    out = tmp_path / "store"
+    out = tmp_path / "new" / "store"
     code, _, err = run_cli(monkeypatch, capsys, "shard", str(ckpt), str(out))
     assert code == 1
     assert re.search(message, _one_line_error(err)), err
-    assert not out.exists() and not list(tmp_path.glob(".store.*"))
+    assert not out.parent.exists()  # nothing made: no store, no partial copy, not even its folder
     # --debug lets the library's exception through, so Python prints its traceback
     monkeypatch.setattr(sys, "argv", ["adapmoe", "--debug", "shard", str(ckpt), str(out)])
     with pytest.raises(CheckpointError, match=message):

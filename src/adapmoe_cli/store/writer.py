@@ -254,9 +254,9 @@ def shard(
     except Exception:
         validate(ckpt)  # what is wrong with the checkpoint is said first, as when it was validated on opening
         raise
-    ensure_dir(out.parent)
     if _check_target(out, ckpt, target, force, fmt):
         return ShardResult(out, 0, time.perf_counter() - t0, reused=True)
+    ensure_dir(out.parent)  # (after the checkpoint was validated: a bad one leaves no new folder)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.{_PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
