@@ -22,6 +22,8 @@ from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 ACTIVATIONS = ("bfloat16", "model")
 
 DEVICES = ("cpu", "cuda", "auto")
+#: a store's dtype (`shard`/`download --dtype`; store/writer.py): the checkpoint's own, or one of these
+DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 AUTO_PROFILE = ("ask", "yes", "no")
 
 

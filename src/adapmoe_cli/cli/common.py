@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from adapmoe_cli.progress import Steps
-from adapmoe_cli.settings import load_settings
+from adapmoe_cli.settings import DTYPE_CHOICES, load_settings
 
 if TYPE_CHECKING:
     from adapmoe_cli.settings import Settings
@@ -138,8 +138,7 @@ ExpertsFormatOpt = Annotated[str, typer.Option(
     "--experts-format", help="How experts are stored and cached: native (the store's dtype) | int8 (per channel) | "
     "int4 | int2 (group-wise, HQQ) | mxfp4 (GPT-OSS's 4-bit format, kept as published); dense weights stay as "
     "they are (docs/quantization.md).")]
-#: the store's dtype (store/writer.py's DTYPE_CHOICES, which checks it)
-DTYPE_HELP = "Store dtype: keep | bfloat16 | float16 | float32."
+DTYPE_HELP = f"Store dtype: {' | '.join(DTYPE_CHOICES)}."
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "

@@ -36,6 +36,7 @@ from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreEx
 from adapmoe_cli.experts_format import ExpertsFormat, dequantize_mxfp4
 from adapmoe_cli.families import is_weight
 from adapmoe_cli.safe_io import ensure_dir, read_capped, sha256_file, write_atomic
+from adapmoe_cli.settings import DTYPE_CHOICES
 from adapmoe_cli.store.manifest import (
     ALIGNMENT,
     FORMAT,
@@ -50,7 +51,6 @@ from adapmoe_cli.store.manifest import (
 
 DENSE_CHUNK_BYTES = 256 * 1024 * 1024
 MAX_SIDE_BYTES = 256 * 1024 * 1024  # a tokenizer.json is tens of MB at most
-DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
