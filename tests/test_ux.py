@@ -128,6 +128,23 @@ def test_help_version_and_list_answer_without_loading_torch(tmp_path: Path):
     assert [(argv, loaded) for argv, _, loaded in seen if loaded] == []
 
 
+def test_bench_warns_when_repeats_overlap_or_the_machine_is_busy():
+    from adapmoe_cli.bench import warnings
+
+    def pol(lo: float, med: float, hi: float) -> dict:
+        return {"decode_tokens_per_s": med, "decode_tokens_per_s_min": lo, "decode_tokens_per_s_max": hi}
+
+    r = {"repeats": 3, "machine": {"torch_threads": 2}, "machine_load": {"load_average_1m": 1.9, "steal_share": 0.0},
+         "policies": {"lru": pol(90, 100, 110), "adapmoe": pol(105, 120, 125), "naive": pol(40, 45, 50)}}
+    got = warnings(r)
+    assert len(got) == 1 and "lru and adapmoe overlap" in got[0]  # naive is clearly apart
+    r["machine_load"] = {"load_average_1m": 5.0, "steal_share": 0.2}
+    got = warnings(r)
+    assert any("busy" in w for w in got) and any("hypervisor" in w for w in got)
+    r["repeats"] = 1
+    assert not any("overlap" in w for w in warnings(r))
+
+
 def test_chat_banner_shows_the_budget_in_slots_and_bytes(make_store: Callable[..., Path]):
     import pexpect
 
