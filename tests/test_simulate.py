@@ -286,6 +286,33 @@ def test_limits_and_plan_are_ordered():
     assert full["lru"] == 0.0 or full["lru"] < p["lru"]["stall_s_per_token"]
 
 
+
+def test_a_sweep_runs_each_budget_once_and_fit_runs_lru_at_half_once(monkeypatch):
+    """The sweep's point at the request's budget is the run of that budget (runs are deterministic), not a
+    second run; `fit` runs resident and Belady at half the experts and LRU only in the sweep. Counted."""
+    from adapmoe_cli import fit as fitting
+    from adapmoe_cli.simulate import simulator
+
+    runs: list[tuple[str, int]] = []
+    real = simulator._run_policy
+    monkeypatch.setattr(simulator, "_run_policy", lambda name, planner, total, hw, model: (
+        runs.append((name, total)), real(name, planner, total, hw, model))[1])
+    st = _synthetic()
+    model = models.ModelSpec("syn", 6, 8, 2, slot_bytes=4_000_000, dense_bytes_per_layer=1_000_000, head_bytes=0)
+    r = simulate(st, HW, model, SimRequest(24, ["lru", "resident"], sweep=True))
+    assert runs == [("lru", 24), ("resident", 24), ("lru", 6), ("lru", 12), ("lru", 36), ("lru", 48)]
+    assert r["sweep"][2]["policies"]["lru"] == r["policies"]["lru"]["decode_tokens_per_s"]
+    fresh = simulate(st, HW, model, SimRequest(12, ["lru"]))["policies"]["lru"]  # the same as the sweep's point
+    assert r["sweep"][1]["policies"]["lru"] == fresh["decode_tokens_per_s"]
+
+    runs.clear()
+    seen: list[str] = []
+    spec = models.load_model("olmoe-1b-7b")
+    out = fitting.fit(spec, HW, available=1 << 50, progress=seen.append)  # everything fits: `auto` is 100 %
+    totals = sorted({max(spec.num_layers, round(f * spec.total_experts)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    assert runs == [("resident", 512), ("belady", 512), ("lru", 512)] + [("lru", t) for t in totals if t != 512]
+    assert [row["budget_slots"] for row in out["budgets"]] == totals and seen[:2] == ["resident", "belady"]
+
 # -- projection, hardware and model files ----------------------------------------------------------
 def test_projection_tiles_layers_and_refuses_more_experts():
     st = _synthetic(tokens=10, layers=4)

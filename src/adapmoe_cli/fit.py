@@ -5,6 +5,7 @@ calibrated), with the routing it assumed stated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from adapmoe_cli import budget as budgets
@@ -29,25 +30,27 @@ def _trace(model: ModelSpec) -> Any:
         "uniform random top-k routing: a pessimistic bound, real routing reuses experts across tokens")
 
 
-def fit(model: ModelSpec, hw: Hardware, available: int | None = None) -> dict[str, Any]:
+def fit(model: ModelSpec, hw: Hardware, available: int | None = None,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Rows per budget (the sweep's shares of all experts): expert and total memory, whether it fits in
     `available` bytes (default: this machine's available memory), and simulated decode tok/s (LRU, even
-    split; and with every expert resident)."""
+    split; and with every expert resident). `progress(what)`: each simulated run as it starts."""
     shape = model.cache_shape
     available = budgets._available() if available is None else available
     st, routing = _trace(model)
+    half = shape.total_experts // 2 or len(shape.layers)
     # the limits once (the I/O floor is Belady's), then only LRU across the budgets: what the table shows
-    sim = simulate(st, hw, model, SimRequest(budget_slots=shape.total_experts // 2 or len(shape.layers),
-                                             policies=["lru", "resident", "belady"]))
-    sim["sweep"] = simulate(st, hw, model, SimRequest(budget_slots=shape.total_experts // 2 or len(shape.layers),
-                                                      policies=["lru"], sweep=True))["sweep"]
+    # (LRU at half the experts is a point of the sweep: run once)
+    sim = simulate(st, hw, model, SimRequest(budget_slots=half, policies=["resident", "belady"]), progress)
+    sim["sweep"] = simulate(st, hw, model, SimRequest(budget_slots=half, policies=["lru"], sweep=True),
+                            progress)["sweep"]
     disk = shape.total_experts * shape.slot_bytes + shape.dense_bytes
     # the `auto` budget here: as many experts as fit in the memory available (budget.py's rule)
     auto = min(shape.total_experts, max(0, int(budgets.RESIDENT_SHARE * available) - shape.dense_bytes
                                         - RUNTIME_OVERHEAD) // shape.slot_bytes)
     points = list(sim["sweep"])
     if len(shape.layers) <= auto and auto not in {p["budget_slots"] for p in points}:
-        at_auto = simulate(st, hw, model, SimRequest(budget_slots=auto, policies=["lru"]))
+        at_auto = simulate(st, hw, model, SimRequest(budget_slots=auto, policies=["lru"]), progress)
         points.append({"budget_slots": auto, "fraction": auto / shape.total_experts,
                        "policies": {"lru": at_auto["policies"]["lru"]["decode_tokens_per_s"]}})
     rows = []

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from adapmoe_cli.cli.common import JsonFlag, ModelArg, console, emit
+from adapmoe_cli.cli.common import JsonFlag, ModelArg, console, emit, err_console
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.units import format_bytes
 
@@ -68,7 +68,11 @@ def fit_cmd(
     else:
         cfg, name = _config(model)
         spec = from_hf_config(cfg, name, bits)
-    emit(fit(spec, load_hardware(hardware)), as_json, render)
+    hw = load_hardware(hardware)
+    name = escape(spec.name)
+    with err_console.status(f"simulating {name}") as status:
+        result = fit(spec, hw, progress=lambda what: status.update(f"simulating {name}: {what}"))
+    emit(result, as_json, render)
 
 
 def render(r: dict[str, Any]) -> None:

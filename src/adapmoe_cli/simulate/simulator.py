@@ -249,7 +249,7 @@ def simulate(st: SimTrace, hw: Hardware, model: ModelSpec, req: SimRequest,
                                                                                             planner.prompt_steps)),
     }
     if req.sweep:
-        out["sweep"] = sweep(planner, req.policies, hw, model, progress)
+        out["sweep"] = sweep(planner, req.policies, hw, model, progress, done={req.budget_slots: pol})
     return out
 
 
@@ -260,15 +260,18 @@ def _experts_per_token(routing: Routing, prompt_steps: frozenset[int]) -> float:
 
 
 def sweep(planner: _Planner, names: list[str], hw: Hardware, model: ModelSpec,
-          progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Decode tok/s of the budget-dependent policies at 10%…100% of the experts."""
+          progress: Callable[[str], None] | None = None, done: dict[int, dict[str, Any]] | None = None
+          ) -> list[dict[str, Any]]:
+    """Decode tok/s of the budget-dependent policies at 10%…100% of the experts. `done`: slot total →
+    {policy: entry} already run on the same planner (a run is deterministic: the same entry again)."""
     swept = [n for n in names if get(n).slots == "budget"]
     points: list[dict[str, Any]] = []
     for total in budgets.sweep_totals(planner.shape):
         frac = total / model.total_experts
         if progress:
             progress(f"sweep {frac:.0%}")
-        res = {n: _run_policy(n, planner, total, hw, model) for n in swept}
+        known = (done or {}).get(total, {})
+        res = {n: known[n] if n in known else _run_policy(n, planner, total, hw, model) for n in swept}
         points.append({"budget_slots": total, "fraction": frac,
                        "policies": {n: r["decode_tokens_per_s"] for n, r in res.items()},
                        "stall_s_per_token": {n: r["stall_s_per_token"] for n, r in res.items()}})

@@ -78,15 +78,16 @@ class SimLoader:
         req = self._queue.peek()
         if req is None:
             return None
-        c = min(range(len(self._free_at)), key=self._free_at.__getitem__)
-        start = max(self._free_at[c], self._queued_since)
+        free = self._free_at
+        c = 0 if len(free) == 1 else min(range(len(free)), key=free.__getitem__)
+        start = max(free[c], self._queued_since)
         if start > limit:
             return None
         self._queue.pop()
         end = start + self.duration
-        if self.wakeup and start - self._free_at[c] >= self.idle:
+        if self.wakeup and start - free[c] >= self.idle:
             end += self.wakeup  # the channel sat idle: its reader has to wake up first
-        self._free_at[c] = end
+        free[c] = end
         self._finish[id(req)] = end
         heapq.heappush(self._running, (end, next(self._seq), req))
         self.transfers += 1
@@ -105,12 +106,15 @@ class SimLoader:
 
     def sync(self) -> int:
         """Run the link up to the compute clock; later queue changes happen at `clock.now`. Returns the
-        transfers that finished."""
+        transfers that finished. (Called at every step of the replay: with nothing queued and nothing
+        ending by now, it only moves `_queued_since`.)"""
         now = self.clock.now
-        while self._start_next(now) is not None:
-            pass
-        done = self._complete(now)
-        self._queued_since = max(self._queued_since, now)
+        if self._queue.peek() is not None:
+            while self._start_next(now) is not None:
+                pass
+        done = self._complete(now) if self._running and self._running[0][0] <= now else 0
+        if now > self._queued_since:
+            self._queued_since = now
         return done
 
     def compute(self, seconds: float) -> None:
