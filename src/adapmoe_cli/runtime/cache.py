@@ -106,8 +106,10 @@ class ExpertCache:
         Returns (slot, evicted expert or None), or None when every expert of the layer is kept."""
         assert expert not in self._slot_of[layer], "expert already has a slot"
         mapping = self._slot_of[layer]
-        used = set(mapping.values())
-        free = next((s for s in self._layer_slots[layer] if s not in used), None)
+        free = None
+        if len(mapping) < self.quotas[layer]:  # (else every slot is taken: no need to look for a free one)
+            used = set(mapping.values())
+            free = next(s for s in self._layer_slots[layer] if s not in used)
         evicted = None
         if free is None:
             evicted = self.policies[layer].victim(set(keep))

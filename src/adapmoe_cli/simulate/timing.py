@@ -106,11 +106,11 @@ class SimLoader:
 
     def sync(self) -> int:
         """Run the link up to the compute clock; later queue changes happen at `clock.now`. Returns the
-        transfers that finished. (Called at every step of the replay: with nothing queued and nothing
-        ending by now, it only moves `_queued_since`.)"""
+        transfers that finished. (Called at every step of the replay: where nothing queued can start and
+        nothing ends by now, it only moves `_queued_since`.)"""
         now = self.clock.now
-        if self._queue.peek() is not None:
-            while self._start_next(now) is not None:
+        if self._queue.peek() is not None and max(min(self._free_at), self._queued_since) <= now:
+            while self._start_next(now) is not None:  # (the first can start: a channel is free by now)
                 pass
         done = self._complete(now) if self._running and self._running[0][0] <= now else 0
         if now > self._queued_since:
