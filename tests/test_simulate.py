@@ -307,10 +307,10 @@ def test_a_sweep_runs_each_budget_once_and_fit_runs_lru_at_half_once(monkeypatch
 
     runs.clear()
     seen: list[str] = []
-    spec = models.load_model("olmoe-1b-7b")
+    spec = models.ModelSpec("uniform", 4, 16, 4, slot_bytes=4_000_000, dense_bytes_per_layer=1_000_000, head_bytes=0)
     out = fitting.fit(spec, HW, available=1 << 50, progress=seen.append)  # everything fits: `auto` is 100 %
-    totals = sorted({max(spec.num_layers, round(f * spec.total_experts)) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
-    assert runs == [("resident", 512), ("belady", 512), ("lru", 512)] + [("lru", t) for t in totals if t != 512]
+    totals = [6, 16, 32, 48, 64]  # 10 %, 25 %, 50 %, 75 % and 100 % of 64 experts
+    assert runs == [("resident", 32), ("belady", 32), ("lru", 32)] + [("lru", t) for t in totals if t != 32]
     assert [row["budget_slots"] for row in out["budgets"]] == totals and seen[:2] == ["resident", "belady"]
 
 # -- projection, hardware and model files ----------------------------------------------------------
