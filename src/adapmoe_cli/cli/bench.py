@@ -111,6 +111,8 @@ def bench_cmd(
 
       adapmoe bench --simulate --repeat 5 --json > bench.json
     """
+    if not endpoint:
+        names = tuple(parse_policies(policies, peers=True))  # a misspelt row is said before torch is imported
     from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
     from adapmoe_cli.bench import run as run_bench
     from adapmoe_cli.experts_format import parse_format
@@ -123,7 +125,7 @@ def bench_cmd(
         return
     settings = runtime_settings(config, budget=budget, device=device, compile=compile)
     texts = tuple(read_prompts(prompts)) if prompts else ()
-    req = BenchRequest(policies=tuple(parse_policies(policies, peers=True)), prompts=texts, tokens=tokens,
+    req = BenchRequest(policies=names, prompts=texts, tokens=tokens,
                        repeat=repeat,
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
                        simulate=simulate, text=text, heldout_tokens=heldout_tokens, calibration=calibration,

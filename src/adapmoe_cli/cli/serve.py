@@ -93,14 +93,7 @@ def serve_cmd(
       curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "embedded", "messages": [{"role": "user", "content": "Hello"}]}'
     """
-    import uvicorn
-
-    from adapmoe_cli.conversation import load_tokenizer
-    from adapmoe_cli.planning.resolve import open_engine
-    from adapmoe_cli.serve.app import ServeOptions, create_app
-    from adapmoe_cli.serve.worker import Worker
-
-    if not 0 <= port <= 65535:
+    if not 0 <= port <= 65535:  # (what can be checked is checked before torch and the server are imported)
         raise UsageError(f"--port must be 0 … 65535, got {port}")
     if max_queue < 0:
         raise UsageError("--max-queue must be ≥ 0")
@@ -112,6 +105,13 @@ def serve_cmd(
         plan=plan, adaptive=adaptive_gate, gate_scale=gate_scale, max_new_tokens=max_new_tokens, context=ctx,
     )
     _check_port(host, port)  # before the model loads: a taken port is the error to show, at once
+    import uvicorn
+
+    from adapmoe_cli.conversation import load_tokenizer
+    from adapmoe_cli.planning.resolve import open_engine
+    from adapmoe_cli.serve.app import ServeOptions, create_app
+    from adapmoe_cli.serve.worker import Worker
+
     store = open_store(model, experts_format, group_size)
     offer_method(store, settings, interactive=False)
     with open_engine(store, settings, note=note) as engine:
