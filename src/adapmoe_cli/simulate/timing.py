@@ -79,7 +79,7 @@ class SimLoader:
         if req is None:
             return None
         free = self._free_at
-        c = 0 if len(free) == 1 else min(range(len(free)), key=free.__getitem__)
+        c = min(range(len(free)), key=free.__getitem__)
         start = max(free[c], self._queued_since)
         if start > limit:
             return None
