@@ -129,12 +129,13 @@ def test_help_version_and_list_answer_without_loading_torch(tmp_path: Path):
 
 
 
+#: runs each command line of the JSON list in argv[1] in one process; prints [argv, exit code, stderr, heavy
+#: modules loaded by then] for each
 _BAD_INPUT = """
 import contextlib, io, json, sys
 from adapmoe_cli.cli.app import main
 seen = []
-for argv in (["bench", "--policies", "lru,nope"], ["serve", "--port", "-1"], ["serve", "--max-queue", "-1"],
-             ["serve", "--api-key", " "]):
+for argv in json.loads(sys.argv[1]):
     sys.argv = ["adapmoe", *argv]
     err, code = io.StringIO(), None
     with contextlib.redirect_stderr(err):
@@ -147,17 +148,43 @@ print(json.dumps(seen))
 """
 
 
-def test_bad_flags_of_bench_and_serve_are_refused_before_torch_loads(tmp_path: Path):
-    """A misspelt policy or a bad port is said at once (0.6 s), not after importing torch (3.4 s before)."""
-    r = subprocess.run([sys.executable, "-c", _BAD_INPUT], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "ADAPMOE_HOME": str(tmp_path)})
+def _refused(home: Path, argvs: list[list[str]]) -> list[list]:
+    """Each command line run in one process (`_BAD_INPUT`): every one refused with a one-line error."""
+    r = subprocess.run([sys.executable, "-c", _BAD_INPUT, json.dumps(argvs)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "ADAPMOE_HOME": str(home)})
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
     for argv, code, err, _ in seen:
         assert code not in (0, None) and err.startswith("error: ") and len(err.strip().splitlines()) == 1, argv
+    return seen
+
+
+def test_bad_flags_of_bench_and_serve_are_refused_before_torch_loads(tmp_path: Path):
+    """A misspelt policy or a bad port is said at once (0.6 s), not after importing torch (3.4 s before)."""
+    seen = _refused(tmp_path, [["bench", "--policies", "lru,nope"], ["serve", "--port", "-1"],
+                               ["serve", "--max-queue", "-1"], ["serve", "--api-key", " "]])
     assert ["nope" in seen[0][2], "--port" in seen[1][2], "--max-queue" in seen[2][2], "--api-key" in seen[3][2]
             ] == [True] * 4
     assert [loaded for *_, loaded in seen] == [[]] * 4
+
+
+def test_a_model_that_names_nothing_is_refused_before_torch_loads(tmp_path: Path):
+    """A mistyped MODEL — no such path and not a hub id, or a folder that is neither a store nor a checkpoint —
+    is said as the command line is read (0.4–0.7 s), not after the command has imported torch (2.5–3 s
+    before); `verify` likewise for a folder that is not a store. Nothing is made in ADAPMOE_HOME."""
+    home, empty, missing = tmp_path / "home", tmp_path / "empty", str(tmp_path / "no-such-store")
+    empty.mkdir()
+    commands = [["info"], ["profile"], ["plan-cache"], ["eval"], ["bench"], ["serve"], ["chat", "--prompt", "hi"]]
+    cases = [([c[0], missing, *c[1:]], f"{missing!r} is not a store, a checkpoint folder or a hub id")
+             for c in commands]
+    cases += [([c[0], str(empty), *c[1:]], f"{empty} is neither an adapmoe store nor a checkpoint folder")
+              for c in commands]
+    cases += [(["verify", missing], f"{missing} does not exist"), (["verify", str(empty)],
+                                                                    f"{empty} is not an adapmoe store")]
+    seen = _refused(home, [argv for argv, _ in cases])
+    for (argv, _, err, loaded), (_, want) in zip(seen, cases, strict=True):
+        assert want in " ".join(err.split()) and loaded == [], (argv, err, loaded)
+    assert not home.exists()
 
 def test_bench_warns_when_repeats_overlap_or_the_machine_is_busy():
     from adapmoe_cli.bench import warnings

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapmoe_cli.errors import UsageError
-from adapmoe_cli.paths import home, stores_dir
+from adapmoe_cli.paths import MANIFEST, home, stores_dir
 
 EMBEDDED = "embedded"  # the embedded default model's store, and the MODEL word that names it
 #: MODEL word → (its folder in the package, the `source.embedded` its store's manifest records)
@@ -41,7 +41,7 @@ class StoreEntry:
 
 def _manifest(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((path / "manifest.json").read_text())
+        data = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -3,7 +3,8 @@ nothing or `embedded` → the embedded default model, `embedded-fine` → the em
 sharded into ADAPMOE_HOME on first use, with its shipped profile and cache plan, so the method is on from
 the first token);
 a store folder → itself; a checkpoint folder → sharded into ADAPMOE_HOME on first use;
-a hub id → its store if already made, else downloaded (only here does adapmoe touch the network)."""
+a hub id → its store if already made, else downloaded (only here does adapmoe touch the network).
+`check_model` tells a MODEL that names none of these from the file system alone, before torch loads."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapmoe_cli.catalog import EMBEDDED, EMBEDDED_MODELS, checkpoint_store_dir, touch
 from adapmoe_cli.errors import StoreExistsError, UsageError
-from adapmoe_cli.experts_format import ExpertsFormat
 from adapmoe_cli.hub import looks_like_repo_id
-from adapmoe_cli.paths import store_dir_for_repo, stores_dir
+from adapmoe_cli.paths import is_store, store_dir_for_repo, stores_dir
 from adapmoe_cli.safe_io import sha256_file
-from adapmoe_cli.store import Store, is_store
+
+if TYPE_CHECKING:  # (both import torch: only when a store is opened)
+    from adapmoe_cli.experts_format import ExpertsFormat
+    from adapmoe_cli.store import Store
 
 Progress = Callable[[int, int], None]
 #: the embedded model is stored in float32: on CPUs without bf16 matmuls it is the fast dtype
@@ -95,15 +99,35 @@ def open_model(model: str | None, progress: Progress | None = None,
     return store
 
 
+def check_model(model: str | None) -> str:
+    """What MODEL names — `embedded`, `store`, `checkpoint` or `hub` — from the file system alone (nothing
+    read, nothing imported that loads torch), or a UsageError saying why it names nothing adapmoe can open."""
+    path = Path(model).expanduser() if model is not None else None
+    if model is None or (model in EMBEDDED_MODELS and not path.exists()):
+        return "embedded"
+    if path.exists():
+        if is_store(path):
+            return "store"
+        if (path / "config.json").exists():
+            return "checkpoint"
+        raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
+    if looks_like_repo_id(model):
+        return "hub"
+    raise UsageError(
+        f"{model!r} is not a store, a checkpoint folder or a hub id (ORG/NAME); check the path"
+    )
+
+
 def _suffixed(out: Path, fmt: ExpertsFormat | None) -> Path:
     return out if fmt is None else out.with_name(f"{out.name}-{fmt.label()}")
 
 
 def _open(model: str | None, progress: Progress | None, fmt: ExpertsFormat | None = None) -> Store:
+    from adapmoe_cli.store import Store
     from adapmoe_cli.store.writer import shard
 
-    path = Path(model).expanduser() if model is not None else None
-    if model is None or (model in EMBEDDED_MODELS and not path.exists()):
+    kind = check_model(model)
+    if kind == "embedded":
         name = model or EMBEDDED
         src = default_model_dir(name)
         if not (src / "config.json").exists():
@@ -119,26 +143,22 @@ def _open(model: str | None, progress: Progress | None, fmt: ExpertsFormat | Non
             shard(src, out, dtype=DEFAULT_MODEL_DTYPE, force=True, progress=progress, source=source)
         install_shipped_method(src, out)
         return Store.open(out)
-    if path.exists():
-        if is_store(path):
-            return Store.open(path)
-        if (path / "config.json").exists():
-            out = _suffixed(checkpoint_store_dir(path), fmt)
-            try:
-                shard(path, out, progress=progress, experts_format=fmt)
-            except StoreExistsError:  # the checkpoint changed since: its store under ADAPMOE_HOME is stale
-                shard(path, out, force=True, progress=progress, experts_format=fmt)
-            return Store.open(out)
-        raise UsageError(f"{model} is neither an adapmoe store nor a checkpoint folder (no config.json)")
-    if looks_like_repo_id(model):
-        out = _suffixed(store_dir_for_repo(model), fmt)
-        if is_store(out):
-            return Store.open(out)
-        from adapmoe_cli.hub import download_checkpoint
-
-        ckpt = download_checkpoint(model)
-        shard(ckpt, out, progress=progress, source={"repo_id": model, "revision": "main"}, experts_format=fmt)
+    assert model is not None
+    path = Path(model).expanduser()
+    if kind == "store":
+        return Store.open(path)
+    if kind == "checkpoint":
+        out = _suffixed(checkpoint_store_dir(path), fmt)
+        try:
+            shard(path, out, progress=progress, experts_format=fmt)
+        except StoreExistsError:  # the checkpoint changed since: its store under ADAPMOE_HOME is stale
+            shard(path, out, force=True, progress=progress, experts_format=fmt)
         return Store.open(out)
-    raise UsageError(
-        f"{model!r} is not a store, a checkpoint folder or a hub id (ORG/NAME); check the path"
-    )
+    out = _suffixed(store_dir_for_repo(model), fmt)  # a hub id
+    if is_store(out):
+        return Store.open(out)
+    from adapmoe_cli.hub import download_checkpoint
+
+    ckpt = download_checkpoint(model)
+    shard(ckpt, out, progress=progress, source={"repo_id": model, "revision": "main"}, experts_format=fmt)
+    return Store.open(out)

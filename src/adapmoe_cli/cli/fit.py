@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from adapmoe_cli.cli.common import JsonFlag, ModelArg, console, emit, err_console
+from adapmoe_cli.cli.common import JsonFlag, console, emit, err_console
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.units import format_bytes
 
@@ -25,13 +25,14 @@ def _config(model: str | None) -> tuple[dict[str, Any], str]:
     from adapmoe_cli.catalog import EMBEDDED, EMBEDDED_MODELS
     from adapmoe_cli.hub import download_config, looks_like_repo_id
     from adapmoe_cli.model_arg import default_model_dir
+    from adapmoe_cli.paths import MANIFEST, is_store
 
     if model is None or (model in EMBEDDED_MODELS and not Path(model).exists()):
         name = model or EMBEDDED
         return json.loads((default_model_dir(name) / "config.json").read_text()), name
     path = Path(model).expanduser()
-    if (path / "manifest.json").is_file():  # a store
-        return json.loads((path / "manifest.json").read_text())["config"], path.name
+    if is_store(path):
+        return json.loads((path / MANIFEST).read_text())["config"], path.name
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text()), path.name
     if path.exists():
@@ -43,7 +44,9 @@ def _config(model: str | None) -> tuple[dict[str, Any], str]:
 
 
 def fit_cmd(
-    model: ModelArg = None,
+    model: Annotated[str | None, typer.Argument(
+        help="Store folder, checkpoint folder, hub id or a shipped model config (configs/models; default: the "
+             "embedded model).", show_default=False)] = None,
     hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware or a YAML file; "
                                           "this-machine is what `adapmoe simulate --calibrate` measured.")
                         ] = "this-machine",

@@ -40,7 +40,7 @@ def shard_cmd(
       adapmoe shard ./ckpt ./store-int4 --experts-format int4 --group-size 64
     """
     from adapmoe_cli.experts_format import parse_format
-    from adapmoe_cli.store.manifest import is_store
+    from adapmoe_cli.paths import is_store
     from adapmoe_cli.store.writer import shard
 
     fmt = parse_format(experts_format, group_size)
@@ -67,8 +67,9 @@ def _variant(src: Path, out: Path, expert_bytes: int | None, fmt: ExpertsFormat,
     variant at OUT."""
     import tempfile
 
+    from adapmoe_cli.paths import is_store
     from adapmoe_cli.store.export import variant_store
-    from adapmoe_cli.store.manifest import Store, is_store
+    from adapmoe_cli.store.manifest import Store
     from adapmoe_cli.store.writer import shard
 
     with tempfile.TemporaryDirectory(dir=Path(out).absolute().parent, prefix=f".{Path(out).name}.") as tmp:

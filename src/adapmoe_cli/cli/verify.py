@@ -18,6 +18,12 @@ def register(app: typer.Typer) -> None:
 
 def verify_cmd(store: Annotated[Path, typer.Argument(help="Store folder.")]) -> None:
     """Example: adapmoe verify ./mixtral-store"""
+    from adapmoe_cli.errors import StoreError
+    from adapmoe_cli.paths import not_a_store
+
+    problem = not_a_store(store)  # said before torch loads
+    if problem is not None:
+        raise StoreError(problem)
     from adapmoe_cli.store import Store
     from adapmoe_cli.store.verify import verify
 

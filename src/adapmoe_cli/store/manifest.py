@@ -33,6 +33,7 @@ from adapmoe_cli.checkpoint import SIDE_FILES, TORCH_DTYPE_BY_NAME
 from adapmoe_cli.errors import AdapmoeError, StoreError
 from adapmoe_cli.experts_format import QUANT_ALIGNMENT, ExpertsFormat, from_spec
 from adapmoe_cli.families import ModelFamily, MoEShape, get_family, is_weight
+from adapmoe_cli.paths import MANIFEST, not_a_store
 from adapmoe_cli.safe_io import MAX_MANIFEST_BYTES, inside, read_capped, relative_name
 from adapmoe_cli.versioned import parse_versioned, read_versioned
 
@@ -41,7 +42,6 @@ FORMAT_VERSION = 3
 #: the version a store of native (unquantized) experts is written as
 NATIVE_FORMAT_VERSION = 2
 ALIGNMENT = 4096
-MANIFEST = "manifest.json"
 REMEDY = "adapmoe shard --force"
 #: store dtypes (the names `--dtype` takes) and torch's
 STORE_DTYPES = TORCH_DTYPE_BY_NAME
@@ -124,10 +124,6 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def is_store(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 def _int(d: dict[str, Any], key: str, what: str, lo: int = 0) -> int:
@@ -236,12 +232,9 @@ class Store:
     @staticmethod
     def open(path: Path) -> Store:
         path = Path(path)
-        if not path.exists():
-            raise StoreError(f"{path} does not exist")
-        if not path.is_dir():
-            raise StoreError(f"{path} is not a folder; give the store's folder")
-        if not (path / MANIFEST).is_file():
-            raise StoreError(f"{path} is not an adapmoe store (no {MANIFEST}); make one with `adapmoe shard`")
+        problem = not_a_store(path)
+        if problem is not None:
+            raise StoreError(problem)
         mpath = inside(path, MANIFEST, f"{path / MANIFEST}", StoreError)
         manifest = read_versioned(mpath, FORMAT, FORMAT_VERSION, StoreError, "store", REMEDY, MAX_MANIFEST_BYTES)
         return Store.from_manifest(path, manifest)

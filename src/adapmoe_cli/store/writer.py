@@ -35,6 +35,7 @@ from adapmoe_cli.checkpoint import (
 from adapmoe_cli.errors import CheckpointError, OutputError, StoreError, StoreExistsError, UsageError
 from adapmoe_cli.experts_format import ExpertsFormat, dequantize_mxfp4
 from adapmoe_cli.families import is_weight
+from adapmoe_cli.paths import is_store
 from adapmoe_cli.safe_io import ensure_dir, read_capped, sha256_file, write_atomic
 from adapmoe_cli.settings import DTYPE_CHOICES
 from adapmoe_cli.store.manifest import (
@@ -45,7 +46,6 @@ from adapmoe_cli.store.manifest import (
     NATIVE_FORMAT_VERSION,
     ExpertLayout,
     Store,
-    is_store,
     manifest_digest,
 )
 
