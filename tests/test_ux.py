@@ -148,12 +148,17 @@ print(json.dumps(seen))
 """
 
 
-def _refused(home: Path, argvs: list[list[str]]) -> list[list]:
-    """Each command line run in one process (`_BAD_INPUT`): every one refused with a one-line error."""
+def _run_lines(home: Path, argvs: list[list[str]]) -> list[list]:
+    """Each command line run in one process (`_BAD_INPUT`): [argv, exit code, stderr, heavy modules loaded]."""
     r = subprocess.run([sys.executable, "-c", _BAD_INPUT, json.dumps(argvs)], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "ADAPMOE_HOME": str(home)})
     assert r.returncode == 0, r.stderr
-    seen = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def _refused(home: Path, argvs: list[list[str]]) -> list[list]:
+    """Each command line run in one process: every one refused with a one-line error."""
+    seen = _run_lines(home, argvs)
     for argv, code, err, _ in seen:
         assert code not in (0, None) and err.startswith("error: ") and len(err.strip().splitlines()) == 1, argv
     return seen
@@ -185,6 +190,31 @@ def test_a_model_that_names_nothing_is_refused_before_torch_loads(tmp_path: Path
     for (argv, _, err, loaded), (_, want) in zip(seen, cases, strict=True):
         assert want in " ".join(err.split()) and loaded == [], (argv, err, loaded)
     assert not home.exists()
+
+def test_token_counts_that_leave_nothing_to_score_are_refused_as_the_line_is_read(tmp_path: Path):
+    """`eval --tokens 1` and `plan-cache --tokens 0` or `1` divided by zero after loading the model, `plan-cache
+    --tokens -1` scored the whole calibration text (minutes) and `eval --window 1` never ended (a window of
+    one token moves by none): each is now a usage error as the command line is read, naming the flag."""
+    cases = [(["eval", "--tokens", "1"], "--tokens"), (["eval", "--tokens", "-1"], "--tokens"),
+             (["eval", "--window", "1"], "--window"), (["eval", "--calibration-tokens", "1"], "--calibration-tokens"),
+             (["plan-cache", "--tokens", "0"], "--tokens"), (["plan-cache", "--tokens", "1"], "--tokens"),
+             (["plan-cache", "--tokens", "-1"], "--tokens")]
+    seen = _run_lines(tmp_path, [argv for argv, _ in cases])
+    for (argv, code, err, loaded), (_, flag) in zip(seen, cases, strict=True):
+        assert code == 2 and f"Invalid value for '{flag}'" in err and loaded == [], (argv, code, err)
+    assert not any(tmp_path.iterdir())  # nothing made: the embedded model's store was never opened
+
+
+def test_the_library_refuses_a_window_or_a_calibration_too_short_to_score():
+    from adapmoe_cli.errors import UsageError
+    from adapmoe_cli.perplexity import evaluate
+    from adapmoe_cli.planning.quality import token_losses
+
+    with pytest.raises(UsageError, match="window must be at least 2"):
+        evaluate(None, [1, 2, 3], window=1)  # refused before the engine is used: it looped for ever
+    with pytest.raises(UsageError, match="at least 2 calibration tokens"), token_losses(None, None, Path("x"), 1):
+        pass
+
 
 def test_bench_warns_when_repeats_overlap_or_the_machine_is_busy():
     from adapmoe_cli.bench import warnings

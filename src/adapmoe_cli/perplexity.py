@@ -82,6 +82,8 @@ def evaluate(
     stride: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
+    if window < 2:  # (one token has no context to predict the next from)
+        raise UsageError(f"the evaluation window must be at least 2 tokens, got {window}")
     stride = stride or window
     if not 0 < stride <= window:
         raise UsageError("the evaluation stride must be between 1 and the window")

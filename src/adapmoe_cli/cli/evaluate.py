@@ -38,13 +38,21 @@ def register(app: typer.Typer) -> None:
     app.command("eval", help="Perplexity and experts per token over a text.")(eval_cmd)
 
 
+def _whole_or_two(tokens: int) -> int:
+    """`--tokens`: 0 (the whole text) or at least 2 (a perplexity needs a token to predict the next one)."""
+    if tokens != 0 and tokens < 2:
+        raise typer.BadParameter(f"give 0 (the whole text) or at least 2, not {tokens}")
+    return tokens
+
+
 def eval_cmd(
     model: ModelArg = None,
     text: Annotated[Path | None, typer.Option("--text", help="Text to score (default: the embedded model's "
                                               "held-out split).", show_default=False)] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Score at most this many tokens (0: the whole text).")
-                      ] = 8192,
-    window: Annotated[int, typer.Option("--window", help="Context window for the sliding evaluation.")] = 256,
+    tokens: Annotated[int, typer.Option("--tokens", help="Score at most this many tokens (0: the whole text).",
+                                        callback=_whole_or_two)] = 8192,
+    window: Annotated[int, typer.Option("--window", help="Context window for the sliding evaluation.", min=2)
+                      ] = 256,
     stride: Annotated[int | None, typer.Option("--stride", help="New tokens per window (default: window/2).",
                                                show_default=False)] = None,
     as_json: JsonFlag = False,
@@ -58,7 +66,7 @@ def eval_cmd(
                                                      "(default: the embedded calibration split).",
                                                      show_default=False)] = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens the "
-                                                    "--quality-budget search scores each gate on.")
+                                                    "--quality-budget search scores each gate on.", min=2)
                                   ] = CALIBRATION_TOKENS,
     rule: RuleOpt = None,
     cache_experts: CacheExpertsOpt = None,

@@ -48,7 +48,7 @@ def plan_cmd(
     rule: RuleOpt = None,
     text: Annotated[Path | None, typer.Option("--text", help="Calibration text for the quality search "
                                               "(default: the embedded calibration split).", show_default=False)] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.")
+    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens for the quality search.", min=2)
                       ] = CALIBRATION_TOKENS,
     profile: Annotated[Path | None, typer.Option("--profile", help="Profile file (default: STORE/profile.json).",
                                                  show_default=False)] = None,

@@ -25,6 +25,7 @@ import torch
 
 from adapmoe_cli import budget as budgets
 from adapmoe_cli.conversation import load_tokenizer
+from adapmoe_cli.errors import UsageError
 from adapmoe_cli.perplexity import evaluate, read_text_tokens, spread_windows
 from adapmoe_cli.planning import CALIBRATION_TOKENS, gate_rules
 from adapmoe_cli.planning.gate_rules import GateQuality
@@ -54,6 +55,8 @@ def token_losses(store: Store, settings: Settings, text: Path, tokens: int
     (its first tokens alone are one document or two, not a sample of it). Perplexity does not depend on
     the cache budget, so the engine holds every expert when they fit (each pass is then fast), else the
     user's."""
+    if tokens < 2:  # (a perplexity needs a token to predict the next one)
+        raise UsageError(f"the quality search needs at least 2 calibration tokens, got {tokens}")
     shape = store.cache_shape
     full = budgets.fits(shape)
     budget = budgets.all_experts(shape) if full else budgets.resolve(settings.cache.budget, shape)
