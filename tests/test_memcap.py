@@ -161,8 +161,8 @@ def test_without_permission_the_bench_says_so_and_runs_uncapped(setup, tmp_path,
 
 @pytest.mark.parametrize("text", ["lots", "0%", "-5%", "0MiB"])
 def test_bad_caps_are_one_line(text):
-    from adapmoe_cli.bench import parse_cap
     from adapmoe_cli.errors import UsageError
+    from adapmoe_cli.units import parse_cap
 
     with pytest.raises(UsageError, match=r"--memory-cap .*: give a size \(1.5GiB\) or a share"):
         parse_cap(text, 10 * MiB)

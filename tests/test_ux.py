@@ -167,9 +167,20 @@ def _refused(home: Path, argvs: list[list[str]]) -> list[list]:
 def test_bad_flags_of_bench_and_serve_are_refused_before_torch_loads(tmp_path: Path):
     """A misspelt policy or a bad port is said at once (0.6 s), not after importing torch (3.4 s before)."""
     seen = _refused(tmp_path, [["bench", "--policies", "lru,nope"], ["serve", "--port", "-1"],
-                               ["serve", "--max-queue", "-1"], ["serve", "--api-key", " "]])
-    assert ["nope" in seen[0][2], "--port" in seen[1][2], "--max-queue" in seen[2][2], "--api-key" in seen[3][2]
-            ] == [True] * 4
+                               ["serve", "--max-queue", "-1"], ["serve", "--api-key", " "],
+                               ["bench", "--memory-cap", "60%,3XB"]])  # (a bad cap: 7.5 s before)
+    assert ["nope" in seen[0][2], "--port" in seen[1][2], "--max-queue" in seen[2][2], "--api-key" in seen[3][2],
+            "--memory-cap '3XB'" in seen[4][2]] == [True] * 5
+    assert [loaded for *_, loaded in seen] == [[]] * 5
+
+
+def test_bad_settings_of_the_model_commands_are_refused_before_torch_loads(tmp_path: Path):
+    """An unknown eviction policy or a budget out of range is said once the flags are read (0.6 s), not after
+    the command has imported its library (2.9–3 s before)."""
+    seen = _refused(tmp_path, [["chat", "--policy", "nope", "--prompt", "hi"], ["eval", "--policy", "nope"],
+                               ["plan-cache", "--budget", "0%"], ["profile", "--memory", "3XB"]])
+    assert ["unknown eviction policy 'nope'" in seen[0][2], "unknown eviction policy 'nope'" in seen[1][2],
+            "--budget" in seen[2][2], "'3XB'" in seen[3][2]] == [True] * 4
     assert [loaded for *_, loaded in seen] == [[]] * 4
 
 

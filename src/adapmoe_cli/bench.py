@@ -50,7 +50,7 @@ from adapmoe_cli.runtime.measure import DecodeTiming, Setup
 from adapmoe_cli.runtime.stats import Stats
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
-from adapmoe_cli.units import format_bytes
+from adapmoe_cli.units import format_bytes, parse_cap
 
 
 @dataclass(frozen=True)
@@ -193,26 +193,6 @@ GGUF_WIDTH = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 GGUF_OF_FORMAT = {"int8": "q8_0", "int4": "q4_0"}
 #: kept free under a cap beyond the measured baseline and the slots: activations, the KV cache, allocator slack
 CAP_MARGIN = 64 << 20
-
-
-def parse_cap(text: str, model_bytes: int) -> int:
-    """`1.5GiB` → bytes; `60%` → that share of the model's bytes on disk."""
-    from adapmoe_cli.units import parse_size
-
-    text = text.strip()
-    bad = UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)")
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1]) / 100
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 10:
-            raise bad
-        return int(share * model_bytes)
-    try:
-        return parse_size(text)
-    except UsageError:
-        raise bad from None
 
 
 def runtime_baseline(bench: _Bench) -> int:

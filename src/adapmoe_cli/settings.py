@@ -15,6 +15,7 @@ import yaml
 
 from adapmoe_cli.budget import BudgetRequest
 from adapmoe_cli.errors import UsageError
+from adapmoe_cli.runtime.eviction import check_name
 from adapmoe_cli.runtime.prefetch import DEFAULT_MIN_PRECISION
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 
@@ -57,6 +58,8 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.policy != "auto":
+            check_name(self.policy)  # (said before a model is opened)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Parsing and formatting of byte sizes (`6GiB`, `512MB`, `1.5G`) and of percentages (`1%`)."""
+"""Parsing and formatting of byte sizes (`6GiB`, `512MB`, `1.5G`), of percentages (`1%`) and of memory caps
+(a size or a share of the model, `60%`)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,21 @@ def parse_fraction(text: str) -> float:
     if not 0 < value <= 0.5:
         raise UsageError(f"quality budget {text!r} must be above 0% and at most 50%")
     return value
+
+
+def parse_cap(text: str, model_bytes: int) -> int:
+    """`1.5GiB` → bytes; `60%` → that share of the model's bytes on disk."""
+    text = text.strip()
+    bad = UsageError(f"--memory-cap {text!r}: give a size (1.5GiB) or a share of the model's size (60%)")
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 10:
+            raise bad
+        return int(share * model_bytes)
+    try:
+        return parse_size(text)
+    except UsageError:
+        raise bad from None

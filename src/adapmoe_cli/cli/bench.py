@@ -30,7 +30,7 @@ from adapmoe_cli.cli.common import (
 )
 from adapmoe_cli.planning import HELDOUT_TOKENS
 from adapmoe_cli.policies import BENCH_DEFAULT, PEERS, POLICIES, get, is_policy, parse_policies
-from adapmoe_cli.units import parse_fraction, parse_size
+from adapmoe_cli.units import parse_cap, parse_fraction, parse_size
 
 
 def register(app: typer.Typer) -> None:
@@ -111,8 +111,11 @@ def bench_cmd(
 
       adapmoe bench --simulate --repeat 5 --json > bench.json
     """
+    caps = tuple(c for c in (memory_cap or "").split(",") if c.strip())
     if not endpoint:
         names = tuple(parse_policies(policies, peers=True))  # a misspelt row is said before torch is imported
+        for cap in caps:
+            parse_cap(cap, 1)  # (likewise a cap that is neither a size nor a share)
     from adapmoe_cli.bench import BenchRequest, bench_stores, read_prompts
     from adapmoe_cli.bench import run as run_bench
     from adapmoe_cli.experts_format import parse_format
@@ -129,7 +132,7 @@ def bench_cmd(
                        repeat=repeat,
                        quality_budget=parse_fraction(quality_budget), sweep=sweep,
                        simulate=simulate, text=text, heldout_tokens=heldout_tokens, calibration=calibration,
-                       memory_caps=tuple(c for c in (memory_cap or "").split(",") if c.strip()), peer_width=gguf)
+                       memory_caps=caps, peer_width=gguf)
     fmt = parse_format(experts_format, group_size)
     fallback = parse_format(fallback_format) if any(get(n).fallback for n in req.policies if is_policy(n)) \
         else None

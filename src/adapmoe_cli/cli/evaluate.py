@@ -85,12 +85,12 @@ def eval_cmd(
 
       adapmoe eval ./mixtral-store --text wiki.txt --gate-scale 0.002 -c 96
     """
-    from adapmoe_cli.evaluation import EvalRequest, evaluate_model
-
     if quality_budget is not None and gate_scale is not None:
         raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,
                                 adaptive=adaptive_gate, gate_scale=gate_scale, rule=rule, policy=policy)
+    from adapmoe_cli.evaluation import EvalRequest, evaluate_model  # (after the flags are read: imports torch)
+
     req = EvalRequest(text=text, tokens=tokens or None, window=window, stride=stride, calibration=calibration,
                       calibration_tokens=calibration_tokens,
                       quality_budget=parse_fraction(quality_budget) if quality_budget is not None else None)

@@ -68,10 +68,10 @@ def plan_cmd(
 
       adapmoe plan-cache ./mixtral-store --budget 24GiB --quality-budget 0.5% --json
     """
-    from adapmoe_cli.planning.plan_file import Plan
+    settings = runtime_settings(config, budget=budget, prefetch=prefetch, device=device, policy=policy, rule=rule)
+    from adapmoe_cli.planning.plan_file import Plan  # (after the flags are read: these import torch)
     from adapmoe_cli.planning.planner import PlanRequest, make_plan
 
-    settings = runtime_settings(config, budget=budget, prefetch=prefetch, device=device, policy=policy, rule=rule)
     store = open_store(model, experts_format, group_size)
     slots, _ = total_slots(settings.cache.budget, store.cache_shape)
     mode = "off" if not adaptive_gate else ("scale" if gate_scale is not None else "quality")

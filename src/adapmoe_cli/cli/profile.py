@@ -52,12 +52,13 @@ def profile_cmd(
       adapmoe profile ./mixtral-store --text wiki.txt --tokens 4096 --method forward -c 96
     """
     from adapmoe_cli.model_arg import default_text
-    from adapmoe_cli.profiling.profile_file import read_profile
-    from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
 
     if tokens < 2:
         raise typer.BadParameter("must be at least 2", param_hint="--tokens")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device)
+    from adapmoe_cli.profiling.profile_file import read_profile  # (after the flags are read: imports torch)
+    from adapmoe_cli.profiling.profiler import ProfileRequest, make_profile
+
     calib = text or default_text("calibration")
     label = str(text) if text else "embedded calibration split (Python documentation)"
     req = ProfileRequest(
