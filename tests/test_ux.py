@@ -216,6 +216,18 @@ def test_token_counts_that_leave_nothing_to_score_are_refused_as_the_line_is_rea
     assert not any(tmp_path.iterdir())  # nothing made: the embedded model's store was never opened
 
 
+def test_a_chart_file_matplotlib_cannot_write_and_prompts_that_are_no_text_are_one_line(tmp_path: Path):
+    """`--plot bench.json` failed in matplotlib after the whole bench had run; a prompt file that is a folder
+    or binary failed with Python's own exception. Now: a usage error as the line is read, and one line."""
+    home, folder, binary = tmp_path / "home", tmp_path / "prompts", tmp_path / "prompts.bin"
+    folder.mkdir()
+    binary.write_bytes(b"a prompt\n" + bytes(range(128, 256)))
+    seen = _run_lines(home, [["bench", "--plot", "bench.json"], ["simulate", "--plot", "chart"]])
+    assert [(code, "Invalid value for '--plot'" in err, loaded) for _, code, err, loaded in seen] == [(2, True, [])] * 2
+    seen = _refused(home, [["bench", "--prompts", str(folder)], ["bench", "--prompts", str(binary)]])
+    assert f"prompt file {folder} cannot be read" in seen[0][2] and f"prompt file {binary} is not UTF-8" in seen[1][2]
+
+
 def test_the_library_refuses_a_window_or_a_calibration_too_short_to_score():
     from adapmoe_cli.errors import UsageError
     from adapmoe_cli.perplexity import evaluate

@@ -48,6 +48,7 @@ from adapmoe_cli.progress import Steps
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.runtime.measure import DecodeTiming, Setup
 from adapmoe_cli.runtime.stats import Stats
+from adapmoe_cli.safe_io import read_text
 from adapmoe_cli.settings import Settings, replace
 from adapmoe_cli.store import Store
 from adapmoe_cli.units import format_bytes, parse_cap
@@ -621,10 +622,7 @@ def default_prompts() -> list[str]:
 
 
 def read_prompts(path: Path) -> list[str]:
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError:
-        raise UsageError(f"prompt file {path} does not exist") from None
+    lines = [ln.strip() for ln in read_text(path, "prompt file", UsageError).splitlines()]
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise UsageError(f"prompt file {path} holds no prompts (one per line)")

@@ -15,6 +15,7 @@ import torch
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.runtime.engine import Engine
 from adapmoe_cli.runtime.stats import Stats
+from adapmoe_cli.safe_io import read_text
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,7 @@ class EvalResult:
 def read_text_tokens(tokenizer: Any, path: Path, min_tokens: int = 2, max_tokens: int | None = None) -> list[int]:
     """Tokenize a text file (BOS first if the tokenizer adds one). Raises on missing/empty/short text."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"text file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"text file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise UsageError(f"text file {path} cannot be read ({e.strerror or e})") from None
+    text = read_text(path, "text file", UsageError)
     if not text.strip():
         raise UsageError(f"text file {path} is empty")
     ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])

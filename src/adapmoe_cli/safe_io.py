@@ -85,6 +85,18 @@ def read_capped(path: Path, limit: int, what: str, error: type[AdapmoeError], fo
     return buf
 
 
+def read_text(path: Path, what: str, error: type[AdapmoeError]) -> str:
+    """A text file the user named (prompts, a text to score): UTF-8, every failure one `error` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})") from None
+
+
 def json_depth_ok(doc: Any, max_depth: int = MAX_JSON_DEPTH) -> bool:
     stack = [(doc, 1)]
     while stack:

@@ -19,6 +19,7 @@ from adapmoe_cli.cli.common import (
     GroupSizeOpt,
     JsonFlag,
     ModelArg,
+    PlotOpt,
     QualityBudgetOpt,
     console,
     emit,
@@ -53,7 +54,7 @@ def bench_cmd(
     as_json: JsonFlag = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
                                              show_default=False)] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
+    plot: PlotOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also run budgets from 10% to 100% of the experts.")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="Also replay this run's own routing in the simulator, "
                                            "calibrated from this run, and show simulated next to measured.")

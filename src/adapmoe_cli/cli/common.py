@@ -157,6 +157,24 @@ RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of t
                                              show_default=DEFAULTS.gate.rule)]
 
 
+#: what `--plot FILE` can write, by its suffix (formats matplotlib writes without extra packages)
+PLOT_FORMATS = ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "tif", "tiff")
+
+
+def _plot_file(plot: Path | None) -> Path | None:
+    """`--plot FILE` checked as it is parsed: the chart's format is FILE's suffix (said before any run, not
+    after it: matplotlib refused `bench.json` once the bench had finished)."""
+    if plot is not None and plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise typer.BadParameter(f"name a .png, .svg or .pdf file (the chart's format is its suffix), not {plot}")
+    return plot
+
+
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", help="Write a chart here (.png, .svg or .pdf).", show_default=False,
+                              callback=_plot_file),
+]
+
+
 def QualityBudgetOpt(help: str) -> typer.models.OptionInfo:  # noqa: N802 (used like the aliases above)
     return typer.Option("--quality-budget", "-q", help=help, show_default=False)
 
@@ -178,7 +196,12 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], out: Path | 
             raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
         err_console.print(f"wrote {out}")
     if plot is not None and draw is not None:
-        draw(result, plot)
+        try:
+            draw(result, plot)
+        except OSError as e:
+            from adapmoe_cli.errors import OutputError
+
+            raise OutputError(f"cannot write {plot}: {e.strerror or e}") from None
         err_console.print(f"wrote {plot}")
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from adapmoe_cli.budget import BudgetRequest, total_slots
-from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, console, emit, err_console
+from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, PlotOpt, console, emit, err_console
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
 from adapmoe_cli.simulate.model_spec import known as known_models
 from adapmoe_cli.simulate.shipped import SHIPPED
@@ -50,7 +50,7 @@ def simulate_cmd(
     as_json: JsonFlag = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
                                              show_default=False)] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.", show_default=False)] = None,
+    plot: PlotOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also simulate budgets from 10% to 100% of the experts.")
                      ] = False,
     trace_format: Annotated[str, typer.Option("--trace-format", help="adapmoe | h39s.")] = "adapmoe",
