@@ -216,6 +216,26 @@ def test_token_counts_that_leave_nothing_to_score_are_refused_as_the_line_is_rea
     assert not any(tmp_path.iterdir())  # nothing made: the embedded model's store was never opened
 
 
+def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_are_said_before_torch_loads(
+        tmp_path: Path):
+    """An unknown `--experts-format` took ~3 s to be said (after torch), `simulate --policies nope` 2.25 s and
+    `fit --hardware nope` 2.6 s; `eval --stride 0` was taken as the default and a stride longer than the window
+    was refused only after loading the model. Each is said now as the line is read, with nothing made."""
+    usage = [(["eval", "--stride", "0"], "'--stride'"), (["eval", "--window", "8", "--stride", "9"],
+                                                          "--stride: give at most the window (8), not 9")]
+    seen = _run_lines(tmp_path, [argv for argv, _ in usage])
+    for (argv, code, err, loaded), (_, want) in zip(seen, usage, strict=True):
+        assert code == 2 and f"Invalid value for {want}" in " ".join(err.split()) and loaded == [], (argv, err)
+    refused = [(["chat", "--experts-format", "nope", "--prompt", "hi"], "unknown --experts-format 'nope'"),
+               (["bench", "--fallback-format", "int3"], "unknown --fallback-format 'int3'"),
+               (["simulate", "--policies", "nope"], "unknown policy nope"),
+               (["simulate", "--hardware", "nope"], "unknown hardware 'nope'"),
+               (["fit", "--hardware", "nope"], "unknown hardware 'nope'")]
+    seen = _refused(tmp_path, [argv for argv, _ in refused])
+    for (argv, _, err, loaded), (_, want) in zip(seen, refused, strict=True):
+        assert want in err and loaded == [], (argv, err, loaded)
+    assert not any(tmp_path.iterdir())
+
 def test_a_chart_file_matplotlib_cannot_write_and_prompts_that_are_no_text_are_one_line(tmp_path: Path):
     """`--plot bench.json` failed in matplotlib after the whole bench had run; a prompt file that is a folder
     or binary failed with Python's own exception. Now: a usage error as the line is read, and one line."""

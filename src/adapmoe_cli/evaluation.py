@@ -59,7 +59,7 @@ def evaluate_model(store: Store, settings: Settings, req: EvalRequest, note: Cal
                            max_tokens=req.tokens)
     with open_engine(store, settings, note=say) as engine:
         engine.observers.callbacks.append(count)
-        stride = req.stride or max(1, window // 2)
+        stride = req.stride if req.stride is not None else max(1, window // 2)
         res = evaluate(engine, ids, window, stride, progress=within(progress, "perplexity"))
         gate = engine.gate
         if search is not None:

@@ -28,12 +28,9 @@ from typing import Any
 import torch
 
 from adapmoe_cli.errors import StoreError, UsageError
+from adapmoe_cli.format_names import DEFAULT_GROUP, KERNEL_GROUPS, NAMES, check_format
 from adapmoe_cli.runtime import row_linear
 
-NAMES = ("native", "int8", "int4", "int2", "mxfp4")
-#: group sizes the int4 CPU kernel takes
-KERNEL_GROUPS = (32, 64, 128, 256)
-DEFAULT_GROUP = {"int4": 64, "int2": 32}
 #: int4/int2 layout name recorded in the store; the probe checks this PyTorch still packs that way
 INT4_LAYOUT = "aten-cpu-int4pack"
 #: how int2 values share a byte (Int2's docstring); a store packed otherwise is refused
@@ -391,10 +388,7 @@ _CLASSES: dict[str, type[ExpertsFormat]] = {"native": ExpertsFormat, "int8": Int
 
 def parse_format(name: str, group_size: int | None = None) -> ExpertsFormat:
     """`--experts-format NAME [--group-size G]` → the format; a one-line UsageError otherwise."""
-    if name not in _CLASSES:
-        raise UsageError(f"unknown --experts-format {name!r}: choose one of {', '.join(NAMES)}")
-    if group_size is not None and name not in DEFAULT_GROUP:
-        raise UsageError(f"--group-size applies to {' and '.join(DEFAULT_GROUP)}, not {name}")
+    check_format(name, group_size)
     cls = _CLASSES[name]
     return cls(group_size) if issubclass(cls, Int4) else cls()
 

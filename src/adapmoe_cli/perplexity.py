@@ -78,7 +78,7 @@ def evaluate(
 ) -> EvalResult:
     if window < 2:  # (one token has no context to predict the next from)
         raise UsageError(f"the evaluation window must be at least 2 tokens, got {window}")
-    stride = stride or window
+    stride = window if stride is None else stride
     if not 0 < stride <= window:
         raise UsageError("the evaluation stride must be between 1 and the window")
     before = engine.stats.copy()

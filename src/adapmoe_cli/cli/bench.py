@@ -24,6 +24,7 @@ from adapmoe_cli.cli.common import (
     console,
     emit,
     err_console,
+    format_named,
     note,
     open_store,
     runtime_settings,
@@ -81,8 +82,8 @@ def bench_cmd(
     experts_format: ExpertsFormatOpt = "native",
     group_size: GroupSizeOpt = None,
     fallback_format: Annotated[str, typer.Option(
-        "--fallback-format", help="The resident low-bit copy of every expert the *+fallback policies compute "
-        "misses with (paid out of the same budget): int8 | int4 | int2.")] = "int4",
+        "--fallback-format", callback=format_named, help="The resident low-bit copy of every expert the "
+        "*+fallback policies compute misses with (paid out of the same budget): int8 | int4 | int2.")] = "int4",
     endpoint: Annotated[list[str] | None, typer.Option(
         "--endpoint", help="Time an OpenAI-compatible server instead (its /v1 URL; repeat to compare several, "
         "interleaved): adapmoe serve, llama-server, ollama, vLLM. Uses --prompts, --tokens, --repeat.",

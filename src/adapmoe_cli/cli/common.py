@@ -143,10 +143,21 @@ PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy
                                                "learned (the last two predict from the store's profile; "
                                                "docs/cache.md).",
                                                show_default=DEFAULTS.cache.policy)]
+
+
+def format_named(param: typer.CallbackParam, name: str) -> str:
+    """`--experts-format` (and bench's `--fallback-format`) checked as it is parsed, before torch loads (an
+    unknown name took ~3 s to be said)."""
+    from adapmoe_cli.format_names import check_format
+
+    check_format(name, flag=param.opts[0])
+    return name
+
+
 ExpertsFormatOpt = Annotated[str, typer.Option(
-    "--experts-format", help="How experts are stored and cached: native (the store's dtype) | int8 (per channel) | "
-    "int4 | int2 (group-wise, HQQ) | mxfp4 (GPT-OSS's 4-bit format, kept as published); dense weights stay as "
-    "they are (docs/quantization.md).")]
+    "--experts-format", callback=format_named, help="How experts are stored and cached: native (the store's "
+    "dtype) | int8 (per channel) | int4 | int2 (group-wise, HQQ) | mxfp4 (GPT-OSS's 4-bit format, kept as "
+    "published); dense weights stay as they are (docs/quantization.md).")]
 DTYPE_HELP = f"Store dtype: {' | '.join(DTYPE_CHOICES)}."
 GroupSizeOpt = Annotated[int | None, typer.Option(
     "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]

@@ -53,8 +53,8 @@ def eval_cmd(
                                         callback=_whole_or_two)] = 8192,
     window: Annotated[int, typer.Option("--window", help="Context window for the sliding evaluation.", min=2)
                       ] = 256,
-    stride: Annotated[int | None, typer.Option("--stride", help="New tokens per window (default: window/2).",
-                                               show_default=False)] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="New tokens per window, at most the window "
+                                               "(default: window/2).", show_default=False, min=1)] = None,
     as_json: JsonFlag = False,
     plan: PlanOpt = None,
     adaptive_gate: AdaptiveOpt = None,
@@ -85,6 +85,8 @@ def eval_cmd(
 
       adapmoe eval ./mixtral-store --text wiki.txt --gate-scale 0.002 -c 96
     """
+    if stride is not None and stride > window:
+        raise typer.BadParameter(f"give at most the window ({window}), not {stride}", param_hint="--stride")
     if quality_budget is not None and gate_scale is not None:
         raise typer.BadParameter("give either --quality-budget or --gate-scale", param_hint="--quality-budget")
     settings = runtime_settings(config, cache_experts=cache_experts, memory=memory, device=device, plan=plan,

@@ -62,8 +62,10 @@ def fit_cmd(
 
       adapmoe fit deepseek-v3    (a shipped model config, configs/models; no network)
     """
-    from adapmoe_cli.fit import fit
     from adapmoe_cli.simulate.hardware import load_hardware
+
+    hw = load_hardware(hardware)  # (before the imports below: an unknown name is said at once)
+    from adapmoe_cli.fit import fit
     from adapmoe_cli.simulate.model_spec import from_hf_config, known, load_model
 
     if model in known() and not Path(model).expanduser().exists():
@@ -71,7 +73,6 @@ def fit_cmd(
     else:
         cfg, name = _config(model)
         spec = from_hf_config(cfg, name, bits)
-    hw = load_hardware(hardware)
     name = escape(spec.name)
     with err_console.status(f"simulating {name}") as status:
         result = fit(spec, hw, progress=lambda what: status.update(f"simulating {name}: {what}"))

@@ -70,10 +70,13 @@ def simulate_cmd(
       adapmoe simulate ./my-store --calibrate --budget 12 --json sim.json
     """
     from adapmoe_cli.simulate.hardware import load_hardware
+
+    # a misspelt policy or hardware is said before the imports below (calibrating writes this machine's first)
+    names = parse_policies(policies, limits=True)
+    hw = None if calibrate else load_hardware(hardware)
     from adapmoe_cli.simulate.inputs import resolve
     from adapmoe_cli.simulate.simulator import SimRequest, simulate
 
-    names = parse_policies(policies, limits=True)
     if calibrate:
         _calibrate(target, trace_format, config)
         if not _has_trace(target, trace_format):
@@ -81,7 +84,7 @@ def simulate_cmd(
                           f"(run `adapmoe profile {target}` first)")
             return
     src = resolve(target, trace_format, model_config, bits, plan, gate_scale, rule)
-    hw = load_hardware(hardware)
+    hw = hw or load_hardware(hardware)
     request = BudgetRequest.parse(budget, "--budget") if budget else BudgetRequest(fraction=0.5, flag="--budget")
     slots, _ = total_slots(request, src.model.cache_shape)
     req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep, holdout=holdout)
