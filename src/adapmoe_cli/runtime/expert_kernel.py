@@ -31,6 +31,8 @@ from adapmoe_cli.skeleton import describe
 #: of 7,424) to 18–23 GB/s; in pieces of at most this length, then summed, a full-size expert takes 4–7 %
 #: less time and a decode step 0.5–0.6 ms less (scripts/measure_row_products.py, docs/performance.md)
 _PIECE = 4096
+#: how many views `ExpertKernel` remembers having checked (a cache's slots; more: it starts over)
+_SEEN = 4096
 
 
 def row_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -71,18 +73,28 @@ class ExpertKernel:
         self._shapes: tuple[tuple[int, ...], ...] | None = None
         #: the compiled module's own entry: [x, scale, *parts] → (output,)
         self._run: Callable[[list[torch.Tensor]], Any] | None = None
+        #: id(w) → (w, its parts or None): a slot's views are made once (runtime/cache.py), so each is
+        #: checked once, not on every call (held, so an id is not reused while it is here)
+        self._seen: dict[int, tuple[Any, list[torch.Tensor] | None]] = {}
 
     def __call__(self, x: torch.Tensor, w: dict[str, Any], scale: torch.Tensor) -> torch.Tensor | None:
+        seen = self._seen.get(id(w))
+        if seen is not None and seen[0] is w and self._run is not None:
+            parts = seen[1]
+            return None if parts is None else self._run([x.contiguous(), scale, *parts])[0]
         if self.failure is not None:
             return None
         keys = self._keys if self._keys is not None else tuple(sorted(w))
         parts = self._parts(w, keys)
+        if parts is not None and self._run is None:
+            self._build(x, scale, keys, parts)
+        if self._run is None:
+            return None
+        if len(self._seen) >= _SEEN:
+            self._seen.clear()
+        self._seen[id(w)] = (w, parts)
         if parts is None:
             return None
-        if self._run is None:
-            self._build(x, scale, keys, parts)
-            if self._run is None:
-                return None
         return self._run([x.contiguous(), scale, *parts])[0]  # (compiled for a contiguous x: it checks)
 
     def _parts(self, w: dict[str, Any], keys: tuple[str, ...]) -> list[torch.Tensor] | None:
