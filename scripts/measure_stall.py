@@ -10,6 +10,9 @@ thread when it begins and ends (the engine's own loader and reader, wrapped; not
   the waiting compute thread went on (medians and 90th percentiles, µs);
 - the same experts read alone in a loop, whole and in 2, 4 and 8 concurrent pieces (O_DIRECT, as the
   loader reads them): what the disk gives without the decode step around it;
+- the expert kernel's calls (the experts the manager computes, runtime/expert_kernel.py) timed apart by
+  whether the loader was reading at that moment: a read competes with the kernel's two threads for the
+  two cores (from tmpfs, a read is the kernel copying the bytes; from a disk, mostly DMA);
 - Belady's rule (evict the expert needed furthest ahead: no online policy misses less) and LRU replayed
   over the same layer calls at the plan's quotas, against the needed experts the runtime had to read.
 Run on a quiet machine."""
@@ -38,6 +41,9 @@ from adapmoe_cli.planning.resolve import open_engine  # noqa: E402
 from adapmoe_cli.runtime.generate import compile_decode  # noqa: E402
 from adapmoe_cli.settings import load_settings  # noqa: E402
 
+#: how many reads the loader is in the middle of (`stamp`), for `time_kernel`
+READING = [0]
+
 
 def stamp(loader) -> tuple[list, list]:
     """Wrap the engine's loader: (finished reads, waits) lists filled as the engine runs."""
@@ -51,7 +57,11 @@ def stamp(loader) -> tuple[list, list]:
 
     def read_(req):
         req.__dict__.setdefault("t_start", time.perf_counter())
-        done = read(req)
+        READING[0] += 1
+        try:
+            done = read(req)
+        finally:
+            READING[0] -= 1
         if done:
             req.t_end = time.perf_counter()
             reads.append(req)
@@ -66,6 +76,24 @@ def stamp(loader) -> tuple[list, list]:
 
     loader.submit, loader._read, loader.wait = submit_, read_, wait_
     return reads, waits
+
+
+def time_kernel(engine) -> dict[bool, list[float]]:
+    """Wrap the engine's expert kernel (built by now): µs of each call, by whether a read was going on."""
+    from adapmoe_cli.runtime.moe_block import _MODULES
+
+    kernel = next(m.kernel for m in list(_MODULES.values()) if m.manager is engine.manager and m.kernel)
+    run, out = kernel._run, {False: [], True: []}
+
+    def run_(inputs):
+        busy = READING[0] > 0
+        t = time.perf_counter()
+        got = run(inputs)
+        out[busy or READING[0] > 0].append((time.perf_counter() - t) * 1e6)
+        return got
+
+    kernel._run = run_
+    return out
 
 
 def spread(values: list[float]) -> str:
@@ -139,6 +167,7 @@ def main() -> None:
         compile_decode(engine)
         decode(engine, 32)
         reads, waits = stamp(engine.manager.loader)
+        kernel = time_kernel(engine)
         before, seconds = engine.stats.copy(), 0.0
         for _ in range(args.rounds):
             seconds += decode(engine, args.tokens)
@@ -152,6 +181,9 @@ def main() -> None:
               f"waited: {spread([(b - a) * 1e6 for _, a, b in waits])}; "
               "went on after the read's end: "
               f"{spread([(b - r.t_end) * 1e6 for r, _, b in waits if hasattr(r, 't_end')])}")
+        print("expert kernel, µs a call: " + "; ".join(
+            f"{'a read going on' if busy else 'no read'} {spread(v)} ({len(v) / n:.2f} calls a token)"
+            for busy, v in kernel.items()))
         alone = reads_alone(engine.store)
         print("one expert read alone, µs (median of 40): " + ", ".join(
             f"{'whole' if p == 1 else f'{p} pieces at once'} {v:.0f}" for p, v in alone.items()))
