@@ -218,9 +218,10 @@ def test_token_counts_that_leave_nothing_to_score_are_refused_as_the_line_is_rea
 
 def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_are_said_before_torch_loads(
         tmp_path: Path):
-    """An unknown `--experts-format` took ~3 s to be said (after torch), `simulate --policies nope` 2.25 s and
-    `fit --hardware nope` 2.6 s; `eval --stride 0` was taken as the default and a stride longer than the window
-    was refused only after loading the model. Each is said now as the line is read, with nothing made."""
+    """An unknown `--experts-format` (or a `--group-size` it does not take) took ~3 s to be said (after torch),
+    `simulate --policies nope` 2.25 s and `fit --hardware nope` 2.6 s; `eval --stride 0` was taken as the
+    default and a stride longer than the window was refused only after loading the model. Each is said now as
+    the line is read, with nothing made."""
     usage = [(["eval", "--stride", "0"], "'--stride'"), (["eval", "--window", "8", "--stride", "9"],
                                                           "--stride: give at most the window (8), not 9")]
     seen = _run_lines(tmp_path, [argv for argv, _ in usage])
@@ -228,6 +229,10 @@ def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_ar
         assert code == 2 and f"Invalid value for {want}" in " ".join(err.split()) and loaded == [], (argv, err)
     refused = [(["chat", "--experts-format", "nope", "--prompt", "hi"], "unknown --experts-format 'nope'"),
                (["bench", "--fallback-format", "int3"], "unknown --fallback-format 'int3'"),
+               (["chat", "--experts-format", "native", "--group-size", "32", "--prompt", "hi"],
+                "--group-size applies to int4 and int2, not native"),
+               (["eval", "--group-size", "32", "--experts-format", "int8"], "--group-size applies to int4 and int2, "
+                                                                           "not int8"),
                (["simulate", "--policies", "nope"], "unknown policy nope"),
                (["simulate", "--hardware", "nope"], "unknown hardware 'nope'"),
                (["fit", "--hardware", "nope"], "unknown hardware 'nope'")]

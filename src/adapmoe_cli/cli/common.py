@@ -145,13 +145,23 @@ PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy
                                                show_default=DEFAULTS.cache.policy)]
 
 
-def format_named(param: typer.CallbackParam, name: str) -> str:
+def format_named(ctx: typer.Context, param: typer.CallbackParam, name: str) -> str:
     """`--experts-format` (and bench's `--fallback-format`) checked as it is parsed, before torch loads (an
-    unknown name took ~3 s to be said)."""
+    unknown name took ~3 s to be said), with `--group-size` where that was read first (`_group_for_format`)."""
     from adapmoe_cli.format_names import check_format
 
-    check_format(name, flag=param.opts[0])
+    group = ctx.params.get("group_size") if param.name == "experts_format" else None
+    check_format(name, group, flag=param.opts[0])
     return name
+
+
+def _group_for_format(ctx: typer.Context, group_size: int | None) -> int | None:
+    """`--group-size` checked against `--experts-format` where that was read first (`format_named`)."""
+    from adapmoe_cli.format_names import check_format
+
+    if group_size is not None and "experts_format" in ctx.params:
+        check_format(ctx.params["experts_format"], group_size)
+    return group_size
 
 
 ExpertsFormatOpt = Annotated[str, typer.Option(
@@ -160,7 +170,8 @@ ExpertsFormatOpt = Annotated[str, typer.Option(
     "published); dense weights stay as they are (docs/quantization.md).")]
 DTYPE_HELP = f"Store dtype: {' | '.join(DTYPE_CHOICES)}."
 GroupSizeOpt = Annotated[int | None, typer.Option(
-    "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32")]
+    "--group-size", help="Weights per scale for int4/int2: 32, 64, 128 or 256.", show_default="int4 64, int2 32",
+    callback=_group_for_format)]
 RuleOpt = Annotated[str | None, typer.Option("--rule", help="Threshold rule of the gate: auto | paper | global | "
                                              "weighted | top-p | weighted-tail | weighted-l2; compensating "
                                              "(a dropped expert replaced by its mean output): weighted+mean | "
