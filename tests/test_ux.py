@@ -220,10 +220,12 @@ def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_ar
         tmp_path: Path):
     """An unknown `--experts-format` (or a `--group-size` it does not take) took ~3 s to be said (after torch),
     `simulate --policies nope` 2.25 s and `fit --hardware nope` 2.6 s; `eval --stride 0` was taken as the
-    default and a stride longer than the window was refused only after loading the model. Each is said now as
-    the line is read, with nothing made."""
+    default and a stride longer than the window was refused only after loading the model; `fit --bits nan` was
+    blamed on the model's file. Each is said now as the line is read, with nothing made."""
     usage = [(["eval", "--stride", "0"], "'--stride'"), (["eval", "--window", "8", "--stride", "9"],
-                                                          "--stride: give at most the window (8), not 9")]
+                                                          "--stride: give at most the window (8), not 9"),
+             (["fit", "--bits", "nan"], "'--bits': give a number of bits from 1 to 32, not nan"),
+             (["simulate", "--bits", "100"], "'--bits': give a number of bits from 1 to 32, not 100.0")]
     seen = _run_lines(tmp_path, [argv for argv, _ in usage])
     for (argv, code, err, loaded), (_, want) in zip(seen, usage, strict=True):
         assert code == 2 and f"Invalid value for {want}" in " ".join(err.split()) and loaded == [], (argv, err)

@@ -197,6 +197,14 @@ PlotOpt = Annotated[
 ]
 
 
+def bits_in_range(bits: float | None) -> float | None:
+    """`--bits` of `fit` and `simulate`, checked as it is read: a number of bits a weight, 1 to 32 (NaN was
+    blamed on the model's file, 100 on its byte counts)."""
+    if bits is not None and not 1 <= bits <= 32:  # (False for NaN too)
+        raise typer.BadParameter(f"give a number of bits from 1 to 32, not {bits}")
+    return bits
+
+
 def QualityBudgetOpt(help: str) -> typer.models.OptionInfo:  # noqa: N802 (used like the aliases above)
     return typer.Option("--quality-budget", "-q", help=help, show_default=False)
 

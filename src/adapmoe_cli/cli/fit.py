@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from adapmoe_cli.cli.common import JsonFlag, console, emit, err_console
+from adapmoe_cli.cli.common import JsonFlag, bits_in_range, console, emit, err_console
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.units import format_bytes
 
@@ -50,8 +50,8 @@ def fit_cmd(
     hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware or a YAML file; "
                                           "this-machine is what `adapmoe simulate --calibrate` measured.")
                         ] = "this-machine",
-    bits: Annotated[float | None, typer.Option("--bits", help="Project the experts quantised to this many bits.",
-                                               show_default="the checkpoint's dtype")] = None,
+    bits: Annotated[float | None, typer.Option("--bits", callback=bits_in_range, show_default="the checkpoint's dtype",
+                                               help="Project the experts quantised to this many bits.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Examples:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from adapmoe_cli.budget import BudgetRequest, total_slots
-from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, PlotOpt, console, emit, err_console
+from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, PlotOpt, bits_in_range, console, emit, err_console
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
 from adapmoe_cli.simulate.model_spec import known as known_models
 from adapmoe_cli.simulate.shipped import SHIPPED
@@ -37,8 +37,8 @@ def simulate_cmd(
     model_config: Annotated[str | None, typer.Option("--model-config", help="Project onto a published model "
                                                      f"({', '.join(MODEL_CONFIGS)}) or a YAML file.",
                                                      show_default=False)] = None,
-    bits: Annotated[float | None, typer.Option("--bits", help="Expert quantisation of the --model-config (2, 4, 16).",
-                                               show_default=False)] = None,
+    bits: Annotated[float | None, typer.Option("--bits", callback=bits_in_range, show_default=False,
+                                               help="Expert quantisation of the --model-config (2, 4, 16).")] = None,
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated, from: "
                                           f"{', '.join(n for n, p in POLICIES.items() if not p.fallback)} "
                                           f"({' and '.join(LIMITS)} are always added); ROW:EVICTION runs a row "
