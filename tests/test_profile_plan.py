@@ -282,6 +282,9 @@ def test_gate_rules_and_auto():
     assert gate_rules.gate("auto", 0.04, fwd).rule == "paper"
     with pytest.raises(ProfileError, match="gradient method"):
         gate_rules.thresholds("weighted", 0.1, fwd)
+    for scale in (-1.0, float("nan"), float("inf")):  # (NaN thresholds made a plan the runtime refused)
+        with pytest.raises(UsageError, match="finite number ≥ 0"):
+            gate_rules.thresholds("paper", scale, grad)
     # bisection finds the largest scale whose bound stays within the budget (bound = 2 × increase here)
     def quality(g):
         inc = (g.threshold(0) or 0.0) / 20

@@ -221,12 +221,18 @@ def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_ar
     """An unknown `--experts-format` (or a `--group-size` it does not take) took ~3 s to be said (after torch),
     `simulate --policies nope` 2.25 s and `fit --hardware nope` 2.6 s; `eval --stride 0` was taken as the
     default and a stride longer than the window was refused only after loading the model; `fit --bits nan` was
-    blamed on the model's file. Each is said now as the line is read, with nothing made."""
+    blamed on the model's file; `plan-cache --gate-scale nan` wrote a plan of NaN thresholds over the one there.
+    Each is said now as the line is read, with nothing made or changed."""
+    home, plan = tmp_path / "home", tmp_path / "plan.json"
+    plan.write_text('{"a plan": "kept"}')
     usage = [(["eval", "--stride", "0"], "'--stride'"), (["eval", "--window", "8", "--stride", "9"],
                                                           "--stride: give at most the window (8), not 9"),
              (["fit", "--bits", "nan"], "'--bits': give a number of bits from 1 to 32, not nan"),
-             (["simulate", "--bits", "100"], "'--bits': give a number of bits from 1 to 32, not 100.0")]
-    seen = _run_lines(tmp_path, [argv for argv, _ in usage])
+             (["simulate", "--bits", "100"], "'--bits': give a number of bits from 1 to 32, not 100.0"),
+             (["plan-cache", "--gate-scale", "nan", "--out", str(plan)], "'--gate-scale': give a finite number ≥ 0, "
+                                                                         "not nan"),
+             (["simulate", "--gate-scale", "inf"], "'--gate-scale': give a finite number ≥ 0, not inf")]
+    seen = _run_lines(home, [argv for argv, _ in usage])
     for (argv, code, err, loaded), (_, want) in zip(seen, usage, strict=True):
         assert code == 2 and f"Invalid value for {want}" in " ".join(err.split()) and loaded == [], (argv, err)
     refused = [(["chat", "--experts-format", "nope", "--prompt", "hi"], "unknown --experts-format 'nope'"),
@@ -238,10 +244,11 @@ def test_a_misspelt_format_hardware_or_policy_and_a_stride_outside_the_window_ar
                (["simulate", "--policies", "nope"], "unknown policy nope"),
                (["simulate", "--hardware", "nope"], "unknown hardware 'nope'"),
                (["fit", "--hardware", "nope"], "unknown hardware 'nope'")]
-    seen = _refused(tmp_path, [argv for argv, _ in refused])
+    seen = _refused(home, [argv for argv, _ in refused])
     for (argv, _, err, loaded), (_, want) in zip(seen, refused, strict=True):
         assert want in err and loaded == [], (argv, err, loaded)
-    assert not any(tmp_path.iterdir())
+    assert not home.exists() and plan.read_text() == '{"a plan": "kept"}'
+
 
 def test_a_chart_file_matplotlib_cannot_write_and_prompts_that_are_no_text_are_one_line(tmp_path: Path):
     """`--plot bench.json` failed in matplotlib after the whole bench had run; a prompt file that is a folder

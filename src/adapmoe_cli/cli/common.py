@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -135,9 +136,19 @@ AdaptiveOpt = Annotated[bool | None, typer.Option("--adaptive-gate/--no-adaptive
                                                   help="Route with the plan's adaptive gate.",
                                                   show_default="adaptive-gate" if DEFAULTS.gate.adaptive
                                                   else "no-adaptive-gate")]
+
+
+def scale_in_range(scale: float | None) -> float | None:
+    """`--gate-scale`, checked as it is read: a finite number ≥ 0 (`plan-cache --gate-scale nan` wrote a plan of
+    NaN thresholds over the store's own, which the runtime then refused)."""
+    if scale is not None and not 0 <= scale < math.inf:  # (False for NaN too)
+        raise typer.BadParameter(f"give a finite number ≥ 0, not {scale}")
+    return scale
+
+
 GateScaleOpt = Annotated[float | None, typer.Option("--gate-scale", help="Adaptive-gate scale c (thresholds from "
                                                     "the profile), overriding the plan's.",
-                                                    show_default="the plan's")]
+                                                    show_default="the plan's", callback=scale_in_range)]
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Eviction policy within a layer: auto (markov when "
                                                "the store has a profile, else lru) | lru | lfu | lrfu | markov | "
                                                "learned (the last two predict from the store's profile; "

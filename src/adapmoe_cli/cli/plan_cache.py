@@ -26,6 +26,7 @@ from adapmoe_cli.cli.common import (
     console,
     open_store,
     runtime_settings,
+    scale_in_range,
     steps_progress,
 )
 from adapmoe_cli.planning import CALIBRATION_TOKENS
@@ -41,8 +42,8 @@ def plan_cmd(
     budget: BudgetOpt = None,
     quality_budget: Annotated[str, QualityBudgetOpt("Allowed perplexity increase for the gate, e.g. 1% "
                                                      "(default 1%).")] = "1%",
-    gate_scale: Annotated[float | None, typer.Option("--gate-scale", help="Set the gate scale c directly.",
-                                                     show_default=False)] = None,
+    gate_scale: Annotated[float | None, typer.Option("--gate-scale", callback=scale_in_range, show_default=False,
+                                                     help="Set the gate scale c directly.")] = None,
     adaptive_gate: Annotated[bool, typer.Option("--adaptive-gate/--no-adaptive-gate",
                                                 help="Plan with the adaptive gate (default) or plain top-k.")] = True,
     rule: RuleOpt = None,

@@ -11,7 +11,17 @@ import typer
 from rich.table import Table
 
 from adapmoe_cli.budget import BudgetRequest, total_slots
-from adapmoe_cli.cli.common import BudgetOpt, ConfigOpt, JsonFlag, PlotOpt, bits_in_range, console, emit, err_console
+from adapmoe_cli.cli.common import (
+    BudgetOpt,
+    ConfigOpt,
+    JsonFlag,
+    PlotOpt,
+    bits_in_range,
+    console,
+    emit,
+    err_console,
+    scale_in_range,
+)
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
 from adapmoe_cli.simulate.model_spec import known as known_models
 from adapmoe_cli.simulate.shipped import SHIPPED
@@ -58,8 +68,9 @@ def simulate_cmd(
                                             "(writes this-machine under ADAPMOE_HOME).")] = False,
     plan: Annotated[Path | None, typer.Option("--plan", help="Plan file whose adaptive gate adapmoe uses.",
                                               show_default=False)] = None,
-    gate_scale: Annotated[float | None, typer.Option("--gate-scale", help="adapmoe's gate scale c, thresholds "
-                                                     "from the profile.", show_default=False)] = None,
+    gate_scale: Annotated[float | None, typer.Option("--gate-scale", callback=scale_in_range, show_default=False,
+                                                     help="adapmoe's gate scale c, thresholds from the profile.")
+                          ] = None,
     rule: Annotated[str, typer.Option("--rule", help="Threshold rule for --gate-scale.")] = "paper",
     config: ConfigOpt = None,
 ) -> None:

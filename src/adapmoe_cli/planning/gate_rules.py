@@ -114,8 +114,8 @@ def thresholds(rule: str, scale: float, profile_layers: list[dict], top_k: int =
     rule = resolve_rule(rule, profile_layers, top_k, stats is not None)
     if rule not in _MODES:
         raise UsageError(f"unknown gate rule {rule!r}: choose one of {', '.join(RULES)}")
-    if scale < 0:
-        raise UsageError(f"the gate scale must be ≥ 0, got {scale}")
+    if not 0 <= scale < math.inf:  # (NaN too)
+        raise UsageError(f"the gate scale must be a finite number ≥ 0, got {scale}")
     top = _top(rule, stats)
     layers = [int(x["layer"]) for x in profile_layers]
     if rule in _FLAT:

@@ -16,7 +16,7 @@ from adapmoe_cli.planning import CALIBRATION_TOKENS, gate_rules
 from adapmoe_cli.planning.allocate import allocate, total_cost
 from adapmoe_cli.planning.costs import cost_curves
 from adapmoe_cli.planning.gate_rules import GateQuality
-from adapmoe_cli.planning.plan_file import default_path, write_plan
+from adapmoe_cli.planning.plan_file import default_path, parse_plan, write_plan
 from adapmoe_cli.planning.quality import counted, gate_quality
 from adapmoe_cli.planning.replay import prepare
 from adapmoe_cli.profiling import expert_stats
@@ -120,6 +120,7 @@ def make_plan(store: Store, settings: Settings, req: PlanRequest,
                        "experts_per_token": q.experts_per_token} for s, q in search.evaluations],
             "reachable": search.reachable, "unreachable": search.unreachable_text(req.quality_budget),
         }
+    parse_plan(data, store, out)  # (never write a plan the runtime would refuse: a NaN threshold replaced one)
     path = write_plan(out, data)
     return path, data
 
