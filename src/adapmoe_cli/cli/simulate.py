@@ -95,7 +95,8 @@ def simulate_cmd(
                           f"(run `adapmoe profile {target}` first)")
             return
     src = resolve(target, trace_format, model_config, bits, plan, gate_scale, rule)
-    hw = hw or load_hardware(hardware)
+    if hw is None:  # (calibrated above)
+        hw = load_hardware(hardware)
     request = BudgetRequest.parse(budget, "--budget") if budget else BudgetRequest(fraction=0.5, flag="--budget")
     slots, _ = total_slots(request, src.model.cache_shape)
     req = SimRequest(budget_slots=slots, policies=names, gate=src.gate, sweep=sweep, holdout=holdout)
