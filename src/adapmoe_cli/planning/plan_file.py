@@ -22,8 +22,6 @@ from adapmoe_cli.versioned import integer, number, read_versioned, write_atomic
 FORMAT = "adapmoe-plan"
 FORMAT_VERSION = 1
 DEFAULT_NAME = "plan.json"
-#: a threshold is a normalised weight; GatePolicy.top1's 1 + 1e-6 is the largest meaningful one
-MAX_THRESHOLD = 1.0 + 1e-6
 
 
 def default_path(store: Store) -> Path:
@@ -95,7 +93,7 @@ def read_plan(path: Path, store: Store) -> Plan:
 
 def parse_plan(data: dict[str, Any], store: Store, path: Path) -> Plan:
     """Check a plan's content against the store: same model; slots integers in 1 … num_experts that add up to
-    its `budget_slots`; thresholds absent or finite in [0, 1]; a cost curve of num_experts finite costs ≥ 0
+    its `budget_slots`; thresholds absent or finite ≥ 0; a cost curve of num_experts finite costs ≥ 0
     per layer; every MoE layer exactly once. Everything wrong is a ProfileError naming the field."""
     model = data.get("model")
     if not isinstance(model, dict) or model.get("fingerprint") != store.fingerprint:
@@ -110,7 +108,8 @@ def parse_plan(data: dict[str, Any], store: Store, path: Path) -> Plan:
         what = f"{path}: layer {layer}"
         integer(x.get("slots"), f"{what} slots", ProfileError, 1, store.shape.num_experts)
         if x.get("threshold") is not None:
-            number(x["threshold"], f"{what} threshold", ProfileError, 0.0, MAX_THRESHOLD)
+            # (no upper bound: a compensating rule's costs reach its largest spread, above 1 — gate_rules._top)
+            number(x["threshold"], f"{what} threshold", ProfileError, 0.0)
         curve = x.get("cost_curve")  # what `quotas_for` re-solves the DP on for another budget
         if not isinstance(curve, list) or len(curve) != store.shape.num_experts:
             raise ProfileError(f"{what}: cost_curve must list the cost at 1 … {store.shape.num_experts} slots")
