@@ -94,6 +94,7 @@ def test_each_slots_parts_are_checked_once_and_still_computed_right(monkeypatch)
         assert kernel(x, fallback, scale) is None
     assert sorted(checks) == sorted(map(id, [*slots, fallback]))
 
+
 def test_a_compiler_that_fails_is_said_once_and_experts_run_eagerly(monkeypatch):
     def broken(*_args, **_kwargs):
         raise RuntimeError("no C++ compiler")
