@@ -195,6 +195,8 @@ BAD = [
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "stop"),
+    ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
+    ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),  # (a 500)
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "word " * 2000}]}, 413, None),
 ]
@@ -207,6 +209,7 @@ def test_bad_input_is_an_openai_error(server: Server, body: object, status: int,
     err = r.json()["error"]
     assert set(err) == {"message", "type", "code", "param"} and err["message"] and "Traceback" not in r.text
     assert err["param"] == param
+    assert "valid string" not in err["message"]  # (five stop sequences: pydantic's first union branch spoke)
 
 
 def test_bad_completions_and_sizes(server: Server) -> None:

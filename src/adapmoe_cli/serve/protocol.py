@@ -5,6 +5,7 @@ model (context, vocabulary). Fields other servers accept but that change nothing
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +31,7 @@ class _Request(BaseModel):
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None  # (the runtime's range: a 500 before)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -112,12 +113,18 @@ ChatRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 
 
+#: how pydantic names the branch of a union (`str`, `list[str]`, …) in an error's location
+_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+
+
 def error_message(errors: list[Any]) -> tuple[str, str | None]:
-    """One line from pydantic's validation errors (the first one), and the parameter it names."""
+    """One line from pydantic's validation errors, and the parameter it names: the first one, unless it only
+    says a value is not of one branch of a union where another branch says what is wrong with it (five stop
+    sequences were "stop.str: Input should be a valid string")."""
     if not errors:
         return "the request body is not valid", None
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    e = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _BRANCH.match(str(x))]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if e.get("type") == "missing":
