@@ -224,6 +224,31 @@ def test_shard_existing_store_rules(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
+
+def test_a_store_copied_into_a_folder_of_the_users_is_refused_before_anything_is_exported(
+    make_store: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """`shard STORE OUT` exported the whole store to a checkpoint beside OUT (for a real model, its ~93 GB)
+    and only then refused an OUT that is not a store; and said it was "building the variant of NAME ()".
+    Now the folder is checked first; a plain copy says so."""
+    from adapmoe_cli.store import export
+
+    exports = []
+    real = export.export_checkpoint
+    monkeypatch.setattr(export, "export_checkpoint", lambda *a, **k: exports.append(a[1]) or real(*a, **k))
+    store, mine = make_store(TinySpec(), dtype=torch.float32), tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    code, _, err = run_cli(monkeypatch, capsys, "shard", str(store), str(mine))
+    assert code == 1 and f"{mine} exists and is not an adapmoe store" in _one_line_error(err)
+    assert exports == [] and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    code, stdout, _ = run_cli(monkeypatch, capsys, "shard", str(store), str(tmp_path / "copy"))
+    said = " ".join(stdout.split())
+    assert code == 0 and f"copying {store.name} to {tmp_path / 'copy'}" in said and len(exports) == 1
+
+
 # Runs before main() in the child: the n-th write into the half-built store fails (or kills the process).
 _FAIL_NTH_WRITE = """
 import errno, os, signal

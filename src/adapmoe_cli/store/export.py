@@ -140,7 +140,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
     another `dtype`, built once at `out` (default
     ADAPMOE_HOME/stores/`variant_name`, replaced when it was made from another store) and reused while it
     was made from this very store in this very way."""
-    from adapmoe_cli.store.writer import shard
+    from adapmoe_cli.store.writer import check_free, shard
 
     if store.experts_format.quantized and quantized(fmt):
         raise UsageError(f"{store.path.name} already holds {store.experts_format.label()} experts; quantize the "
@@ -168,6 +168,7 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
             if same_outputs:
                 carry_method(store, made)  # what it lacks, or carried from what the source has since replaced
             return made
+    check_free(out)  # (before the export: the whole checkpoint was written out, then the folder refused)
     if note is not None:
         what = [f"experts padded from {format_bytes(store.expert_payload_bytes)} to ~{format_bytes(expert_bytes)}"
                 ] if expert_bytes is not None else []
@@ -175,7 +176,8 @@ def variant_store(store: Store, expert_bytes: int | None = None, fmt: ExpertsFor
             what.append(f"experts in {fmt.label()}")
         if target != store.dtype_name:
             what.append(f"weights in {target}")
-        note(f"building the variant of {store.path.name} ({', '.join(what)}) in {out}")
+        note(f"building the variant of {store.path.name} ({', '.join(what)}) in {out}" if what else
+             f"copying {store.path.name} to {out}")
     tmp = out.parent / f".{out.name}.export"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

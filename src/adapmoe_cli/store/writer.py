@@ -216,10 +216,17 @@ def _check_target(out: Path, ckpt: Checkpoint, target: torch.dtype, force: bool,
             raise StoreExistsError(f"{out} already holds {why}; pass --force to replace it")
         return False
     validate(ckpt)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-        return False
-    raise StoreError(f"{out} exists and is not an adapmoe store; choose another output folder")
+    check_free(out)
+    out.rmdir()  # (an empty folder)
+    return False
+
+
+def check_free(out: Path) -> None:
+    """`out` may receive a store: absent, an empty folder or a store (compared with what is asked for by the
+    caller); anything else is the user's and a StoreError. Cheap, so a caller with work to do first (a
+    variant exported from a store: export.variant_store) checks before it."""
+    if out.exists() and not is_store(out) and not (out.is_dir() and not any(out.iterdir())):
+        raise StoreError(f"{out} exists and is not an adapmoe store; choose another output folder")
 
 
 def _refresh_source(store: Store, files: list[dict[str, Any]]) -> None:
