@@ -93,6 +93,17 @@ def test_download_then_offline_from_cache(hub: HubServer, tmp_path: Path) -> Non
     verify(tmp_path / "b")
 
 
+def test_an_out_folder_of_the_users_is_refused_before_anything_is_downloaded(hub: HubServer, tmp_path: Path) -> None:
+    """`download REPO --out FOLDER` fetched the whole checkpoint (~93 GB for Mixtral) and only then refused a
+    FOLDER that is not a store; now it asks the hub nothing and leaves the folder as it was."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    hub.state.requests.clear()
+    r = run(hub, "download", REPO, "--out", str(mine))
+    assert r.returncode == 1 and f"{mine} exists and is not an adapmoe store" in _last_line(r), r.stderr
+    assert hub.state.requests == [] and [p.name for p in mine.iterdir()] == ["notes.txt"]
+
 def test_a_hub_id_is_sharded_into_home_on_first_use_and_reused(hub: HubServer, tmp_path: Path) -> None:
     """`chat ORG/NAME`: the first use downloads and shards into ADAPMOE_HOME (one shard run) and answers;
     the second shards nothing and asks the hub nothing."""

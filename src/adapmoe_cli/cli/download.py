@@ -37,13 +37,14 @@ def download_cmd(
     """
     from adapmoe_cli.experts_format import parse_format
     from adapmoe_cli.hub import download_checkpoint
-    from adapmoe_cli.store.writer import shard
+    from adapmoe_cli.store.writer import check_free, shard
 
     fmt = parse_format(experts_format, group_size)  # a bad format is refused before anything is downloaded
-    ckpt = download_checkpoint(repo_id, revision)
     target = out or store_dir_for_repo(repo_id, revision)
     if out is None and fmt.quantized:  # beside the native store, not in its place
         target = target.with_name(f"{target.name}-{fmt.label()}")
+    check_free(target.absolute())  # (a folder of the user's was refused only after the whole download)
+    ckpt = download_checkpoint(repo_id, revision)
     with byte_progress("sharding") as progress:
         res = shard(ckpt, target, dtype=dtype, force=force, progress=progress,
                     source={"repo_id": repo_id, "revision": revision or "main"}, experts_format=fmt)
