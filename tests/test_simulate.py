@@ -8,11 +8,13 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.planning.replay import Routing, prepare, replay_misses
@@ -431,6 +433,112 @@ def test_simulate_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, mat
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_h39s_file(tmp_path, steps=2)), "--trace-format",
                            "h39s", *args)
     assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+H39S_PREFILL = ",".join(map(str, range(8)))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x89PNG\x00\xff", "is not an h39s trace: not UTF-8 text"),
+    ("-1,3\n", "line 1: '-1,3' is not comma-separated expert ids"),
+    ("3,4\n\n3,+4\n", "line 3: '3,+4' is not comma-separated expert ids"),
+    ("3,40000\n", "line 1: expert 40000 is above 4095"),
+    ("3,3\n", "line 1 names an expert twice"),
+    ((H39S_PREFILL + "\n") * 32, "names 8 experts, more than mixtral-8x7b's top-k (2): a prefill pass alone"),
+], ids=["binary", "negative", "plus-sign", "huge-id", "twice", "prefill-only"])
+def test_an_h39s_trace_that_is_wrong_is_said_with_its_line(tmp_path, content, needle):
+    """Each was an unexpected error (UnicodeDecodeError, an int16 overflow) or accepted: a negative id read as
+    "no expert ids", `+4` and `1_0` as numbers, a prefill pass alone as one decode token of 8 experts."""
+    from adapmoe_cli.simulate.inputs import resolve
+
+    path = tmp_path / "trace.txt"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        resolve(str(path), "h39s")
+    with pytest.raises(UsageError, match=re.escape("for an h39s text file add --trace-format h39s")):
+        resolve(str(path))  # (it was "neither an adapmoe store nor a checkpoint folder")
+
+
+def test_an_h39s_trace_too_large_is_refused_unread(tmp_path):
+    """A 200 MB trace was parsed for minutes (~7 GB) before anything was checked."""
+    from adapmoe_cli.simulate.traces import MAX_H39S_BYTES, h39s_calls
+
+    path = tmp_path / "big.txt"
+    with path.open("wb") as f:
+        f.truncate(MAX_H39S_BYTES + 1)  # sparse: nothing is written, and nothing may be read
+    with pytest.raises(UsageError, match="at most 16 MiB"):
+        h39s_calls(path)
+
+
+def test_a_result_file_that_is_an_input_or_in_no_folder_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """`--out TRACE` replaced the trace with the results (exit 0); an --out in a missing folder was refused only
+    after the whole simulation."""
+    from adapmoe_cli.simulate import simulator
+    from tests.test_trust import one_line, run_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("simulated although --out was refused")
+
+    monkeypatch.setattr(simulator, "simulate", never)
+    trace = _h39s_file(tmp_path, steps=2)
+    before = trace.read_bytes()
+    model = tmp_path / "model.yaml"
+    shutil.copy(models.shipped_dir() / "mixtral-8x7b.yaml", model)
+    for out, needle in [(trace, "is a file this command reads"), (model, "is a file this command reads"),
+                        (tmp_path / "nowhere" / "r.json", "does not exist"), (tmp_path, "is a folder")]:
+        code, _, err = run_cli(monkeypatch, capsys, "simulate", str(trace), "--trace-format", "h39s", "--model-config",
+                               str(model), "--out", str(out))
+        assert code != 0 and needle in one_line(err)
+    code, _, err = run_cli(monkeypatch, capsys, "simulate", str(trace), "--trace-format", "h39s",
+                           "--plot", str(tmp_path / "nowhere" / "c.png"))
+    assert code != 0 and "does not exist" in one_line(err)
+    assert trace.read_bytes() == before
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"hidden_size": True}, "hidden_size must be an integer from 1 to 1,048,576, got True"),
+    ({"hidden_size": 4096.7}, "hidden_size must be an integer"),
+    ({"hidden_size": "1e30"}, "YAML reads this as text"),
+    ({"num_key_value_heads": -8}, "num_key_value_heads must be an integer from 1"),
+    ({"group_size": -64, "bits": 4}, "group_size must be an integer from 1"),
+    ({"dense_bits": 1e300}, "dense_bits must be a number from 1 to 32"),
+    ({"name": None}, "name must be a string"),
+    ({"sources": 5}, "sources must be a list"),
+], ids=["bool", "fraction", "text", "negative-kv", "negative-group", "huge-bits", "no-name", "sources"])
+def test_a_model_file_with_an_absurd_value_names_the_key(change, needle):
+    """These ran (a hidden size of 10^29, negative heads) or were truncated (4096.7 → 4096, `true` → 1)."""
+    d = yaml.safe_load((models.shipped_dir() / "mixtral-8x7b.yaml").read_text())
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        models.from_config({**d, **change}, path="m.yaml")
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("channels: 2.7", "channels must be a whole number, got 2.7"),
+    ("channels: 65", "channels must be between 1 and 64"),
+    ("link_latency_us: 1.0e+15", "must be from 0 to 1,000,000 us"),
+    ("link_wakeup_us: 1.0e+300", "must be from 0 to 1,000,000 us"),
+    ("memory_GBps: 1.0e-300", "link_GBps and memory_GBps must be from 0.001 to 10000 GB/s"),
+], ids=["fraction", "channels", "latency", "wake-up", "bandwidth"])
+def test_a_hardware_file_with_an_absurd_value_names_it(tmp_path, line, needle):
+    """These ran and gave ~10^-300 tok/s, or took minutes (65,536 channels), or were truncated (2.7 → 2)."""
+    base = "name: x\nlink_GBps: 1\nmemory_GBps: 10\n"
+    path = tmp_path / "hw.yaml"
+    path.write_text(base + line + "\n")
+    with pytest.raises(UsageError, match=re.escape(needle)) as e:
+        hardware.load_hardware(str(path))
+    assert str(e.value).startswith(str(path))
+
+
+def test_yaml_aliases_are_refused_before_they_expand():
+    """A kilobyte of nested aliases expanded into gigabytes: 120 s and more for a hardware file's `measured`."""
+    from adapmoe_cli.settings import parse_yaml
+
+    bomb = "a: &a [" + ",".join(["lol"] * 9) + "]\n"
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        bomb += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    with pytest.raises(UsageError, match=re.escape("x.yaml uses a YAML alias (*name)")):
+        parse_yaml((bomb + "measured: {x: *h}\n").encode(), "x.yaml")
+    assert parse_yaml(b"a: '*not an alias'\nb: 2 * 3\n", "x") == {"a": "*not an alias", "b": "2 * 3"}
 
 
 def test_simulate_on_a_store_uses_its_profile(make_store, tmp_path, monkeypatch, capsys):

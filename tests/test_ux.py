@@ -305,3 +305,38 @@ def test_chat_banner_shows_the_budget_in_slots_and_bytes(make_store: Callable[..
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers must be an integer from 1 to 4096"),
+    ({"first_k_dense_replace": 10**12}, "first_k_dense_replace must be an integer from 0 to 4096"),
+    ({"mlp_only_layers": 5}, "mlp_only_layers must be a list of layer numbers"),
+    ([1, 2], "is not a JSON object"),
+    ("[" * 1000 + "]" * 1000, "nests deeper than 64 levels"),
+], ids=["layers", "dense-layers", "mlp-only", "list", "deep"])
+def test_fit_refuses_a_config_json_of_absurd_counts_before_building_anything(tmp_path, monkeypatch, capsys, config,
+                                                                               needle):
+    """A range of 10^12 layer numbers filled the memory before the 4096-layer check (MemoryError); a config.json
+    that was a list, or nested 100,000 deep, was an unexpected error."""
+    from tests.test_trust import one_line, run_cli
+
+    qwen = {"model_type": "qwen3_moe", "num_hidden_layers": 4, "num_experts": 8, "num_experts_per_tok": 2,
+            "hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4, "vocab_size": 100}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    body = {**qwen, **config} if isinstance(config, dict) else config
+    (folder / "config.json").write_text(body if isinstance(body, str) else json.dumps(body))
+    code, _, err = run_cli(monkeypatch, capsys, "fit", str(folder))
+    assert code != 0 and needle in one_line(err)
+
+
+def test_fit_takes_a_model_yaml_as_simulate_does(tmp_path, monkeypatch, capsys):
+    """`fit FILE.yaml` said "holds no config.json" even for a shipped model file; it reads the file now."""
+    from adapmoe_cli.simulate.model_spec import shipped_dir
+    from tests.test_trust import run_cli
+
+    mine = tmp_path / "my-olmoe.yaml"
+    shutil.copy(shipped_dir() / "olmoe-1b-7b.yaml", mine)
+    code, out, err = run_cli(monkeypatch, capsys, "fit", str(mine), "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"]["source"] == str(mine)

@@ -73,16 +73,17 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
 
 def download_config(repo_id: str, revision: str | None = None) -> dict:
     """Only `config.json` of a hub model (for `adapmoe fit`: sizes before any weight is downloaded)."""
-    import json
-
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if not looks_like_repo_id(repo_id):
         raise DownloadError(f"{repo_id!r} is not a hub model id (expected ORG/NAME, e.g. mistralai/Mixtral-8x7B-v0.1)")
+    from adapmoe_cli.safe_io import MAX_DOC_BYTES, parse_json, read_capped
+
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
-        data = json.loads(Path(path).read_text())
+        what = f"{repo_id}'s config.json"
+        data = parse_json(read_capped(Path(path), MAX_DOC_BYTES, what, DownloadError, follow=True), what, DownloadError)
     except GatedRepoError:
         raise DownloadError(f"{repo_id} is gated: accept its licence on the hub, then set HF_TOKEN") from None
     except RepositoryNotFoundError:

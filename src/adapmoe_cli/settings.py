@@ -141,9 +141,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def parse_yaml(data: bytes, what: str) -> Any:
-    """YAML from untrusted bytes (safe_load: no objects), every failure a UsageError naming `what`."""
+    """YAML from untrusted bytes (safe_load: no objects), every failure a UsageError naming `what`. Aliases
+    (`*name`) are refused: none of adapmoe's files needs one, and nested ones expand a file of a kilobyte into
+    gigabytes of values before anything could check them."""
     try:
-        return yaml.safe_load(data.decode("utf-8")) or {}
+        text = data.decode("utf-8")
+        if "*" in text and any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UsageError(f"{what} uses a YAML alias (*name); write the values out instead")
+        return yaml.safe_load(text) or {}
     except UnicodeDecodeError:
         raise UsageError(f"{what} is not UTF-8 text") from None
     except RecursionError:

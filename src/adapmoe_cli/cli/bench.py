@@ -19,12 +19,14 @@ from adapmoe_cli.cli.common import (
     GroupSizeOpt,
     JsonFlag,
     ModelArg,
+    OutOpt,
     PlotOpt,
     QualityBudgetOpt,
     console,
     emit,
     err_console,
     format_named,
+    not_an_input,
     note,
     open_store,
     runtime_settings,
@@ -53,8 +55,7 @@ def bench_cmd(
     repeat: Annotated[int, typer.Option("--repeat", "-r", help="Repeats per policy (interleaved).")] = 3,
     quality_budget: Annotated[str, QualityBudgetOpt("adapmoe's gate budget (default 1%).")] = "1%",
     as_json: JsonFlag = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
-                                             show_default=False)] = None,
+    out: OutOpt = None,
     plot: PlotOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also run budgets from 10% to 100% of the experts.")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="Also replay this run's own routing in the simulator, "
@@ -114,6 +115,7 @@ def bench_cmd(
       adapmoe bench --simulate --repeat 5 --json > bench.json
     """
     caps = tuple(c for c in (memory_cap or "").split(",") if c.strip())
+    not_an_input({"--out": out, "--plot": plot}, [prompts, text, calibration, config])
     if not endpoint:
         names = tuple(parse_policies(policies, peers=True))  # a misspelt row is said before torch is imported
         for cap in caps:

@@ -199,7 +199,48 @@ def _plot_file(plot: Path | None) -> Path | None:
     after it: matplotlib refused `bench.json` once the bench had finished)."""
     if plot is not None and plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
         raise typer.BadParameter(f"name a .png, .svg or .pdf file (the chart's format is its suffix), not {plot}")
-    return plot
+    return _writable("--plot", plot)
+
+
+def _writable(flag: str, path: Path | None) -> Path | None:
+    """A result file (`--out`, `--plot`) checked as it is parsed: not a folder, in a folder that exists — said
+    before a run of minutes, not after it."""
+    if path is None:
+        return None
+    from adapmoe_cli.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: name a file to write")
+    if not path.expanduser().absolute().parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {path.expanduser().absolute().parent} does not exist")
+    return path
+
+
+def _out_file(out: Path | None) -> Path | None:
+    return _writable("--out", out)
+
+
+#: `--out FILE` of the commands that report results (bench, simulate)
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Write the results as JSON to this file.", show_default=False,
+                              callback=_out_file),
+]
+
+
+def not_an_input(outputs: dict[str, Path | None], inputs: list[str | Path | None]) -> None:
+    """Refuse a result file (`--out`, `--plot`) that is one of the command's own input files: writing the
+    results would replace the trace, the model config or the prompts it read."""
+    import os
+
+    from adapmoe_cli.errors import UsageError
+
+    for flag, out in outputs.items():
+        if out is None or not out.exists():
+            continue
+        for given in inputs:
+            read = Path(given).expanduser() if given is not None else None
+            if read is not None and read.is_file() and os.path.samefile(out, read):
+                raise UsageError(f"{flag} {out} is a file this command reads ({given}); name another file to write")
 
 
 PlotOpt = Annotated[

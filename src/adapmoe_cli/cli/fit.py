@@ -3,7 +3,6 @@ model's config alone (a hub id's config.json is the only file fetched)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from adapmoe_cli.cli.common import JsonFlag, bits_in_range, console, emit, err_console
 from adapmoe_cli.errors import UsageError
+from adapmoe_cli.safe_io import MAX_DOC_BYTES, MAX_MANIFEST_BYTES, parse_json, read_capped
 from adapmoe_cli.units import format_bytes
 
 
@@ -29,12 +29,18 @@ def _config(model: str | None) -> tuple[dict[str, Any], str]:
 
     if model is None or (model in EMBEDDED_MODELS and not Path(model).exists()):
         name = model or EMBEDDED
-        return json.loads((default_model_dir(name) / "config.json").read_text()), name
+        return _json_object(default_model_dir(name) / "config.json"), name
     path = Path(model).expanduser()
     if is_store(path):
-        return json.loads((path / MANIFEST).read_text())["config"], path.name
+        config = _json_object(path / MANIFEST, MAX_MANIFEST_BYTES).get("config")
+        if not isinstance(config, dict):
+            raise UsageError(f"{path / MANIFEST} holds no model config; re-shard the store")
+        return config, path.name
     if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()), path.name
+        return _json_object(path / "config.json"), path.name
+    if path.is_file():
+        raise UsageError(f"{model} is a file: give a store, a checkpoint folder, a hub id, a shipped model name "
+                         "or a model YAML (*.yaml)")
     if path.exists():
         raise UsageError(f"{model} holds no config.json")
     if looks_like_repo_id(model):
@@ -43,10 +49,18 @@ def _config(model: str | None) -> tuple[dict[str, Any], str]:
                      "config (configs/models)")
 
 
+def _json_object(path: Path, limit: int = MAX_DOC_BYTES) -> dict[str, Any]:
+    """A JSON object from a file of the user's: size and nesting capped, anything else one line."""
+    doc = parse_json(read_capped(path, limit, str(path), UsageError, follow=True), str(path), UsageError)
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path} is not a JSON object")
+    return doc
+
+
 def fit_cmd(
     model: Annotated[str | None, typer.Argument(
-        help="Store folder, checkpoint folder, hub id or a shipped model config (configs/models; default: the "
-             "embedded model).", show_default=False)] = None,
+        help="Store folder, checkpoint folder, hub id, a shipped model config (configs/models) or a YAML file in "
+             "that format (default: the embedded model).", show_default=False)] = None,
     hardware: Annotated[str, typer.Option("--hardware", help="A name from configs/hardware or a YAML file; "
                                           "this-machine is what `adapmoe simulate --calibrate` measured.")
                         ] = "this-machine",
@@ -68,8 +82,9 @@ def fit_cmd(
     from adapmoe_cli.fit import fit
     from adapmoe_cli.simulate.model_spec import from_hf_config, known, load_model
 
-    if model in known() and not Path(model).expanduser().exists():
-        spec = load_model(model, bits)
+    if (model in known() and not Path(model).expanduser().exists()) or (
+            model is not None and Path(model).suffix in (".yaml", ".yml") and Path(model).expanduser().is_file()):
+        spec = load_model(model, bits)  # a shipped model config, or one of the user's in that format
     else:
         cfg, name = _config(model)
         spec = from_hf_config(cfg, name, bits)

@@ -15,11 +15,13 @@ from adapmoe_cli.cli.common import (
     BudgetOpt,
     ConfigOpt,
     JsonFlag,
+    OutOpt,
     PlotOpt,
     bits_in_range,
     console,
     emit,
     err_console,
+    not_an_input,
     scale_in_range,
 )
 from adapmoe_cli.policies import LIMITS, POLICIES, SIMULATE_DEFAULT, parse_policies
@@ -58,8 +60,7 @@ def simulate_cmd(
                                            "DP plans and the markov/learned eviction are fitted on the rest.")
                        ] = 0.0,
     as_json: JsonFlag = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
-                                             show_default=False)] = None,
+    out: OutOpt = None,
     plot: PlotOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also simulate budgets from 10% to 100% of the experts.")
                      ] = False,
@@ -84,6 +85,7 @@ def simulate_cmd(
 
     # a misspelt policy or hardware is said before the imports below (calibrating writes this machine's first)
     names = parse_policies(policies, limits=True)
+    not_an_input({"--out": out, "--plot": plot}, [target, model_config, hardware, plan, config])
     hw = None if calibrate else load_hardware(hardware)
     from adapmoe_cli.simulate.inputs import resolve
     from adapmoe_cli.simulate.simulator import SimRequest, simulate

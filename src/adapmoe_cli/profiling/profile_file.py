@@ -146,6 +146,9 @@ def check_trace(trace: Trace, where: Path, layers: list[int] | None = None, top_
     if (layers is not None and trace.layers != layers) or len(trace.layers) != num_layers \
             or tuple(trace.tokens.shape) != (n,):
         raise bad("does not match its profile's layers and tokens")
+    if len(set(trace.layers)) != len(trace.layers) or any(layer < 0 for layer in trace.layers):
+        raise bad(f"names its layers {trace.layers[:8]}{'…' if len(trace.layers) > 8 else ''}, not distinct layer "
+                  "numbers")
     for name in ("ids", "pred_ids"):
         t = getattr(trace, name)
         if t.numel() and (int(t.min()) < -1 or (experts is not None and int(t.max()) >= experts)):

@@ -21,6 +21,13 @@ from adapmoe_cli.settings import parse_yaml
 THIS_MACHINE = "this-machine"
 
 
+#: bounds on a hardware description (a faster or slower machine is a typo; 65,536 channels took minutes to
+#: simulate, a latency of 10^300 us gave 10^-300 tok/s)
+MAX_CHANNELS = 64
+MIN_BANDWIDTH, MAX_BANDWIDTH = 1e6, 1e13  # 1 MB/s … 10 TB/s
+MAX_TIME_S = 1.0
+
+
 @dataclass(frozen=True)
 class Hardware:
     """Numbers in SI units (bytes per second, seconds). `link_bandwidth` is the whole link's: with
@@ -54,15 +61,17 @@ class Hardware:
                    self.link_wakeup_s, self.link_idle_s)
         if not all(math.isfinite(x) for x in numbers):
             raise UsageError(f"hardware {self.name!r}: bandwidths, latencies and overheads must be finite numbers")
-        if not 1 <= self.channels <= 1 << 16:
-            raise UsageError(f"hardware {self.name!r}: channels must be between 1 and 65536")
-        if self.link_bandwidth <= 0 or self.memory_bandwidth <= 0:
-            raise UsageError(f"hardware {self.name!r}: bandwidths must be positive")
-        if self.channels < 1:
-            raise UsageError(f"hardware {self.name!r}: channels must be at least 1")
-        if min(self.link_latency_s, self.expert_overhead_s, self.layer_overhead_s, self.load_overhead_s,
-               self.predict_overhead_s, self.interference_s, self.link_wakeup_s, self.link_idle_s) < 0:
-            raise UsageError(f"hardware {self.name!r}: latencies and overheads must be ≥ 0")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise UsageError(f"hardware {self.name!r}: channels must be between 1 and {MAX_CHANNELS}")
+        if not (MIN_BANDWIDTH <= self.link_bandwidth <= MAX_BANDWIDTH
+                and MIN_BANDWIDTH <= self.memory_bandwidth <= MAX_BANDWIDTH):
+            raise UsageError(f"hardware {self.name!r}: link_GBps and memory_GBps must be from {MIN_BANDWIDTH / 1e9:g} "
+                             f"to {MAX_BANDWIDTH / 1e9:g} GB/s")
+        times = (self.link_latency_s, self.expert_overhead_s, self.layer_overhead_s, self.load_overhead_s,
+                 self.predict_overhead_s, self.interference_s, self.link_wakeup_s, self.link_idle_s)
+        if min(times) < 0 or max(times) > MAX_TIME_S:
+            raise UsageError(f"hardware {self.name!r}: latencies and overheads (the *_us keys) must be from 0 to "
+                             f"{MAX_TIME_S * 1e6:,.0f} us")
 
     def transfer_s(self, nbytes: int) -> float:
         """One expert over one channel."""
@@ -92,7 +101,7 @@ def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
         return Hardware(
             name=str(d["name"]), description=str(d.get("description", "")),
             link_bandwidth=float(d["link_GBps"]) * 1e9, link_latency_s=float(d.get("link_latency_us", 0)) * 1e-6,
-            memory_bandwidth=float(d["memory_GBps"]) * 1e9, channels=int(d.get("channels", 1)),
+            memory_bandwidth=float(d["memory_GBps"]) * 1e9, channels=_whole(d.get("channels", 1), "channels"),
             expert_overhead_s=float(d.get("expert_overhead_us", 0)) * 1e-6,
             layer_overhead_s=float(d.get("layer_overhead_us", 0)) * 1e-6,
             load_overhead_s=float(d.get("load_overhead_us", 0)) * 1e-6,
@@ -102,11 +111,26 @@ def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
             link_idle_s=float(d.get("link_idle_us", 1000)) * 1e-6,
             sources=tuple(str(s) for s in d.get("sources", ())),
             calibrated=d.get("calibrated") if isinstance(d.get("calibrated"), bool) else None, path=path,
-            measured=dict(d.get("measured", {})),
+            measured=_mapping(d.get("measured", {}), "measured"),
         )
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}" if path else str(e)) from None
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UsageError(f"hardware file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md"
                          ) from None
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UsageError(f"{key} must be a mapping of names to numbers, got {type(value).__name__}")
+    return dict(value)
+
+
+def _whole(value: Any, key: str) -> int:
+    """An integer of a hardware file (2.7 channels was taken as 2)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{key} must be a whole number, got {value!r}")
+    return value
 
 
 def to_dict(hw: Hardware) -> dict[str, Any]:

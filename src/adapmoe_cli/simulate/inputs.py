@@ -14,7 +14,7 @@ from adapmoe_cli.profiling.trace import Trace
 from adapmoe_cli.runtime.gating import GatePolicy
 from adapmoe_cli.simulate.model_spec import ModelSpec, from_store, load_model
 from adapmoe_cli.simulate.shipped import shipped_trace
-from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, project, read_h39s
+from adapmoe_cli.simulate.traces import FORMATS, SimTrace, from_trace, h39s_calls, prefill_lines, project, read_h39s
 from adapmoe_cli.store import Store, is_store
 
 H39S_DEFAULT_MODEL = "mixtral-8x7b"  # the h39s/mlsys trace was recorded on Mixtral-8x7B-Instruct
@@ -27,23 +27,6 @@ class Sources:
     gate: GatePolicy
     store: Store | None
     notes: tuple[str, ...]
-
-
-def h39s_layers(path: Path) -> int | None:
-    """The layer count an h39s file implies: the number of leading prefill lines (wider than the rest)."""
-    try:
-        lines = [ln for ln in Path(path).read_text().split() if ln.strip()]
-    except OSError:
-        return None
-    if not lines:
-        return None
-    width = [len(ln.split(",")) for ln in lines]
-    if width[0] <= width[-1]:
-        return None
-    n = 0
-    while n < len(width) and width[n] == width[0]:
-        n += 1
-    return n
 
 
 def _gate(store: Store | None, profile: Profile | None, plan: Path | None, gate_scale: float | None,
@@ -89,7 +72,8 @@ def resolve(target: str | None, trace_format: str = "adapmoe", model_config: str
         if model_config is None:
             notes.append(f"h39s trace: assuming it was recorded on {H39S_DEFAULT_MODEL} (override with --model-config)")
         model = load_model(model_config or H39S_DEFAULT_MODEL, bits)
-        st = read_h39s(path, num_layers=h39s_layers(path) or model.num_layers)
+        calls = h39s_calls(path)
+        st = read_h39s(path, num_layers=prefill_lines(calls) or model.num_layers, calls=calls)
         gate = GatePolicy.off()
     else:
         st, store, profile = _adapmoe_trace(target)
@@ -99,6 +83,12 @@ def resolve(target: str | None, trace_format: str = "adapmoe", model_config: str
                 raise UsageError("a bare trace file does not say its model: give --model-config")
             model = from_store(store)
         gate = _gate(store, profile, plan, gate_scale, rule, notes, int(st.trace.ids.shape[-1]))
+    width = int(st.trace.ids.shape[-1])
+    if width > model.top_k:
+        why = ("a prefill pass alone, or a trace of another model" if trace_format == "h39s"
+               else "a trace of another model")
+        raise UsageError(f"{st.source}: a layer call of the trace names {width} experts, more than {model.name}'s "
+                         f"top-k ({model.top_k}): {why}? (--model-config)")
     st = project(st, model.num_layers, model.num_experts, model.name)
     return Sources(st, model, gate, store, tuple(notes))
 
@@ -121,8 +111,8 @@ def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, Profile 
             raise UsageError(f"{path} is not an adapmoe routing trace ({e})") from None
         store = Store.open(path.parent) if is_store(path.parent) else None
         check_trace(trace, path, experts=store.shape.num_experts if store else 1 << 12)
-        if trace.num_tokens == 0:
-            raise UsageError(f"{path} holds no tokens")
+        if trace.num_tokens == 0 or not bool((trace.ids >= 0).any()):
+            raise UsageError(f"{path} holds no tokens" if trace.num_tokens == 0 else f"{path} holds no expert ids")
         n = store.shape.num_experts if store else int(trace.ids.max()) + 1
         return from_trace(trace, n, str(path)), store, None
     if path.is_file() and path.suffix == ".json":
@@ -130,6 +120,9 @@ def _adapmoe_trace(target: str | None) -> tuple[SimTrace, Store | None, Profile 
         prof = read_profile(path, store)
         n = store.shape.num_experts if store else int(prof.data["model"]["num_experts"])
         return from_trace(prof.trace(), n, str(path)), store, prof
+    if path.is_file():
+        raise UsageError(f"{path} is neither a *.trace.safetensors nor a profile.json: for an h39s text file add "
+                         "--trace-format h39s")
     from adapmoe_cli.model_arg import open_model
 
     store = open_model(target)

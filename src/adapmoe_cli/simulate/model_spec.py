@@ -73,36 +73,83 @@ def quantized_expert_bytes(hidden: int, intermediate: int, bits: float, group_si
     return int(params * bits / 8) + scales
 
 
+#: what each key of a model YAML may hold: (integer?, lowest, highest); anything else is one line naming the key
+#: (a hidden size of 10^29, negative heads and `true` for a size were taken as they came, or truncated)
+LIMITS: dict[str, tuple[bool, float, float]] = {
+    "hidden_size": (True, 1, 1 << 20), "intermediate_size": (True, 1, 1 << 22),
+    "moe_intermediate_size": (True, 1, 1 << 22), "num_attention_heads": (True, 1, 1 << 12),
+    "num_key_value_heads": (True, 1, 1 << 12), "head_dim": (True, 1, 1 << 14), "num_experts": (True, 1, 1 << 12),
+    "top_k": (True, 1, 1 << 12), "num_layers": (True, 1, 1 << 12), "vocab_size": (True, 1, 1 << 24),
+    "group_size": (True, 1, 1 << 20), "attention_params": (True, 1, 1 << 40),
+    "shared_expert_intermediate_size": (True, 0, 1 << 22), "dense_layers": (True, 0, 1 << 12),
+    "dense_intermediate_size": (True, 0, 1 << 22), "bits": (False, 1, 32), "dense_bits": (False, 1, 32),
+}
+
+
+def _value(d: dict[str, Any], key: str, default: Any = None) -> Any:
+    """`d[key]` checked against LIMITS (`default` when absent; KeyError when absent without one)."""
+    v = d[key] if default is None else d.get(key, default)
+    whole, lo, hi = LIMITS[key]
+    number = isinstance(v, int | float) and not isinstance(v, bool)
+    if not number or (whole and not isinstance(v, int)) or not lo <= v <= hi:
+        span = f"an integer from {int(lo):,} to {int(hi):,}" if whole else f"a number from {lo:g} to {hi:g}"
+        raise UsageError(f"{key} must be {span}, got {v!r}{_as_text(v)}")
+    return v
+
+
+def _as_text(v: Any) -> str:
+    """What to add when YAML read a number as text (PyYAML takes `1e30` for a string; `1.0e+30` is a number)."""
+    try:
+        float(v) if isinstance(v, str) else None
+    except ValueError:
+        return ""
+    return " (YAML reads this as text: write a number such as 1.0e+3)" if isinstance(v, str) else ""
+
+
 def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") -> ModelSpec:
     """A published configuration: hidden/intermediate sizes, heads, vocabulary → bytes. Optional keys for
     the families that have them: `attention_params` (per layer, where attention is not plain multi-head:
     DeepSeek's MLA), `shared_expert_intermediate_size` (dense experts every token reads in each MoE layer)
     and `dense_layers` with `dense_intermediate_size` (dense decoder layers, their bytes spread over the MoE
-    layers so that a token reads them once)."""
+    layers so that a token reads them once). Each value is checked against LIMITS."""
     try:
-        h, inter = int(d["hidden_size"]), int(d["moe_intermediate_size"] if "moe_intermediate_size" in d
-                                              else d["intermediate_size"])
-        heads, kv = int(d["num_attention_heads"]), int(d.get("num_key_value_heads", d["num_attention_heads"]))
-        head_dim = int(d.get("head_dim", h // heads))
-        n_exp, dense_bits = int(d["num_experts"]), float(d.get("dense_bits", 16))
-        b = float(bits if bits is not None else d.get("bits", 16))
-        layers = int(d["num_layers"])
+        h = _value(d, "hidden_size")
+        inter = _value(d, "moe_intermediate_size") if "moe_intermediate_size" in d else _value(d, "intermediate_size")
+        heads = _value(d, "num_attention_heads")
+        kv = _value(d, "num_key_value_heads", heads)
+        head_dim = _value(d, "head_dim", max(h // heads, 1))
+        n_exp, dense_bits = _value(d, "num_experts"), float(_value(d, "dense_bits", 16))
+        b = float(bits if bits is not None else _value(d, "bits", 16))
+        layers = _value(d, "num_layers")
         # q and o are heads×head_dim wide, k and v kv_heads×head_dim (unless given); the router is E×H; two norms
-        attn = int(d.get("attention_params") or h * heads * head_dim * 2 + h * kv * head_dim * 2)
-        shared = 3 * h * int(d.get("shared_expert_intermediate_size", 0))
-        dense_layers = int(d.get("dense_layers", 0))
-        dense_ffn = 3 * h * int(d.get("dense_intermediate_size", 0))
+        attn = (_value(d, "attention_params") if d.get("attention_params")
+                else h * heads * head_dim * 2 + h * kv * head_dim * 2)
+        shared = 3 * h * _value(d, "shared_expert_intermediate_size", 0)
+        dense_layers = _value(d, "dense_layers", 0)
+        dense_ffn = 3 * h * _value(d, "dense_intermediate_size", 0)
         extra = dense_layers * (attn + dense_ffn + 2 * h) / max(layers, 1)
         dense = int((attn + h * n_exp + 2 * h + shared + extra) * dense_bits / 8)
+        if not isinstance(d["name"], str) or not d["name"].strip():
+            raise UsageError(f"name must be a string, got {d['name']!r}")
         return ModelSpec(
-            name=str(d["name"]) + ("" if b == 16 else f"@{b:g}bit"), num_layers=layers,
-            num_experts=n_exp, top_k=int(d["top_k"]),
-            slot_bytes=quantized_expert_bytes(h, inter, b, int(d.get("group_size", 64))),
-            dense_bytes_per_layer=dense, head_bytes=int(int(d["vocab_size"]) * h * dense_bits / 8), bits=b,
-            source=path or str(d["name"]), sources=tuple(str(s) for s in d.get("sources", ())),
+            name=d["name"] + ("" if b == 16 else f"@{b:g}bit"), num_layers=layers,
+            num_experts=n_exp, top_k=_value(d, "top_k"),
+            slot_bytes=quantized_expert_bytes(h, inter, b, _value(d, "group_size", 64)),
+            dense_bytes_per_layer=dense, head_bytes=int(_value(d, "vocab_size") * h * dense_bits / 8), bits=b,
+            source=path or d["name"], sources=_sources(d.get("sources", ())),
         )
-    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
-        raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e!r}); see docs/simulate.md") from None
+    except UsageError as e:
+        raise UsageError(f"model file {path or d.get('name')!r}: {e}") from None
+    except KeyError as e:
+        raise UsageError(f"model file {path or d.get('name')!r} has no {e.args[0]}; see docs/simulate.md") from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise UsageError(f"model file {path or d.get('name')!r} is malformed ({e}); see docs/simulate.md") from None
+
+
+def _sources(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(s, str) for s in value) or len(value) > 64:
+        raise UsageError("sources must be a list of at most 64 strings")
+    return tuple(value)
 
 
 def mla_attention_params(cfg: dict[str, Any]) -> int | None:
@@ -130,9 +177,13 @@ def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) ->
                 return cfg[k]
         raise UsageError(f"{name}: config.json has none of {', '.join(keys)}: is it a Mixture-of-Experts model?")
 
-    layers = int(first("num_hidden_layers", "n_layer", "num_layers"))
-    dense_layers = set(range(int(cfg.get("first_k_dense_replace") or 0))) | set(cfg.get("mlp_only_layers") or [])
-    step = int(cfg.get("decoder_sparse_step") or 1)
+    layers = _count(first("num_hidden_layers", "n_layer", "num_layers"), "num_hidden_layers", name, 1)
+    dense_first = _count(cfg.get("first_k_dense_replace") or 0, "first_k_dense_replace", name, 0)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list):
+        raise UsageError(f"{name}: config.json's mlp_only_layers must be a list of layer numbers, got {only!r}")
+    dense_layers = set(range(min(dense_first, layers))) | {_count(i, "mlp_only_layers", name, 0) for i in only}
+    step = _count(cfg.get("decoder_sparse_step") or 1, "decoder_sparse_step", name, 1)
     moe = [i for i in range(layers) if i not in dense_layers and (i + 1) % step == 0]
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     d = {
@@ -161,6 +212,19 @@ def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) ->
     if not moe:
         raise UsageError(f"{name}: no Mixture-of-Experts layer in this config")
     return from_config(d, bits, name)
+
+
+#: the most of anything a config counts (layers, a layer number) that `from_hf_config` takes; ModelSpec allows at
+#: most 4096 MoE layers
+MAX_COUNT = 1 << 12
+
+
+def _count(value: Any, key: str, name: str, lo: int) -> int:
+    """A count from a config.json: an integer from `lo` to MAX_COUNT, else one line naming the key (checked
+    before anything is built from it: a range of 10^12 layer numbers filled the memory)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_COUNT:
+        raise UsageError(f"{name}: config.json's {key} must be an integer from {lo} to {MAX_COUNT}, got {value!r}")
+    return value
 
 
 def load_model(name_or_file: str, bits: float | None = None) -> ModelSpec:

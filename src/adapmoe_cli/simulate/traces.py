@@ -46,38 +46,91 @@ def _empty(n: int, layers: int, k: int) -> Trace:
     )
 
 
-def read_h39s(path: Path, num_layers: int = 32, prefill: bool = True) -> SimTrace:
+#: the largest h39s file read (~1.5 million layer calls, 50,000 tokens of a 32-layer model): the text is parsed in
+#: Python, ~2 s a MiB here
+MAX_H39S_BYTES = 16 << 20
+#: the most experts a layer may have in a trace (as a simulated model may: ModelSpec)
+MAX_EXPERT_ID = (1 << 12) - 1
+
+
+def h39s_calls(path: Path) -> list[tuple[int, ...]]:
+    """The layer calls of an h39s file, each the sorted expert ids of one line; every problem one line naming
+    the file and the line: not text, an id that is not a plain number, negative or above MAX_EXPERT_ID, an
+    expert named twice."""
+    from adapmoe_cli.safe_io import read_capped
+
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_H39S_BYTES:
+        raise UsageError(f"h39s trace {path} is {path.stat().st_size:,} bytes; adapmoe simulates traces of at most "
+                         f"{MAX_H39S_BYTES >> 20} MiB (~1.5 million layer calls): cut it to fewer tokens")
+    data = read_capped(path, MAX_H39S_BYTES, f"h39s trace {path}", UsageError, follow=True)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not an h39s trace: not UTF-8 text (byte {e.start})") from None
+    calls = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.split(",")
+        if not all(f.strip().isascii() and f.strip().isdigit() for f in fields):
+            raise UsageError(f"{path}, line {n}: {line[:40]!r} is not comma-separated expert ids (numbers from 0)")
+        ids = [int(f) for f in fields]
+        if max(ids) > MAX_EXPERT_ID:
+            raise UsageError(f"{path}, line {n}: expert {max(ids)} is above {MAX_EXPERT_ID} (at most "
+                             f"{MAX_EXPERT_ID + 1} experts a layer)")
+        if len(set(ids)) < len(ids):
+            raise UsageError(f"{path}, line {n} names an expert twice ({line[:40]})")
+        calls.append(tuple(sorted(ids)))
+    if not calls:
+        raise UsageError(f"{path} holds no expert ids")
+    return calls
+
+
+def prefill_lines(calls: list[tuple[int, ...]]) -> int | None:
+    """The layer count an h39s trace implies: the number of its leading prefill lines (wider than the last
+    line), or None when it has no prefill."""
+    width = [len(c) for c in calls]
+    if width[0] <= width[-1]:
+        return None
+    n = 0
+    while n < len(width) and width[n] == width[0]:
+        n += 1
+    return n
+
+
+def read_h39s(path: Path, num_layers: int = 32, prefill: bool = True,
+              calls: list[tuple[int, ...]] | None = None) -> SimTrace:
     """h39s/mlsys `active_experts.txt`: `num_layers` prefill lines (when the first line names more than
     top-k experts), then one line per decode step and layer. Weights are unknown (equal within a row,
     flagged), predictions absent (-1). A prefill layer call's experts spread over rows of one step.
-    `prefill=False` drops the prefill: the decode starts from a cold cache."""
+    `prefill=False` drops the prefill: the decode starts from a cold cache. `calls`: the file's lines, when
+    `h39s_calls` has read them already."""
+    import numpy as np
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UsageError(f"cannot read trace {path} ({e})") from None
-    try:
-        calls = [tuple(sorted(int(x) for x in ln.split(","))) for ln in text.split() if ln.strip()]
-    except ValueError:
-        raise UsageError(f"{path} is not an h39s trace (lines of comma-separated expert ids)") from None
-    if not calls or any(e < 0 for c in calls for e in c):
-        raise UsageError(f"{path} holds no expert ids")
+    calls = calls if calls is not None else h39s_calls(path)
     k = max(len(c) for c in calls[-num_layers:])
     has_prefill = len(calls[0]) > k
     pre, dec = (calls[:num_layers], calls[num_layers:]) if has_prefill else ([], calls)
+    if not dec:
+        raise UsageError(f"{path} holds only a prefill pass ({len(pre)} lines), no decode steps")
     if len(dec) % num_layers:
         raise UsageError(f"{path}: {len(dec)} decode lines are not a whole number of steps of {num_layers} layers; "
                          "check the model's layer count (--model-config)")
+    k = max(len(c) for c in dec)
     pre_rows = max((-(-len(c) // k) for c in pre), default=0) if prefill else 0
     n_dec = len(dec) // num_layers
     tr = _empty(pre_rows + n_dec, num_layers, k)
     for layer, c in enumerate(pre if prefill else []):
         for j, e in enumerate(c):
             tr.ids[j // k, layer, j % k] = e
-    for t in range(n_dec):
-        for layer in range(num_layers):
-            c = dec[t * num_layers + layer]
-            tr.ids[pre_rows + t, layer, : len(c)] = torch.tensor(c, dtype=torch.int16)
+    ids = np.full((len(dec), k), -1, dtype=np.int16)  # the decode lines, filled a width at a time
+    for w in {len(c) for c in dec}:
+        rows = [i for i, c in enumerate(dec) if len(c) == w]
+        ids[rows, :w] = np.array([dec[i] for i in rows], dtype=np.int16)
+    tr.ids[pre_rows:] = torch.from_numpy(ids).view(n_dec, num_layers, k)
     tr.weights[:] = torch.where(tr.ids >= 0, 1.0 / k, 0.0)
     steps = [0] * pre_rows + [t + (1 if pre_rows else 0) for t in range(n_dec)]
     notes = ["h39s trace: sorted expert ids only (no routing weights, no top-1 order, no next-layer predictions)"]
@@ -106,8 +159,8 @@ def project(st: SimTrace, num_layers: int, num_experts: int, model_name: str) ->
             "a trace cannot be projected honestly onto more experts than it saw (their popularity and "
             "co-occurrence are unknown); use a trace of a model with that many experts")
     if st.num_experts > num_experts:
-        raise UsageError(f"the trace routes over {st.num_experts} experts per layer but {model_name} has only "
-                         f"{num_experts}: choose a model config with {st.num_experts} experts")
+        raise UsageError(f"the trace names expert {st.num_experts - 1} but {model_name} has only {num_experts} (0 to "
+                         f"{num_experts - 1}): choose a model config with {st.num_experts} experts, or check the trace")
     L = st.num_layers
     if num_layers == L:
         return st
