@@ -426,6 +426,7 @@ def test_simulate_command_writes_json_and_chart(tmp_path, monkeypatch, capsys):
     (["--policies", "lru,magic"], "unknown policy magic; known: naive"),
     (["--model-config", "qwen3-30b-a3b"], "cannot be projected honestly"),
     (["--budget", "8"], "below one per MoE layer"),
+    (["--holdout", "0.9999", "--policies", "markov"], "--holdout 0.9999 leaves 1 of the trace's"),
 ])
 def test_simulate_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, match):
     from tests.test_cli_store import run_cli

@@ -153,6 +153,9 @@ class _Planner:
         whole[True] = (prepare(st.trace, gate, st.steps) if gate.thresholds and st.has_weights else whole[False])
         n = len(whole[False].rows)
         self.cut = min(n - 1, max(1, round(n * (1 - holdout)))) if holdout else 0
+        if holdout and self.cut < 2:
+            raise UsageError(f"--holdout {holdout:g} leaves {self.cut} of the trace's {n} steps to fit the plans and "
+                             "the eviction policies on: lower it (0.5 fits on the first half)")
         self.fitted = {g: r.part(0, self.cut or None) for g, r in whole.items()}
         self.routing = {g: r.part(self.cut) for g, r in whole.items()}
         self.prompt_steps = frozenset(s - self.cut for s in st.prompt_steps if s >= self.cut)
