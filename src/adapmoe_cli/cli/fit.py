@@ -83,7 +83,7 @@ def fit_cmd(
     from adapmoe_cli.simulate.model_spec import from_hf_config, known, load_model
 
     if (model in known() and not Path(model).expanduser().exists()) or (
-            model is not None and Path(model).suffix in (".yaml", ".yml") and Path(model).expanduser().is_file()):
+            model is not None and Path(model).suffix in (".yaml", ".yml")):
         spec = load_model(model, bits)  # a shipped model config, or one of the user's in that format
     else:
         cfg, name = _config(model)

@@ -99,11 +99,13 @@ def _value(d: dict[str, Any], key: str, default: Any = None) -> Any:
 
 def _as_text(v: Any) -> str:
     """What to add when YAML read a number as text (PyYAML takes `1e30` for a string; `1.0e+30` is a number)."""
+    if not isinstance(v, str):
+        return ""
     try:
-        float(v) if isinstance(v, str) else None
+        float(v)
     except ValueError:
         return ""
-    return " (YAML reads this as text: write a number such as 1.0e+3)" if isinstance(v, str) else ""
+    return " (YAML reads this as text: write a number such as 1.0e+3)"
 
 
 def from_config(d: dict[str, Any], bits: float | None = None, path: str = "") -> ModelSpec:
