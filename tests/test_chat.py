@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,10 +145,12 @@ def test_interactive_session_in_a_terminal(make_store, tmp_path: Path):
     assert msgs[2]["content"] == "And what about\nthe os module?"
 
 
-def test_a_long_session_keeps_going_when_the_context_fills(make_store):
+def test_a_long_session_keeps_going_when_the_context_fills(make_store, tmp_path: Path):
     """Six turns in a context that holds about three: the oldest turns are dropped (twice or more, said in
     one line each), errors are one line, /set and /show work, bytes that are not UTF-8 are a turn, not
-    the end of the session."""
+    the end of the session. Nor are (each ended it once) markup in the system message shown by /show, or a
+    temperature so small that the scores overflow; and a message refused as too long leaves the
+    conversation as it was (it dropped every turn first)."""
     store = make_store(TinySpec(), dtype=torch.float32)
     env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
     args = ["-m", "adapmoe_cli", "chat", str(store), "--ctx", "120", "-n", "24", "--repeat-penalty", "1",
@@ -184,6 +187,21 @@ def test_a_long_session_keeps_going_when_the_context_fills(make_store):
         child.expect(b">>> ")
         child.sendline(b"/bogus")
         child.expect(b"unknown command /bogus")
+        child.sendline(b"/set system [/] not markup")
+        child.expect(b"system message set")
+        child.sendline(b"/show")
+        child.expect(re.escape(b"[/] not markup"))
+        child.expect(b">>> ")
+        child.sendline(b"/set temperature 1e-300")
+        child.expect(b"temperature = 1e-300")
+        child.sendline(b"what now?")
+        child.expect(rb"ctx \d+/120")
+        child.expect(b">>> ")
+        child.sendline(b"word " * 200)
+        child.expect(rb"this message is \d+ tokens, more than the context of 120 \(the ctx setting")
+        child.expect(b">>> ")
+        child.sendline(f"/save {tmp_path / 'kept.json'}".encode())
+        child.expect(rb"saved [1-9]\d* messages")
         child.sendline(b"/exit")
         child.expect(pexpect.EOF)
     finally:

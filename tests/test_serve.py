@@ -197,6 +197,11 @@ BAD = [
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "stop"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),  # (a 500)
+    # a stop's check costs the square of its length (a million characters held every request for 50 s)
+    ({"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "q" * 257]}, 400, "stop"),
+    # (Python's JSON reads NaN: it was "less than or equal to 2")
+    (b'{"model": "embedded", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "temperature"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "word " * 2000}]}, 413, None),
 ]
@@ -219,6 +224,7 @@ def test_bad_completions_and_sizes(server: Server) -> None:
         ({"model": "embedded", "prompt": "hi", "max_tokens": 0}, 400),  # nothing asked for
         ({"model": "embedded", "prompt": ""}, 400),
         ({"model": "embedded", "prompt": "hi", "logit_bias": {"5": 10}}, 400),
+        ({"model": "embedded", "prompt": ["hi"] * 1025, "max_tokens": 1}, 400),  # (1.5 million ran for minutes)
     ]
     for body, status in cases:
         r = server.post("/completions", body)
@@ -227,6 +233,10 @@ def test_bad_completions_and_sizes(server: Server) -> None:
     assert server.post("/completions", big).status_code == 413
     assert httpx.get(server.url + "/nowhere", headers=AUTH, timeout=10).json()["error"]["type"] == "not_found_error"
     assert ask(server.client(), "still there?", max_tokens=2).usage.completion_tokens == 2
+    # a temperature so small that the scores overflow is sampled as its limit (greedy), not a 500
+    r = server.client().chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}],
+                                                temperature=1e-300, max_tokens=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
 
 
 def test_completions_echo_logprobs_and_max_tokens_zero(server: Server) -> None:

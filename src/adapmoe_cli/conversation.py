@@ -35,7 +35,7 @@ def load_tokenizer(store: Store) -> Any:
             if data is not None:
                 (Path(tmp) / name).write_bytes(data)
         try:
-            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
         except ValueError as e:
             if "trust_remote_code" in str(e) or "custom code" in str(e):
                 raise StoreError(f"the tokenizer of {store.path} needs code of its own (auto_map in "
@@ -45,6 +45,10 @@ def load_tokenizer(store: Store) -> Any:
         except (OSError, KeyError, TypeError, AttributeError, ImportError) as e:
             raise UsageError(f"the store has no usable tokenizer ({_first_line(e)}); re-shard from a checkpoint "
                              "with one") from None
+    # the context is adapmoe's to enforce (one line, naming what fills it): without this, encoding a text longer
+    # than the tokenizer's model_max_length prints transformers' warning above that line
+    tokenizer.model_max_length = 1 << 62
+    return tokenizer
 
 
 def _first_line(e: BaseException) -> str:
@@ -126,12 +130,16 @@ class Conversation:
     def make_room(self, user: str) -> Room:
         """Make `user`'s turn fit the context: drop the oldest turns (never the system message) until the
         prompt and `max_new_tokens` fit, and if the message is still too long for a full answer, shorten
-        the answer. Refuses (UsageError) only a message that alone fills the context."""
+        the answer. Refuses (UsageError, naming what fills the context) a message that alone fills it, before
+        anything is dropped: the conversation stays as it was."""
+        n = len(self._prompt_ids(user))
+        if n + self.gen.max_new_tokens <= self.max_context:
+            return Room(0, self.gen.max_new_tokens)
+        alone = len(self._alone_ids(user))
+        if alone >= self.max_context:
+            raise UsageError(self._too_long(alone))
         dropped = 0
-        while True:
-            n = len(self._prompt_ids(user))
-            if n + self.gen.max_new_tokens <= self.max_context:
-                return Room(dropped, self.gen.max_new_tokens)
+        while n + self.gen.max_new_tokens > self.max_context:
             turns = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
             if not turns:
                 break
@@ -140,9 +148,25 @@ class Conversation:
             else:
                 del self.messages[turns[0]:turns[0] + 2]  # the oldest user message and its answer
             dropped += 1
-        if n >= self.max_context:
-            raise UsageError(f"this message is {n} tokens, more than the context of {self.max_context}; shorten it")
-        return Room(dropped, self.max_context - n)
+            n = len(self._prompt_ids(user))
+        return Room(dropped, min(self.gen.max_new_tokens, self.max_context - n))
+
+    def _alone_ids(self, user: str) -> list[int]:
+        """The prompt of `user` with every earlier turn dropped (the system message kept)."""
+        if self.raw:
+            return self.tokenizer.encode(clean_text(user), add_special_tokens=True)
+        system = [m for m in self.messages if m["role"] == "system"]
+        return chat_ids(self.tokenizer, [*system, {"role": "user", "content": clean_text(user)}])
+
+    def _too_long(self, n: int) -> str:
+        """Why a prompt of `n` tokens with no earlier turn does not fit: the system message, the ctx setting or
+        the message itself."""
+        system = len(self.tokenizer.encode(self.system, add_special_tokens=False)) if self.system else 0
+        if system * 2 >= n:
+            return (f"the system message is {system} tokens, and with this message it fills the context of "
+                    f"{self.max_context}; shorten it (/set system TEXT, or /set system alone to clear it)")
+        limit = " (the ctx setting: raise it with /set ctx)" if self.gen.context else ""
+        return f"this message is {n} tokens, more than the context of {self.max_context}{limit}; shorten it"
 
     def send(self, user: str, max_new_tokens: int | None = None) -> Iterator[Response]:
         """Stream the answer to `user` (at most `max_new_tokens`, default the settings'). If the caller

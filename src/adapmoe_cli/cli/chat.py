@@ -322,11 +322,17 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),
         ("generation", f"max_tokens {gen.max_new_tokens} · temperature {gen.temperature} · top_p {gen.top_p} · top_k "
                        f"{gen.top_k} · repeat_penalty {gen.repetition_penalty} · seed {gen.seed}"),
-        ("system", conv.system or "—"),
+        ("system", _visible(conv.system) if conv.system else "—"),
     ]
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(k, escape(v) if k in ("model", "store", "system") else v)  # (the user's text: never markup)
     return t
+
+
+def _visible(text: str) -> str:
+    """`text` with control characters shown as escapes: a system message must not clear the screen or ring
+    the bell when `/show` prints it."""
+    return "".join(c if c in "\n\t" or c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 #: `/set NAME` → the generation setting it changes, and how its value is read
@@ -370,9 +376,23 @@ def _set(conv: Conversation, planned_gate: GatePolicy, args: str) -> str:
     return f"{name} = {parsed}"
 
 
+def _line_editing() -> None:
+    """Arrow keys, history and lines longer than the terminal's 4,095-byte canonical limit at the prompt: GNU
+    readline where Python has it (`input` then reads through it), with bracketed paste off so that no escape
+    sequence reaches programs reading the session's output."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline
+    except ImportError:  # (Python built without it: the plain terminal line)
+        return
+    readline.parse_and_bind("set enable-bracketed-paste off")
+
+
 def _interactive(conv: Conversation) -> None:
     # Ctrl-C must stop an answer even when a parent started us with SIGINT ignored (background jobs are)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _line_editing()
     eng = conv.engine
     planned_gate = eng.gate
     demo = "embedded" in eng.store.manifest.get("source", {})
@@ -398,6 +418,8 @@ def _interactive(conv: Conversation) -> None:
             _command(conv, planned_gate, cmd, text)
         except (AdapmoeError, ValueError) as e:  # the session survives whatever a turn does
             console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        except KeyboardInterrupt:  # (during an answer, `_answer` stops it; this is Ctrl-C before one starts)
+            console.print("\n[dim](stopped)[/]")
 
 
 def _command(conv: Conversation, planned_gate: GatePolicy, cmd: str, text: str) -> None:

@@ -109,10 +109,11 @@ def generate_step(
             on_prefill = None
         logits = out.logits[:, -1, :].float()  # [1, V]
         scores = procs(seen, logits) if procs else logits
-        if gen.temperature > 0:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng).item())
-        else:
-            token = int(scores.argmax(dim=-1).item())
+        probs = torch.softmax(scores, dim=-1) if gen.temperature > 0 else None
+        if probs is not None and bool(torch.isfinite(probs).all()):
+            token = int(torch.multinomial(probs, 1, generator=rng).item())
+        else:  # greedy; or a temperature or repeat penalty so small that the scores overflowed (a softmax of NaN):
+            token = int(scores.argmax(dim=-1).item())  # its limit, every chance on the highest score
         yield token, logits
         if procs:  # (only they read what was seen: greedy decoding skips the growing copy)
             seen = torch.cat([seen, torch.tensor([[token]])], dim=1)

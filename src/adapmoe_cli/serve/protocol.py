@@ -24,24 +24,32 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
+#: the longest stop sequence taken: each token's check costs the square of its length (a stop of a million
+#: characters held the worker, and every request behind it, for 50 s for three tokens)
+MAX_STOP_CHARS = 256
+#: the most prompts one completions request may hold (1.5 million ran for minutes after the client left)
+MAX_PROMPTS = 1024
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
     max_tokens: Annotated[int, Field(ge=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None  # (the runtime's range: a 500 before)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     # extensions vLLM and llama-server accept too
     ignore_eos: bool = False  # decode `max_tokens` whatever comes
     top_k: Annotated[int, Field(ge=0)] = 0  # 0: off
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0  # 1: off
+    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0  # 1: off
 
     def unsupported(self) -> None:
         """Refuse, by name, what would change the answer and is not done here."""
@@ -96,8 +104,8 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: (str | list[int] | Annotated[list[str], Field(min_length=1)]
-             | Annotated[list[list[int]], Field(min_length=1)])
+    prompt: (str | list[int] | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
 
@@ -114,7 +122,7 @@ CompletionRequest.model_rebuild()
 
 
 #: how pydantic names the branch of a union (`str`, `list[str]`, …) in an error's location
-_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+_BRANCH = re.compile(r"^(str|int|float|bool|constrained-\w+|list\[.*\]|dict\[.*\])$")
 
 
 def error_message(errors: list[Any]) -> tuple[str, str | None]:
