@@ -204,6 +204,8 @@ BAD = [
      "temperature"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "embedded", "messages": [{"role": "user", "content": "word " * 2000}]}, 413, None),
+    # refused by its length before it is tokenized (7 MB held every other request 6-8 s)
+    ({"model": "embedded", "messages": [{"role": "user", "content": "word " * 400_000}]}, 413, None),
 ]
 
 
@@ -231,6 +233,8 @@ def test_bad_completions_and_sizes(server: Server) -> None:
         assert r.status_code == status and "error" in r.json(), (body, r.text)
     big = b'{"model": "embedded", "prompt": "' + b"a" * (9 << 20) + b'"}'
     assert server.post("/completions", big).status_code == 413
+    long = server.post("/completions", {"model": "embedded", "prompt": "a " * 400_000})  # counted, not tokenized
+    assert long.status_code == 413 and "800,000 characters" in long.json()["error"]["message"]
     assert httpx.get(server.url + "/nowhere", headers=AUTH, timeout=10).json()["error"]["type"] == "not_found_error"
     assert ask(server.client(), "still there?", max_tokens=2).usage.completion_tokens == 2
     # a temperature so small that the scores overflow is sampled as its limit (greedy), not a 500

@@ -25,6 +25,9 @@ from adapmoe_cli.serve.protocol import ApiError, ChatRequest, CompletionRequest,
 from adapmoe_cli.serve.worker import Busy, Failed, Ticket, Worker
 
 MAX_BODY = 8 << 20  # bytes of a request body
+#: more characters than this a token of the context cannot be a prompt that fits (the longest tokens of the
+#: families' tokenizers are runs of a few dozen spaces); checked before tokenizing (`_Api.fits`)
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,20 @@ class _Api:
         return JobSpec(tuple(prompt), max_tokens, temperature, top_p, body.top_k, body.repetition_penalty, body.seed,
                        body.stops, body.ignore_eos, logprobs, echo)
 
+    def fits(self, chars: int) -> None:
+        """Refuse a text that cannot fit the context before tokenizing it: tokenizing holds the event loop
+        (a 7 MB message kept `/health` and every other request waiting 6–8 s for its 413)."""
+        ctx = self.options.context
+        if chars > ctx * MAX_CHARS_PER_TOKEN:
+            raise ApiError(413, f"the prompt is {chars:,} characters; the context holds {ctx} tokens (at most "
+                                f"~{ctx * MAX_CHARS_PER_TOKEN:,} characters): shorten it",
+                           code="context_length_exceeded")
+
     def tokens_of(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             from adapmoe_cli.conversation import clean_text
 
+            self.fits(len(prompt))
             return list(self.tokenizer.encode(clean_text(prompt), add_special_tokens=True))
         bad = [t for t in prompt if not 0 <= t < self.vocab]
         if bad:
@@ -202,6 +215,7 @@ class _Api:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
         messages = [{"role": m["role"], "content": clean_text(m["content"])} for m in body.template_messages()]
+        self.fits(sum(len(m["content"]) for m in messages))
         try:
             prompt = chat_ids(self.tokenizer, messages)
         except Exception as e:  # the template's own refusal (e.g. roles out of order)
