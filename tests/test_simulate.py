@@ -514,7 +514,7 @@ def test_a_model_file_with_an_absurd_value_names_the_key(change, needle):
 
 
 @pytest.mark.parametrize("line,needle", [
-    ("channels: 2.7", "channels must be a whole number, got 2.7"),
+    ("channels: 2.7", "channels must be an integer, got 2.7"),
     ("channels: 65", "channels must be between 1 and 64"),
     ("link_latency_us: 1.0e+15", "must be from 0 to 1,000,000 us"),
     ("link_wakeup_us: 1.0e+300", "must be from 0 to 1,000,000 us"),

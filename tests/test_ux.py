@@ -308,8 +308,8 @@ def test_chat_banner_shows_the_budget_in_slots_and_bytes(make_store: Callable[..
 
 
 @pytest.mark.parametrize("config,needle", [
-    ({"num_hidden_layers": 10**9}, "num_hidden_layers must be an integer from 1 to 4096"),
-    ({"first_k_dense_replace": 10**12}, "first_k_dense_replace must be an integer from 0 to 4096"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers = 1000000000 is outside 1…4096"),
+    ({"first_k_dense_replace": 10**12}, "first_k_dense_replace = 1000000000000 is outside 0…4096"),
     ({"mlp_only_layers": 5}, "mlp_only_layers must be a list of layer numbers"),
     ([1, 2], "is not a JSON object"),
     ("[" * 1000 + "]" * 1000, "nests deeper than 64 levels"),

@@ -17,6 +17,7 @@ from adapmoe_cli.errors import UsageError
 from adapmoe_cli.paths import home
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped, write_atomic
 from adapmoe_cli.settings import parse_yaml
+from adapmoe_cli.versioned import integer
 
 THIS_MACHINE = "this-machine"
 
@@ -101,7 +102,8 @@ def from_dict(d: dict[str, Any], path: str = "") -> Hardware:
         return Hardware(
             name=str(d["name"]), description=str(d.get("description", "")),
             link_bandwidth=float(d["link_GBps"]) * 1e9, link_latency_s=float(d.get("link_latency_us", 0)) * 1e-6,
-            memory_bandwidth=float(d["memory_GBps"]) * 1e9, channels=_whole(d.get("channels", 1), "channels"),
+            memory_bandwidth=float(d["memory_GBps"]) * 1e9,
+            channels=integer(d.get("channels", 1), "channels", UsageError),
             expert_overhead_s=float(d.get("expert_overhead_us", 0)) * 1e-6,
             layer_overhead_s=float(d.get("layer_overhead_us", 0)) * 1e-6,
             load_overhead_s=float(d.get("load_overhead_us", 0)) * 1e-6,
@@ -124,13 +126,6 @@ def _mapping(value: Any, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{key} must be a mapping of names to numbers, got {type(value).__name__}")
     return dict(value)
-
-
-def _whole(value: Any, key: str) -> int:
-    """An integer of a hardware file (2.7 channels was taken as 2)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{key} must be a whole number, got {value!r}")
-    return value
 
 
 def to_dict(hw: Hardware) -> dict[str, Any]:

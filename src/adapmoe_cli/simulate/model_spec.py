@@ -14,6 +14,7 @@ from adapmoe_cli.budget import CacheShape
 from adapmoe_cli.errors import UsageError
 from adapmoe_cli.safe_io import MAX_YAML_BYTES, read_capped
 from adapmoe_cli.settings import parse_yaml
+from adapmoe_cli.versioned import integer
 
 if TYPE_CHECKING:
     from adapmoe_cli.store import Store
@@ -179,13 +180,16 @@ def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) ->
                 return cfg[k]
         raise UsageError(f"{name}: config.json has none of {', '.join(keys)}: is it a Mixture-of-Experts model?")
 
-    layers = _count(first("num_hidden_layers", "n_layer", "num_layers"), "num_hidden_layers", name, 1)
-    dense_first = _count(cfg.get("first_k_dense_replace") or 0, "first_k_dense_replace", name, 0)
+    def count(value: Any, key: str, lo: int) -> int:
+        return integer(value, f"{name}: config.json's {key}", UsageError, lo, MAX_COUNT)
+
+    layers = count(first("num_hidden_layers", "n_layer", "num_layers"), "num_hidden_layers", 1)
+    dense_first = count(cfg.get("first_k_dense_replace") or 0, "first_k_dense_replace", 0)
     only = cfg.get("mlp_only_layers") or []
     if not isinstance(only, list):
         raise UsageError(f"{name}: config.json's mlp_only_layers must be a list of layer numbers, got {only!r}")
-    dense_layers = set(range(min(dense_first, layers))) | {_count(i, "mlp_only_layers", name, 0) for i in only}
-    step = _count(cfg.get("decoder_sparse_step") or 1, "decoder_sparse_step", name, 1)
+    dense_layers = set(range(min(dense_first, layers))) | {count(i, "mlp_only_layers", 0) for i in only}
+    step = count(cfg.get("decoder_sparse_step") or 1, "decoder_sparse_step", 1)
     moe = [i for i in range(layers) if i not in dense_layers and (i + 1) % step == 0]
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     d = {
@@ -217,16 +221,8 @@ def from_hf_config(cfg: dict[str, Any], name: str, bits: float | None = None) ->
 
 
 #: the most of anything a config counts (layers, a layer number) that `from_hf_config` takes; ModelSpec allows at
-#: most 4096 MoE layers
+#: most 4096 MoE layers. Checked before anything is built from it: a range of 10^12 layer numbers filled the memory
 MAX_COUNT = 1 << 12
-
-
-def _count(value: Any, key: str, name: str, lo: int) -> int:
-    """A count from a config.json: an integer from `lo` to MAX_COUNT, else one line naming the key (checked
-    before anything is built from it: a range of 10^12 layer numbers filled the memory)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_COUNT:
-        raise UsageError(f"{name}: config.json's {key} must be an integer from {lo} to {MAX_COUNT}, got {value!r}")
-    return value
 
 
 def load_model(name_or_file: str, bits: float | None = None) -> ModelSpec:
