@@ -309,8 +309,9 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
     origin = source.get("repo_id") or source.get("embedded") or source.get("path", "")
     t = Table(title="session", show_header=False, box=None)
     rows: list[tuple[str, str]] = [
-        ("model", f"{eng.store.family.model_type} ({origin})"),
-        ("store", str(eng.store.path)),
+        # (what came from a store or the user is text, never markup: escaped)
+        ("model", escape(f"{eng.store.family.model_type} ({origin})")),
+        ("store", escape(str(eng.store.path))),
         ("budget", budget_text(eng)),
         ("eviction", eng.eviction),
         ("prefetch", (f"on: a prediction is read when its layer and rank were needed ≥ "
@@ -322,10 +323,10 @@ def _show_table(conv: Conversation, planned_gate: GatePolicy) -> Table:
         ("context", f"{conv.context_used}/{conv.max_context} tokens"),
         ("generation", f"max_tokens {gen.max_new_tokens} · temperature {gen.temperature} · top_p {gen.top_p} · top_k "
                        f"{gen.top_k} · repeat_penalty {gen.repetition_penalty} · seed {gen.seed}"),
-        ("system", _visible(conv.system) if conv.system else "—"),
+        ("system", escape(_visible(conv.system)) if conv.system else "—"),
     ]
     for k, v in rows:
-        t.add_row(k, escape(v) if k in ("model", "store", "system") else v)  # (the user's text: never markup)
+        t.add_row(k, v)
     return t
 
 
